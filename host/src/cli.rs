@@ -1,0 +1,285 @@
+//! The `raftify-host` command line: `run` and the client commands.
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use futures::StreamExt;
+use serde_json::json;
+
+use crate::client::Client;
+use crate::config::{DEFAULT_ADDR, RunArgs};
+use crate::proto::{self, Consistency as ProtoConsistency, ProposeRequest, ProposeResponse, propose_response};
+
+#[derive(Debug, Parser)]
+#[command(name = "raftify-host", version, about = "A Raft replicated-state-machine host for WebAssembly plugins")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a node (with no flags: a one-node cluster on 127.0.0.1:7070 with
+    /// the embedded kv plugin and ./raftify-data).
+    Run(RunArgs),
+    /// Replicate a command through the log and print apply's result.
+    Propose(ProposeArgs),
+    /// Read from the state machine.
+    Query(QueryArgs),
+    /// Show the node's raft state and plugin.
+    Status(ClientArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ClientArgs {
+    /// Any member of the cluster; requests follow the leader from there.
+    #[arg(long, env = "RAFTIFY_ADDR", default_value = DEFAULT_ADDR)]
+    pub addr: String,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+    /// How long to wait for an answer, in milliseconds.
+    #[arg(long, env = "RAFTIFY_TIMEOUT_MS", default_value_t = 15_000)]
+    pub timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct ProposeArgs {
+    /// The command text, e.g. `set a 1`.
+    #[arg(required_unless_present = "file", conflicts_with = "file")]
+    pub text: Option<String>,
+    /// Propose every line of FILE (`-` for stdin), pipelined over one stream;
+    /// results are printed in order.
+    #[arg(long, short = 'f')]
+    pub file: Option<PathBuf>,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct QueryArgs {
+    /// The query text, e.g. `get a`.
+    pub text: String,
+    /// `linearizable` reflects every write acknowledged before the query;
+    /// `stale` answers from this node's state at once.
+    #[arg(long, value_enum, default_value_t = Consistency::Linearizable)]
+    pub consistency: Consistency,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Consistency {
+    Linearizable,
+    Stale,
+}
+
+async fn connect(args: &ClientArgs) -> anyhow::Result<Client> {
+    Ok(Client::connect(&args.addr, Duration::from_millis(args.timeout_ms)).await?)
+}
+
+/// What one proposal or query came to, for printing.
+enum Shown {
+    Ok { index: u64, text: String },
+    Failed { index: u64, error: String },
+}
+
+fn show_outcome(index: u64, ok: Option<Vec<u8>>, plugin_error: Option<String>, trap: Option<String>, text: String) -> Shown {
+    match (ok, plugin_error, trap) {
+        (Some(bytes), _, _) => {
+            let text = if text.is_empty() && !bytes.is_empty() {
+                String::from_utf8_lossy(&bytes).into_owned()
+            } else {
+                text
+            };
+            Shown::Ok { index, text }
+        }
+        (_, Some(error), _) => Shown::Failed { index, error },
+        (_, _, Some(trap)) => Shown::Failed {
+            index,
+            error: format!("plugin trapped: {trap}"),
+        },
+        _ => Shown::Failed {
+            index,
+            error: "the node sent an empty answer".into(),
+        },
+    }
+}
+
+fn show_propose(response: ProposeResponse) -> Shown {
+    use propose_response::Outcome;
+    let index = response.index;
+    match response.outcome {
+        Some(Outcome::Ok(b)) => show_outcome(index, Some(b), None, None, response.text),
+        Some(Outcome::PluginError(e)) => show_outcome(index, None, Some(e), None, response.text),
+        Some(Outcome::Trap(t)) => show_outcome(index, None, None, Some(t), response.text),
+        Some(Outcome::HostError(e)) => Shown::Failed {
+            index,
+            error: e.message,
+        },
+        None => show_outcome(index, None, None, None, response.text),
+    }
+}
+
+/// Print one result; returns whether it succeeded.
+fn print(shown: &Shown, output: Output) -> bool {
+    match (shown, output) {
+        (Shown::Ok { text, .. }, Output::Text) => {
+            println!("{text}");
+            true
+        }
+        (Shown::Failed { error, .. }, Output::Text) => {
+            eprintln!("error: {error}");
+            false
+        }
+        (Shown::Ok { index, text }, Output::Json) => {
+            println!("{}", json!({ "index": index, "ok": true, "result": text }));
+            true
+        }
+        (Shown::Failed { index, error }, Output::Json) => {
+            println!("{}", json!({ "index": index, "ok": false, "error": error }));
+            false
+        }
+    }
+}
+
+/// Run a client command. Returns the process exit code.
+pub async fn run_client(command: Command) -> anyhow::Result<i32> {
+    match command {
+        Command::Run(_) => unreachable!("run is handled by main"),
+        Command::Propose(args) => propose(args).await,
+        Command::Query(args) => {
+            let mut client = connect(&args.client).await?;
+            let consistency = match args.consistency {
+                Consistency::Linearizable => ProtoConsistency::Linearizable,
+                Consistency::Stale => ProtoConsistency::Stale,
+            };
+            let response = client.query_text(&args.text, consistency).await?;
+            use proto::query_response::Outcome;
+            let index = response.index;
+            let shown = match response.outcome {
+                Some(Outcome::Ok(b)) => show_outcome(index, Some(b), None, None, response.text),
+                Some(Outcome::PluginError(e)) => show_outcome(index, None, Some(e), None, response.text),
+                Some(Outcome::Trap(t)) => show_outcome(index, None, None, Some(t), response.text),
+                None => show_outcome(index, None, None, None, response.text),
+            };
+            Ok(if print(&shown, args.client.output) { 0 } else { 1 })
+        }
+        Command::Status(args) => {
+            let mut client = connect(&args).await?;
+            let status = client.status().await?;
+            print_status(&status, args.output);
+            Ok(0)
+        }
+    }
+}
+
+async fn propose(args: ProposeArgs) -> anyhow::Result<i32> {
+    let mut client = connect(&args.client).await?;
+    let Some(file) = &args.file else {
+        let text = args.text.as_deref().unwrap_or_default();
+        let response = client.propose_text(text).await?;
+        return Ok(if print(&show_propose(response), args.client.output) { 0 } else { 1 });
+    };
+    let lines = read_lines(file)?;
+    // Make sure we talk to the leader before streaming, so the stream's
+    // entries are not all refused by a follower.
+    let status = client.status().await?;
+    let mut raw = if status.leader_id != 0 && status.leader_id != status.id && !status.leader_addr.is_empty() {
+        Client::connect(&status.leader_addr, Duration::from_millis(args.client.timeout_ms))
+            .await?
+            .raw()
+    } else {
+        client.raw()
+    };
+    let requests = futures::stream::iter(lines.into_iter().map(|line| ProposeRequest {
+        command: Some(proto::propose_request::Command::Text(line)),
+    }));
+    let mut responses = raw
+        .propose_stream(requests)
+        .await
+        .context("cannot start the proposal stream")?
+        .into_inner();
+    let mut failures = 0usize;
+    let stdout = std::io::stdout();
+    while let Some(response) = responses.next().await {
+        let response = response.context("the proposal stream broke")?;
+        if !print(&show_propose(response), args.client.output) {
+            failures += 1;
+        }
+    }
+    stdout.lock().flush()?;
+    Ok(if failures == 0 { 0 } else { 1 })
+}
+
+fn read_lines(file: &PathBuf) -> anyhow::Result<Vec<String>> {
+    let reader: Box<dyn BufRead> = if file.as_os_str() == "-" {
+        Box::new(std::io::stdin().lock())
+    } else {
+        let opened = std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
+        Box::new(std::io::BufReader::new(opened))
+    };
+    let mut lines = Vec::new();
+    for line in reader.lines() {
+        let line = line.with_context(|| format!("cannot read {}", file.display()))?;
+        if !line.trim().is_empty() {
+            lines.push(line);
+        }
+    }
+    if lines.is_empty() {
+        bail!("{} has no commands", file.display());
+    }
+    Ok(lines)
+}
+
+fn print_status(status: &proto::StatusResponse, output: Output) {
+    let members: Vec<_> = status
+        .members
+        .iter()
+        .map(|m| json!({ "id": m.id, "addr": m.addr, "role": if m.voter { "voter" } else { "learner" } }))
+        .collect();
+    let value = json!({
+        "id": status.id,
+        "role": status.role,
+        "leader_id": status.leader_id,
+        "leader_addr": status.leader_addr,
+        "term": status.term,
+        "commit_index": status.commit_index,
+        "applied_index": status.applied_index,
+        "first_index": status.first_index,
+        "last_index": status.last_index,
+        "plugin_sha256": status.plugin_sha256,
+        "plugin_size": status.plugin_size,
+        "trapped_entries": status.trapped_entries,
+        "listen": status.listen,
+        "members": members,
+    });
+    match output {
+        Output::Json => println!("{value}"),
+        Output::Text => {
+            println!("id:              {}", status.id);
+            println!("listen:          {}", status.listen);
+            println!("role:            {}", status.role);
+            println!("leader:          {} {}", status.leader_id, status.leader_addr);
+            println!("term:            {}", status.term);
+            println!("commit index:    {}", status.commit_index);
+            println!("applied index:   {}", status.applied_index);
+            println!("log:             {}..={}", status.first_index, status.last_index);
+            println!("plugin:          {} ({} bytes)", status.plugin_sha256, status.plugin_size);
+            println!("trapped entries: {}", status.trapped_entries);
+            for m in &status.members {
+                let role = if m.voter { "voter" } else { "learner" };
+                println!("member:          {} {} {}", m.id, m.addr, role);
+            }
+        }
+    }
+}

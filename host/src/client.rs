@@ -1,0 +1,135 @@
+//! A client for the gRPC API, used by the CLI and the tests. It follows
+//! "not the leader" answers to the leader the node names.
+
+use std::time::Duration;
+
+use tonic::transport::{Channel, Endpoint};
+
+use crate::proto::client_client::ClientClient;
+use crate::proto::{
+    Consistency, ProposeRequest, ProposeResponse, QueryRequest, QueryResponse, StatusRequest, StatusResponse,
+    propose_request, query_request,
+};
+use crate::server::LEADER_ADDR_KEY;
+
+/// How many times a request follows a leader hint before giving up.
+const MAX_REDIRECTS: usize = 3;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to {addr}: {reason}")]
+    Connect { addr: String, reason: String },
+    #[error("{}", .0.message())]
+    Rpc(tonic::Status),
+}
+
+pub struct Client {
+    addr: String,
+    inner: ClientClient<Channel>,
+    timeout: Duration,
+    max_message_bytes: usize,
+}
+
+impl Client {
+    pub async fn connect(addr: &str, timeout: Duration) -> Result<Client, ClientError> {
+        let max_message_bytes = 64 << 20;
+        let inner = connect(addr, timeout, max_message_bytes).await?;
+        Ok(Client {
+            addr: addr.to_string(),
+            inner,
+            timeout,
+            max_message_bytes,
+        })
+    }
+
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// The raw gRPC client, for streaming calls.
+    pub fn raw(&self) -> ClientClient<Channel> {
+        self.inner.clone()
+    }
+
+    /// Switch to the leader named in a "not the leader" status, if any.
+    async fn follow(&mut self, status: &tonic::Status) -> Result<bool, ClientError> {
+        if status.code() != tonic::Code::FailedPrecondition {
+            return Ok(false);
+        }
+        let Some(leader) = status.metadata().get(LEADER_ADDR_KEY).and_then(|v| v.to_str().ok()) else {
+            return Ok(false);
+        };
+        if leader == self.addr {
+            return Ok(false);
+        }
+        let leader = leader.to_string();
+        self.inner = connect(&leader, self.timeout, self.max_message_bytes).await?;
+        self.addr = leader;
+        Ok(true)
+    }
+
+    pub async fn propose_text(&mut self, text: &str) -> Result<ProposeResponse, ClientError> {
+        self.propose(ProposeRequest {
+            command: Some(propose_request::Command::Text(text.to_string())),
+        })
+        .await
+    }
+
+    pub async fn propose(&mut self, request: ProposeRequest) -> Result<ProposeResponse, ClientError> {
+        for _ in 0..=MAX_REDIRECTS {
+            match self.inner.propose(request.clone()).await {
+                Ok(response) => return Ok(response.into_inner()),
+                Err(status) if self.follow(&status).await? => continue,
+                Err(status) => return Err(ClientError::Rpc(status)),
+            }
+        }
+        Err(ClientError::Rpc(tonic::Status::unavailable("too many leader redirects")))
+    }
+
+    pub async fn query_text(&mut self, text: &str, consistency: Consistency) -> Result<QueryResponse, ClientError> {
+        let request = QueryRequest {
+            request: Some(query_request::Request::Text(text.to_string())),
+            consistency: consistency as i32,
+        };
+        for _ in 0..=MAX_REDIRECTS {
+            match self.inner.query(request.clone()).await {
+                Ok(response) => return Ok(response.into_inner()),
+                Err(status) if self.follow(&status).await? => continue,
+                Err(status) => return Err(ClientError::Rpc(status)),
+            }
+        }
+        Err(ClientError::Rpc(tonic::Status::unavailable("too many leader redirects")))
+    }
+
+    pub async fn status(&mut self) -> Result<StatusResponse, ClientError> {
+        self.inner
+            .status(StatusRequest {})
+            .await
+            .map(|r| r.into_inner())
+            .map_err(ClientError::Rpc)
+    }
+}
+
+async fn connect(addr: &str, timeout: Duration, max_message_bytes: usize) -> Result<ClientClient<Channel>, ClientError> {
+    let connect_error = |reason: String| ClientError::Connect {
+        addr: addr.to_string(),
+        reason,
+    };
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| connect_error(e.to_string()))?
+        .connect_timeout(timeout.min(Duration::from_secs(5)))
+        .timeout(timeout)
+        .tcp_nodelay(true);
+    let channel = endpoint.connect().await.map_err(|e| {
+        let mut reason = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(inner) = source {
+            reason = inner.to_string();
+            source = inner.source();
+        }
+        connect_error(reason)
+    })?;
+    Ok(ClientClient::new(channel)
+        .max_decoding_message_size(max_message_bytes)
+        .max_encoding_message_size(max_message_bytes))
+}

@@ -1,0 +1,362 @@
+//! Node configuration: every limit is a named field with a default, set by a
+//! flag, a `RAFTIFY_*` environment variable or a TOML file (`--config`), in
+//! that order of precedence, and validated with a clear error.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+use serde::Deserialize;
+
+use crate::node::RaftConfig;
+use crate::sandbox::SandboxConfig;
+use crate::server::ClientConfig;
+use crate::storage::lmdb::LmdbOptions;
+use crate::transport::TransportConfig;
+
+/// The address `run` listens on, and clients call, by default.
+pub const DEFAULT_ADDR: &str = "127.0.0.1:7070";
+pub const DEFAULT_DATA_DIR: &str = "raftify-data";
+
+/// Everything a node needs to start.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// `None`: take it from the data dir, or 1 for a new one-node cluster.
+    pub id: Option<u64>,
+    pub listen: String,
+    pub data_dir: PathBuf,
+    /// `None`: the plugin stored in the data dir, or the embedded kv plugin.
+    pub plugin: Option<PathBuf>,
+    /// Initial members for a new cluster (`--peers`); must include this node.
+    pub peers: BTreeMap<u64, String>,
+    pub raft: RaftConfig,
+    pub sandbox: SandboxConfig,
+    pub client: ClientConfig,
+    pub transport: TransportConfig,
+    pub lmdb: LmdbOptions,
+}
+
+/// `raftify-host run` flags. Each may also be set by its `RAFTIFY_*`
+/// environment variable or in the `--config` TOML file (same name, with
+/// underscores).
+#[derive(Debug, Clone, Default, Args, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunArgs {
+    /// A TOML file with any of these settings (flags and env win over it).
+    #[arg(long, env = "RAFTIFY_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// This node's id (a positive integer). Taken from the data dir on restart.
+    #[arg(long, env = "RAFTIFY_ID")]
+    pub id: Option<u64>,
+    /// Address to serve peers and clients on [default: 127.0.0.1:7070].
+    #[arg(long, env = "RAFTIFY_LISTEN")]
+    pub listen: Option<String>,
+    /// Where the node keeps its LMDB and caches [default: ./raftify-data].
+    #[arg(long, env = "RAFTIFY_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// The state machine component (.wasm). Default: the plugin stored in the
+    /// data dir, or the embedded kv plugin for a new node.
+    #[arg(long, env = "RAFTIFY_PLUGIN")]
+    pub plugin: Option<PathBuf>,
+    /// Initial members of a new cluster: `1=HOST:PORT,2=HOST:PORT,...`, the
+    /// same on every node.
+    #[arg(long, env = "RAFTIFY_PEERS")]
+    pub peers: Option<String>,
+
+    /// Raft clock period in milliseconds [default: 100].
+    #[arg(long, env = "RAFTIFY_TICK_INTERVAL_MS")]
+    pub tick_interval_ms: Option<u64>,
+    /// Ticks before a follower without a leader campaigns [default: 10].
+    #[arg(long, env = "RAFTIFY_ELECTION_TICKS")]
+    pub election_ticks: Option<usize>,
+    /// Ticks between leader heartbeats [default: 2].
+    #[arg(long, env = "RAFTIFY_HEARTBEAT_TICKS")]
+    pub heartbeat_ticks: Option<usize>,
+    /// Append messages in flight per follower [default: 256].
+    #[arg(long, env = "RAFTIFY_MAX_INFLIGHT_MESSAGES")]
+    pub max_inflight_messages: Option<usize>,
+    /// Proposals waiting for commit before "busy" [default: 100000].
+    #[arg(long, env = "RAFTIFY_MAX_PENDING_PROPOSALS")]
+    pub max_pending_proposals: Option<usize>,
+    /// Largest proposal in bytes [default: 1048576].
+    #[arg(long, env = "RAFTIFY_MAX_PROPOSAL_BYTES")]
+    pub max_proposal_bytes: Option<usize>,
+    /// Largest gRPC message in bytes [default: 67108864].
+    #[arg(long, env = "RAFTIFY_MAX_MESSAGE_BYTES")]
+    pub max_message_bytes: Option<usize>,
+    /// How long a client request may wait for its result [default: 10000].
+    #[arg(long, env = "RAFTIFY_REQUEST_TIMEOUT_MS")]
+    pub request_timeout_ms: Option<u64>,
+    /// Fuel for one plugin call [default: 1000000000]. Must match on every node.
+    #[arg(long, env = "RAFTIFY_FUEL_PER_CALL")]
+    pub fuel_per_call: Option<u64>,
+    /// Fuel for one plugin snapshot or restore [default: 50000000000].
+    #[arg(long, env = "RAFTIFY_FUEL_PER_SNAPSHOT")]
+    pub fuel_per_snapshot: Option<u64>,
+    /// Largest plugin memory in bytes [default: 1073741824]. Must match on every node.
+    #[arg(long, env = "RAFTIFY_MAX_MEMORY_BYTES")]
+    pub max_memory_bytes: Option<usize>,
+    /// Largest LMDB file in bytes [default: 17179869184].
+    #[arg(long, env = "RAFTIFY_LMDB_MAP_SIZE_BYTES")]
+    pub lmdb_map_size_bytes: Option<usize>,
+    /// Do not fsync LMDB commits. UNSAFE: a power loss loses acknowledged
+    /// writes. For tests and benchmarks only.
+    #[arg(long, env = "RAFTIFY_UNSAFE_NO_FSYNC")]
+    #[serde(default)]
+    pub unsafe_no_fsync: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("bad config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("--peers: {0}")]
+    Peers(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl RunArgs {
+    /// Merge with the config file (if any), apply defaults, validate.
+    pub fn resolve(self) -> Result<NodeConfig, ConfigError> {
+        let file = match &self.config {
+            Some(path) => load_file(path)?,
+            None => RunArgs::default(),
+        };
+        let args = self.or(file);
+        let defaults = (
+            RaftConfig::default(),
+            SandboxConfig::default(),
+            ClientConfig::default(),
+            TransportConfig::default(),
+            LmdbOptions::default(),
+        );
+        let (raft, sandbox, client, transport, lmdb) = defaults;
+        let data_dir = args.data_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+        let config = NodeConfig {
+            id: args.id,
+            listen: args.listen.unwrap_or_else(|| DEFAULT_ADDR.to_string()),
+            plugin: args.plugin,
+            peers: match &args.peers {
+                Some(text) => parse_peers(text)?,
+                None => BTreeMap::new(),
+            },
+            raft: RaftConfig {
+                tick_interval_ms: args.tick_interval_ms.unwrap_or(raft.tick_interval_ms),
+                election_ticks: args.election_ticks.unwrap_or(raft.election_ticks),
+                heartbeat_ticks: args.heartbeat_ticks.unwrap_or(raft.heartbeat_ticks),
+                max_inflight_messages: args.max_inflight_messages.unwrap_or(raft.max_inflight_messages),
+                max_entries_bytes_per_message: raft.max_entries_bytes_per_message,
+                max_pending_proposals: args.max_pending_proposals.unwrap_or(raft.max_pending_proposals),
+            },
+            sandbox: SandboxConfig {
+                fuel_per_call: args.fuel_per_call.unwrap_or(sandbox.fuel_per_call),
+                fuel_per_snapshot: args.fuel_per_snapshot.unwrap_or(sandbox.fuel_per_snapshot),
+                max_memory_bytes: args.max_memory_bytes.unwrap_or(sandbox.max_memory_bytes),
+                max_output_bytes_per_call: sandbox.max_output_bytes_per_call,
+                cache_dir: Some(data_dir.join("compiled")),
+            },
+            client: ClientConfig {
+                max_proposal_bytes: args.max_proposal_bytes.unwrap_or(client.max_proposal_bytes),
+                request_timeout_ms: args.request_timeout_ms.unwrap_or(client.request_timeout_ms),
+                stream_window: client.stream_window,
+            },
+            transport: TransportConfig {
+                max_message_bytes: args.max_message_bytes.unwrap_or(transport.max_message_bytes),
+                ..transport
+            },
+            lmdb: LmdbOptions {
+                map_size_bytes: args.lmdb_map_size_bytes.unwrap_or(lmdb.map_size_bytes),
+                unsafe_no_fsync: args.unsafe_no_fsync,
+            },
+            data_dir,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Field by field: ours if set, else `other`'s.
+    fn or(self, other: RunArgs) -> RunArgs {
+        RunArgs {
+            config: self.config,
+            id: self.id.or(other.id),
+            listen: self.listen.or(other.listen),
+            data_dir: self.data_dir.or(other.data_dir),
+            plugin: self.plugin.or(other.plugin),
+            peers: self.peers.or(other.peers),
+            tick_interval_ms: self.tick_interval_ms.or(other.tick_interval_ms),
+            election_ticks: self.election_ticks.or(other.election_ticks),
+            heartbeat_ticks: self.heartbeat_ticks.or(other.heartbeat_ticks),
+            max_inflight_messages: self.max_inflight_messages.or(other.max_inflight_messages),
+            max_pending_proposals: self.max_pending_proposals.or(other.max_pending_proposals),
+            max_proposal_bytes: self.max_proposal_bytes.or(other.max_proposal_bytes),
+            max_message_bytes: self.max_message_bytes.or(other.max_message_bytes),
+            request_timeout_ms: self.request_timeout_ms.or(other.request_timeout_ms),
+            fuel_per_call: self.fuel_per_call.or(other.fuel_per_call),
+            fuel_per_snapshot: self.fuel_per_snapshot.or(other.fuel_per_snapshot),
+            max_memory_bytes: self.max_memory_bytes.or(other.max_memory_bytes),
+            lmdb_map_size_bytes: self.lmdb_map_size_bytes.or(other.lmdb_map_size_bytes),
+            unsafe_no_fsync: self.unsafe_no_fsync || other.unsafe_no_fsync,
+        }
+    }
+}
+
+fn load_file(path: &Path) -> Result<RunArgs, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.to_path_buf(),
+        message: e.message().to_string(),
+    })
+}
+
+/// `1=HOST:PORT,2=HOST:PORT`.
+pub fn parse_peers(text: &str) -> Result<BTreeMap<u64, String>, ConfigError> {
+    let mut peers = BTreeMap::new();
+    for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (id, addr) = item
+            .split_once('=')
+            .ok_or_else(|| ConfigError::Peers(format!("{item:?} is not ID=HOST:PORT")))?;
+        let id: u64 = id
+            .trim()
+            .parse()
+            .ok()
+            .filter(|&id| id > 0)
+            .ok_or_else(|| ConfigError::Peers(format!("{id:?} is not a positive integer id")))?;
+        check_addr(addr.trim()).map_err(ConfigError::Peers)?;
+        if peers.insert(id, addr.trim().to_string()).is_some() {
+            return Err(ConfigError::Peers(format!("node {id} is listed twice")));
+        }
+    }
+    if peers.is_empty() {
+        return Err(ConfigError::Peers("no peers given".into()));
+    }
+    Ok(peers)
+}
+
+fn check_addr(addr: &str) -> Result<(), String> {
+    let (host, port) = addr
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{addr:?} is not HOST:PORT"))?;
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return Err(format!("{addr:?} is not HOST:PORT"));
+    }
+    Ok(())
+}
+
+impl NodeConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |message: String| Err(ConfigError::Invalid(message));
+        if self.id == Some(0) {
+            return bad("--id must be a positive integer (0 is raft's \"no node\")".into());
+        }
+        check_addr(&self.listen).map_err(|e| ConfigError::Invalid(format!("--listen: {e}")))?;
+        if let Some(id) = self.id
+            && !self.peers.is_empty()
+            && !self.peers.contains_key(&id)
+        {
+            return bad(format!("--peers does not include this node's --id {id}"));
+        }
+        if !self.peers.is_empty() && self.id.is_none() {
+            return bad("--peers needs --id to say which of the peers this node is".into());
+        }
+        let raft = &self.raft;
+        if raft.tick_interval_ms == 0 {
+            return bad("tick_interval_ms must be at least 1".into());
+        }
+        if raft.heartbeat_ticks == 0 || raft.election_ticks <= raft.heartbeat_ticks {
+            return bad(format!(
+                "election_ticks ({}) must be greater than heartbeat_ticks ({}), which must be at least 1",
+                raft.election_ticks, raft.heartbeat_ticks
+            ));
+        }
+        if raft.max_inflight_messages == 0 || raft.max_pending_proposals == 0 {
+            return bad("max_inflight_messages and max_pending_proposals must be at least 1".into());
+        }
+        if self.client.max_proposal_bytes == 0 || self.client.max_proposal_bytes + 1024 > self.transport.max_message_bytes
+        {
+            return bad(format!(
+                "max_proposal_bytes ({}) must be at least 1 and leave 1 KiB of room under max_message_bytes ({})",
+                self.client.max_proposal_bytes, self.transport.max_message_bytes
+            ));
+        }
+        if self.client.request_timeout_ms == 0 {
+            return bad("request_timeout_ms must be at least 1".into());
+        }
+        if self.sandbox.fuel_per_call == 0 || self.sandbox.fuel_per_snapshot == 0 {
+            return bad("fuel_per_call and fuel_per_snapshot must be at least 1".into());
+        }
+        if self.sandbox.max_memory_bytes < (1 << 20) {
+            return bad("max_memory_bytes must be at least 1 MiB".into());
+        }
+        if self.lmdb.map_size_bytes < (1 << 20) {
+            return bad("lmdb_map_size_bytes must be at least 1 MiB".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peers_parse_and_bad_peers_are_named() {
+        let peers = parse_peers("1=127.0.0.1:7001, 2=localhost:7002").unwrap();
+        assert_eq!(peers[&2], "localhost:7002");
+        for bad in ["1", "x=127.0.0.1:1", "0=127.0.0.1:1", "1=nohost", "1=h:99999", "1=a:1,1=b:2", ""] {
+            assert!(parse_peers(bad).is_err(), "{bad:?} should be rejected");
+        }
+    }
+
+    #[test]
+    fn flags_win_over_the_file_and_defaults_fill_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("node.toml");
+        std::fs::write(&file, "election_ticks = 20\nheartbeat_ticks = 4\nlisten = \"127.0.0.1:9000\"\n").unwrap();
+        let args = RunArgs {
+            config: Some(file),
+            listen: Some("127.0.0.1:9001".into()),
+            ..Default::default()
+        };
+        let config = args.resolve().unwrap();
+        assert_eq!(config.listen, "127.0.0.1:9001");
+        assert_eq!(config.raft.election_ticks, 20);
+        assert_eq!(config.raft.tick_interval_ms, 100);
+    }
+
+    #[test]
+    fn bad_settings_get_clear_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("node.toml");
+        std::fs::write(&file, "no_such_setting = 1\n").unwrap();
+        let err = RunArgs {
+            config: Some(file),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(err.to_string().contains("no_such_setting"), "{err}");
+        let err = RunArgs {
+            election_ticks: Some(2),
+            heartbeat_ticks: Some(2),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(err.to_string().contains("election_ticks"), "{err}");
+        let err = RunArgs {
+            id: Some(3),
+            peers: Some("1=127.0.0.1:1,2=127.0.0.1:2".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(err.to_string().contains("--id 3"), "{err}");
+    }
+}

@@ -1,0 +1,196 @@
+//! Starting a node: open the store, settle the node's identity and plugin,
+//! start the apply worker, the raft loop and the gRPC server, and stop them
+//! all on shutdown.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use sha2::{Digest, Sha256};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+
+use crate::codec::Codec;
+use crate::config::NodeConfig;
+use crate::fsm::Fsm;
+use crate::logging;
+use crate::node::Node;
+use crate::proto::client_server::ClientServer;
+use crate::proto::peer_server::PeerServer;
+use crate::sandbox::Sandbox;
+use crate::server::Services;
+use crate::storage::lmdb::LmdbStore;
+use crate::storage::{LogStore, NodeIdentity, WriteBatch, initial_conf_state};
+use crate::transport::Transport;
+
+/// The kv plugin, built from plugins/kv by build.rs and embedded in the binary.
+pub const EMBEDDED_KV: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kv.wasm"));
+
+/// The hostile plugin used by the sandbox tests (plugins/chaos).
+#[doc(hidden)]
+pub const EMBEDDED_CHAOS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/chaos.wasm"));
+
+/// Bounds the raft loop's request queue (proposals, reads, peer messages).
+const NODE_QUEUE: usize = 65_536;
+
+/// Run a node on an already-bound listener until `shutdown` resolves.
+pub async fn run(config: NodeConfig, listener: TcpListener, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let store = LmdbStore::open(&config.data_dir.join("lmdb"), &config.lmdb)
+        .with_context(|| format!("cannot open the data dir {}", config.data_dir.display()))?;
+    // Validate the plugin before writing anything, so a bad plugin leaves a
+    // new data dir untouched.
+    let sandbox = Sandbox::new(config.sandbox.clone())?;
+    let (wasm, is_new) = choose_plugin(&store, &config)?;
+    let plugin = sandbox.load(&wasm).context("cannot load the plugin")?;
+    let identity = settle_identity(&store, &config)?;
+    if is_new {
+        store.put_active_plugin(&plugin.sha256(), &wasm)?;
+    }
+    let id = identity.id;
+    let span = tracing::info_span!("node", node_id = id);
+    let _enter = span.enter();
+    tracing::info!(plugin = %plugin.sha256_hex(), size = plugin.size(), "plugin loaded");
+
+    let (applied_tx, applied_rx) = watch::channel(0u64);
+    let fsm = Fsm::new(store.clone(), plugin.clone(), applied_tx)?;
+    let trapped_entries = fsm.trap_counter();
+    let (fsm_tx, fsm_rx) = std::sync::mpsc::channel();
+    let fsm_span = span.clone();
+    let fsm_thread = std::thread::Builder::new()
+        .name(format!("apply-{id}"))
+        .spawn(move || fsm_span.in_scope(|| fsm.run(fsm_rx)))
+        .context("cannot start the apply worker thread")?;
+
+    let members: BTreeMap<u64, String> = identity.members.iter().cloned().collect();
+    let transport = Transport::new(id, config.transport.clone());
+    for (peer, addr) in &members {
+        transport.set_peer(*peer, addr.clone());
+    }
+    let (node_tx, node_rx) = mpsc::channel(NODE_QUEUE);
+    let node = Node::new(
+        id,
+        store.clone(),
+        config.raft.clone(),
+        members,
+        transport,
+        fsm_tx.clone(),
+        applied_rx,
+        logging::raft_logger(),
+    )?;
+    let node_task = tokio::spawn(tracing::Instrument::instrument(node.run(node_rx), span.clone()));
+
+    let services = Services {
+        node: node_tx,
+        fsm: fsm_tx,
+        codec: Arc::new(Codec::new(plugin)),
+        config: config.client.clone(),
+        listen: config.listen.clone(),
+        trapped_entries,
+    };
+    let max = config.transport.max_message_bytes;
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let server = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(
+            ClientServer::new(services.clone())
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        )
+        .add_service(
+            PeerServer::new(services)
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        )
+        .serve_with_incoming_shutdown(incoming, shutdown);
+
+    // The node stops when the server stops (shutdown), or when the raft loop
+    // fails (a storage error is fatal: better down than wrong).
+    let mut node_task = node_task;
+    let outcome = tokio::select! {
+        served = server => served.context("the gRPC server failed").map(|_| None),
+        finished = &mut node_task => Ok(Some(finished)),
+    };
+    let node_result = match outcome? {
+        Some(finished) => finished,
+        None => {
+            // The server dropped every Services clone, closing the raft
+            // loop's queue; it returns once it sees that.
+            node_task.await
+        }
+    };
+    let node_result = node_result.context("the raft loop panicked")?;
+    let fsm_result = tokio::task::spawn_blocking(move || fsm_thread.join())
+        .await
+        .context("joining the apply worker")?;
+    node_result.context("the raft loop stopped")?;
+    match fsm_result {
+        Ok(result) => result.context("the apply worker stopped")?,
+        Err(_) => bail!("the apply worker panicked"),
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// First start: record the id, members and initial conf state. Restart:
+/// read them back, and refuse flags that contradict them.
+fn settle_identity<S: LogStore>(store: &S, config: &NodeConfig) -> anyhow::Result<NodeIdentity> {
+    if let Some(identity) = store.identity()? {
+        if let Some(id) = config.id
+            && id != identity.id
+        {
+            bail!(
+                "the data dir {} belongs to node {}, not --id {id}",
+                config.data_dir.display(),
+                identity.id
+            );
+        }
+        // The node may have moved: its own address is whatever it listens on.
+        let mut identity = identity;
+        let own = (identity.id, config.listen.clone());
+        if let Some(entry) = identity.members.iter_mut().find(|(i, _)| *i == own.0) {
+            entry.1 = own.1;
+        }
+        return Ok(identity);
+    }
+    let id = config.id.unwrap_or(1);
+    let members: Vec<(u64, String)> = if config.peers.is_empty() {
+        vec![(id, config.listen.clone())]
+    } else {
+        config.peers.iter().map(|(i, a)| (*i, a.clone())).collect()
+    };
+    let voters = members.iter().map(|(i, _)| *i).collect();
+    store.write(WriteBatch {
+        conf_state: Some(initial_conf_state(voters)),
+        ..Default::default()
+    })?;
+    let identity = NodeIdentity { id, members };
+    store.set_identity(&identity)?;
+    tracing::info!(id, members = ?identity.members, "bootstrapped a new node");
+    Ok(identity)
+}
+
+/// The plugin to run: `--plugin` on first start (or the embedded kv), the
+/// stored one on restart. True if it is not stored yet.
+fn choose_plugin<S: LogStore>(store: &S, config: &NodeConfig) -> anyhow::Result<(Vec<u8>, bool)> {
+    let given = match &config.plugin {
+        Some(path) => Some(std::fs::read(path).with_context(|| format!("cannot read the plugin {}", path.display()))?),
+        None => None,
+    };
+    match (store.active_plugin()?, given) {
+        (Some((_, stored)), None) => Ok((stored, false)),
+        (Some((sha, stored)), Some(given)) => {
+            let given_sha: [u8; 32] = Sha256::digest(&given).into();
+            if given_sha != sha {
+                bail!(
+                    "this data dir runs plugin {}, not the --plugin given ({}); \
+                     drop --plugin to restart with the stored plugin",
+                    hex::encode(sha),
+                    hex::encode(given_sha)
+                );
+            }
+            Ok((stored, false))
+        }
+        (None, given) => Ok((given.unwrap_or_else(|| EMBEDDED_KV.to_vec()), true)),
+    }
+}

@@ -1,0 +1,404 @@
+//! The apply worker: owns the live plugin instance on a thread of its own, so
+//! a slow or runaway `apply` never stalls the raft loop (heartbeats, votes,
+//! replication go on while the plugin burns its fuel).
+//!
+//! It receives committed entries in log order, applies the plugin commands
+//! among them, answers the proposers waiting on this node, serves queries
+//! once the applied index reaches their read index, and reports the applied
+//! index back to the raft loop.
+//!
+//! Trap recovery: a trap poisons the instance. The worker records the trap
+//! durably (so replay skips that entry instead of trapping again), then
+//! builds a fresh instance and replays the log up to the entry before the
+//! trap, skipping every recorded trap. Every replica traps on the same entry
+//! (execution is deterministic), so every replica ends in the same state.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+
+use raft::prelude::{Entry, EntryType};
+use raft::{GetEntriesContext, Storage};
+use tokio::sync::{oneshot, watch};
+
+use crate::envelope::{self, HostEntry, Payload};
+use crate::node::ProposeError;
+use crate::sandbox::{CallError, Instance, Plugin};
+use crate::storage::LogStore;
+
+/// The outcome of applying one proposal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    pub index: u64,
+    pub result: Result<Vec<u8>, CallError>,
+}
+
+/// The outcome of a query.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answered {
+    /// The applied index the query read at.
+    pub index: u64,
+    pub result: Result<Vec<u8>, CallError>,
+}
+
+/// Where the outcome of a proposal goes: the apply result, or why the host
+/// could not get it committed.
+pub type ApplyWaiter = oneshot::Sender<Result<Applied, ProposeError>>;
+
+pub enum FsmRequest {
+    /// Committed entries in log order, and the waiters for those this node
+    /// proposed (by index).
+    Apply {
+        entries: Vec<Entry>,
+        waiters: HashMap<u64, ApplyWaiter>,
+    },
+    /// Run a query once the applied index is at least `read_index`.
+    Query {
+        request: Vec<u8>,
+        read_index: u64,
+        reply: oneshot::Sender<Answered>,
+    },
+}
+
+/// How far a batch of replay reads from the store at once.
+const REPLAY_BATCH_BYTES: u64 = 4 << 20;
+
+pub struct Fsm<S: LogStore> {
+    store: S,
+    plugin: Plugin,
+    instance: Instance,
+    applied: u64,
+    /// Entries whose apply trapped, with the message the proposer got.
+    traps: BTreeMap<u64, String>,
+    /// Queries waiting for the applied index to reach their read index.
+    pending_queries: Vec<(u64, Vec<u8>, oneshot::Sender<Answered>)>,
+    applied_tx: watch::Sender<u64>,
+    trap_count: Arc<AtomicU64>,
+}
+
+/// Why the worker stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum FsmError {
+    #[error("storage: {0}")]
+    Store(#[from] crate::storage::StoreError),
+    #[error("raft storage: {0}")]
+    Raft(#[from] raft::Error),
+    #[error("plugin: {0}")]
+    Load(#[from] crate::sandbox::LoadError),
+    #[error("a committed entry is malformed at index {index}: {reason}")]
+    Malformed { index: u64, reason: String },
+}
+
+impl<S: LogStore> Fsm<S> {
+    /// A worker whose plugin starts fresh (the log is replayed from the start).
+    pub fn new(store: S, plugin: Plugin, applied_tx: watch::Sender<u64>) -> Result<Fsm<S>, FsmError> {
+        let instance = plugin.instantiate()?;
+        let traps: BTreeMap<u64, String> = store.traps(0, u64::MAX)?.into_iter().collect();
+        let trap_count = Arc::new(AtomicU64::new(traps.len() as u64));
+        Ok(Fsm {
+            trap_count,
+            store,
+            plugin,
+            instance,
+            applied: 0,
+            traps,
+            pending_queries: Vec::new(),
+            applied_tx,
+        })
+    }
+
+    /// Serve requests until the channel closes or a fatal error.
+    pub fn run(mut self, requests: mpsc::Receiver<FsmRequest>) -> Result<(), FsmError> {
+        while let Ok(request) = requests.recv() {
+            self.handle(request)?;
+        }
+        Ok(())
+    }
+
+    pub fn handle(&mut self, request: FsmRequest) -> Result<(), FsmError> {
+        match request {
+            FsmRequest::Apply { entries, mut waiters } => {
+                for entry in entries {
+                    let index = entry.index;
+                    let result = self.apply_entry(&entry)?;
+                    if let Some(waiter) = waiters.remove(&index) {
+                        let result = result.unwrap_or(Ok(Vec::new()));
+                        // The proposer may have given up (timeout); that is fine.
+                        let _ = waiter.send(Ok(Applied { index, result }));
+                    }
+                }
+                self.applied_tx.send_replace(self.applied);
+                self.serve_pending_queries()?;
+            }
+            FsmRequest::Query {
+                request,
+                read_index,
+                reply,
+            } => {
+                if read_index <= self.applied {
+                    let answer = self.query(&request)?;
+                    let _ = reply.send(answer);
+                } else {
+                    self.pending_queries.push((read_index, request, reply));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn applied(&self) -> u64 {
+        self.applied
+    }
+
+    /// The number of entries whose apply trapped, kept current.
+    pub fn trap_counter(&self) -> Arc<AtomicU64> {
+        self.trap_count.clone()
+    }
+
+    fn record_trap(&mut self, index: u64, message: String) -> Result<(), FsmError> {
+        self.store.record_trap(index, &message)?;
+        self.traps.insert(index, message);
+        self.trap_count.store(self.traps.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn serve_pending_queries(&mut self) -> Result<(), FsmError> {
+        if self.pending_queries.is_empty() {
+            return Ok(());
+        }
+        let applied = self.applied;
+        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending_queries)
+            .into_iter()
+            .partition(|(read_index, _, _)| *read_index <= applied);
+        self.pending_queries = waiting;
+        for (_, request, reply) in ready {
+            let answer = self.query(&request)?;
+            let _ = reply.send(answer);
+        }
+        Ok(())
+    }
+
+    fn query(&mut self, request: &[u8]) -> Result<Answered, FsmError> {
+        let result = self.instance.query(self.applied, request);
+        if let Err(CallError::Trap(message)) = &result {
+            tracing::warn!(index = self.applied, %message, "query trapped; rebuilding the plugin instance");
+            self.rebuild(self.applied)?;
+        }
+        Ok(Answered {
+            index: self.applied,
+            result,
+        })
+    }
+
+    /// Apply one committed entry. Returns the plugin's result for command
+    /// entries and `None` for entries the plugin never sees.
+    fn apply_entry(&mut self, entry: &Entry) -> Result<Option<Result<Vec<u8>, CallError>>, FsmError> {
+        let index = entry.index;
+        assert!(
+            index == self.applied + 1,
+            "entries must be applied in order: got {index} after {}",
+            self.applied
+        );
+        let result = match entry.get_entry_type() {
+            EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => None,
+            EntryType::EntryNormal => match envelope::open(&entry.data) {
+                Ok(Payload::Empty) | Ok(Payload::Host(HostEntry::Noop)) => None,
+                Ok(Payload::Command(command)) => Some(self.apply_command(index, command)?),
+                Err(error) => {
+                    // Raft only commits what a leader accepted, and leaders
+                    // only accept well-formed envelopes; a malformed one is a
+                    // bug or corruption, and every replica sees it alike.
+                    tracing::error!(index, %error, "skipping a malformed committed entry");
+                    Some(Err(CallError::Guest(format!("malformed entry: {error}"))))
+                }
+            },
+        };
+        self.applied = index;
+        Ok(result)
+    }
+
+    fn apply_command(&mut self, index: u64, command: &[u8]) -> Result<Result<Vec<u8>, CallError>, FsmError> {
+        if let Some(message) = self.traps.get(&index) {
+            return Ok(Err(CallError::Trap(message.clone())));
+        }
+        let result = self.instance.apply(index, command);
+        if let Err(CallError::Trap(message)) = &result {
+            tracing::warn!(index, plugin = %self.plugin.sha256_hex(), %message, "apply trapped; the entry has no effect");
+            self.record_trap(index, message.clone())?;
+            self.rebuild(index - 1)?;
+        }
+        Ok(result)
+    }
+
+    /// Replace the instance with a fresh one holding the state as of `upto`.
+    fn rebuild(&mut self, upto: u64) -> Result<(), FsmError> {
+        let started = std::time::Instant::now();
+        'attempt: loop {
+            let mut instance = self.plugin.instantiate()?;
+            let mut next = self.store.first_index()?;
+            if next != 1 {
+                // Without stored snapshots the log is never compacted, so it
+                // must start at 1; anything else is a damaged data dir.
+                return Err(FsmError::Malformed {
+                    index: next,
+                    reason: "the log does not start at index 1 and there is no snapshot to rebuild from".into(),
+                });
+            }
+            while next <= upto {
+                let batch = self
+                    .store
+                    .entries(next, upto + 1, REPLAY_BATCH_BYTES, GetEntriesContext::empty(false))?;
+                for entry in &batch {
+                    if entry.get_entry_type() != EntryType::EntryNormal || self.traps.contains_key(&entry.index) {
+                        continue;
+                    }
+                    let Ok(Payload::Command(command)) = envelope::open(&entry.data) else {
+                        continue;
+                    };
+                    if let Err(CallError::Trap(message)) = instance.apply(entry.index, command) {
+                        // A trap not recorded before (the record was lost in a
+                        // crash): record it now and start over without it.
+                        self.record_trap(entry.index, message)?;
+                        continue 'attempt;
+                    }
+                }
+                next = batch.last().map_or(upto + 1, |e| e.index + 1);
+            }
+            self.instance = instance;
+            tracing::info!(upto, elapsed_ms = started.elapsed().as_millis() as u64, "rebuilt the plugin instance");
+            return Ok(());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::daemon::EMBEDDED_CHAOS;
+    use crate::sandbox::{Sandbox, SandboxConfig};
+    use crate::storage::WriteBatch;
+    use crate::storage::mem::MemStore;
+
+    fn chaos() -> Plugin {
+        Sandbox::new(SandboxConfig {
+            fuel_per_call: 20_000_000,
+            max_memory_bytes: 64 << 20,
+            ..SandboxConfig::default()
+        })
+        .unwrap()
+        .load(EMBEDDED_CHAOS)
+        .unwrap()
+    }
+
+    /// A store holding `commands` as committed entries 1..=n.
+    fn log(commands: &[&str]) -> (MemStore, Vec<Entry>) {
+        let entries: Vec<Entry> = commands
+            .iter()
+            .enumerate()
+            .map(|(i, c)| Entry {
+                index: i as u64 + 1,
+                term: 1,
+                data: envelope::command(c.as_bytes()).into(),
+                ..Default::default()
+            })
+            .collect();
+        let store = MemStore::new();
+        store
+            .write(WriteBatch {
+                entries: entries.clone(),
+                ..Default::default()
+            })
+            .unwrap();
+        (store, entries)
+    }
+
+    /// Apply everything, returning each entry's outcome.
+    fn apply_all(fsm: &mut Fsm<MemStore>, entries: Vec<Entry>) -> Vec<Result<Vec<u8>, CallError>> {
+        let mut receivers = Vec::new();
+        let mut waiters = HashMap::new();
+        for entry in &entries {
+            let (tx, rx) = oneshot::channel();
+            waiters.insert(entry.index, tx);
+            receivers.push(rx);
+        }
+        fsm.handle(FsmRequest::Apply { entries, waiters }).unwrap();
+        receivers
+            .into_iter()
+            .map(|mut rx| rx.try_recv().unwrap().unwrap().result)
+            .collect()
+    }
+
+    fn get(fsm: &mut Fsm<MemStore>, key: &str) -> String {
+        let (tx, mut rx) = oneshot::channel();
+        fsm.handle(FsmRequest::Query {
+            request: format!("get {key}").into_bytes(),
+            read_index: 0,
+            reply: tx,
+        })
+        .unwrap();
+        String::from_utf8(rx.try_recv().unwrap().result.unwrap()).unwrap()
+    }
+
+    #[test]
+    fn a_trap_fails_only_its_entry_and_the_state_is_rebuilt_without_it() {
+        let (store, entries) = log(&["set a 1", "set-then-panic b 2", "spin", "set c 3", "hog"]);
+        let mut fsm = Fsm::new(store.clone(), chaos(), watch::channel(0).0).unwrap();
+        let outcomes = apply_all(&mut fsm, entries);
+        assert_eq!(outcomes[0], Ok(b"OK".to_vec()));
+        assert!(matches!(&outcomes[1], Err(CallError::Trap(m)) if m.contains("panicked")));
+        assert!(matches!(&outcomes[2], Err(CallError::Trap(m)) if m.contains("out of fuel")));
+        assert_eq!(outcomes[3], Ok(b"OK".to_vec()));
+        assert!(matches!(&outcomes[4], Err(CallError::Trap(m)) if m.contains("out of memory")));
+        assert_eq!(get(&mut fsm, "a"), "1");
+        assert_eq!(get(&mut fsm, "b"), "(nil)", "the write before the panic must vanish");
+        assert_eq!(get(&mut fsm, "c"), "3");
+        assert_eq!(fsm.applied(), 5);
+        assert_eq!(store.traps(0, 100).unwrap().len(), 3);
+    }
+
+    #[test]
+    fn a_restarted_worker_replays_to_the_same_state_and_skips_recorded_traps() {
+        let (store, entries) = log(&["set a 1", "panic", "set b 2"]);
+        let mut first = Fsm::new(store.clone(), chaos(), watch::channel(0).0).unwrap();
+        let outcomes_first = apply_all(&mut first, entries.clone());
+        let mut second = Fsm::new(store.clone(), chaos(), watch::channel(0).0).unwrap();
+        let outcomes_second = apply_all(&mut second, entries);
+        assert_eq!(outcomes_first, outcomes_second, "replay gives the proposer's outcomes again");
+        assert_eq!(get(&mut second, "a"), "1");
+        assert_eq!(get(&mut second, "b"), "2");
+    }
+
+    #[test]
+    fn queries_wait_for_their_read_index() {
+        let (store, entries) = log(&["set a 1", "set a 2"]);
+        let mut fsm = Fsm::new(store, chaos(), watch::channel(0).0).unwrap();
+        let (tx, mut rx) = oneshot::channel();
+        fsm.handle(FsmRequest::Query {
+            request: b"get a".to_vec(),
+            read_index: 2,
+            reply: tx,
+        })
+        .unwrap();
+        assert!(rx.try_recv().is_err(), "answered before the read index was applied");
+        apply_all(&mut fsm, entries);
+        let answer = rx.try_recv().unwrap();
+        assert_eq!((answer.index, answer.result), (2, Ok(b"2".to_vec())));
+    }
+
+    #[test]
+    fn a_trapping_query_rebuilds_the_instance_with_its_state() {
+        let (store, entries) = log(&["set a 1"]);
+        let mut fsm = Fsm::new(store, chaos(), watch::channel(0).0).unwrap();
+        apply_all(&mut fsm, entries);
+        let (tx, mut rx) = oneshot::channel();
+        fsm.handle(FsmRequest::Query {
+            request: b"panic".to_vec(),
+            read_index: 0,
+            reply: tx,
+        })
+        .unwrap();
+        assert!(matches!(rx.try_recv().unwrap().result, Err(CallError::Trap(_))));
+        assert_eq!(get(&mut fsm, "a"), "1");
+    }
+}

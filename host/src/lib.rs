@@ -1,0 +1,21 @@
+//! raftify-host: a Raft replicated-state-machine host whose state machine is
+//! a sandboxed WebAssembly component. ARCHITECTURE.md is the codemap.
+
+pub mod cli;
+pub mod client;
+pub mod codec;
+pub mod config;
+pub mod daemon;
+pub mod envelope;
+pub mod fsm;
+pub mod logging;
+pub mod node;
+pub mod sandbox;
+pub mod server;
+pub mod storage;
+pub mod transport;
+
+/// Generated gRPC code (proto/raftify.proto).
+pub mod proto {
+    tonic::include_proto!("raftify.v1");
+}

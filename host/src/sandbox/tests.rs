@@ -1,0 +1,124 @@
+//! Sandbox tests against the real kv plugin and the hostile chaos plugin
+//! (both built from plugins/ by build.rs).
+
+use super::*;
+use crate::daemon::{EMBEDDED_CHAOS, EMBEDDED_KV};
+
+fn sandbox() -> Sandbox {
+    Sandbox::new(SandboxConfig {
+        fuel_per_call: 20_000_000,
+        max_memory_bytes: 64 << 20,
+        ..SandboxConfig::default()
+    })
+    .unwrap()
+}
+
+fn text(bytes: Vec<u8>) -> String {
+    String::from_utf8(bytes).unwrap()
+}
+
+#[test]
+fn kv_applies_queries_and_encodes_through_the_sandbox() {
+    let plugin = sandbox().load(EMBEDDED_KV).unwrap();
+    let mut kv = plugin.instantiate().unwrap();
+    let entry = kv.encode("set  a   1").unwrap();
+    assert_eq!(entry, b"set a 1");
+    assert_eq!(text(kv.apply(1, &entry).unwrap()), "OK");
+    assert_eq!(text(kv.query(1, b"get a").unwrap()), "1");
+    assert_eq!(kv.decode(b"set a 1").unwrap(), "set a 1");
+    assert_eq!(kv.render(b"OK").unwrap(), "OK");
+    assert!(matches!(kv.encode("frob"), Err(CallError::Guest(m)) if m.contains("unknown command")));
+}
+
+#[test]
+fn a_guest_error_is_an_ordinary_result_and_the_instance_lives_on() {
+    let mut chaos = sandbox().load(EMBEDDED_CHAOS).unwrap().instantiate().unwrap();
+    chaos.apply(1, b"set a 1").unwrap();
+    assert_eq!(chaos.apply(2, b"fail"), Err(CallError::Guest("chaos: asked to fail".into())));
+    assert!(!chaos.is_poisoned());
+    assert_eq!(text(chaos.query(2, b"get a").unwrap()), "1");
+}
+
+#[test]
+fn a_panic_traps_and_poisons_the_instance() {
+    let mut chaos = sandbox().load(EMBEDDED_CHAOS).unwrap().instantiate().unwrap();
+    let error = chaos.apply(1, b"panic").unwrap_err();
+    assert!(matches!(&error, CallError::Trap(m) if m.contains("panicked")), "{error:?}");
+    assert!(chaos.is_poisoned());
+    assert!(matches!(chaos.query(1, b"get a"), Err(CallError::Trap(_))));
+}
+
+#[test]
+fn an_endless_loop_runs_out_of_fuel() {
+    let mut chaos = sandbox().load(EMBEDDED_CHAOS).unwrap().instantiate().unwrap();
+    let error = chaos.apply(1, b"spin").unwrap_err();
+    assert_eq!(error, CallError::Trap("out of fuel: the call used up its budget of 20000000 fuel".into()));
+    let error = sandbox().load(EMBEDDED_CHAOS).unwrap().instantiate().unwrap().query(1, b"spin");
+    assert!(matches!(error, Err(CallError::Trap(m)) if m.starts_with("out of fuel")));
+}
+
+#[test]
+fn unbounded_allocation_hits_the_memory_cap() {
+    let sandbox = Sandbox::new(SandboxConfig {
+        fuel_per_call: 10_000_000_000,
+        max_memory_bytes: 32 << 20,
+        ..SandboxConfig::default()
+    })
+    .unwrap();
+    let mut chaos = sandbox.load(EMBEDDED_CHAOS).unwrap().instantiate().unwrap();
+    let error = chaos.apply(1, b"hog").unwrap_err();
+    assert!(matches!(&error, CallError::Trap(m) if m.starts_with("out of memory")), "{error:?}");
+}
+
+#[test]
+fn clocks_and_randomness_depend_only_on_the_index() {
+    let plugin = sandbox().load(EMBEDDED_CHAOS).unwrap();
+    let stamp = |calls_before: u64, index: u64| {
+        let mut chaos = plugin.instantiate().unwrap();
+        // A replica that ran longer has made more calls; it must not matter.
+        for i in 0..calls_before {
+            chaos.apply(i + 1, b"stamp warmup").unwrap();
+        }
+        chaos.apply(index, b"stamp t").unwrap();
+        text(chaos.query(index, b"get t").unwrap())
+    };
+    let first = stamp(0, 7);
+    assert_eq!(first, stamp(5, 7));
+    assert_ne!(first, stamp(0, 8));
+}
+
+#[test]
+fn guest_output_is_captured_not_fatal() {
+    let mut chaos = sandbox().load(EMBEDDED_CHAOS).unwrap().instantiate().unwrap();
+    assert_eq!(text(chaos.apply(1, b"print").unwrap()), "OK");
+}
+
+#[test]
+fn garbage_is_rejected_with_a_clear_error() {
+    let error = sandbox().load(b"definitely not wasm").err().unwrap();
+    assert!(matches!(error, LoadError::Invalid(_)), "{error}");
+    // A core module is not a component.
+    let error = sandbox().load(b"\0asm\x01\0\0\0").err().unwrap();
+    assert!(error.to_string().contains("component"), "{error}");
+}
+
+#[test]
+fn compiled_components_are_cached_and_a_corrupt_cache_is_recompiled() {
+    let dir = tempfile::tempdir().unwrap();
+    let sandbox = Sandbox::new(SandboxConfig {
+        cache_dir: Some(dir.path().to_path_buf()),
+        ..SandboxConfig::default()
+    })
+    .unwrap();
+    let plugin = sandbox.load(EMBEDDED_KV).unwrap();
+    let cached = cache::path_for(&sandbox.engine, dir.path(), &plugin.sha256());
+    assert!(cached.exists(), "no cache file at {}", cached.display());
+
+    let from_cache = sandbox.load(EMBEDDED_KV).unwrap();
+    assert_eq!(text(from_cache.instantiate().unwrap().apply(1, b"set a 1").unwrap()), "OK");
+
+    std::fs::write(&cached, b"torn write").unwrap();
+    let recompiled = sandbox.load(EMBEDDED_KV).unwrap();
+    assert_eq!(text(recompiled.instantiate().unwrap().apply(1, b"set a 1").unwrap()), "OK");
+    assert!(std::fs::read(&cached).unwrap().len() > 1000, "the cache file was rewritten");
+}

@@ -1,0 +1,356 @@
+//! gRPC services: the client API and the peer transport's receiving side.
+//!
+//! Untrusted input stops here: a request that is too large, malformed or
+//! not encodable becomes a gRPC error with a clear message, never a panic.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::mpsc as std_mpsc;
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use protobuf::Message as _;
+use raft::prelude::Message;
+use tokio::sync::{mpsc, oneshot};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::codec::{Codec, CodecError};
+use crate::envelope;
+use crate::fsm::{Answered, Applied, FsmRequest};
+use crate::node::{NodeRequest, ProposeError};
+use crate::proto;
+use crate::proto::{
+    HostError, ProposeRequest, ProposeResponse, QueryRequest, QueryResponse, RaftBatch, StatusRequest,
+    StatusResponse, StreamSummary,
+};
+use crate::sandbox::CallError;
+
+/// Client-facing limits.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ClientConfig {
+    /// Largest entry a client may propose, in bytes (after encoding).
+    pub max_proposal_bytes: usize,
+    /// How long a proposal or query may wait for its result.
+    pub request_timeout_ms: u64,
+    /// Proposals one `ProposeStream` keeps in flight before reading more.
+    pub stream_window: usize,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            max_proposal_bytes: 1 << 20,
+            request_timeout_ms: 10_000,
+            stream_window: 1024,
+        }
+    }
+}
+
+/// Shared by both services.
+#[derive(Clone)]
+pub struct Services {
+    pub node: mpsc::Sender<NodeRequest>,
+    pub fsm: std_mpsc::Sender<FsmRequest>,
+    pub codec: Arc<Codec>,
+    pub config: ClientConfig,
+    pub listen: String,
+    pub trapped_entries: Arc<std::sync::atomic::AtomicU64>,
+}
+
+type Pending = oneshot::Receiver<Result<Applied, ProposeError>>;
+
+impl Services {
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(self.config.request_timeout_ms)
+    }
+
+    async fn codec_call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Codec) -> Result<T, CodecError> + Send + 'static,
+    ) -> Result<T, CodecError> {
+        let codec = self.codec.clone();
+        match tokio::task::spawn_blocking(move || f(&codec)).await {
+            Ok(result) => result,
+            Err(error) => Err(CodecError::Call(CallError::Trap(format!("codec task failed: {error}")))),
+        }
+    }
+
+    async fn encode(&self, text: String) -> Result<Vec<u8>, Status> {
+        self.codec_call(move |codec| codec.encode(&text))
+            .await
+            .map_err(|e| Status::invalid_argument(format!("cannot encode the command: {e}")))
+    }
+
+    /// Validate a proposal and queue it in the raft loop. Returns once the
+    /// entry has its place in the queue, so callers that submit in sequence
+    /// get their entries into the log in that sequence.
+    async fn submit(&self, request: ProposeRequest) -> Result<Pending, Status> {
+        let entry = match request.command {
+            Some(proto::propose_request::Command::Entry(bytes)) => bytes,
+            Some(proto::propose_request::Command::Text(text)) => self.encode(text).await?,
+            None => return Err(Status::invalid_argument("the proposal has no command: set `entry` or `text`")),
+        };
+        if entry.len() > self.config.max_proposal_bytes {
+            return Err(Status::invalid_argument(format!(
+                "the proposal is {} bytes; the limit is {} (max_proposal_bytes)",
+                entry.len(),
+                self.config.max_proposal_bytes
+            )));
+        }
+        let (reply, pending) = oneshot::channel();
+        let request = NodeRequest::Propose {
+            data: envelope::command(&entry),
+            reply,
+        };
+        match self.node.try_send(request) {
+            Ok(()) => Ok(pending),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                Err(Status::resource_exhausted("busy: the node's request queue is full; retry later"))
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(propose_status(ProposeError::Shutdown)),
+        }
+    }
+
+    async fn finish(&self, pending: Pending) -> Result<ProposeResponse, Status> {
+        let applied = match tokio::time::timeout(self.timeout(), pending).await {
+            Err(_) => return Err(propose_status(ProposeError::Timeout(self.config.request_timeout_ms))),
+            Ok(Err(_)) => return Err(propose_status(ProposeError::Shutdown)),
+            Ok(Ok(Err(error))) => return Err(propose_status(error)),
+            Ok(Ok(Ok(applied))) => applied,
+        };
+        let (outcome, text) = self.outcome(applied.result).await;
+        Ok(ProposeResponse {
+            index: applied.index,
+            outcome: Some(outcome.into_propose()),
+            text,
+        })
+    }
+
+    async fn outcome(&self, result: Result<Vec<u8>, CallError>) -> (Outcome, String) {
+        match result {
+            Ok(bytes) => {
+                let rendered = bytes.clone();
+                let text = self.codec_call(move |codec| codec.render(&rendered)).await.unwrap_or_default();
+                (Outcome::Ok(bytes), text)
+            }
+            Err(CallError::Guest(message)) => (Outcome::PluginError(message), String::new()),
+            Err(CallError::Trap(message)) => (Outcome::Trap(message), String::new()),
+        }
+    }
+
+    async fn read_index(&self) -> Result<u64, Status> {
+        let (reply, answer) = oneshot::channel();
+        self.node
+            .try_send(NodeRequest::ReadIndex { reply })
+            .map_err(|_| Status::resource_exhausted("busy: the node's request queue is full; retry later"))?;
+        match tokio::time::timeout(self.timeout(), answer).await {
+            Err(_) => Err(propose_status(ProposeError::Timeout(self.config.request_timeout_ms))),
+            Ok(Err(_)) => Err(propose_status(ProposeError::Shutdown)),
+            Ok(Ok(result)) => result.map_err(propose_status),
+        }
+    }
+}
+
+enum Outcome {
+    Ok(Vec<u8>),
+    PluginError(String),
+    Trap(String),
+}
+
+impl Outcome {
+    fn into_propose(self) -> proto::propose_response::Outcome {
+        use proto::propose_response::Outcome as O;
+        match self {
+            Outcome::Ok(b) => O::Ok(b),
+            Outcome::PluginError(m) => O::PluginError(m),
+            Outcome::Trap(m) => O::Trap(m),
+        }
+    }
+
+    fn into_query(self) -> proto::query_response::Outcome {
+        use proto::query_response::Outcome as O;
+        match self {
+            Outcome::Ok(b) => O::Ok(b),
+            Outcome::PluginError(m) => O::PluginError(m),
+            Outcome::Trap(m) => O::Trap(m),
+        }
+    }
+}
+
+/// The metadata key carrying the leader's address on "not leader" errors.
+pub const LEADER_ADDR_KEY: &str = "raftify-leader-addr";
+
+fn propose_status(error: ProposeError) -> Status {
+    let message = error.to_string();
+    match error {
+        ProposeError::NotLeader { leader_addr, .. } => {
+            let mut status = Status::failed_precondition(message);
+            if let Some(addr) = leader_addr.and_then(|a| a.parse().ok()) {
+                status.metadata_mut().insert(LEADER_ADDR_KEY, addr);
+            }
+            status
+        }
+        ProposeError::Busy(_) => Status::resource_exhausted(message),
+        ProposeError::Dropped(_) | ProposeError::Shutdown => Status::unavailable(message),
+        ProposeError::Overwritten(_) => Status::aborted(message),
+        ProposeError::Timeout(_) => Status::deadline_exceeded(message),
+    }
+}
+
+fn host_error(status: Status) -> ProposeResponse {
+    let leader_addr = status
+        .metadata()
+        .get(LEADER_ADDR_KEY)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    ProposeResponse {
+        index: 0,
+        outcome: Some(proto::propose_response::Outcome::HostError(HostError {
+            code: status.code() as i32,
+            message: status.message().to_string(),
+            leader_addr,
+        })),
+        text: String::new(),
+    }
+}
+
+#[tonic::async_trait]
+impl proto::client_server::Client for Services {
+    async fn propose(&self, request: Request<ProposeRequest>) -> Result<Response<ProposeResponse>, Status> {
+        let pending = self.submit(request.into_inner()).await?;
+        self.finish(pending).await.map(Response::new)
+    }
+
+    type ProposeStreamStream = Pin<Box<dyn Stream<Item = Result<ProposeResponse, Status>> + Send>>;
+
+    async fn propose_stream(
+        &self,
+        request: Request<Streaming<ProposeRequest>>,
+    ) -> Result<Response<Self::ProposeStreamStream>, Status> {
+        let submitter = self.clone();
+        let finisher = self.clone();
+        let window = self.config.stream_window.max(1);
+        let responses = request
+            .into_inner()
+            // `then` submits one at a time, in order: entries enter the log
+            // in the order the client sent them.
+            .then(move |request| {
+                let services = submitter.clone();
+                async move {
+                    match request {
+                        Ok(request) => services.submit(request).await,
+                        Err(status) => Err(status),
+                    }
+                }
+            })
+            // `buffered` waits for many results at once but yields them in order.
+            .map(move |submitted| {
+                let services = finisher.clone();
+                async move {
+                    let response = match submitted {
+                        Ok(pending) => services.finish(pending).await,
+                        Err(status) => Err(status),
+                    };
+                    Ok(response.unwrap_or_else(host_error))
+                }
+            })
+            .buffered(window);
+        Ok(Response::new(Box::pin(responses)))
+    }
+
+    async fn query(&self, request: Request<QueryRequest>) -> Result<Response<QueryResponse>, Status> {
+        let request = request.into_inner();
+        let bytes = match request.request {
+            Some(proto::query_request::Request::Bytes(bytes)) => bytes,
+            Some(proto::query_request::Request::Text(text)) => self.encode(text).await?,
+            None => return Err(Status::invalid_argument("the query has no request: set `bytes` or `text`")),
+        };
+        if bytes.len() > self.config.max_proposal_bytes {
+            return Err(Status::invalid_argument(format!(
+                "the query is {} bytes; the limit is {} (max_proposal_bytes)",
+                bytes.len(),
+                self.config.max_proposal_bytes
+            )));
+        }
+        let read_index = match proto::Consistency::try_from(request.consistency) {
+            Ok(proto::Consistency::Linearizable) => self.read_index().await?,
+            Ok(proto::Consistency::Stale) => 0,
+            Err(_) => return Err(Status::invalid_argument("unknown consistency level")),
+        };
+        let (reply, answer) = oneshot::channel();
+        self.fsm
+            .send(FsmRequest::Query {
+                request: bytes,
+                read_index,
+                reply,
+            })
+            .map_err(|_| propose_status(ProposeError::Shutdown))?;
+        let Answered { index, result } = match tokio::time::timeout(self.timeout(), answer).await {
+            Err(_) => return Err(propose_status(ProposeError::Timeout(self.config.request_timeout_ms))),
+            Ok(Err(_)) => return Err(propose_status(ProposeError::Shutdown)),
+            Ok(Ok(answered)) => answered,
+        };
+        let (outcome, text) = self.outcome(result).await;
+        Ok(Response::new(QueryResponse {
+            index,
+            outcome: Some(outcome.into_query()),
+            text,
+        }))
+    }
+
+    async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        let (reply, answer) = oneshot::channel();
+        self.node
+            .send(NodeRequest::Status { reply })
+            .await
+            .map_err(|_| propose_status(ProposeError::Shutdown))?;
+        let status = answer.await.map_err(|_| propose_status(ProposeError::Shutdown))?;
+        let leader_addr = status
+            .members
+            .iter()
+            .find(|(id, _, _)| *id == status.leader_id)
+            .map(|(_, addr, _)| addr.clone())
+            .unwrap_or_default();
+        let plugin = self.codec.plugin();
+        Ok(Response::new(StatusResponse {
+            id: status.id,
+            role: status.role,
+            leader_id: status.leader_id,
+            leader_addr,
+            term: status.term,
+            commit_index: status.commit_index,
+            applied_index: status.applied_index,
+            first_index: status.first_index,
+            last_index: status.last_index,
+            plugin_sha256: plugin.sha256_hex(),
+            plugin_size: plugin.size() as u64,
+            members: status
+                .members
+                .into_iter()
+                .map(|(id, addr, voter)| proto::Member { id, addr, voter })
+                .collect(),
+            trapped_entries: self.trapped_entries.load(std::sync::atomic::Ordering::Relaxed),
+            listen: self.listen.clone(),
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl proto::peer_server::Peer for Services {
+    async fn stream(&self, request: Request<Streaming<RaftBatch>>) -> Result<Response<StreamSummary>, Status> {
+        let mut batches = request.into_inner();
+        let mut received = 0u64;
+        while let Some(batch) = batches.message().await? {
+            for bytes in batch.messages {
+                let message = Message::parse_from_bytes(&bytes)
+                    .map_err(|e| Status::invalid_argument(format!("malformed raft message: {e}")))?;
+                received += 1;
+                if self.node.send(NodeRequest::Raft(Box::new(message))).await.is_err() {
+                    return Err(propose_status(ProposeError::Shutdown));
+                }
+            }
+        }
+        Ok(Response::new(StreamSummary { received }))
+    }
+}

@@ -1,0 +1,384 @@
+//! The LMDB store (heed): one environment per node.
+//!
+//! Databases:
+//! - `entries`: log index (u64, big-endian so LMDB orders it) -> raft `Entry`
+//!   (raft-rs protobuf encoding);
+//! - `meta`: `hard_state`, `conf_state`, `snapshot_meta`, `applied_index`,
+//!   `identity`;
+//! - `traps`: log index -> the message of an entry whose apply trapped;
+//! - `plugins`: SHA-256 -> plugin component bytes (`meta.active_plugin` names
+//!   the active one).
+//!
+//! Durability: every [`LogStore::write`] is one LMDB write transaction,
+//! committed with LMDB's default fsync, so when `write` returns the batch is
+//! on disk and a crash keeps it whole or not at all.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use heed::byteorder::BigEndian;
+use heed::types::{Bytes, Str, U64};
+use heed::{Database, Env, EnvOpenOptions, RoTxn};
+use protobuf::Message as _;
+use raft::prelude::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
+use raft::{GetEntriesContext, RaftState, Storage, StorageError};
+
+use super::{LogStore, NodeIdentity, StoreError, WriteBatch, check_contiguous};
+
+type Index = U64<BigEndian>;
+
+const HARD_STATE: &str = "hard_state";
+const CONF_STATE: &str = "conf_state";
+const SNAPSHOT_META: &str = "snapshot_meta";
+const APPLIED_INDEX: &str = "applied_index";
+const IDENTITY: &str = "identity";
+const ACTIVE_PLUGIN: &str = "active_plugin";
+
+/// The LMDB-backed [`LogStore`]. Cheap to clone: clones share the environment.
+#[derive(Clone)]
+pub struct LmdbStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    env: Env,
+    entries: Database<Index, Bytes>,
+    meta: Database<Str, Bytes>,
+    traps: Database<Index, Str>,
+    plugins: Database<Bytes, Bytes>,
+}
+
+/// Options for opening a store.
+#[derive(Debug, Clone)]
+pub struct LmdbOptions {
+    /// The largest the LMDB file may grow. LMDB maps it into the address
+    /// space but only uses disk for what is written.
+    pub map_size_bytes: usize,
+    /// Commit without fsync. UNSAFE: a power loss or kernel crash loses
+    /// writes that were acknowledged. For tests and benchmarks only.
+    pub unsafe_no_fsync: bool,
+}
+
+impl Default for LmdbOptions {
+    fn default() -> Self {
+        LmdbOptions {
+            map_size_bytes: 16 << 30,
+            unsafe_no_fsync: false,
+        }
+    }
+}
+
+impl LmdbStore {
+    /// Open (or create) the store in directory `dir`.
+    pub fn open(dir: &Path, options: &LmdbOptions) -> Result<LmdbStore, StoreError> {
+        std::fs::create_dir_all(dir)?;
+        // SAFETY: heed requires that the same environment is not opened twice
+        // in one process and that the file is not modified by others while
+        // mapped. The node opens its data dir once; a second node on the same
+        // dir is refused by LMDB's lock file only across processes, which is
+        // what we rely on (see ARCHITECTURE.md, "one process per data dir").
+        let env = unsafe {
+            let mut open = EnvOpenOptions::new();
+            open.map_size(options.map_size_bytes).max_dbs(8);
+            if options.unsafe_no_fsync {
+                open.flags(heed::EnvFlags::NO_SYNC);
+            }
+            open.open(dir)?
+        };
+        let mut txn = env.write_txn()?;
+        let entries = env.create_database(&mut txn, Some("entries"))?;
+        let meta = env.create_database(&mut txn, Some("meta"))?;
+        let traps = env.create_database(&mut txn, Some("traps"))?;
+        let plugins = env.create_database(&mut txn, Some("plugins"))?;
+        txn.commit()?;
+        Ok(LmdbStore {
+            inner: Arc::new(Inner {
+                env,
+                entries,
+                meta,
+                traps,
+                plugins,
+            }),
+        })
+    }
+
+    fn read<T>(&self, f: impl FnOnce(&Inner, &RoTxn) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let txn = self.inner.env.read_txn()?;
+        f(&self.inner, &txn)
+    }
+
+    /// Overwrite the entry at `index` with garbage, as a torn disk would.
+    #[cfg(test)]
+    pub(crate) fn corrupt_entry_for_test(&self, index: u64) {
+        let mut txn = self.inner.env.write_txn().unwrap();
+        self.inner.entries.put(&mut txn, &index, &[0xff, 0xff, 0xff]).unwrap();
+        txn.commit().unwrap();
+    }
+
+    /// The snapshot metadata the log starts after (index 0 when none).
+    pub fn snapshot_metadata(&self) -> Result<SnapshotMetadata, StoreError> {
+        self.read(|inner, txn| inner.snapshot_meta(txn))
+    }
+}
+
+impl Inner {
+    fn meta_message<M: protobuf::Message>(&self, txn: &RoTxn, key: &str) -> Result<Option<M>, StoreError> {
+        match self.meta.get(txn, key)? {
+            None => Ok(None),
+            Some(bytes) => M::parse_from_bytes(bytes)
+                .map(Some)
+                .map_err(|e| StoreError::Corrupt(format!("{key}: {e}"))),
+        }
+    }
+
+    fn snapshot_meta(&self, txn: &RoTxn) -> Result<SnapshotMetadata, StoreError> {
+        Ok(self.meta_message(txn, SNAPSHOT_META)?.unwrap_or_default())
+    }
+
+    fn first_index(&self, txn: &RoTxn) -> Result<u64, StoreError> {
+        match self.entries.first(txn)? {
+            Some((index, _)) => Ok(index),
+            None => Ok(self.snapshot_meta(txn)?.index + 1),
+        }
+    }
+
+    fn last_index(&self, txn: &RoTxn) -> Result<u64, StoreError> {
+        match self.entries.last(txn)? {
+            Some((index, _)) => Ok(index),
+            None => Ok(self.snapshot_meta(txn)?.index),
+        }
+    }
+
+    fn entry(&self, txn: &RoTxn, index: u64) -> Result<Option<Entry>, StoreError> {
+        match self.entries.get(txn, &index)? {
+            None => Ok(None),
+            Some(bytes) => decode_entry(index, bytes).map(Some),
+        }
+    }
+}
+
+fn decode_entry(index: u64, bytes: &[u8]) -> Result<Entry, StoreError> {
+    let entry = Entry::parse_from_bytes(bytes).map_err(|e| StoreError::Corrupt(format!("entry {index}: {e}")))?;
+    if entry.index != index {
+        return Err(StoreError::Corrupt(format!(
+            "entry stored at {index} claims index {}",
+            entry.index
+        )));
+    }
+    Ok(entry)
+}
+
+fn encode<M: protobuf::Message>(message: &M) -> Result<Vec<u8>, StoreError> {
+    message
+        .write_to_bytes()
+        .map_err(|e| StoreError::Invalid(format!("protobuf encoding: {e}")))
+}
+
+fn to_raft(error: StoreError) -> raft::Error {
+    raft::Error::Store(StorageError::Other(Box::new(error)))
+}
+
+impl Storage for LmdbStore {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        self.read(|inner, txn| {
+            let hard_state: HardState = inner.meta_message(txn, HARD_STATE)?.unwrap_or_default();
+            let conf_state: ConfState = inner.meta_message(txn, CONF_STATE)?.unwrap_or_default();
+            Ok(RaftState::new(hard_state, conf_state))
+        })
+        .map_err(to_raft)
+    }
+
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        _context: GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
+        let max_size = max_size.into();
+        let result = self.read(|inner, txn| {
+            if low < inner.first_index(txn)? {
+                return Ok(Err(StorageError::Compacted));
+            }
+            if high > inner.last_index(txn)? + 1 {
+                return Ok(Err(StorageError::Unavailable));
+            }
+            let mut out = Vec::with_capacity((high - low) as usize);
+            let mut size = 0u64;
+            for item in inner.entries.range(txn, &(low..high))? {
+                let (index, bytes) = item?;
+                size += bytes.len() as u64;
+                // raft-rs semantics: always return at least one entry.
+                if !out.is_empty() && max_size.is_some_and(|max| size > max) {
+                    break;
+                }
+                out.push(decode_entry(index, bytes)?);
+            }
+            if out.first().is_some_and(|e: &Entry| e.index != low) {
+                return Err(StoreError::Corrupt(format!("log has a hole at {low}")));
+            }
+            Ok(Ok(out))
+        });
+        match result {
+            Ok(Ok(entries)) => Ok(entries),
+            Ok(Err(e)) => Err(raft::Error::Store(e)),
+            Err(e) => Err(to_raft(e)),
+        }
+    }
+
+    fn term(&self, index: u64) -> raft::Result<u64> {
+        let result = self.read(|inner, txn| {
+            let snapshot = inner.snapshot_meta(txn)?;
+            if index == snapshot.index {
+                return Ok(Ok(snapshot.term));
+            }
+            if index < snapshot.index {
+                return Ok(Err(StorageError::Compacted));
+            }
+            match inner.entry(txn, index)? {
+                Some(entry) => Ok(Ok(entry.term)),
+                None if index < inner.first_index(txn)? => Ok(Err(StorageError::Compacted)),
+                None => Ok(Err(StorageError::Unavailable)),
+            }
+        });
+        match result {
+            Ok(Ok(term)) => Ok(term),
+            Ok(Err(e)) => Err(raft::Error::Store(e)),
+            Err(e) => Err(to_raft(e)),
+        }
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        self.read(|inner, txn| inner.first_index(txn)).map_err(to_raft)
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        self.read(|inner, txn| inner.last_index(txn)).map_err(to_raft)
+    }
+
+    fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        // Snapshots of the state machine are not stored yet: the log is never
+        // compacted, so a follower can always be caught up from the log.
+        Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable))
+    }
+}
+
+impl LogStore for LmdbStore {
+    fn write(&self, batch: WriteBatch) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        check_contiguous(&batch.entries)?;
+        let inner = &self.inner;
+        let mut txn = inner.env.write_txn()?;
+        if let Some(first) = batch.entries.first() {
+            let snapshot = inner.snapshot_meta(&txn)?;
+            if first.index <= snapshot.index {
+                return Err(StoreError::Invalid(format!(
+                    "entry {} is at or before the snapshot at {}",
+                    first.index, snapshot.index
+                )));
+            }
+            let last = inner.last_index(&txn)?;
+            if first.index > last + 1 {
+                return Err(StoreError::Invalid(format!(
+                    "entry {} would leave a hole after the last index {last}",
+                    first.index
+                )));
+            }
+            // A new leader may replace an uncommitted suffix of our log.
+            inner.entries.delete_range(&mut txn, &(first.index..))?;
+            for entry in &batch.entries {
+                inner.entries.put(&mut txn, &entry.index, &encode(entry)?)?;
+            }
+        }
+        if let Some(hard_state) = &batch.hard_state {
+            inner.meta.put(&mut txn, HARD_STATE, &encode(hard_state)?)?;
+        }
+        if let Some(conf_state) = &batch.conf_state {
+            inner.meta.put(&mut txn, CONF_STATE, &encode(conf_state)?)?;
+        }
+        if let Some(applied) = batch.applied_index {
+            inner.meta.put(&mut txn, APPLIED_INDEX, &applied.to_be_bytes())?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    fn applied_index(&self) -> Result<u64, StoreError> {
+        self.read(|inner, txn| match inner.meta.get(txn, APPLIED_INDEX)? {
+            None => Ok(0),
+            Some(bytes) => {
+                let bytes: [u8; 8] = bytes
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt("applied_index is not 8 bytes".into()))?;
+                Ok(u64::from_be_bytes(bytes))
+            }
+        })
+    }
+
+    fn record_trap(&self, index: u64, message: &str) -> Result<(), StoreError> {
+        let mut txn = self.inner.env.write_txn()?;
+        self.inner.traps.put(&mut txn, &index, message)?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    fn traps(&self, low: u64, high: u64) -> Result<Vec<(u64, String)>, StoreError> {
+        self.read(|inner, txn| {
+            let mut out = Vec::new();
+            for item in inner.traps.range(txn, &(low..high))? {
+                let (index, message) = item?;
+                out.push((index, message.to_string()));
+            }
+            Ok(out)
+        })
+    }
+
+    fn identity(&self) -> Result<Option<NodeIdentity>, StoreError> {
+        self.read(|inner, txn| match inner.meta.get(txn, IDENTITY)? {
+            None => Ok(None),
+            Some(bytes) => serde_json::from_slice(bytes)
+                .map(Some)
+                .map_err(|e| StoreError::Corrupt(format!("identity: {e}"))),
+        })
+    }
+
+    fn set_identity(&self, identity: &NodeIdentity) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(identity).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        let mut txn = self.inner.env.write_txn()?;
+        self.inner.meta.put(&mut txn, IDENTITY, &bytes)?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    fn put_active_plugin(&self, sha256: &[u8; 32], wasm: &[u8]) -> Result<(), StoreError> {
+        let mut txn = self.inner.env.write_txn()?;
+        if self.inner.plugins.get(&txn, sha256)?.is_none() {
+            self.inner.plugins.put(&mut txn, sha256, wasm)?;
+        }
+        self.inner.meta.put(&mut txn, ACTIVE_PLUGIN, sha256)?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    fn active_plugin(&self) -> Result<Option<([u8; 32], Vec<u8>)>, StoreError> {
+        self.read(|inner, txn| {
+            let Some(sha) = inner.meta.get(txn, ACTIVE_PLUGIN)? else {
+                return Ok(None);
+            };
+            let sha: [u8; 32] = sha
+                .try_into()
+                .map_err(|_| StoreError::Corrupt("active_plugin is not a SHA-256".into()))?;
+            let wasm = inner
+                .plugins
+                .get(txn, &sha)?
+                .ok_or_else(|| StoreError::Corrupt(format!("plugin {} is active but not stored", hex::encode(sha))))?;
+            use sha2::Digest as _;
+            if sha2::Sha256::digest(wasm).as_slice() != sha {
+                return Err(StoreError::Corrupt(format!("stored plugin {} does not match its hash", hex::encode(sha))));
+            }
+            Ok(Some((sha, wasm.to_vec())))
+        })
+    }
+}

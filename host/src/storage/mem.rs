@@ -1,0 +1,193 @@
+//! The in-memory [`LogStore`]: the LMDB store's twin for tests. It follows
+//! the same rules (and passes the same conformance suite) but forgets
+//! everything when dropped.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use raft::prelude::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
+use raft::{GetEntriesContext, RaftState, Storage, StorageError};
+
+use super::{LogStore, NodeIdentity, StoreError, WriteBatch, check_contiguous};
+
+#[derive(Clone, Default)]
+pub struct MemStore {
+    inner: Arc<RwLock<Inner>>,
+}
+
+#[derive(Default)]
+struct Inner {
+    entries: BTreeMap<u64, Entry>,
+    hard_state: HardState,
+    conf_state: ConfState,
+    snapshot_meta: SnapshotMetadata,
+    applied_index: u64,
+    traps: BTreeMap<u64, String>,
+    identity: Option<NodeIdentity>,
+    active_plugin: Option<([u8; 32], Vec<u8>)>,
+}
+
+impl Inner {
+    fn first_index(&self) -> u64 {
+        self.entries
+            .keys()
+            .next()
+            .copied()
+            .unwrap_or(self.snapshot_meta.index + 1)
+    }
+
+    fn last_index(&self) -> u64 {
+        self.entries
+            .keys()
+            .next_back()
+            .copied()
+            .unwrap_or(self.snapshot_meta.index)
+    }
+}
+
+impl MemStore {
+    pub fn new() -> MemStore {
+        MemStore::default()
+    }
+
+    fn rl(&self) -> RwLockReadGuard<'_, Inner> {
+        // A poisoned lock means a test already panicked; keep going with the data.
+        self.inner.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn wl(&self) -> RwLockWriteGuard<'_, Inner> {
+        self.inner.write().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Storage for MemStore {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        let inner = self.rl();
+        Ok(RaftState::new(inner.hard_state.clone(), inner.conf_state.clone()))
+    }
+
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        _context: GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
+        let max_size = max_size.into();
+        let inner = self.rl();
+        if low < inner.first_index() {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        if high > inner.last_index() + 1 {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        let mut out = Vec::new();
+        let mut size = 0u64;
+        for entry in inner.entries.range(low..high).map(|(_, e)| e) {
+            size += protobuf::Message::compute_size(entry) as u64;
+            if !out.is_empty() && max_size.is_some_and(|max| size > max) {
+                break;
+            }
+            out.push(entry.clone());
+        }
+        Ok(out)
+    }
+
+    fn term(&self, index: u64) -> raft::Result<u64> {
+        let inner = self.rl();
+        if index == inner.snapshot_meta.index {
+            return Ok(inner.snapshot_meta.term);
+        }
+        if index < inner.first_index() {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        match inner.entries.get(&index) {
+            Some(entry) => Ok(entry.term),
+            None => Err(raft::Error::Store(StorageError::Unavailable)),
+        }
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        Ok(self.rl().first_index())
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        Ok(self.rl().last_index())
+    }
+
+    fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable))
+    }
+}
+
+impl LogStore for MemStore {
+    fn write(&self, batch: WriteBatch) -> Result<(), StoreError> {
+        check_contiguous(&batch.entries)?;
+        let mut inner = self.wl();
+        if let Some(first) = batch.entries.first() {
+            if first.index <= inner.snapshot_meta.index {
+                return Err(StoreError::Invalid(format!(
+                    "entry {} is at or before the snapshot at {}",
+                    first.index, inner.snapshot_meta.index
+                )));
+            }
+            let last = inner.last_index();
+            if first.index > last + 1 {
+                return Err(StoreError::Invalid(format!(
+                    "entry {} would leave a hole after the last index {last}",
+                    first.index
+                )));
+            }
+            inner.entries.split_off(&first.index);
+            for entry in batch.entries {
+                inner.entries.insert(entry.index, entry);
+            }
+        }
+        if let Some(hard_state) = batch.hard_state {
+            inner.hard_state = hard_state;
+        }
+        if let Some(conf_state) = batch.conf_state {
+            inner.conf_state = conf_state;
+        }
+        if let Some(applied) = batch.applied_index {
+            inner.applied_index = applied;
+        }
+        Ok(())
+    }
+
+    fn applied_index(&self) -> Result<u64, StoreError> {
+        Ok(self.rl().applied_index)
+    }
+
+    fn record_trap(&self, index: u64, message: &str) -> Result<(), StoreError> {
+        self.wl().traps.insert(index, message.to_string());
+        Ok(())
+    }
+
+    fn traps(&self, low: u64, high: u64) -> Result<Vec<(u64, String)>, StoreError> {
+        Ok(self
+            .rl()
+            .traps
+            .range(low..high)
+            .map(|(i, m)| (*i, m.clone()))
+            .collect())
+    }
+
+    fn identity(&self) -> Result<Option<NodeIdentity>, StoreError> {
+        Ok(self.rl().identity.clone())
+    }
+
+    fn set_identity(&self, identity: &NodeIdentity) -> Result<(), StoreError> {
+        self.wl().identity = Some(identity.clone());
+        Ok(())
+    }
+
+    fn put_active_plugin(&self, sha256: &[u8; 32], wasm: &[u8]) -> Result<(), StoreError> {
+        self.wl().active_plugin = Some((*sha256, wasm.to_vec()));
+        Ok(())
+    }
+
+    fn active_plugin(&self) -> Result<Option<([u8; 32], Vec<u8>)>, StoreError> {
+        Ok(self.rl().active_plugin.clone())
+    }
+}

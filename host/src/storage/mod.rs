@@ -1,0 +1,113 @@
+//! Durable raft state: the log, hard state, conf state, applied index and the
+//! record of entries whose apply trapped.
+//!
+//! [`LogStore`] extends raft-rs's read-only [`Storage`] with the one write the
+//! node loop makes per `Ready`: a [`WriteBatch`], committed atomically and
+//! durably (LMDB: one write transaction, fsynced) before anything that depends
+//! on it is sent or acknowledged. [`lmdb::LmdbStore`] is the real store;
+//! [`mem::MemStore`] is the in-memory twin for tests. Both pass the same
+//! conformance suite (`tests.rs`).
+
+pub mod lmdb;
+pub mod mem;
+#[cfg(test)]
+mod tests;
+
+use raft::Storage;
+use raft::prelude::{ConfState, Entry, HardState};
+
+/// Why a storage operation failed. Storage errors are fatal to the node: the
+/// node loop stops rather than run on with state it could not persist.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("LMDB: {0}")]
+    Lmdb(#[from] heed::Error),
+    #[error("corrupt data in the store: {0}")]
+    Corrupt(String),
+    #[error("cannot write: {0}")]
+    Invalid(String),
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Everything one `Ready` persists, written in one atomic, durable step.
+#[derive(Debug, Default, Clone)]
+pub struct WriteBatch {
+    /// New log entries. The first may overwrite (truncate) the log's tail:
+    /// entries at and after its index are replaced, as raft requires when a
+    /// new leader overrides an uncommitted suffix.
+    pub entries: Vec<Entry>,
+    pub hard_state: Option<HardState>,
+    pub conf_state: Option<ConfState>,
+    /// The highest index the state machine has applied (informational: the
+    /// state machine lives in memory and is rebuilt on restart).
+    pub applied_index: Option<u64>,
+}
+
+impl WriteBatch {
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+            && self.hard_state.is_none()
+            && self.conf_state.is_none()
+            && self.applied_index.is_none()
+    }
+}
+
+/// What a node persists about itself besides raft state.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NodeIdentity {
+    pub id: u64,
+    /// The cluster's members and their addresses, as last known.
+    pub members: Vec<(u64, String)>,
+}
+
+/// Raft's [`Storage`] plus the writes a node makes.
+pub trait LogStore: Storage + Clone + Send + Sync + 'static {
+    /// Persist `batch` atomically and durably.
+    fn write(&self, batch: WriteBatch) -> Result<(), StoreError>;
+
+    /// The applied index last persisted (0 if none).
+    fn applied_index(&self) -> Result<u64, StoreError>;
+
+    /// Record that applying the entry at `index` trapped, with the message
+    /// the proposer got, so replay skips it instead of trapping again.
+    fn record_trap(&self, index: u64, message: &str) -> Result<(), StoreError>;
+
+    /// The entries whose apply trapped, in index order, within `[low, high)`.
+    fn traps(&self, low: u64, high: u64) -> Result<Vec<(u64, String)>, StoreError>;
+
+    /// The node's identity, once bootstrapped.
+    fn identity(&self) -> Result<Option<NodeIdentity>, StoreError>;
+
+    /// Record the node's identity (first start, or membership change).
+    fn set_identity(&self, identity: &NodeIdentity) -> Result<(), StoreError>;
+
+    /// Store a plugin component under its SHA-256 (once; storing it again is
+    /// a no-op) and make it the active plugin.
+    fn put_active_plugin(&self, sha256: &[u8; 32], wasm: &[u8]) -> Result<(), StoreError>;
+
+    /// The active plugin's SHA-256 and bytes, once one was stored.
+    fn active_plugin(&self) -> Result<Option<([u8; 32], Vec<u8>)>, StoreError>;
+}
+
+/// Checks a batch's entries are contiguous, so a bad caller cannot punch
+/// holes into the log.
+fn check_contiguous(entries: &[Entry]) -> Result<(), StoreError> {
+    for pair in entries.windows(2) {
+        if pair[1].index != pair[0].index + 1 {
+            return Err(StoreError::Invalid(format!(
+                "entries not contiguous: {} follows {}",
+                pair[1].index, pair[0].index
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Checks a conf state is a plausible initial configuration.
+pub fn initial_conf_state(voters: Vec<u64>) -> ConfState {
+    ConfState {
+        voters,
+        ..Default::default()
+    }
+}

@@ -1,0 +1,265 @@
+//! The storage conformance suite: every [`LogStore`] must pass it.
+
+use raft::prelude::{ConfState, Entry, HardState};
+use raft::{GetEntriesContext, Storage, StorageError};
+
+use super::lmdb::{LmdbOptions, LmdbStore};
+use super::mem::MemStore;
+use super::{LogStore, NodeIdentity, WriteBatch};
+
+fn entry(index: u64, term: u64) -> Entry {
+    Entry {
+        index,
+        term,
+        data: format!("data-{index}-{term}").into_bytes().into(),
+        ..Default::default()
+    }
+}
+
+fn entries(range: std::ops::RangeInclusive<u64>, term: u64) -> Vec<Entry> {
+    range.map(|i| entry(i, term)).collect()
+}
+
+fn append<S: LogStore>(store: &S, es: Vec<Entry>) {
+    store
+        .write(WriteBatch {
+            entries: es,
+            ..Default::default()
+        })
+        .unwrap();
+}
+
+fn read<S: LogStore>(store: &S, low: u64, high: u64, max: Option<u64>) -> raft::Result<Vec<Entry>> {
+    store.entries(low, high, max, GetEntriesContext::empty(false))
+}
+
+fn indexes_terms(es: &[Entry]) -> Vec<(u64, u64)> {
+    es.iter().map(|e| (e.index, e.term)).collect()
+}
+
+fn is_store_error(result: raft::Result<impl std::fmt::Debug>, expected: StorageError) -> bool {
+    matches!(result, Err(raft::Error::Store(e)) if e == expected)
+}
+
+fn a_fresh_store_is_empty<S: LogStore>(store: S) {
+    assert_eq!(store.first_index().unwrap(), 1);
+    assert_eq!(store.last_index().unwrap(), 0);
+    let state = store.initial_state().unwrap();
+    assert_eq!(state.hard_state, HardState::default());
+    assert_eq!(state.conf_state, ConfState::default());
+    assert_eq!(store.term(0).unwrap(), 0);
+    assert!(is_store_error(store.term(1), StorageError::Unavailable));
+    assert_eq!(store.applied_index().unwrap(), 0);
+    assert_eq!(store.identity().unwrap(), None);
+}
+
+fn appended_entries_read_back<S: LogStore>(store: S) {
+    append(&store, entries(1..=5, 1));
+    assert_eq!(store.first_index().unwrap(), 1);
+    assert_eq!(store.last_index().unwrap(), 5);
+    assert_eq!(read(&store, 1, 6, None).unwrap(), entries(1..=5, 1));
+    assert_eq!(read(&store, 2, 4, None).unwrap(), entries(2..=3, 1));
+    assert_eq!(store.term(3).unwrap(), 1);
+    assert!(is_store_error(read(&store, 1, 7, None), StorageError::Unavailable));
+    assert!(is_store_error(store.term(6), StorageError::Unavailable));
+}
+
+fn max_size_limits_but_returns_at_least_one<S: LogStore>(store: S) {
+    append(&store, entries(1..=5, 1));
+    assert_eq!(read(&store, 1, 6, Some(0)).unwrap().len(), 1);
+    let all = read(&store, 1, 6, None).unwrap();
+    let two: u64 = all[..2]
+        .iter()
+        .map(|e| protobuf::Message::compute_size(e) as u64)
+        .sum();
+    let limited = read(&store, 1, 6, Some(two)).unwrap();
+    assert!((1..=2).contains(&limited.len()), "got {} entries", limited.len());
+}
+
+fn a_new_leader_overwrites_the_tail<S: LogStore>(store: S) {
+    append(&store, entries(1..=5, 1));
+    append(&store, entries(3..=4, 2));
+    assert_eq!(store.last_index().unwrap(), 4);
+    assert_eq!(
+        indexes_terms(&read(&store, 1, 5, None).unwrap()),
+        vec![(1, 1), (2, 1), (3, 2), (4, 2)]
+    );
+}
+
+fn bad_batches_are_refused_whole<S: LogStore>(store: S) {
+    append(&store, entries(1..=3, 1));
+    let hole = WriteBatch {
+        entries: entries(5..=6, 1),
+        hard_state: Some(HardState {
+            term: 9,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    assert!(store.write(hole).is_err());
+    let mut gappy = entries(4..=5, 1);
+    gappy[1].index = 7;
+    assert!(store.write(WriteBatch {
+        entries: gappy,
+        ..Default::default()
+    })
+    .is_err());
+    // Nothing from the refused batches landed.
+    assert_eq!(store.last_index().unwrap(), 3);
+    assert_eq!(store.initial_state().unwrap().hard_state.term, 0);
+}
+
+fn hard_state_conf_state_and_applied_persist<S: LogStore>(store: S) {
+    let hard_state = HardState {
+        term: 3,
+        vote: 2,
+        commit: 7,
+        ..Default::default()
+    };
+    let conf_state = ConfState {
+        voters: vec![1, 2, 3],
+        learners: vec![4],
+        ..Default::default()
+    };
+    store
+        .write(WriteBatch {
+            entries: entries(1..=7, 3),
+            hard_state: Some(hard_state.clone()),
+            conf_state: Some(conf_state.clone()),
+            applied_index: Some(6),
+        })
+        .unwrap();
+    let state = store.initial_state().unwrap();
+    assert_eq!(state.hard_state, hard_state);
+    assert_eq!(state.conf_state, conf_state);
+    assert_eq!(store.applied_index().unwrap(), 6);
+}
+
+fn traps_and_identity_are_recorded<S: LogStore>(store: S) {
+    store.record_trap(4, "out of fuel").unwrap();
+    store.record_trap(9, "panic").unwrap();
+    assert_eq!(store.traps(0, 100).unwrap(), vec![(4, "out of fuel".into()), (9, "panic".into())]);
+    assert_eq!(store.traps(5, 100).unwrap(), vec![(9, "panic".into())]);
+    let identity = NodeIdentity {
+        id: 2,
+        members: vec![(1, "127.0.0.1:1".into()), (2, "127.0.0.1:2".into())],
+    };
+    store.set_identity(&identity).unwrap();
+    assert_eq!(store.identity().unwrap(), Some(identity));
+}
+
+fn the_active_plugin_is_stored<S: LogStore>(store: S) {
+    use sha2::Digest as _;
+    assert_eq!(store.active_plugin().unwrap(), None);
+    let wasm = b"\0asm pretend component".to_vec();
+    let sha: [u8; 32] = sha2::Sha256::digest(&wasm).into();
+    store.put_active_plugin(&sha, &wasm).unwrap();
+    assert_eq!(store.active_plugin().unwrap(), Some((sha, wasm)));
+}
+
+macro_rules! conformance {
+    ($module:ident, $make:expr) => {
+        mod $module {
+            #[allow(unused_imports)]
+            use super::*;
+
+            #[test]
+            fn a_fresh_store_is_empty() {
+                let (store, _guard) = $make;
+                super::a_fresh_store_is_empty(store);
+            }
+            #[test]
+            fn appended_entries_read_back() {
+                let (store, _guard) = $make;
+                super::appended_entries_read_back(store);
+            }
+            #[test]
+            fn max_size_limits_but_returns_at_least_one() {
+                let (store, _guard) = $make;
+                super::max_size_limits_but_returns_at_least_one(store);
+            }
+            #[test]
+            fn a_new_leader_overwrites_the_tail() {
+                let (store, _guard) = $make;
+                super::a_new_leader_overwrites_the_tail(store);
+            }
+            #[test]
+            fn bad_batches_are_refused_whole() {
+                let (store, _guard) = $make;
+                super::bad_batches_are_refused_whole(store);
+            }
+            #[test]
+            fn hard_state_conf_state_and_applied_persist() {
+                let (store, _guard) = $make;
+                super::hard_state_conf_state_and_applied_persist(store);
+            }
+            #[test]
+            fn the_active_plugin_is_stored() {
+                let (store, _guard) = $make;
+                super::the_active_plugin_is_stored(store);
+            }
+            #[test]
+            fn traps_and_identity_are_recorded() {
+                let (store, _guard) = $make;
+                super::traps_and_identity_are_recorded(store);
+            }
+        }
+    };
+}
+
+fn lmdb() -> (LmdbStore, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LmdbStore::open(dir.path(), &small()).unwrap();
+    (store, dir)
+}
+
+fn small() -> LmdbOptions {
+    LmdbOptions {
+        map_size_bytes: 64 << 20,
+        unsafe_no_fsync: false,
+    }
+}
+
+conformance!(mem_store, (MemStore::new(), ()));
+conformance!(lmdb_store, lmdb());
+
+#[test]
+fn lmdb_keeps_everything_across_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = LmdbStore::open(dir.path(), &small()).unwrap();
+        store
+            .write(WriteBatch {
+                entries: entries(1..=10, 2),
+                hard_state: Some(HardState {
+                    term: 2,
+                    vote: 1,
+                    commit: 10,
+                    ..Default::default()
+                }),
+                conf_state: Some(ConfState {
+                    voters: vec![1],
+                    ..Default::default()
+                }),
+                applied_index: Some(10),
+            })
+            .unwrap();
+        store.record_trap(5, "boom").unwrap();
+    }
+    let store = LmdbStore::open(dir.path(), &small()).unwrap();
+    assert_eq!(store.last_index().unwrap(), 10);
+    assert_eq!(read(&store, 1, 11, None).unwrap(), entries(1..=10, 2));
+    assert_eq!(store.initial_state().unwrap().hard_state.commit, 10);
+    assert_eq!(store.initial_state().unwrap().conf_state.voters, vec![1]);
+    assert_eq!(store.applied_index().unwrap(), 10);
+    assert_eq!(store.traps(0, 11).unwrap(), vec![(5, "boom".into())]);
+}
+
+#[test]
+fn lmdb_reports_a_corrupt_entry_instead_of_panicking() {
+    let (store, _dir) = lmdb();
+    append(&store, entries(1..=2, 1));
+    store.corrupt_entry_for_test(2);
+    assert!(read(&store, 1, 3, None).is_err());
+    assert!(store.term(2).is_err());
+}

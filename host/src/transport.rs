@@ -1,0 +1,173 @@
+//! The peer transport: raft messages to other nodes over gRPC.
+//!
+//! One task per peer owns one long-lived client stream (`Peer.Stream`), so
+//! messages to a peer arrive in the order raft produced them. The raft loop
+//! hands each peer its messages of one `Ready` as one batch through a bounded
+//! queue and never waits: a full queue (dead or slow peer) drops the batch,
+//! which raft tolerates, and reports the peer unreachable. A broken stream is
+//! reconnected with capped exponential backoff.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use protobuf::Message as _;
+use raft::prelude::Message;
+use tokio::sync::mpsc;
+
+use crate::proto::RaftBatch;
+use crate::proto::peer_client::PeerClient;
+
+/// Transport limits.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TransportConfig {
+    /// Batches queued for one peer before new ones are dropped.
+    pub peer_queue_batches: usize,
+    /// Largest gRPC message sent or accepted, in bytes.
+    pub max_message_bytes: usize,
+    /// First reconnect delay; doubles up to `max_backoff_ms`.
+    pub min_backoff_ms: u64,
+    pub max_backoff_ms: u64,
+}
+
+impl Default for TransportConfig {
+    fn default() -> Self {
+        TransportConfig {
+            peer_queue_batches: 1024,
+            max_message_bytes: 64 << 20,
+            min_backoff_ms: 50,
+            max_backoff_ms: 2_000,
+        }
+    }
+}
+
+/// Handle the raft loop uses to send. Cheap to clone.
+#[derive(Clone)]
+pub struct Transport {
+    inner: Arc<Mutex<Inner>>,
+    config: TransportConfig,
+}
+
+struct Inner {
+    self_id: u64,
+    peers: HashMap<u64, Peer>,
+}
+
+struct Peer {
+    addr: String,
+    queue: mpsc::Sender<Vec<Message>>,
+}
+
+impl Transport {
+    pub fn new(self_id: u64, config: TransportConfig) -> Transport {
+        Transport {
+            inner: Arc::new(Mutex::new(Inner {
+                self_id,
+                peers: HashMap::new(),
+            })),
+            config,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Add a peer, or move it to a new address. Must be called within a
+    /// tokio runtime (it starts the peer's task).
+    pub fn set_peer(&self, id: u64, addr: String) {
+        let mut inner = self.lock();
+        if id == inner.self_id || inner.peers.get(&id).is_some_and(|p| p.addr == addr) {
+            return;
+        }
+        let (queue, batches) = mpsc::channel(self.config.peer_queue_batches);
+        tokio::spawn(peer_task(id, addr.clone(), batches, self.config.clone()));
+        // Replacing the entry drops the old queue, which ends the old task.
+        inner.peers.insert(id, Peer { addr, queue });
+    }
+
+    pub fn remove_peer(&self, id: u64) {
+        self.lock().peers.remove(&id);
+    }
+
+    /// Queue messages for their peers without blocking. Returns the peers
+    /// whose queue was full or unknown, for `report_unreachable`.
+    pub fn send(&self, messages: Vec<Message>) -> Vec<u64> {
+        if messages.is_empty() {
+            return Vec::new();
+        }
+        let mut by_peer: HashMap<u64, Vec<Message>> = HashMap::new();
+        for message in messages {
+            by_peer.entry(message.to).or_default().push(message);
+        }
+        let inner = self.lock();
+        let mut unreachable = Vec::new();
+        for (to, batch) in by_peer {
+            match inner.peers.get(&to) {
+                Some(peer) if peer.queue.try_send(batch).is_ok() => {}
+                _ => unreachable.push(to),
+            }
+        }
+        unreachable
+    }
+}
+
+async fn peer_task(id: u64, addr: String, mut batches: mpsc::Receiver<Vec<Message>>, config: TransportConfig) {
+    let mut backoff = Duration::from_millis(config.min_backoff_ms);
+    let max_backoff = Duration::from_millis(config.max_backoff_ms);
+    let endpoint = format!("http://{addr}");
+    'connect: loop {
+        let client = match tonic::transport::Endpoint::from_shared(endpoint.clone()) {
+            Ok(endpoint) => endpoint.connect_timeout(Duration::from_secs(1)).tcp_nodelay(true).connect().await,
+            Err(error) => {
+                tracing::error!(peer = id, %addr, %error, "bad peer address; not sending to it");
+                return;
+            }
+        };
+        let channel = match client {
+            Ok(channel) => channel,
+            Err(error) => {
+                tracing::debug!(peer = id, %addr, %error, "cannot connect to peer; retrying");
+                // Drop what queued up meanwhile: raft resends what matters,
+                // and stale heartbeats only confuse a recovering peer.
+                if sleep_or_closed(&mut batches, backoff).await {
+                    return;
+                }
+                backoff = (backoff * 2).min(max_backoff);
+                continue 'connect;
+            }
+        };
+        let mut client = PeerClient::new(channel)
+            .max_encoding_message_size(config.max_message_bytes)
+            .max_decoding_message_size(config.max_message_bytes);
+        let (stream_tx, stream_rx) = mpsc::channel::<RaftBatch>(64);
+        let call = tokio::spawn(async move { client.stream(tokio_stream::wrappers::ReceiverStream::new(stream_rx)).await });
+        tracing::debug!(peer = id, %addr, "connected to peer");
+        backoff = Duration::from_millis(config.min_backoff_ms);
+        loop {
+            let Some(batch) = batches.recv().await else {
+                return;
+            };
+            let messages = batch
+                .iter()
+                .filter_map(|m| m.write_to_bytes().ok())
+                .collect();
+            if stream_tx.send(RaftBatch { messages }).await.is_err() {
+                let result = call.await;
+                tracing::debug!(peer = id, %addr, ?result, "peer stream ended; reconnecting");
+                continue 'connect;
+            }
+        }
+    }
+}
+
+/// Sleep for `delay` while discarding queued batches. True if the queue closed.
+async fn sleep_or_closed(batches: &mut mpsc::Receiver<Vec<Message>>, delay: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + delay;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => return false,
+            batch = batches.recv() => if batch.is_none() { return true },
+        }
+    }
+}

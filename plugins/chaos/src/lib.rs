@@ -1,0 +1,130 @@
+//! chaos: a hostile plugin for the sandbox tests.
+//!
+//! It keeps a small key-value map (`set K V`, query `get K`) so tests can
+//! check that state survives its misbehaviour, and misbehaves on command:
+//!
+//! | entry or query | what it does                                             |
+//! |----------------|----------------------------------------------------------|
+//! | `spin`         | loops forever (the host must stop it with fuel)          |
+//! | `hog`          | allocates without bound (the memory cap must stop it)    |
+//! | `panic`        | panics (a trap)                                          |
+//! | `set-then-panic K V` | changes state, then panics: the change must vanish |
+//! | `fail`         | returns `Err` (an ordinary replicated error)             |
+//! | `stamp K`      | stores the wall-clock time and a random number at K, to  |
+//! |                | show the host's clock and randomness are deterministic   |
+//! | `print`        | writes to stdout and stderr (captured into the host log) |
+//! | `bad-restore`  | makes the next `restore` fail                            |
+
+use std::collections::BTreeMap;
+use std::hash::{BuildHasher, RandomState};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use raftify_guest::Plugin;
+
+#[derive(Default)]
+struct Chaos {
+    map: BTreeMap<String, String>,
+}
+
+fn words(bytes: &[u8]) -> Result<Vec<&str>, String> {
+    let text = std::str::from_utf8(bytes).map_err(|_| "not UTF-8".to_string())?;
+    Ok(text.split_whitespace().collect())
+}
+
+#[inline(never)]
+fn spin() -> ! {
+    let mut n: u64 = 0;
+    loop {
+        n = std::hint::black_box(n.wrapping_add(1));
+    }
+}
+
+fn hog() -> ! {
+    let mut hoard: Vec<Vec<u8>> = Vec::new();
+    loop {
+        hoard.push(vec![1u8; 1 << 20]);
+        std::hint::black_box(&hoard);
+    }
+}
+
+impl Plugin for Chaos {
+    fn apply(&mut self, _index: u64, entry: &[u8]) -> Result<Vec<u8>, String> {
+        match words(entry)?.as_slice() {
+            ["set", k, v] => {
+                self.map.insert(k.to_string(), v.to_string());
+                Ok(b"OK".to_vec())
+            }
+            ["set-then-panic", k, v] => {
+                self.map.insert(k.to_string(), v.to_string());
+                panic!("chaos: panicking after a write");
+            }
+            ["spin"] => spin(),
+            ["hog"] => hog(),
+            ["panic"] => panic!("chaos: asked to panic"),
+            ["fail"] => Err("chaos: asked to fail".to_string()),
+            ["stamp", k] => {
+                let now = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_nanos())
+                    .unwrap_or(0);
+                let random = RandomState::new().hash_one(42u64);
+                self.map.insert(k.to_string(), format!("{now}:{random}"));
+                Ok(b"OK".to_vec())
+            }
+            ["print"] => {
+                println!("chaos says hello on stdout");
+                eprintln!("chaos says hello on stderr");
+                Ok(b"OK".to_vec())
+            }
+            ["bad-restore"] => {
+                self.map.insert("!bad-restore".to_string(), "1".to_string());
+                Ok(b"OK".to_vec())
+            }
+            other => Err(format!("chaos: unknown entry {other:?}")),
+        }
+    }
+
+    fn query(&self, request: &[u8]) -> Result<Vec<u8>, String> {
+        match words(request)?.as_slice() {
+            ["get", k] => Ok(self.map.get(*k).map_or("(nil)", |v| v.as_str()).as_bytes().to_vec()),
+            ["len"] => Ok(self.map.len().to_string().into_bytes()),
+            ["spin"] => spin(),
+            ["panic"] => panic!("chaos: asked to panic in a query"),
+            other => Err(format!("chaos: unknown query {other:?}")),
+        }
+    }
+
+    fn snapshot(&self) -> Result<Vec<u8>, String> {
+        let mut out = String::new();
+        for (k, v) in &self.map {
+            out.push_str(k);
+            out.push(' ');
+            out.push_str(v);
+            out.push('\n');
+        }
+        Ok(out.into_bytes())
+    }
+
+    fn restore(snapshot: &[u8]) -> Result<Self, String> {
+        let text = std::str::from_utf8(snapshot).map_err(|_| "not UTF-8".to_string())?;
+        let mut map = BTreeMap::new();
+        for line in text.lines() {
+            let (k, v) = line.split_once(' ').ok_or("chaos: bad snapshot line")?;
+            map.insert(k.to_string(), v.to_string());
+        }
+        if map.contains_key("!bad-restore") {
+            return Err("chaos: restore refused on purpose".to_string());
+        }
+        Ok(Chaos { map })
+    }
+
+    fn encode(text: &str) -> Result<Vec<u8>, String> {
+        let words: Vec<&str> = text.split_whitespace().collect();
+        if words.is_empty() {
+            return Err("empty command".to_string());
+        }
+        Ok(words.join(" ").into_bytes())
+    }
+}
+
+raftify_guest::export_plugin!(Chaos);

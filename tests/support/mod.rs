@@ -1,0 +1,197 @@
+//! Test harness: real `raftify-host` processes on free 127.0.0.1 ports with
+//! temp data dirs. Every wait has a deadline; every process is killed (by
+//! PID, via `Child`) when its handle drops.
+
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_raftify-host");
+
+/// How long a node may take to start answering (it may compile its plugin).
+pub const START_DEADLINE: Duration = Duration::from_secs(60);
+/// How long one CLI call may take.
+pub const CLI_DEADLINE: Duration = Duration::from_secs(60);
+
+/// A free port on 127.0.0.1 (bound and released; the kernel does not hand it
+/// out again right away).
+pub fn free_addr() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    listener.local_addr().unwrap().to_string()
+}
+
+/// A running node. Killed with SIGKILL when dropped.
+pub struct Node {
+    pub addr: String,
+    pub data_dir: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Node {
+    /// Start `raftify-host run --listen ADDR --data-dir DIR EXTRA...` and wait
+    /// until it answers `status`.
+    pub fn start(data_dir: &Path, addr: &str, extra: &[&str]) -> Node {
+        let node = Node::spawn(data_dir, addr, extra);
+        node.wait_ready();
+        node
+    }
+
+    /// Start without waiting (for tests of startup failures).
+    pub fn spawn(data_dir: &Path, addr: &str, extra: &[&str]) -> Node {
+        let log = data_dir.with_extension(format!("{}.log", addr.replace([':', '.'], "_")));
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("open node log");
+        let child = Command::new(BIN)
+            .args(["run", "--listen", addr, "--data-dir"])
+            .arg(data_dir)
+            .args(extra)
+            .env("RAFTIFY_LOG", "info,raft=info")
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().unwrap())
+            .stderr(log_file)
+            .spawn()
+            .expect("spawn raftify-host");
+        Node {
+            addr: addr.to_string(),
+            data_dir: data_dir.to_path_buf(),
+            log,
+            child: Some(child),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    pub fn wait_ready(&self) {
+        let deadline = Instant::now() + START_DEADLINE;
+        loop {
+            let status = cli(&["status", "-o", "json", "--addr", &self.addr, "--timeout-ms", "2000"]);
+            if status.status.success() {
+                let json: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+                if json["leader_id"].as_u64().unwrap_or(0) != 0 {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node at {} not ready within {START_DEADLINE:?}; log:\n{}",
+                self.addr,
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Wait for the process to exit by itself; returns its exit status.
+    pub fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
+        let child = self.child.as_mut().expect("node is running");
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return status;
+            }
+            assert!(Instant::now() < deadline, "node did not exit within {within:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL: no shutdown, no flush.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        let out = cli(&["status", "-o", "json", "--addr", &self.addr]);
+        assert!(out.status.success(), "status failed: {}", stderr(&out));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// `propose TEXT` against this node; the trimmed stdout on success.
+    pub fn propose(&self, text: &str) -> Result<String, String> {
+        outcome(cli(&["propose", text, "--addr", &self.addr]))
+    }
+
+    pub fn query(&self, text: &str) -> Result<String, String> {
+        outcome(cli(&["query", text, "--addr", &self.addr]))
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Run a CLI command with a deadline.
+pub fn cli(args: &[&str]) -> Output {
+    cli_with_stdin(args, None)
+}
+
+pub fn cli_with_stdin(args: &[&str], stdin: Option<&[u8]>) -> Output {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn raftify-host");
+    if let Some(bytes) = stdin {
+        let mut pipe = child.stdin.take().unwrap();
+        pipe.write_all(bytes).unwrap();
+    }
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(CLI_DEADLINE) {
+        Ok(output) => output.expect("wait for raftify-host"),
+        Err(_) => {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            panic!("`raftify-host {}` did not finish within {CLI_DEADLINE:?}", args.join(" "));
+        }
+    }
+}
+
+pub fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).trim().to_string()
+}
+
+pub fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).trim().to_string()
+}
+
+/// Ok(stdout) if the command succeeded, Err(stderr) if not.
+pub fn outcome(output: Output) -> Result<String, String> {
+    if output.status.success() {
+        Ok(stdout(&output))
+    } else {
+        Err(stderr(&output))
+    }
+}
+
+/// Poll `condition` until it holds or `within` passes.
+pub fn wait_until(within: Duration, what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out after {within:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
