@@ -7,7 +7,10 @@ use std::process::Command;
 
 fn main() {
     let manifest_dir = PathBuf::from(env("CARGO_MANIFEST_DIR"));
-    let root = manifest_dir.parent().expect("host/ has a parent").to_path_buf();
+    let root = manifest_dir
+        .parent()
+        .expect("host/ has a parent")
+        .to_path_buf();
     generate_grpc(&root);
     build_plugins(&root);
 }
@@ -34,7 +37,10 @@ fn build_plugins(root: &Path) {
     for path in ["Cargo.toml", "Cargo.lock", "kv", "chaos"] {
         println!("cargo:rerun-if-changed={}", plugins.join(path).display());
     }
-    println!("cargo:rerun-if-changed={}", root.join("guest-sdk").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        root.join("guest-sdk").display()
+    );
     println!("cargo:rerun-if-changed={}", root.join("wit").display());
 
     let out_dir = PathBuf::from(env("OUT_DIR"));
@@ -49,7 +55,17 @@ fn build_plugins(root: &Path) {
     let mut command = Command::new(cargo);
     command
         .current_dir(&plugins)
-        .args(["build", "--release", "--locked", "--target", "wasm32-wasip2", "-p", "kv", "-p", "chaos"])
+        .args([
+            "build",
+            "--release",
+            "--locked",
+            "--target",
+            "wasm32-wasip2",
+            "-p",
+            "kv",
+            "-p",
+            "chaos",
+        ])
         .arg("--target-dir")
         .arg(&target_dir);
     // The outer build's settings (rustflags for the host, clippy's wrapper,

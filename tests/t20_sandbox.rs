@@ -22,9 +22,9 @@ fn hostile_entries_fail_alone_and_the_node_keeps_serving_its_state() {
         "--plugin",
         plugin.as_str(),
         "--fuel-per-call",
-        "50000000",
+        "300000000",
         "--max-memory-bytes",
-        "67108864",
+        "16777216",
     ];
     let mut node = Node::start(&data, &addr, &limits);
 

@@ -123,7 +123,7 @@ pub mod __bindings {
 /// Export a [`Plugin`] implementation as the component's state machine and
 /// codec. Call it once, at the top level of the plugin crate.
 ///
-/// ```ignore
+/// ```text
 /// raftify_guest::export_plugin!(MyStateMachine);
 /// ```
 #[macro_export]

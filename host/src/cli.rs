@@ -11,10 +11,16 @@ use serde_json::json;
 
 use crate::client::Client;
 use crate::config::{DEFAULT_ADDR, RunArgs};
-use crate::proto::{self, Consistency as ProtoConsistency, ProposeRequest, ProposeResponse, propose_response};
+use crate::proto::{
+    self, Consistency as ProtoConsistency, ProposeRequest, ProposeResponse, propose_response,
+};
 
 #[derive(Debug, Parser)]
-#[command(name = "raftify-host", version, about = "A Raft replicated-state-machine host for WebAssembly plugins")]
+#[command(
+    name = "raftify-host",
+    version,
+    about = "A Raft replicated-state-machine host for WebAssembly plugins"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -24,7 +30,7 @@ pub struct Cli {
 pub enum Command {
     /// Run a node (with no flags: a one-node cluster on 127.0.0.1:7070 with
     /// the embedded kv plugin and ./raftify-data).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Replicate a command through the log and print apply's result.
     Propose(ProposeArgs),
     /// Read from the state machine.
@@ -93,7 +99,13 @@ enum Shown {
     Failed { index: u64, error: String },
 }
 
-fn show_outcome(index: u64, ok: Option<Vec<u8>>, plugin_error: Option<String>, trap: Option<String>, text: String) -> Shown {
+fn show_outcome(
+    index: u64,
+    ok: Option<Vec<u8>>,
+    plugin_error: Option<String>,
+    trap: Option<String>,
+    text: String,
+) -> Shown {
     match (ok, plugin_error, trap) {
         (Some(bytes), _, _) => {
             let text = if text.is_empty() && !bytes.is_empty() {
@@ -168,11 +180,17 @@ pub async fn run_client(command: Command) -> anyhow::Result<i32> {
             let index = response.index;
             let shown = match response.outcome {
                 Some(Outcome::Ok(b)) => show_outcome(index, Some(b), None, None, response.text),
-                Some(Outcome::PluginError(e)) => show_outcome(index, None, Some(e), None, response.text),
+                Some(Outcome::PluginError(e)) => {
+                    show_outcome(index, None, Some(e), None, response.text)
+                }
                 Some(Outcome::Trap(t)) => show_outcome(index, None, None, Some(t), response.text),
                 None => show_outcome(index, None, None, None, response.text),
             };
-            Ok(if print(&shown, args.client.output) { 0 } else { 1 })
+            Ok(if print(&shown, args.client.output) {
+                0
+            } else {
+                1
+            })
         }
         Command::Status(args) => {
             let mut client = connect(&args).await?;
@@ -188,19 +206,28 @@ async fn propose(args: ProposeArgs) -> anyhow::Result<i32> {
     let Some(file) = &args.file else {
         let text = args.text.as_deref().unwrap_or_default();
         let response = client.propose_text(text).await?;
-        return Ok(if print(&show_propose(response), args.client.output) { 0 } else { 1 });
+        return Ok(if print(&show_propose(response), args.client.output) {
+            0
+        } else {
+            1
+        });
     };
     let lines = read_lines(file)?;
     // Make sure we talk to the leader before streaming, so the stream's
     // entries are not all refused by a follower.
     let status = client.status().await?;
-    let mut raw = if status.leader_id != 0 && status.leader_id != status.id && !status.leader_addr.is_empty() {
-        Client::connect(&status.leader_addr, Duration::from_millis(args.client.timeout_ms))
+    let mut raw =
+        if status.leader_id != 0 && status.leader_id != status.id && !status.leader_addr.is_empty()
+        {
+            Client::connect(
+                &status.leader_addr,
+                Duration::from_millis(args.client.timeout_ms),
+            )
             .await?
             .raw()
-    } else {
-        client.raw()
-    };
+        } else {
+            client.raw()
+        };
     let requests = futures::stream::iter(lines.into_iter().map(|line| ProposeRequest {
         command: Some(proto::propose_request::Command::Text(line)),
     }));
@@ -225,7 +252,8 @@ fn read_lines(file: &PathBuf) -> anyhow::Result<Vec<String>> {
     let reader: Box<dyn BufRead> = if file.as_os_str() == "-" {
         Box::new(std::io::stdin().lock())
     } else {
-        let opened = std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
+        let opened =
+            std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
         Box::new(std::io::BufReader::new(opened))
     };
     let mut lines = Vec::new();
@@ -269,12 +297,21 @@ fn print_status(status: &proto::StatusResponse, output: Output) {
             println!("id:              {}", status.id);
             println!("listen:          {}", status.listen);
             println!("role:            {}", status.role);
-            println!("leader:          {} {}", status.leader_id, status.leader_addr);
+            println!(
+                "leader:          {} {}",
+                status.leader_id, status.leader_addr
+            );
             println!("term:            {}", status.term);
             println!("commit index:    {}", status.commit_index);
             println!("applied index:   {}", status.applied_index);
-            println!("log:             {}..={}", status.first_index, status.last_index);
-            println!("plugin:          {} ({} bytes)", status.plugin_sha256, status.plugin_size);
+            println!(
+                "log:             {}..={}",
+                status.first_index, status.last_index
+            );
+            println!(
+                "plugin:          {} ({} bytes)",
+                status.plugin_sha256, status.plugin_size
+            );
             println!("trapped entries: {}", status.trapped_entries);
             for m in &status.members {
                 let role = if m.voter { "voter" } else { "learner" };

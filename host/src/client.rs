@@ -7,8 +7,8 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::proto::client_client::ClientClient;
 use crate::proto::{
-    Consistency, ProposeRequest, ProposeResponse, QueryRequest, QueryResponse, StatusRequest, StatusResponse,
-    propose_request, query_request,
+    Consistency, ProposeRequest, ProposeResponse, QueryRequest, QueryResponse, StatusRequest,
+    StatusResponse, propose_request, query_request,
 };
 use crate::server::LEADER_ADDR_KEY;
 
@@ -56,7 +56,11 @@ impl Client {
         if status.code() != tonic::Code::FailedPrecondition {
             return Ok(false);
         }
-        let Some(leader) = status.metadata().get(LEADER_ADDR_KEY).and_then(|v| v.to_str().ok()) else {
+        let Some(leader) = status
+            .metadata()
+            .get(LEADER_ADDR_KEY)
+            .and_then(|v| v.to_str().ok())
+        else {
             return Ok(false);
         };
         if leader == self.addr {
@@ -75,7 +79,10 @@ impl Client {
         .await
     }
 
-    pub async fn propose(&mut self, request: ProposeRequest) -> Result<ProposeResponse, ClientError> {
+    pub async fn propose(
+        &mut self,
+        request: ProposeRequest,
+    ) -> Result<ProposeResponse, ClientError> {
         for _ in 0..=MAX_REDIRECTS {
             match self.inner.propose(request.clone()).await {
                 Ok(response) => return Ok(response.into_inner()),
@@ -83,10 +90,16 @@ impl Client {
                 Err(status) => return Err(ClientError::Rpc(status)),
             }
         }
-        Err(ClientError::Rpc(tonic::Status::unavailable("too many leader redirects")))
+        Err(ClientError::Rpc(tonic::Status::unavailable(
+            "too many leader redirects",
+        )))
     }
 
-    pub async fn query_text(&mut self, text: &str, consistency: Consistency) -> Result<QueryResponse, ClientError> {
+    pub async fn query_text(
+        &mut self,
+        text: &str,
+        consistency: Consistency,
+    ) -> Result<QueryResponse, ClientError> {
         let request = QueryRequest {
             request: Some(query_request::Request::Text(text.to_string())),
             consistency: consistency as i32,
@@ -98,7 +111,9 @@ impl Client {
                 Err(status) => return Err(ClientError::Rpc(status)),
             }
         }
-        Err(ClientError::Rpc(tonic::Status::unavailable("too many leader redirects")))
+        Err(ClientError::Rpc(tonic::Status::unavailable(
+            "too many leader redirects",
+        )))
     }
 
     pub async fn status(&mut self) -> Result<StatusResponse, ClientError> {
@@ -110,7 +125,11 @@ impl Client {
     }
 }
 
-async fn connect(addr: &str, timeout: Duration, max_message_bytes: usize) -> Result<ClientClient<Channel>, ClientError> {
+async fn connect(
+    addr: &str,
+    timeout: Duration,
+    max_message_bytes: usize,
+) -> Result<ClientClient<Channel>, ClientError> {
     let connect_error = |reason: String| ClientError::Connect {
         addr: addr.to_string(),
         reason,

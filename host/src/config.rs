@@ -110,7 +110,10 @@ pub struct RunArgs {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("bad config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("--peers: {0}")]
@@ -135,7 +138,9 @@ impl RunArgs {
             LmdbOptions::default(),
         );
         let (raft, sandbox, client, transport, lmdb) = defaults;
-        let data_dir = args.data_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+        let data_dir = args
+            .data_dir
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
         let config = NodeConfig {
             id: args.id,
             listen: args.listen.unwrap_or_else(|| DEFAULT_ADDR.to_string()),
@@ -148,9 +153,13 @@ impl RunArgs {
                 tick_interval_ms: args.tick_interval_ms.unwrap_or(raft.tick_interval_ms),
                 election_ticks: args.election_ticks.unwrap_or(raft.election_ticks),
                 heartbeat_ticks: args.heartbeat_ticks.unwrap_or(raft.heartbeat_ticks),
-                max_inflight_messages: args.max_inflight_messages.unwrap_or(raft.max_inflight_messages),
+                max_inflight_messages: args
+                    .max_inflight_messages
+                    .unwrap_or(raft.max_inflight_messages),
                 max_entries_bytes_per_message: raft.max_entries_bytes_per_message,
-                max_pending_proposals: args.max_pending_proposals.unwrap_or(raft.max_pending_proposals),
+                max_pending_proposals: args
+                    .max_pending_proposals
+                    .unwrap_or(raft.max_pending_proposals),
             },
             sandbox: SandboxConfig {
                 fuel_per_call: args.fuel_per_call.unwrap_or(sandbox.fuel_per_call),
@@ -165,7 +174,9 @@ impl RunArgs {
                 stream_window: client.stream_window,
             },
             transport: TransportConfig {
-                max_message_bytes: args.max_message_bytes.unwrap_or(transport.max_message_bytes),
+                max_message_bytes: args
+                    .max_message_bytes
+                    .unwrap_or(transport.max_message_bytes),
                 ..transport
             },
             lmdb: LmdbOptions {
@@ -215,19 +226,23 @@ fn load_file(path: &Path) -> Result<RunArgs, ConfigError> {
     })
 }
 
-/// `1=HOST:PORT,2=HOST:PORT`.
+/// Parse `--peers`: `ID=HOST:PORT` pairs, comma-separated.
+///
+/// ```
+/// let peers = raftify_host::config::parse_peers("1=127.0.0.1:7001,2=127.0.0.1:7002").unwrap();
+/// assert_eq!(peers[&2], "127.0.0.1:7002");
+/// assert!(raftify_host::config::parse_peers("1=127.0.0.1:7001,1=127.0.0.1:7002").is_err());
+/// ```
 pub fn parse_peers(text: &str) -> Result<BTreeMap<u64, String>, ConfigError> {
     let mut peers = BTreeMap::new();
     for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         let (id, addr) = item
             .split_once('=')
             .ok_or_else(|| ConfigError::Peers(format!("{item:?} is not ID=HOST:PORT")))?;
-        let id: u64 = id
-            .trim()
-            .parse()
-            .ok()
-            .filter(|&id| id > 0)
-            .ok_or_else(|| ConfigError::Peers(format!("{id:?} is not a positive integer id")))?;
+        let id: u64 =
+            id.trim().parse().ok().filter(|&id| id > 0).ok_or_else(|| {
+                ConfigError::Peers(format!("{id:?} is not a positive integer id"))
+            })?;
         check_addr(addr.trim()).map_err(ConfigError::Peers)?;
         if peers.insert(id, addr.trim().to_string()).is_some() {
             return Err(ConfigError::Peers(format!("node {id} is listed twice")));
@@ -276,9 +291,12 @@ impl NodeConfig {
             ));
         }
         if raft.max_inflight_messages == 0 || raft.max_pending_proposals == 0 {
-            return bad("max_inflight_messages and max_pending_proposals must be at least 1".into());
+            return bad(
+                "max_inflight_messages and max_pending_proposals must be at least 1".into(),
+            );
         }
-        if self.client.max_proposal_bytes == 0 || self.client.max_proposal_bytes + 1024 > self.transport.max_message_bytes
+        if self.client.max_proposal_bytes == 0
+            || self.client.max_proposal_bytes + 1024 > self.transport.max_message_bytes
         {
             return bad(format!(
                 "max_proposal_bytes ({}) must be at least 1 and leave 1 KiB of room under max_message_bytes ({})",
@@ -309,7 +327,15 @@ mod tests {
     fn peers_parse_and_bad_peers_are_named() {
         let peers = parse_peers("1=127.0.0.1:7001, 2=localhost:7002").unwrap();
         assert_eq!(peers[&2], "localhost:7002");
-        for bad in ["1", "x=127.0.0.1:1", "0=127.0.0.1:1", "1=nohost", "1=h:99999", "1=a:1,1=b:2", ""] {
+        for bad in [
+            "1",
+            "x=127.0.0.1:1",
+            "0=127.0.0.1:1",
+            "1=nohost",
+            "1=h:99999",
+            "1=a:1,1=b:2",
+            "",
+        ] {
             assert!(parse_peers(bad).is_err(), "{bad:?} should be rejected");
         }
     }
@@ -318,7 +344,11 @@ mod tests {
     fn flags_win_over_the_file_and_defaults_fill_the_rest() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("node.toml");
-        std::fs::write(&file, "election_ticks = 20\nheartbeat_ticks = 4\nlisten = \"127.0.0.1:9000\"\n").unwrap();
+        std::fs::write(
+            &file,
+            "election_ticks = 20\nheartbeat_ticks = 4\nlisten = \"127.0.0.1:9000\"\n",
+        )
+        .unwrap();
         let args = RunArgs {
             config: Some(file),
             listen: Some("127.0.0.1:9001".into()),

@@ -35,7 +35,11 @@ pub const EMBEDDED_CHAOS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/chao
 const NODE_QUEUE: usize = 65_536;
 
 /// Run a node on an already-bound listener until `shutdown` resolves.
-pub async fn run(config: NodeConfig, listener: TcpListener, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+pub async fn run(
+    config: NodeConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     let store = LmdbStore::open(&config.data_dir.join("lmdb"), &config.lmdb)
         .with_context(|| format!("cannot open the data dir {}", config.data_dir.display()))?;
     // Validate the plugin before writing anything, so a bad plugin leaves a
@@ -78,7 +82,10 @@ pub async fn run(config: NodeConfig, listener: TcpListener, shutdown: impl Futur
         applied_rx,
         logging::raft_logger(),
     )?;
-    let node_task = tokio::spawn(tracing::Instrument::instrument(node.run(node_rx), span.clone()));
+    let node_task = tokio::spawn(tracing::Instrument::instrument(
+        node.run(node_rx),
+        span.clone(),
+    ));
 
     let services = Services {
         node: node_tx,
@@ -174,7 +181,10 @@ fn settle_identity<S: LogStore>(store: &S, config: &NodeConfig) -> anyhow::Resul
 /// stored one on restart. True if it is not stored yet.
 fn choose_plugin<S: LogStore>(store: &S, config: &NodeConfig) -> anyhow::Result<(Vec<u8>, bool)> {
     let given = match &config.plugin {
-        Some(path) => Some(std::fs::read(path).with_context(|| format!("cannot read the plugin {}", path.display()))?),
+        Some(path) => Some(
+            std::fs::read(path)
+                .with_context(|| format!("cannot read the plugin {}", path.display()))?,
+        ),
         None => None,
     };
     match (store.active_plugin()?, given) {

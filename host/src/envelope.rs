@@ -57,8 +57,9 @@ pub fn open(data: &[u8]) -> Result<Payload<'_>, EnvelopeError> {
         None => Ok(Payload::Empty),
         Some((&COMMAND, rest)) => Ok(Payload::Command(rest)),
         Some((&HOST, rest)) => {
-            let (entry, used) = bincode::serde::decode_from_slice(rest, bincode::config::standard())
-                .map_err(|e| EnvelopeError::BadHostEntry(e.to_string()))?;
+            let (entry, used) =
+                bincode::serde::decode_from_slice(rest, bincode::config::standard())
+                    .map_err(|e| EnvelopeError::BadHostEntry(e.to_string()))?;
             if used != rest.len() {
                 return Err(EnvelopeError::BadHostEntry("trailing bytes".into()));
             }
@@ -74,8 +75,14 @@ mod tests {
 
     #[test]
     fn envelopes_round_trip_and_reject_garbage() {
-        assert_eq!(open(&command(b"set a 1")).unwrap(), Payload::Command(b"set a 1"));
-        assert_eq!(open(&host(&HostEntry::Noop)).unwrap(), Payload::Host(HostEntry::Noop));
+        assert_eq!(
+            open(&command(b"set a 1")).unwrap(),
+            Payload::Command(b"set a 1")
+        );
+        assert_eq!(
+            open(&host(&HostEntry::Noop)).unwrap(),
+            Payload::Host(HostEntry::Noop)
+        );
         assert_eq!(open(b"").unwrap(), Payload::Empty);
         assert!(open(&[0x7f, 1, 2]).is_err());
         assert!(open(&[HOST, 0xff, 0xff, 0xff]).is_err());

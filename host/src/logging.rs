@@ -35,7 +35,9 @@ impl Drain for TracingDrain {
         let _ = values.serialize(record, &mut fields);
         let message = format!("{}{}", record.msg(), fields.0);
         match record.level() {
-            slog::Level::Critical | slog::Level::Error => tracing::error!(target: "raft", "{message}"),
+            slog::Level::Critical | slog::Level::Error => {
+                tracing::error!(target: "raft", "{message}")
+            }
             slog::Level::Warning => tracing::warn!(target: "raft", "{message}"),
             slog::Level::Info => tracing::info!(target: "raft", "{message}"),
             slog::Level::Debug => tracing::debug!(target: "raft", "{message}"),

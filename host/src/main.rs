@@ -9,12 +9,15 @@ use raftify_host::{daemon, logging};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => return fail(anyhow::anyhow!("cannot start the async runtime: {error}")),
     };
     let result = match cli.command {
-        Command::Run(args) => runtime.block_on(run(args)).map(|()| 0),
+        Command::Run(args) => runtime.block_on(run(*args)).map(|()| 0),
         command => runtime.block_on(raftify_host::cli::run_client(command)),
     };
     match result {
@@ -52,13 +55,14 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(term) => term,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use protobuf::Message as _;
 use raft::prelude::{ConfChange, ConfChangeV2, ConfState, Entry, EntryType, HardState, Message};
-use raft::{RawNode, StateRole, Storage};
+use raft::{RawNode, StateRole};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::fsm::{ApplyWaiter, FsmRequest};
@@ -62,12 +62,17 @@ impl Default for RaftConfig {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ProposeError {
     #[error("not the leader{}", leader_hint(*.leader_id, .leader_addr))]
-    NotLeader { leader_id: u64, leader_addr: Option<String> },
+    NotLeader {
+        leader_id: u64,
+        leader_addr: Option<String>,
+    },
     #[error("busy: {0} proposals are already waiting; retry later")]
     Busy(usize),
     #[error("the proposal was dropped by raft: {0}")]
     Dropped(String),
-    #[error("the proposal was lost: a new leader replaced the entry at index {0} before it committed")]
+    #[error(
+        "the proposal was lost: a new leader replaced the entry at index {0} before it committed"
+    )]
     Overwritten(u64),
     #[error("no result within {0} ms; the proposal may or may not have been committed")]
     Timeout(u64),
@@ -100,10 +105,17 @@ pub struct NodeStatus {
 
 /// Requests into the raft loop.
 pub enum NodeRequest {
-    Propose { data: Vec<u8>, reply: ApplyWaiter },
-    ReadIndex { reply: oneshot::Sender<Result<u64, ProposeError>> },
+    Propose {
+        data: Vec<u8>,
+        reply: ApplyWaiter,
+    },
+    ReadIndex {
+        reply: oneshot::Sender<Result<u64, ProposeError>>,
+    },
     Raft(Box<Message>),
-    Status { reply: oneshot::Sender<NodeStatus> },
+    Status {
+        reply: oneshot::Sender<NodeStatus>,
+    },
 }
 
 /// Why the raft loop stopped.
@@ -168,7 +180,14 @@ impl<S: LogStore> Node<S> {
         raft_config.validate()?;
         let hard_state = store.initial_state()?.hard_state;
         let mut raw = RawNode::new(&raft_config, store.clone(), &logger)?;
-        let voters = raw.raft.prs().conf().voters().ids().iter().collect::<Vec<_>>();
+        let voters = raw
+            .raft
+            .prs()
+            .conf()
+            .voters()
+            .ids()
+            .iter()
+            .collect::<Vec<_>>();
         if voters == [id] {
             // A one-voter cluster need not wait an election timeout.
             raw.campaign()?;
@@ -222,12 +241,13 @@ impl<S: LogStore> Node<S> {
 
     fn on_tick(&mut self) -> Result<(), NodeError> {
         self.raw.tick();
-        let timeout = Duration::from_millis(self.config.tick_interval_ms * self.config.election_ticks as u64 * 4);
+        let timeout = Duration::from_millis(
+            self.config.tick_interval_ms * self.config.election_ticks as u64 * 4,
+        );
         self.reads.retain(|_, read| {
             if read.since.elapsed() > timeout || read.reply.is_closed() {
-                let _ = std::mem::replace(&mut read.reply, oneshot::channel().0).send(Err(ProposeError::Timeout(
-                    timeout.as_millis() as u64,
-                )));
+                let _ = std::mem::replace(&mut read.reply, oneshot::channel().0)
+                    .send(Err(ProposeError::Timeout(timeout.as_millis() as u64)));
                 return false;
             }
             true
@@ -309,7 +329,13 @@ impl<S: LogStore> Node<S> {
             .iter()
             .map(|id| (id, true))
             .chain(conf.learners().iter().map(|id| (*id, false)))
-            .map(|(id, voter)| (id, self.members.get(&id).cloned().unwrap_or_default(), voter))
+            .map(|(id, voter)| {
+                (
+                    id,
+                    self.members.get(&id).cloned().unwrap_or_default(),
+                    voter,
+                )
+            })
             .collect();
         members.sort();
         NodeStatus {
@@ -330,7 +356,9 @@ impl<S: LogStore> Node<S> {
         self.send(ready.take_messages());
         if !ready.snapshot().is_empty() {
             // Nothing ever sends a snapshot: the log is never compacted.
-            tracing::error!("received a raft snapshot, which this version does not produce; ignoring it");
+            tracing::error!(
+                "received a raft snapshot, which this version does not produce; ignoring it"
+            );
         }
         self.serve_reads(ready.take_read_states());
         let committed = ready.take_committed_entries();
@@ -400,12 +428,16 @@ impl<S: LogStore> Node<S> {
         for entry in &entries {
             match entry.get_entry_type() {
                 EntryType::EntryConfChange => {
-                    let change = ConfChange::parse_from_bytes(&entry.data).map_err(raft::Error::CodecError)?;
-                    self.apply_conf_change(&change.into_v2())?;
+                    let change = ConfChange::parse_from_bytes(&entry.data)
+                        .map_err(raft::Error::CodecError)?;
+                    let conf_state = self.raw.apply_conf_change(&change)?;
+                    self.persist_conf_state(conf_state)?;
                 }
                 EntryType::EntryConfChangeV2 => {
-                    let change = ConfChangeV2::parse_from_bytes(&entry.data).map_err(raft::Error::CodecError)?;
-                    self.apply_conf_change(&change)?;
+                    let change = ConfChangeV2::parse_from_bytes(&entry.data)
+                        .map_err(raft::Error::CodecError)?;
+                    let conf_state = self.raw.apply_conf_change(&change)?;
+                    self.persist_conf_state(conf_state)?;
                 }
                 EntryType::EntryNormal => {}
             }
@@ -427,8 +459,7 @@ impl<S: LogStore> Node<S> {
             .map_err(|_| NodeError::FsmGone)
     }
 
-    fn apply_conf_change(&mut self, change: &ConfChangeV2) -> Result<(), NodeError> {
-        let conf_state: ConfState = self.raw.apply_conf_change(change)?;
+    fn persist_conf_state(&mut self, conf_state: ConfState) -> Result<(), NodeError> {
         self.persist(WriteBatch {
             conf_state: Some(conf_state),
             ..Default::default()

@@ -20,8 +20,8 @@ use crate::fsm::{Answered, Applied, FsmRequest};
 use crate::node::{NodeRequest, ProposeError};
 use crate::proto;
 use crate::proto::{
-    HostError, ProposeRequest, ProposeResponse, QueryRequest, QueryResponse, RaftBatch, StatusRequest,
-    StatusResponse, StreamSummary,
+    HostError, ProposeRequest, ProposeResponse, QueryRequest, QueryResponse, RaftBatch,
+    StatusRequest, StatusResponse, StreamSummary,
 };
 use crate::sandbox::CallError;
 
@@ -71,7 +71,9 @@ impl Services {
         let codec = self.codec.clone();
         match tokio::task::spawn_blocking(move || f(&codec)).await {
             Ok(result) => result,
-            Err(error) => Err(CodecError::Call(CallError::Trap(format!("codec task failed: {error}")))),
+            Err(error) => Err(CodecError::Call(CallError::Trap(format!(
+                "codec task failed: {error}"
+            )))),
         }
     }
 
@@ -88,7 +90,11 @@ impl Services {
         let entry = match request.command {
             Some(proto::propose_request::Command::Entry(bytes)) => bytes,
             Some(proto::propose_request::Command::Text(text)) => self.encode(text).await?,
-            None => return Err(Status::invalid_argument("the proposal has no command: set `entry` or `text`")),
+            None => {
+                return Err(Status::invalid_argument(
+                    "the proposal has no command: set `entry` or `text`",
+                ));
+            }
         };
         if entry.len() > self.config.max_proposal_bytes {
             return Err(Status::invalid_argument(format!(
@@ -104,16 +110,22 @@ impl Services {
         };
         match self.node.try_send(request) {
             Ok(()) => Ok(pending),
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                Err(Status::resource_exhausted("busy: the node's request queue is full; retry later"))
+            Err(mpsc::error::TrySendError::Full(_)) => Err(Status::resource_exhausted(
+                "busy: the node's request queue is full; retry later",
+            )),
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                Err(propose_status(ProposeError::Shutdown))
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(propose_status(ProposeError::Shutdown)),
         }
     }
 
     async fn finish(&self, pending: Pending) -> Result<ProposeResponse, Status> {
         let applied = match tokio::time::timeout(self.timeout(), pending).await {
-            Err(_) => return Err(propose_status(ProposeError::Timeout(self.config.request_timeout_ms))),
+            Err(_) => {
+                return Err(propose_status(ProposeError::Timeout(
+                    self.config.request_timeout_ms,
+                )));
+            }
             Ok(Err(_)) => return Err(propose_status(ProposeError::Shutdown)),
             Ok(Ok(Err(error))) => return Err(propose_status(error)),
             Ok(Ok(Ok(applied))) => applied,
@@ -130,7 +142,10 @@ impl Services {
         match result {
             Ok(bytes) => {
                 let rendered = bytes.clone();
-                let text = self.codec_call(move |codec| codec.render(&rendered)).await.unwrap_or_default();
+                let text = self
+                    .codec_call(move |codec| codec.render(&rendered))
+                    .await
+                    .unwrap_or_default();
                 (Outcome::Ok(bytes), text)
             }
             Err(CallError::Guest(message)) => (Outcome::PluginError(message), String::new()),
@@ -142,9 +157,13 @@ impl Services {
         let (reply, answer) = oneshot::channel();
         self.node
             .try_send(NodeRequest::ReadIndex { reply })
-            .map_err(|_| Status::resource_exhausted("busy: the node's request queue is full; retry later"))?;
+            .map_err(|_| {
+                Status::resource_exhausted("busy: the node's request queue is full; retry later")
+            })?;
         match tokio::time::timeout(self.timeout(), answer).await {
-            Err(_) => Err(propose_status(ProposeError::Timeout(self.config.request_timeout_ms))),
+            Err(_) => Err(propose_status(ProposeError::Timeout(
+                self.config.request_timeout_ms,
+            ))),
             Ok(Err(_)) => Err(propose_status(ProposeError::Shutdown)),
             Ok(Ok(result)) => result.map_err(propose_status),
         }
@@ -217,7 +236,10 @@ fn host_error(status: Status) -> ProposeResponse {
 
 #[tonic::async_trait]
 impl proto::client_server::Client for Services {
-    async fn propose(&self, request: Request<ProposeRequest>) -> Result<Response<ProposeResponse>, Status> {
+    async fn propose(
+        &self,
+        request: Request<ProposeRequest>,
+    ) -> Result<Response<ProposeResponse>, Status> {
         let pending = self.submit(request.into_inner()).await?;
         self.finish(pending).await.map(Response::new)
     }
@@ -259,12 +281,19 @@ impl proto::client_server::Client for Services {
         Ok(Response::new(Box::pin(responses)))
     }
 
-    async fn query(&self, request: Request<QueryRequest>) -> Result<Response<QueryResponse>, Status> {
+    async fn query(
+        &self,
+        request: Request<QueryRequest>,
+    ) -> Result<Response<QueryResponse>, Status> {
         let request = request.into_inner();
         let bytes = match request.request {
             Some(proto::query_request::Request::Bytes(bytes)) => bytes,
             Some(proto::query_request::Request::Text(text)) => self.encode(text).await?,
-            None => return Err(Status::invalid_argument("the query has no request: set `bytes` or `text`")),
+            None => {
+                return Err(Status::invalid_argument(
+                    "the query has no request: set `bytes` or `text`",
+                ));
+            }
         };
         if bytes.len() > self.config.max_proposal_bytes {
             return Err(Status::invalid_argument(format!(
@@ -287,7 +316,11 @@ impl proto::client_server::Client for Services {
             })
             .map_err(|_| propose_status(ProposeError::Shutdown))?;
         let Answered { index, result } = match tokio::time::timeout(self.timeout(), answer).await {
-            Err(_) => return Err(propose_status(ProposeError::Timeout(self.config.request_timeout_ms))),
+            Err(_) => {
+                return Err(propose_status(ProposeError::Timeout(
+                    self.config.request_timeout_ms,
+                )));
+            }
             Ok(Err(_)) => return Err(propose_status(ProposeError::Shutdown)),
             Ok(Ok(answered)) => answered,
         };
@@ -299,13 +332,18 @@ impl proto::client_server::Client for Services {
         }))
     }
 
-    async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+    async fn status(
+        &self,
+        _request: Request<StatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
         let (reply, answer) = oneshot::channel();
         self.node
             .send(NodeRequest::Status { reply })
             .await
             .map_err(|_| propose_status(ProposeError::Shutdown))?;
-        let status = answer.await.map_err(|_| propose_status(ProposeError::Shutdown))?;
+        let status = answer
+            .await
+            .map_err(|_| propose_status(ProposeError::Shutdown))?;
         let leader_addr = status
             .members
             .iter()
@@ -330,7 +368,9 @@ impl proto::client_server::Client for Services {
                 .into_iter()
                 .map(|(id, addr, voter)| proto::Member { id, addr, voter })
                 .collect(),
-            trapped_entries: self.trapped_entries.load(std::sync::atomic::Ordering::Relaxed),
+            trapped_entries: self
+                .trapped_entries
+                .load(std::sync::atomic::Ordering::Relaxed),
             listen: self.listen.clone(),
         }))
     }
@@ -338,15 +378,24 @@ impl proto::client_server::Client for Services {
 
 #[tonic::async_trait]
 impl proto::peer_server::Peer for Services {
-    async fn stream(&self, request: Request<Streaming<RaftBatch>>) -> Result<Response<StreamSummary>, Status> {
+    async fn stream(
+        &self,
+        request: Request<Streaming<RaftBatch>>,
+    ) -> Result<Response<StreamSummary>, Status> {
         let mut batches = request.into_inner();
         let mut received = 0u64;
         while let Some(batch) = batches.message().await? {
             for bytes in batch.messages {
-                let message = Message::parse_from_bytes(&bytes)
-                    .map_err(|e| Status::invalid_argument(format!("malformed raft message: {e}")))?;
+                let message = Message::parse_from_bytes(&bytes).map_err(|e| {
+                    Status::invalid_argument(format!("malformed raft message: {e}"))
+                })?;
                 received += 1;
-                if self.node.send(NodeRequest::Raft(Box::new(message))).await.is_err() {
+                if self
+                    .node
+                    .send(NodeRequest::Raft(Box::new(message)))
+                    .await
+                    .is_err()
+                {
                     return Err(propose_status(ProposeError::Shutdown));
                 }
             }

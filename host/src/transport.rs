@@ -112,13 +112,24 @@ impl Transport {
     }
 }
 
-async fn peer_task(id: u64, addr: String, mut batches: mpsc::Receiver<Vec<Message>>, config: TransportConfig) {
+async fn peer_task(
+    id: u64,
+    addr: String,
+    mut batches: mpsc::Receiver<Vec<Message>>,
+    config: TransportConfig,
+) {
     let mut backoff = Duration::from_millis(config.min_backoff_ms);
     let max_backoff = Duration::from_millis(config.max_backoff_ms);
     let endpoint = format!("http://{addr}");
     'connect: loop {
         let client = match tonic::transport::Endpoint::from_shared(endpoint.clone()) {
-            Ok(endpoint) => endpoint.connect_timeout(Duration::from_secs(1)).tcp_nodelay(true).connect().await,
+            Ok(endpoint) => {
+                endpoint
+                    .connect_timeout(Duration::from_secs(1))
+                    .tcp_nodelay(true)
+                    .connect()
+                    .await
+            }
             Err(error) => {
                 tracing::error!(peer = id, %addr, %error, "bad peer address; not sending to it");
                 return;
@@ -141,7 +152,11 @@ async fn peer_task(id: u64, addr: String, mut batches: mpsc::Receiver<Vec<Messag
             .max_encoding_message_size(config.max_message_bytes)
             .max_decoding_message_size(config.max_message_bytes);
         let (stream_tx, stream_rx) = mpsc::channel::<RaftBatch>(64);
-        let call = tokio::spawn(async move { client.stream(tokio_stream::wrappers::ReceiverStream::new(stream_rx)).await });
+        let call = tokio::spawn(async move {
+            client
+                .stream(tokio_stream::wrappers::ReceiverStream::new(stream_rx))
+                .await
+        });
         tracing::debug!(peer = id, %addr, "connected to peer");
         backoff = Duration::from_millis(config.min_backoff_ms);
         loop {

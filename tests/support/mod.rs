@@ -74,7 +74,15 @@ impl Node {
     pub fn wait_ready(&self) {
         let deadline = Instant::now() + START_DEADLINE;
         loop {
-            let status = cli(&["status", "-o", "json", "--addr", &self.addr, "--timeout-ms", "2000"]);
+            let status = cli(&[
+                "status",
+                "-o",
+                "json",
+                "--addr",
+                &self.addr,
+                "--timeout-ms",
+                "2000",
+            ]);
             if status.status.success() {
                 let json: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
                 if json["leader_id"].as_u64().unwrap_or(0) != 0 {
@@ -100,7 +108,10 @@ impl Node {
                 self.child = None;
                 return status;
             }
-            assert!(Instant::now() < deadline, "node did not exit within {within:?}");
+            assert!(
+                Instant::now() < deadline,
+                "node did not exit within {within:?}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -147,7 +158,11 @@ pub fn cli(args: &[&str]) -> Output {
 pub fn cli_with_stdin(args: &[&str], stdin: Option<&[u8]>) -> Output {
     let mut child = Command::new(BIN)
         .args(args)
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -165,7 +180,10 @@ pub fn cli_with_stdin(args: &[&str], stdin: Option<&[u8]>) -> Output {
         Ok(output) => output.expect("wait for raftify-host"),
         Err(_) => {
             let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-            panic!("`raftify-host {}` did not finish within {CLI_DEADLINE:?}", args.join(" "));
+            panic!(
+                "`raftify-host {}` did not finish within {CLI_DEADLINE:?}",
+                args.join(" ")
+            );
         }
     }
 }
@@ -191,7 +209,10 @@ pub fn outcome(output: Output) -> Result<String, String> {
 pub fn wait_until(within: Duration, what: &str, mut condition: impl FnMut() -> bool) {
     let deadline = Instant::now() + within;
     while !condition() {
-        assert!(Instant::now() < deadline, "timed out after {within:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }

@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
-use wasmtime::component::{Component, Linker, ResourceTable};
+use wasmtime::component::{Linker, ResourceTable};
 use wasmtime::{Engine, ResourceLimiter, Store, Trap};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
@@ -92,9 +92,11 @@ pub struct Sandbox {
 
 impl Sandbox {
     pub fn new(config: SandboxConfig) -> Result<Sandbox, LoadError> {
-        let engine = Engine::new(&engine_config()).map_err(|e| LoadError::Engine(format!("{e:#}")))?;
+        let engine =
+            Engine::new(&engine_config()).map_err(|e| LoadError::Engine(format!("{e:#}")))?;
         let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| LoadError::Engine(format!("{e:#}")))?;
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
+            .map_err(|e| LoadError::Engine(format!("{e:#}")))?;
         Ok(Sandbox {
             engine,
             linker: Arc::new(linker),
@@ -117,7 +119,8 @@ impl Sandbox {
             .linker
             .instantiate_pre(&component)
             .map_err(|e| LoadError::WrongWorld(format!("{e:#}")))?;
-        let pre = bindings::PluginPre::new(pre).map_err(|e| LoadError::WrongWorld(format!("{e:#}")))?;
+        let pre =
+            bindings::PluginPre::new(pre).map_err(|e| LoadError::WrongWorld(format!("{e:#}")))?;
         Ok(Plugin {
             inner: Arc::new(PluginInner {
                 pre,
@@ -130,7 +133,8 @@ impl Sandbox {
 }
 
 /// The deterministic engine configuration (wasmtime's deterministic
-/// execution checklist).
+/// execution checklist). Threads are off because wasmtime is built without
+/// its `threads` feature (see host/Cargo.toml), so no shared memory exists.
 fn engine_config() -> wasmtime::Config {
     let mut config = wasmtime::Config::new();
     config
@@ -138,7 +142,6 @@ fn engine_config() -> wasmtime::Config {
         .consume_fuel(true)
         .epoch_interruption(false)
         .cranelift_nan_canonicalization(true)
-        .wasm_threads(false)
         .wasm_relaxed_simd(false)
         .relaxed_simd_deterministic(true)
         .max_wasm_stack(1 << 20);
@@ -227,7 +230,12 @@ struct MemoryCap {
 }
 
 impl ResourceLimiter for MemoryCap {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         if desired > self.max_bytes {
             self.hit = true;
             wasmtime::bail!("memory cap reached");
@@ -235,7 +243,12 @@ impl ResourceLimiter for MemoryCap {
         Ok(true)
     }
 
-    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         Ok(desired <= 1_000_000)
     }
 }
@@ -261,23 +274,31 @@ impl Instance {
 
     pub fn apply(&mut self, index: u64, entry: &[u8]) -> Result<Vec<u8>, CallError> {
         let fuel = self.plugin.inner.sandbox.config.fuel_per_call;
-        self.call(index, fuel, |b, s| b.raftify_fsm_state_machine().call_apply(s, index, entry))
+        self.call(index, fuel, |b, s| {
+            b.raftify_fsm_state_machine().call_apply(s, index, entry)
+        })
     }
 
     /// `index` is the applied index the query reads at (it seeds the clock).
     pub fn query(&mut self, index: u64, request: &[u8]) -> Result<Vec<u8>, CallError> {
         let fuel = self.plugin.inner.sandbox.config.fuel_per_call;
-        self.call(index, fuel, |b, s| b.raftify_fsm_state_machine().call_query(s, request))
+        self.call(index, fuel, |b, s| {
+            b.raftify_fsm_state_machine().call_query(s, request)
+        })
     }
 
     pub fn snapshot(&mut self, index: u64) -> Result<Vec<u8>, CallError> {
         let fuel = self.plugin.inner.sandbox.config.fuel_per_snapshot;
-        self.call(index, fuel, |b, s| b.raftify_fsm_state_machine().call_snapshot(s))
+        self.call(index, fuel, |b, s| {
+            b.raftify_fsm_state_machine().call_snapshot(s)
+        })
     }
 
     pub fn restore(&mut self, index: u64, snapshot: &[u8]) -> Result<(), CallError> {
         let fuel = self.plugin.inner.sandbox.config.fuel_per_snapshot;
-        self.call(index, fuel, |b, s| b.raftify_fsm_state_machine().call_restore(s, snapshot))
+        self.call(index, fuel, |b, s| {
+            b.raftify_fsm_state_machine().call_restore(s, snapshot)
+        })
     }
 
     pub fn encode(&mut self, text: &str) -> Result<Vec<u8>, CallError> {
@@ -292,7 +313,9 @@ impl Instance {
 
     pub fn render(&mut self, response: &[u8]) -> Result<String, CallError> {
         let fuel = self.plugin.inner.sandbox.config.fuel_per_call;
-        self.call(0, fuel, |b, s| b.raftify_fsm_codec().call_render(s, response))
+        self.call(0, fuel, |b, s| {
+            b.raftify_fsm_codec().call_render(s, response)
+        })
     }
 
     fn call<T>(
@@ -302,9 +325,13 @@ impl Instance {
         f: impl FnOnce(&bindings::Plugin, &mut Store<GuestState>) -> wasmtime::Result<Result<T, String>>,
     ) -> Result<T, CallError> {
         if self.poisoned {
-            return Err(CallError::Trap("the instance was poisoned by an earlier trap".into()));
+            return Err(CallError::Trap(
+                "the instance was poisoned by an earlier trap".into(),
+            ));
         }
-        self.store.set_fuel(fuel).expect("fuel metering is enabled in the engine config");
+        self.store
+            .set_fuel(fuel)
+            .expect("fuel metering is enabled in the engine config");
         self.store.data_mut().limiter.hit = false;
         self.determinism.reseed(index);
         let result = f(&self.bindings, &mut self.store);
@@ -315,7 +342,11 @@ impl Instance {
             Err(error) => {
                 self.poisoned = true;
                 let memory_cap_hit = self.store.data().limiter.hit;
-                Err(CallError::Trap(self.describe_trap(&error, fuel, memory_cap_hit)))
+                Err(CallError::Trap(self.describe_trap(
+                    &error,
+                    fuel,
+                    memory_cap_hit,
+                )))
             }
         }
     }
@@ -331,8 +362,12 @@ impl Instance {
             );
         }
         match error.downcast_ref::<Trap>() {
-            Some(Trap::OutOfFuel) => format!("out of fuel: the call used up its budget of {fuel} fuel"),
-            Some(Trap::UnreachableCodeReached) => "the plugin panicked (wasm `unreachable` reached)".to_string(),
+            Some(Trap::OutOfFuel) => {
+                format!("out of fuel: the call used up its budget of {fuel} fuel")
+            }
+            Some(Trap::UnreachableCodeReached) => {
+                "the plugin panicked (wasm `unreachable` reached)".to_string()
+            }
             Some(Trap::StackOverflow) => "stack overflow".to_string(),
             Some(trap) => format!("wasm trap: {trap}"),
             None => {

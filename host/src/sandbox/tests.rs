@@ -32,28 +32,54 @@ fn kv_applies_queries_and_encodes_through_the_sandbox() {
 
 #[test]
 fn a_guest_error_is_an_ordinary_result_and_the_instance_lives_on() {
-    let mut chaos = sandbox().load(EMBEDDED_CHAOS).unwrap().instantiate().unwrap();
+    let mut chaos = sandbox()
+        .load(EMBEDDED_CHAOS)
+        .unwrap()
+        .instantiate()
+        .unwrap();
     chaos.apply(1, b"set a 1").unwrap();
-    assert_eq!(chaos.apply(2, b"fail"), Err(CallError::Guest("chaos: asked to fail".into())));
+    assert_eq!(
+        chaos.apply(2, b"fail"),
+        Err(CallError::Guest("chaos: asked to fail".into()))
+    );
     assert!(!chaos.is_poisoned());
     assert_eq!(text(chaos.query(2, b"get a").unwrap()), "1");
 }
 
 #[test]
 fn a_panic_traps_and_poisons_the_instance() {
-    let mut chaos = sandbox().load(EMBEDDED_CHAOS).unwrap().instantiate().unwrap();
+    let mut chaos = sandbox()
+        .load(EMBEDDED_CHAOS)
+        .unwrap()
+        .instantiate()
+        .unwrap();
     let error = chaos.apply(1, b"panic").unwrap_err();
-    assert!(matches!(&error, CallError::Trap(m) if m.contains("panicked")), "{error:?}");
+    assert!(
+        matches!(&error, CallError::Trap(m) if m.contains("panicked")),
+        "{error:?}"
+    );
     assert!(chaos.is_poisoned());
     assert!(matches!(chaos.query(1, b"get a"), Err(CallError::Trap(_))));
 }
 
 #[test]
 fn an_endless_loop_runs_out_of_fuel() {
-    let mut chaos = sandbox().load(EMBEDDED_CHAOS).unwrap().instantiate().unwrap();
+    let mut chaos = sandbox()
+        .load(EMBEDDED_CHAOS)
+        .unwrap()
+        .instantiate()
+        .unwrap();
     let error = chaos.apply(1, b"spin").unwrap_err();
-    assert_eq!(error, CallError::Trap("out of fuel: the call used up its budget of 20000000 fuel".into()));
-    let error = sandbox().load(EMBEDDED_CHAOS).unwrap().instantiate().unwrap().query(1, b"spin");
+    assert_eq!(
+        error,
+        CallError::Trap("out of fuel: the call used up its budget of 20000000 fuel".into())
+    );
+    let error = sandbox()
+        .load(EMBEDDED_CHAOS)
+        .unwrap()
+        .instantiate()
+        .unwrap()
+        .query(1, b"spin");
     assert!(matches!(error, Err(CallError::Trap(m)) if m.starts_with("out of fuel")));
 }
 
@@ -67,7 +93,10 @@ fn unbounded_allocation_hits_the_memory_cap() {
     .unwrap();
     let mut chaos = sandbox.load(EMBEDDED_CHAOS).unwrap().instantiate().unwrap();
     let error = chaos.apply(1, b"hog").unwrap_err();
-    assert!(matches!(&error, CallError::Trap(m) if m.starts_with("out of memory")), "{error:?}");
+    assert!(
+        matches!(&error, CallError::Trap(m) if m.starts_with("out of memory")),
+        "{error:?}"
+    );
 }
 
 #[test]
@@ -89,7 +118,11 @@ fn clocks_and_randomness_depend_only_on_the_index() {
 
 #[test]
 fn guest_output_is_captured_not_fatal() {
-    let mut chaos = sandbox().load(EMBEDDED_CHAOS).unwrap().instantiate().unwrap();
+    let mut chaos = sandbox()
+        .load(EMBEDDED_CHAOS)
+        .unwrap()
+        .instantiate()
+        .unwrap();
     assert_eq!(text(chaos.apply(1, b"print").unwrap()), "OK");
 }
 
@@ -115,10 +148,31 @@ fn compiled_components_are_cached_and_a_corrupt_cache_is_recompiled() {
     assert!(cached.exists(), "no cache file at {}", cached.display());
 
     let from_cache = sandbox.load(EMBEDDED_KV).unwrap();
-    assert_eq!(text(from_cache.instantiate().unwrap().apply(1, b"set a 1").unwrap()), "OK");
+    assert_eq!(
+        text(
+            from_cache
+                .instantiate()
+                .unwrap()
+                .apply(1, b"set a 1")
+                .unwrap()
+        ),
+        "OK"
+    );
 
     std::fs::write(&cached, b"torn write").unwrap();
     let recompiled = sandbox.load(EMBEDDED_KV).unwrap();
-    assert_eq!(text(recompiled.instantiate().unwrap().apply(1, b"set a 1").unwrap()), "OK");
-    assert!(std::fs::read(&cached).unwrap().len() > 1000, "the cache file was rewritten");
+    assert_eq!(
+        text(
+            recompiled
+                .instantiate()
+                .unwrap()
+                .apply(1, b"set a 1")
+                .unwrap()
+        ),
+        "OK"
+    );
+    assert!(
+        std::fs::read(&cached).unwrap().len() > 1000,
+        "the cache file was rewritten"
+    );
 }

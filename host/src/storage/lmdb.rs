@@ -23,7 +23,7 @@ use protobuf::Message as _;
 use raft::prelude::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
 use raft::{GetEntriesContext, RaftState, Storage, StorageError};
 
-use super::{LogStore, NodeIdentity, StoreError, WriteBatch, check_contiguous};
+use super::{LogStore, NodeIdentity, StoreError, StoredPlugin, WriteBatch, check_contiguous};
 
 type Index = U64<BigEndian>;
 
@@ -102,7 +102,10 @@ impl LmdbStore {
         })
     }
 
-    fn read<T>(&self, f: impl FnOnce(&Inner, &RoTxn) -> Result<T, StoreError>) -> Result<T, StoreError> {
+    fn read<T>(
+        &self,
+        f: impl FnOnce(&Inner, &RoTxn) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
         let txn = self.inner.env.read_txn()?;
         f(&self.inner, &txn)
     }
@@ -111,7 +114,10 @@ impl LmdbStore {
     #[cfg(test)]
     pub(crate) fn corrupt_entry_for_test(&self, index: u64) {
         let mut txn = self.inner.env.write_txn().unwrap();
-        self.inner.entries.put(&mut txn, &index, &[0xff, 0xff, 0xff]).unwrap();
+        self.inner
+            .entries
+            .put(&mut txn, &index, &[0xff, 0xff, 0xff])
+            .unwrap();
         txn.commit().unwrap();
     }
 
@@ -122,7 +128,11 @@ impl LmdbStore {
 }
 
 impl Inner {
-    fn meta_message<M: protobuf::Message>(&self, txn: &RoTxn, key: &str) -> Result<Option<M>, StoreError> {
+    fn meta_message<M: protobuf::Message>(
+        &self,
+        txn: &RoTxn,
+        key: &str,
+    ) -> Result<Option<M>, StoreError> {
         match self.meta.get(txn, key)? {
             None => Ok(None),
             Some(bytes) => M::parse_from_bytes(bytes)
@@ -158,7 +168,8 @@ impl Inner {
 }
 
 fn decode_entry(index: u64, bytes: &[u8]) -> Result<Entry, StoreError> {
-    let entry = Entry::parse_from_bytes(bytes).map_err(|e| StoreError::Corrupt(format!("entry {index}: {e}")))?;
+    let entry = Entry::parse_from_bytes(bytes)
+        .map_err(|e| StoreError::Corrupt(format!("entry {index}: {e}")))?;
     if entry.index != index {
         return Err(StoreError::Corrupt(format!(
             "entry stored at {index} claims index {}",
@@ -249,17 +260,21 @@ impl Storage for LmdbStore {
     }
 
     fn first_index(&self) -> raft::Result<u64> {
-        self.read(|inner, txn| inner.first_index(txn)).map_err(to_raft)
+        self.read(|inner, txn| inner.first_index(txn))
+            .map_err(to_raft)
     }
 
     fn last_index(&self) -> raft::Result<u64> {
-        self.read(|inner, txn| inner.last_index(txn)).map_err(to_raft)
+        self.read(|inner, txn| inner.last_index(txn))
+            .map_err(to_raft)
     }
 
     fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
         // Snapshots of the state machine are not stored yet: the log is never
         // compacted, so a follower can always be caught up from the log.
-        Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable))
+        Err(raft::Error::Store(
+            StorageError::SnapshotTemporarilyUnavailable,
+        ))
     }
 }
 
@@ -299,7 +314,9 @@ impl LogStore for LmdbStore {
             inner.meta.put(&mut txn, CONF_STATE, &encode(conf_state)?)?;
         }
         if let Some(applied) = batch.applied_index {
-            inner.meta.put(&mut txn, APPLIED_INDEX, &applied.to_be_bytes())?;
+            inner
+                .meta
+                .put(&mut txn, APPLIED_INDEX, &applied.to_be_bytes())?;
         }
         txn.commit()?;
         Ok(())
@@ -362,7 +379,7 @@ impl LogStore for LmdbStore {
         Ok(())
     }
 
-    fn active_plugin(&self) -> Result<Option<([u8; 32], Vec<u8>)>, StoreError> {
+    fn active_plugin(&self) -> Result<Option<StoredPlugin>, StoreError> {
         self.read(|inner, txn| {
             let Some(sha) = inner.meta.get(txn, ACTIVE_PLUGIN)? else {
                 return Ok(None);
@@ -370,13 +387,18 @@ impl LogStore for LmdbStore {
             let sha: [u8; 32] = sha
                 .try_into()
                 .map_err(|_| StoreError::Corrupt("active_plugin is not a SHA-256".into()))?;
-            let wasm = inner
-                .plugins
-                .get(txn, &sha)?
-                .ok_or_else(|| StoreError::Corrupt(format!("plugin {} is active but not stored", hex::encode(sha))))?;
+            let wasm = inner.plugins.get(txn, &sha)?.ok_or_else(|| {
+                StoreError::Corrupt(format!(
+                    "plugin {} is active but not stored",
+                    hex::encode(sha)
+                ))
+            })?;
             use sha2::Digest as _;
             if sha2::Sha256::digest(wasm).as_slice() != sha {
-                return Err(StoreError::Corrupt(format!("stored plugin {} does not match its hash", hex::encode(sha))));
+                return Err(StoreError::Corrupt(format!(
+                    "stored plugin {} does not match its hash",
+                    hex::encode(sha)
+                )));
             }
             Ok(Some((sha, wasm.to_vec())))
         })

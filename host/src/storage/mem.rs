@@ -8,7 +8,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use raft::prelude::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
 use raft::{GetEntriesContext, RaftState, Storage, StorageError};
 
-use super::{LogStore, NodeIdentity, StoreError, WriteBatch, check_contiguous};
+use super::{LogStore, NodeIdentity, StoreError, StoredPlugin, WriteBatch, check_contiguous};
 
 #[derive(Clone, Default)]
 pub struct MemStore {
@@ -24,7 +24,7 @@ struct Inner {
     applied_index: u64,
     traps: BTreeMap<u64, String>,
     identity: Option<NodeIdentity>,
-    active_plugin: Option<([u8; 32], Vec<u8>)>,
+    active_plugin: Option<StoredPlugin>,
 }
 
 impl Inner {
@@ -63,7 +63,10 @@ impl MemStore {
 impl Storage for MemStore {
     fn initial_state(&self) -> raft::Result<RaftState> {
         let inner = self.rl();
-        Ok(RaftState::new(inner.hard_state.clone(), inner.conf_state.clone()))
+        Ok(RaftState::new(
+            inner.hard_state.clone(),
+            inner.conf_state.clone(),
+        ))
     }
 
     fn entries(
@@ -116,7 +119,9 @@ impl Storage for MemStore {
     }
 
     fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable))
+        Err(raft::Error::Store(
+            StorageError::SnapshotTemporarilyUnavailable,
+        ))
     }
 }
 
@@ -187,7 +192,7 @@ impl LogStore for MemStore {
         Ok(())
     }
 
-    fn active_plugin(&self) -> Result<Option<([u8; 32], Vec<u8>)>, StoreError> {
+    fn active_plugin(&self) -> Result<Option<StoredPlugin>, StoreError> {
         Ok(self.rl().active_plugin.clone())
     }
 }

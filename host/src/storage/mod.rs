@@ -61,6 +61,9 @@ pub struct NodeIdentity {
     pub members: Vec<(u64, String)>,
 }
 
+/// A plugin component as stored: its SHA-256 and its bytes.
+pub type StoredPlugin = ([u8; 32], Vec<u8>);
+
 /// Raft's [`Storage`] plus the writes a node makes.
 pub trait LogStore: Storage + Clone + Send + Sync + 'static {
     /// Persist `batch` atomically and durably.
@@ -87,7 +90,7 @@ pub trait LogStore: Storage + Clone + Send + Sync + 'static {
     fn put_active_plugin(&self, sha256: &[u8; 32], wasm: &[u8]) -> Result<(), StoreError>;
 
     /// The active plugin's SHA-256 and bytes, once one was stored.
-    fn active_plugin(&self) -> Result<Option<([u8; 32], Vec<u8>)>, StoreError>;
+    fn active_plugin(&self) -> Result<Option<StoredPlugin>, StoreError>;
 }
 
 /// Checks a batch's entries are contiguous, so a bad caller cannot punch

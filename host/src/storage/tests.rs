@@ -60,7 +60,10 @@ fn appended_entries_read_back<S: LogStore>(store: S) {
     assert_eq!(read(&store, 1, 6, None).unwrap(), entries(1..=5, 1));
     assert_eq!(read(&store, 2, 4, None).unwrap(), entries(2..=3, 1));
     assert_eq!(store.term(3).unwrap(), 1);
-    assert!(is_store_error(read(&store, 1, 7, None), StorageError::Unavailable));
+    assert!(is_store_error(
+        read(&store, 1, 7, None),
+        StorageError::Unavailable
+    ));
     assert!(is_store_error(store.term(6), StorageError::Unavailable));
 }
 
@@ -73,7 +76,11 @@ fn max_size_limits_but_returns_at_least_one<S: LogStore>(store: S) {
         .map(|e| protobuf::Message::compute_size(e) as u64)
         .sum();
     let limited = read(&store, 1, 6, Some(two)).unwrap();
-    assert!((1..=2).contains(&limited.len()), "got {} entries", limited.len());
+    assert!(
+        (1..=2).contains(&limited.len()),
+        "got {} entries",
+        limited.len()
+    );
 }
 
 fn a_new_leader_overwrites_the_tail<S: LogStore>(store: S) {
@@ -99,11 +106,14 @@ fn bad_batches_are_refused_whole<S: LogStore>(store: S) {
     assert!(store.write(hole).is_err());
     let mut gappy = entries(4..=5, 1);
     gappy[1].index = 7;
-    assert!(store.write(WriteBatch {
-        entries: gappy,
-        ..Default::default()
-    })
-    .is_err());
+    assert!(
+        store
+            .write(WriteBatch {
+                entries: gappy,
+                ..Default::default()
+            })
+            .is_err()
+    );
     // Nothing from the refused batches landed.
     assert_eq!(store.last_index().unwrap(), 3);
     assert_eq!(store.initial_state().unwrap().hard_state.term, 0);
@@ -138,7 +148,10 @@ fn hard_state_conf_state_and_applied_persist<S: LogStore>(store: S) {
 fn traps_and_identity_are_recorded<S: LogStore>(store: S) {
     store.record_trap(4, "out of fuel").unwrap();
     store.record_trap(9, "panic").unwrap();
-    assert_eq!(store.traps(0, 100).unwrap(), vec![(4, "out of fuel".into()), (9, "panic".into())]);
+    assert_eq!(
+        store.traps(0, 100).unwrap(),
+        vec![(4, "out of fuel".into()), (9, "panic".into())]
+    );
     assert_eq!(store.traps(5, 100).unwrap(), vec![(9, "panic".into())]);
     let identity = NodeIdentity {
         id: 2,

@@ -14,9 +14,12 @@
 //! |                | show the host's clock and randomness are deterministic   |
 //! | `print`        | writes to stdout and stderr (captured into the host log) |
 //! | `bad-restore`  | makes the next `restore` fail                            |
+//!
+//! It only exists as a Wasm component; on other targets the crate is empty.
+
+#![cfg(target_arch = "wasm32")]
 
 use std::collections::BTreeMap;
-use std::hash::{BuildHasher, RandomState};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use raftify_guest::Plugin;
@@ -67,8 +70,13 @@ impl Plugin for Chaos {
                     .duration_since(UNIX_EPOCH)
                     .map(|d| d.as_nanos())
                     .unwrap_or(0);
-                let random = RandomState::new().hash_one(42u64);
-                self.map.insert(k.to_string(), format!("{now}:{random}"));
+                let random = wasip2::random::random::get_random_u64();
+                let insecure = wasip2::random::insecure::get_insecure_random_u64();
+                let monotonic = wasip2::clocks::monotonic_clock::now();
+                self.map.insert(
+                    k.to_string(),
+                    format!("{now}:{monotonic}:{random}:{insecure}"),
+                );
                 Ok(b"OK".to_vec())
             }
             ["print"] => {
@@ -86,7 +94,12 @@ impl Plugin for Chaos {
 
     fn query(&self, request: &[u8]) -> Result<Vec<u8>, String> {
         match words(request)?.as_slice() {
-            ["get", k] => Ok(self.map.get(*k).map_or("(nil)", |v| v.as_str()).as_bytes().to_vec()),
+            ["get", k] => Ok(self
+                .map
+                .get(*k)
+                .map_or("(nil)", |v| v.as_str())
+                .as_bytes()
+                .to_vec()),
             ["len"] => Ok(self.map.len().to_string().into_bytes()),
             ["spin"] => spin(),
             ["panic"] => panic!("chaos: asked to panic in a query"),
