@@ -7,10 +7,7 @@ use std::process::Command;
 
 fn main() {
     let manifest_dir = PathBuf::from(env("CARGO_MANIFEST_DIR"));
-    let root = manifest_dir
-        .parent()
-        .expect("host/ has a parent")
-        .to_path_buf();
+    let root = manifest_dir.parent().expect("host/ has a parent").to_path_buf();
     generate_grpc(&root);
     build_plugins(&root);
 }
@@ -37,10 +34,7 @@ fn build_plugins(root: &Path) {
     for path in ["Cargo.toml", "Cargo.lock", "kv", "chaos"] {
         println!("cargo:rerun-if-changed={}", plugins.join(path).display());
     }
-    println!(
-        "cargo:rerun-if-changed={}",
-        root.join("guest-sdk").display()
-    );
+    println!("cargo:rerun-if-changed={}", root.join("guest-sdk").display());
     println!("cargo:rerun-if-changed={}", root.join("wit").display());
 
     let out_dir = PathBuf::from(env("OUT_DIR"));

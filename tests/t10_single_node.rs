@@ -22,14 +22,7 @@ fn a_bare_node_answers_set_with_ok_and_get_with_the_value() {
     assert_eq!(node.query("get l").unwrap(), "x y");
     assert_eq!(node.propose("del a").unwrap(), "1");
     assert_eq!(node.query("len").unwrap(), "2");
-    let stale = cli(&[
-        "query",
-        "get n",
-        "--consistency",
-        "stale",
-        "--addr",
-        &node.addr,
-    ]);
+    let stale = cli(&["query", "get n", "--consistency", "stale", "--addr", &node.addr]);
     assert_eq!(stdout(&stale), "5");
 
     let status = node.status();
@@ -46,24 +39,14 @@ fn a_bare_node_answers_set_with_ok_and_get_with_the_value() {
 fn a_file_of_commands_is_pipelined_and_answered_in_order() {
     let dir = tempfile::tempdir().unwrap();
     let node = Node::start(&dir.path().join("n1"), &free_addr(), &[]);
-    let commands: String = (1..=300)
-        .map(|i| format!("incr c\nappend log {i}\n"))
-        .collect();
+    let commands: String = (1..=300).map(|i| format!("incr c\nappend log {i}\n")).collect();
     let file = dir.path().join("commands.txt");
     std::fs::write(&file, &commands).unwrap();
 
-    let out = cli(&[
-        "propose",
-        "--file",
-        file.to_str().unwrap(),
-        "--addr",
-        &node.addr,
-    ]);
+    let out = cli(&["propose", "--file", file.to_str().unwrap(), "--addr", &node.addr]);
     assert!(out.status.success(), "{}", stderr(&out));
     let lines: Vec<String> = stdout(&out).lines().map(str::to_string).collect();
-    let expected: Vec<String> = (1..=300)
-        .flat_map(|i| [i.to_string(), "OK".to_string()])
-        .collect();
+    let expected: Vec<String> = (1..=300).flat_map(|i| [i.to_string(), "OK".to_string()]).collect();
     assert_eq!(lines, expected);
     let order: Vec<String> = (1..=300).map(|i| i.to_string()).collect();
     assert_eq!(
@@ -96,9 +79,7 @@ fn every_acknowledged_write_survives_sigkill_and_restart() {
     let writer = {
         let addr = addr.clone();
         let file = file.clone();
-        std::thread::spawn(move || {
-            cli(&["propose", "--file", file.to_str().unwrap(), "--addr", &addr])
-        })
+        std::thread::spawn(move || cli(&["propose", "--file", file.to_str().unwrap(), "--addr", &addr]))
     };
     wait_until(Duration::from_secs(60), "some writes to be applied", || {
         node.status()["applied_index"].as_u64().unwrap_or(0) > 500
@@ -106,14 +87,8 @@ fn every_acknowledged_write_survives_sigkill_and_restart() {
     node.kill();
     let out = writer.join().unwrap();
     let acknowledged = stdout(&out).lines().filter(|l| *l == "OK").count();
-    assert!(
-        acknowledged > 0,
-        "no write was acknowledged before the kill"
-    );
-    assert!(
-        acknowledged < 20_000,
-        "the kill came too late to test anything"
-    );
+    assert!(acknowledged > 0, "no write was acknowledged before the kill");
+    assert!(acknowledged < 20_000, "the kill came too late to test anything");
 
     // Restart with only the data dir and the address.
     let node = Node::start(&data, &addr, &[]);
@@ -126,10 +101,7 @@ fn every_acknowledged_write_survives_sigkill_and_restart() {
         );
     }
     let len: usize = node.query("len").unwrap().parse().unwrap();
-    assert!(
-        len >= acknowledged,
-        "{len} keys but {acknowledged} acknowledged writes"
-    );
+    assert!(len >= acknowledged, "{len} keys but {acknowledged} acknowledged writes");
 }
 
 #[test]
@@ -152,11 +124,7 @@ fn a_restarted_node_needs_only_its_data_dir_and_keeps_its_plugin() {
 #[test]
 fn bad_commands_get_one_clear_error_line_and_a_nonzero_exit() {
     let dir = tempfile::tempdir().unwrap();
-    let node = Node::start(
-        &dir.path().join("n1"),
-        &free_addr(),
-        &["--max-proposal-bytes", "1000"],
-    );
+    let node = Node::start(&dir.path().join("n1"), &free_addr(), &["--max-proposal-bytes", "1000"]);
 
     let cases: BTreeMap<&str, Vec<&str>> = BTreeMap::from([
         ("unknown command", vec!["propose", "frob a"]),
@@ -170,19 +138,12 @@ fn bad_commands_get_one_clear_error_line_and_a_nonzero_exit() {
         let out = cli(&args);
         assert!(!out.status.success(), "{args:?} succeeded");
         let err = stderr(&out);
-        assert!(
-            err.starts_with("error: ") && err.contains(expected),
-            "{args:?}: {err}"
-        );
+        assert!(err.starts_with("error: ") && err.contains(expected), "{args:?}: {err}");
         assert_eq!(err.lines().count(), 1, "more than one line: {err}");
     }
 
     node.propose("set n notanumber").unwrap();
-    assert!(
-        node.propose("incr n")
-            .unwrap_err()
-            .contains("not an integer")
-    );
+    assert!(node.propose("incr n").unwrap_err().contains("not an integer"));
 
     let big = format!("set big {}", "x".repeat(5000));
     let err = node.propose(&big).unwrap_err();
@@ -190,11 +151,7 @@ fn bad_commands_get_one_clear_error_line_and_a_nonzero_exit() {
 
     let dead = cli(&["status", "--addr", &free_addr(), "--timeout-ms", "2000"]);
     assert!(!dead.status.success());
-    assert!(
-        stderr(&dead).starts_with("error: cannot connect"),
-        "{}",
-        stderr(&dead)
-    );
+    assert!(stderr(&dead).starts_with("error: cannot connect"), "{}", stderr(&dead));
 
     // The node is unharmed.
     assert_eq!(node.propose("set still alive").unwrap(), "OK");
@@ -213,14 +170,8 @@ fn bad_run_flags_and_bad_plugins_fail_fast_and_write_nothing() {
             "election_ticks",
         ),
         (vec!["--id", "0"], "positive"),
-        (
-            vec!["--plugin", "/no/such/plugin.wasm"],
-            "cannot read the plugin",
-        ),
-        (
-            vec!["--plugin", &garbage],
-            "not a valid WebAssembly component",
-        ),
+        (vec!["--plugin", "/no/such/plugin.wasm"], "cannot read the plugin"),
+        (vec!["--plugin", &garbage], "not a valid WebAssembly component"),
         (vec!["--peers", "1=nowhere"], "HOST:PORT"),
     ];
     for (flags, expected) in cases {
@@ -228,10 +179,7 @@ fn bad_run_flags_and_bad_plugins_fail_fast_and_write_nothing() {
         let status = node.wait_exit(Duration::from_secs(60));
         assert!(!status.success(), "{flags:?} started");
         let log = node.log_text();
-        assert!(
-            log.contains(expected),
-            "{flags:?}: expected {expected:?} in:\n{log}"
-        );
+        assert!(log.contains(expected), "{flags:?}: expected {expected:?} in:\n{log}");
         assert!(!log.contains("panicked"), "{flags:?} panicked:\n{log}");
     }
     // None of that left a half-made node behind: a good start works and is node 1.

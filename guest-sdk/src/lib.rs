@@ -155,9 +155,7 @@ macro_rules! export_plugin {
                     STATE.with(|s| $crate::Plugin::snapshot(&*s.borrow()))
                 }
 
-                fn restore(
-                    snapshot: ::std::vec::Vec<u8>,
-                ) -> ::core::result::Result<(), ::std::string::String> {
+                fn restore(snapshot: ::std::vec::Vec<u8>) -> ::core::result::Result<(), ::std::string::String> {
                     let restored = <$plugin as $crate::Plugin>::restore(&snapshot)?;
                     STATE.with(|s| *s.borrow_mut() = restored);
                     Ok(())
@@ -184,7 +182,7 @@ macro_rules! export_plugin {
                 }
             }
 
-            $crate::__bindings::__export_raw!(__RaftifyExports with_types_in $crate::__bindings);
+    $crate::__bindings::__export_raw!(__RaftifyExports with_types_in $crate::__bindings);
         };
     };
 }

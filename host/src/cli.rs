@@ -11,9 +11,7 @@ use serde_json::json;
 
 use crate::client::Client;
 use crate::config::{DEFAULT_ADDR, RunArgs};
-use crate::proto::{
-    self, Consistency as ProtoConsistency, ProposeRequest, ProposeResponse, propose_response,
-};
+use crate::proto::{self, Consistency as ProtoConsistency, ProposeRequest, ProposeResponse, propose_response};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -37,6 +35,45 @@ pub enum Command {
     Query(QueryArgs),
     /// Show the node's raft state and plugin.
     Status(ClientArgs),
+    /// List the cluster's members: id, address, voter or learner, leader.
+    Members(ClientArgs),
+    /// Add or remove a member.
+    #[command(subcommand)]
+    Member(MemberCommand),
+    /// Leadership.
+    #[command(subcommand)]
+    Leader(LeaderCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MemberCommand {
+    /// Register a node at ADDR as a learner (promoted once caught up) and
+    /// print its id; then start it with `run --join ANY_MEMBER --id ID`.
+    Add {
+        /// The new node's HOST:PORT.
+        member_addr: String,
+        /// The id to give it (default: the next unused one).
+        #[arg(long)]
+        id: Option<u64>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Remove a member (the leader too: it hands leadership over first).
+    Remove {
+        id: u64,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LeaderCommand {
+    /// Move leadership to the voter ID; returns once it has moved.
+    Transfer {
+        id: u64,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
 #[derive(Debug, Clone, Args)]
@@ -180,23 +217,90 @@ pub async fn run_client(command: Command) -> anyhow::Result<i32> {
             let index = response.index;
             let shown = match response.outcome {
                 Some(Outcome::Ok(b)) => show_outcome(index, Some(b), None, None, response.text),
-                Some(Outcome::PluginError(e)) => {
-                    show_outcome(index, None, Some(e), None, response.text)
-                }
+                Some(Outcome::PluginError(e)) => show_outcome(index, None, Some(e), None, response.text),
                 Some(Outcome::Trap(t)) => show_outcome(index, None, None, Some(t), response.text),
                 None => show_outcome(index, None, None, None, response.text),
             };
-            Ok(if print(&shown, args.client.output) {
-                0
-            } else {
-                1
-            })
+            Ok(if print(&shown, args.client.output) { 0 } else { 1 })
         }
         Command::Status(args) => {
             let mut client = connect(&args).await?;
             let status = client.status().await?;
             print_status(&status, args.output);
             Ok(0)
+        }
+        Command::Members(args) => {
+            let mut client = connect(&args).await?;
+            let status = client.status().await?;
+            print_members(&status.members, status.leader_id, args.output);
+            Ok(0)
+        }
+        Command::Member(MemberCommand::Add {
+            member_addr,
+            id,
+            client: args,
+        }) => {
+            crate::config::check_addr(&member_addr).map_err(anyhow::Error::msg)?;
+            let response = with_retries(&args, |mut client| {
+                let member_addr = member_addr.clone();
+                async move { client.join(&member_addr, id.unwrap_or(0)).await }
+            })
+            .await?;
+            match args.output {
+                Output::Text => println!("{}", response.id),
+                Output::Json => println!("{}", json!({ "id": response.id, "addr": member_addr })),
+            }
+            Ok(0)
+        }
+        Command::Member(MemberCommand::Remove { id, client: args }) => {
+            let response = with_retries(&args, |mut client| async move { client.remove_member(id).await }).await?;
+            print_members(&response.members, 0, args.output);
+            Ok(0)
+        }
+        Command::Leader(LeaderCommand::Transfer { id, client: args }) => {
+            let response = with_retries(&args, |mut client| async move { client.transfer_leader(id).await }).await?;
+            match args.output {
+                Output::Text => println!("{}", response.leader_id),
+                Output::Json => println!("{}", json!({ "leader_id": response.leader_id })),
+            }
+            Ok(0)
+        }
+    }
+}
+
+/// Retry a membership call while the cluster says "not now" (no leader yet,
+/// another change in flight, leadership moving), until the timeout.
+async fn with_retries<T, F, Fut>(args: &ClientArgs, call: F) -> anyhow::Result<T>
+where
+    F: Fn(Client) -> Fut,
+    Fut: std::future::Future<Output = Result<T, crate::client::ClientError>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(args.timeout_ms);
+    loop {
+        let attempt = match connect(args).await {
+            Ok(client) => call(client).await,
+            Err(error) => return Err(error),
+        };
+        match attempt {
+            Ok(value) => return Ok(value),
+            Err(error) if error.is_retryable() && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
+}
+
+fn print_members(members: &[proto::Member], leader_id: u64, output: Output) {
+    for m in members {
+        let role = if m.voter { "voter" } else { "learner" };
+        let leader = m.id == leader_id;
+        match output {
+            Output::Text => println!("{}\t{}\t{}{}", m.id, m.addr, role, if leader { "\tleader" } else { "" }),
+            Output::Json => println!(
+                "{}",
+                json!({ "id": m.id, "addr": m.addr, "role": role, "leader": leader })
+            ),
         }
     }
 }
@@ -216,18 +320,13 @@ async fn propose(args: ProposeArgs) -> anyhow::Result<i32> {
     // Make sure we talk to the leader before streaming, so the stream's
     // entries are not all refused by a follower.
     let status = client.status().await?;
-    let mut raw =
-        if status.leader_id != 0 && status.leader_id != status.id && !status.leader_addr.is_empty()
-        {
-            Client::connect(
-                &status.leader_addr,
-                Duration::from_millis(args.client.timeout_ms),
-            )
+    let mut raw = if status.leader_id != 0 && status.leader_id != status.id && !status.leader_addr.is_empty() {
+        Client::connect(&status.leader_addr, Duration::from_millis(args.client.timeout_ms))
             .await?
             .raw()
-        } else {
-            client.raw()
-        };
+    } else {
+        client.raw()
+    };
     let requests = futures::stream::iter(lines.into_iter().map(|line| ProposeRequest {
         command: Some(proto::propose_request::Command::Text(line)),
     }));
@@ -252,8 +351,7 @@ fn read_lines(file: &PathBuf) -> anyhow::Result<Vec<String>> {
     let reader: Box<dyn BufRead> = if file.as_os_str() == "-" {
         Box::new(std::io::stdin().lock())
     } else {
-        let opened =
-            std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
+        let opened = std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
         Box::new(std::io::BufReader::new(opened))
     };
     let mut lines = Vec::new();
@@ -297,17 +395,11 @@ fn print_status(status: &proto::StatusResponse, output: Output) {
             println!("id:              {}", status.id);
             println!("listen:          {}", status.listen);
             println!("role:            {}", status.role);
-            println!(
-                "leader:          {} {}",
-                status.leader_id, status.leader_addr
-            );
+            println!("leader:          {} {}", status.leader_id, status.leader_addr);
             println!("term:            {}", status.term);
             println!("commit index:    {}", status.commit_index);
             println!("applied index:   {}", status.applied_index);
-            println!(
-                "log:             {}..={}",
-                status.first_index, status.last_index
-            );
+            println!("log:             {}..={}", status.first_index, status.last_index);
             println!(
                 "plugin:          {} ({} bytes)",
                 status.plugin_sha256, status.plugin_size

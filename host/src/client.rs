@@ -7,8 +7,8 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::proto::client_client::ClientClient;
 use crate::proto::{
-    Consistency, ProposeRequest, ProposeResponse, QueryRequest, QueryResponse, StatusRequest,
-    StatusResponse, propose_request, query_request,
+    Consistency, ProposeRequest, ProposeResponse, QueryRequest, QueryResponse, StatusRequest, StatusResponse,
+    propose_request, query_request,
 };
 use crate::server::LEADER_ADDR_KEY;
 
@@ -21,6 +21,26 @@ pub enum ClientError {
     Connect { addr: String, reason: String },
     #[error("{}", .0.message())]
     Rpc(tonic::Status),
+    #[error("no answer from {addr} within {timeout_ms} ms")]
+    Timeout { addr: String, timeout_ms: u64 },
+}
+
+impl ClientError {
+    /// Whether trying again later may succeed: the node is unreachable,
+    /// busy, without a leader, or in the middle of a membership change.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ClientError::Connect { .. } | ClientError::Timeout { .. } => true,
+            ClientError::Rpc(status) => matches!(
+                status.code(),
+                tonic::Code::Unavailable
+                    | tonic::Code::ResourceExhausted
+                    | tonic::Code::FailedPrecondition
+                    | tonic::Code::DeadlineExceeded
+                    | tonic::Code::Aborted
+            ),
+        }
+    }
 }
 
 pub struct Client {
@@ -56,11 +76,7 @@ impl Client {
         if status.code() != tonic::Code::FailedPrecondition {
             return Ok(false);
         }
-        let Some(leader) = status
-            .metadata()
-            .get(LEADER_ADDR_KEY)
-            .and_then(|v| v.to_str().ok())
-        else {
+        let Some(leader) = status.metadata().get(LEADER_ADDR_KEY).and_then(|v| v.to_str().ok()) else {
             return Ok(false);
         };
         if leader == self.addr {
@@ -79,13 +95,26 @@ impl Client {
         .await
     }
 
-    pub async fn propose(
-        &mut self,
-        request: ProposeRequest,
-    ) -> Result<ProposeResponse, ClientError> {
+    /// Bound a unary call by the client's timeout. (Streams are not bounded:
+    /// a long `propose --file` may take as long as it needs.)
+    async fn bounded<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    ) -> Result<Result<T, tonic::Status>, ClientError> {
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(result) => Ok(result.map(tonic::Response::into_inner)),
+            Err(_) => Err(ClientError::Timeout {
+                addr: self.addr.clone(),
+                timeout_ms: self.timeout.as_millis() as u64,
+            }),
+        }
+    }
+
+    pub async fn propose(&mut self, request: ProposeRequest) -> Result<ProposeResponse, ClientError> {
         for _ in 0..=MAX_REDIRECTS {
-            match self.inner.propose(request.clone()).await {
-                Ok(response) => return Ok(response.into_inner()),
+            let mut inner = self.inner.clone();
+            match self.bounded(inner.propose(request.clone())).await? {
+                Ok(response) => return Ok(response),
                 Err(status) if self.follow(&status).await? => continue,
                 Err(status) => return Err(ClientError::Rpc(status)),
             }
@@ -95,18 +124,57 @@ impl Client {
         )))
     }
 
-    pub async fn query_text(
-        &mut self,
-        text: &str,
-        consistency: Consistency,
-    ) -> Result<QueryResponse, ClientError> {
+    pub async fn query_text(&mut self, text: &str, consistency: Consistency) -> Result<QueryResponse, ClientError> {
         let request = QueryRequest {
             request: Some(query_request::Request::Text(text.to_string())),
             consistency: consistency as i32,
         };
         for _ in 0..=MAX_REDIRECTS {
-            match self.inner.query(request.clone()).await {
-                Ok(response) => return Ok(response.into_inner()),
+            let mut inner = self.inner.clone();
+            match self.bounded(inner.query(request.clone())).await? {
+                Ok(response) => return Ok(response),
+                Err(status) if self.follow(&status).await? => continue,
+                Err(status) => return Err(ClientError::Rpc(status)),
+            }
+        }
+        Err(ClientError::Rpc(tonic::Status::unavailable(
+            "too many leader redirects",
+        )))
+    }
+
+    pub async fn join(&mut self, addr: &str, requested_id: u64) -> Result<crate::proto::JoinResponse, ClientError> {
+        let request = crate::proto::JoinRequest {
+            addr: addr.to_string(),
+            requested_id,
+        };
+        self.unary(move |mut inner| {
+            let request = request.clone();
+            async move { inner.join(request).await }
+        })
+        .await
+    }
+
+    pub async fn remove_member(&mut self, id: u64) -> Result<crate::proto::MembersResponse, ClientError> {
+        self.unary(move |mut inner| async move { inner.remove_member(crate::proto::RemoveMemberRequest { id }).await })
+            .await
+    }
+
+    pub async fn transfer_leader(&mut self, id: u64) -> Result<crate::proto::TransferLeaderResponse, ClientError> {
+        self.unary(
+            move |mut inner| async move { inner.transfer_leader(crate::proto::TransferLeaderRequest { id }).await },
+        )
+        .await
+    }
+
+    /// A unary call that follows leader hints, bounded by the timeout.
+    async fn unary<T, F, Fut>(&mut self, call: F) -> Result<T, ClientError>
+    where
+        F: Fn(ClientClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        for _ in 0..=MAX_REDIRECTS {
+            match self.bounded(call(self.inner.clone())).await? {
+                Ok(response) => return Ok(response),
                 Err(status) if self.follow(&status).await? => continue,
                 Err(status) => return Err(ClientError::Rpc(status)),
             }
@@ -117,10 +185,9 @@ impl Client {
     }
 
     pub async fn status(&mut self) -> Result<StatusResponse, ClientError> {
-        self.inner
-            .status(StatusRequest {})
-            .await
-            .map(|r| r.into_inner())
+        let mut inner = self.inner.clone();
+        self.bounded(inner.status(StatusRequest {}))
+            .await?
             .map_err(ClientError::Rpc)
     }
 }
@@ -137,7 +204,6 @@ async fn connect(
     let endpoint = Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|e| connect_error(e.to_string()))?
         .connect_timeout(timeout.min(Duration::from_secs(5)))
-        .timeout(timeout)
         .tcp_nodelay(true);
     let channel = endpoint.connect().await.map_err(|e| {
         let mut reason = e.to_string();

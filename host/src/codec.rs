@@ -35,10 +35,7 @@ impl Codec {
         &self.plugin
     }
 
-    fn with_instance<T>(
-        &self,
-        f: impl FnOnce(&mut Instance) -> Result<T, CallError>,
-    ) -> Result<T, CodecError> {
+    fn with_instance<T>(&self, f: impl FnOnce(&mut Instance) -> Result<T, CallError>) -> Result<T, CodecError> {
         let mut slot = self.instance.lock().unwrap_or_else(|e| e.into_inner());
         let instance = match slot.as_mut() {
             Some(instance) if !instance.is_poisoned() => instance,

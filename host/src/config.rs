@@ -29,6 +29,8 @@ pub struct NodeConfig {
     pub plugin: Option<PathBuf>,
     /// Initial members for a new cluster (`--peers`); must include this node.
     pub peers: BTreeMap<u64, String>,
+    /// A member to ask to join an existing cluster through (`--join`).
+    pub join: Option<String>,
     pub raft: RaftConfig,
     pub sandbox: SandboxConfig,
     pub client: ClientConfig,
@@ -61,8 +63,12 @@ pub struct RunArgs {
     pub plugin: Option<PathBuf>,
     /// Initial members of a new cluster: `1=HOST:PORT,2=HOST:PORT,...`, the
     /// same on every node.
-    #[arg(long, env = "RAFTIFY_PEERS")]
+    #[arg(long, env = "RAFTIFY_PEERS", conflicts_with = "join")]
     pub peers: Option<String>,
+    /// Join an existing cluster through any member, HOST:PORT. The cluster
+    /// assigns an id unless --id is given. Ignored once the node has joined.
+    #[arg(long, env = "RAFTIFY_JOIN")]
+    pub join: Option<String>,
 
     /// Raft clock period in milliseconds [default: 100].
     #[arg(long, env = "RAFTIFY_TICK_INTERVAL_MS")]
@@ -110,10 +116,7 @@ pub struct RunArgs {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("bad config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("--peers: {0}")]
@@ -138,9 +141,7 @@ impl RunArgs {
             LmdbOptions::default(),
         );
         let (raft, sandbox, client, transport, lmdb) = defaults;
-        let data_dir = args
-            .data_dir
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+        let data_dir = args.data_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
         let config = NodeConfig {
             id: args.id,
             listen: args.listen.unwrap_or_else(|| DEFAULT_ADDR.to_string()),
@@ -149,17 +150,15 @@ impl RunArgs {
                 Some(text) => parse_peers(text)?,
                 None => BTreeMap::new(),
             },
+            join: args.join,
             raft: RaftConfig {
                 tick_interval_ms: args.tick_interval_ms.unwrap_or(raft.tick_interval_ms),
                 election_ticks: args.election_ticks.unwrap_or(raft.election_ticks),
                 heartbeat_ticks: args.heartbeat_ticks.unwrap_or(raft.heartbeat_ticks),
-                max_inflight_messages: args
-                    .max_inflight_messages
-                    .unwrap_or(raft.max_inflight_messages),
+                max_inflight_messages: args.max_inflight_messages.unwrap_or(raft.max_inflight_messages),
                 max_entries_bytes_per_message: raft.max_entries_bytes_per_message,
-                max_pending_proposals: args
-                    .max_pending_proposals
-                    .unwrap_or(raft.max_pending_proposals),
+                max_pending_proposals: args.max_pending_proposals.unwrap_or(raft.max_pending_proposals),
+                promote_lag_entries: raft.promote_lag_entries,
             },
             sandbox: SandboxConfig {
                 fuel_per_call: args.fuel_per_call.unwrap_or(sandbox.fuel_per_call),
@@ -174,9 +173,7 @@ impl RunArgs {
                 stream_window: client.stream_window,
             },
             transport: TransportConfig {
-                max_message_bytes: args
-                    .max_message_bytes
-                    .unwrap_or(transport.max_message_bytes),
+                max_message_bytes: args.max_message_bytes.unwrap_or(transport.max_message_bytes),
                 ..transport
             },
             lmdb: LmdbOptions {
@@ -198,6 +195,7 @@ impl RunArgs {
             data_dir: self.data_dir.or(other.data_dir),
             plugin: self.plugin.or(other.plugin),
             peers: self.peers.or(other.peers),
+            join: self.join.or(other.join),
             tick_interval_ms: self.tick_interval_ms.or(other.tick_interval_ms),
             election_ticks: self.election_ticks.or(other.election_ticks),
             heartbeat_ticks: self.heartbeat_ticks.or(other.heartbeat_ticks),
@@ -239,10 +237,12 @@ pub fn parse_peers(text: &str) -> Result<BTreeMap<u64, String>, ConfigError> {
         let (id, addr) = item
             .split_once('=')
             .ok_or_else(|| ConfigError::Peers(format!("{item:?} is not ID=HOST:PORT")))?;
-        let id: u64 =
-            id.trim().parse().ok().filter(|&id| id > 0).ok_or_else(|| {
-                ConfigError::Peers(format!("{id:?} is not a positive integer id"))
-            })?;
+        let id: u64 = id
+            .trim()
+            .parse()
+            .ok()
+            .filter(|&id| id > 0)
+            .ok_or_else(|| ConfigError::Peers(format!("{id:?} is not a positive integer id")))?;
         check_addr(addr.trim()).map_err(ConfigError::Peers)?;
         if peers.insert(id, addr.trim().to_string()).is_some() {
             return Err(ConfigError::Peers(format!("node {id} is listed twice")));
@@ -254,7 +254,7 @@ pub fn parse_peers(text: &str) -> Result<BTreeMap<u64, String>, ConfigError> {
     Ok(peers)
 }
 
-fn check_addr(addr: &str) -> Result<(), String> {
+pub fn check_addr(addr: &str) -> Result<(), String> {
     let (host, port) = addr
         .rsplit_once(':')
         .ok_or_else(|| format!("{addr:?} is not HOST:PORT"))?;
@@ -277,6 +277,14 @@ impl NodeConfig {
         {
             return bad(format!("--peers does not include this node's --id {id}"));
         }
+        if let Some(join) = &self.join {
+            check_addr(join).map_err(|e| ConfigError::Invalid(format!("--join: {e}")))?;
+            if !self.peers.is_empty() {
+                return bad(
+                    "--join and --peers cannot be combined: join an existing cluster, or start a new one".into(),
+                );
+            }
+        }
         if !self.peers.is_empty() && self.id.is_none() {
             return bad("--peers needs --id to say which of the peers this node is".into());
         }
@@ -291,9 +299,7 @@ impl NodeConfig {
             ));
         }
         if raft.max_inflight_messages == 0 || raft.max_pending_proposals == 0 {
-            return bad(
-                "max_inflight_messages and max_pending_proposals must be at least 1".into(),
-            );
+            return bad("max_inflight_messages and max_pending_proposals must be at least 1".into());
         }
         if self.client.max_proposal_bytes == 0
             || self.client.max_proposal_bytes + 1024 > self.transport.max_message_bytes

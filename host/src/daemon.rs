@@ -2,7 +2,6 @@
 //! start the apply worker, the raft loop and the gRPC server, and stop them
 //! all on shutdown.
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 
@@ -35,11 +34,7 @@ pub const EMBEDDED_CHAOS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/chao
 const NODE_QUEUE: usize = 65_536;
 
 /// Run a node on an already-bound listener until `shutdown` resolves.
-pub async fn run(
-    config: NodeConfig,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()>,
-) -> anyhow::Result<()> {
+pub async fn run(config: NodeConfig, listener: TcpListener, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let store = LmdbStore::open(&config.data_dir.join("lmdb"), &config.lmdb)
         .with_context(|| format!("cannot open the data dir {}", config.data_dir.display()))?;
     // Validate the plugin before writing anything, so a bad plugin leaves a
@@ -47,7 +42,7 @@ pub async fn run(
     let sandbox = Sandbox::new(config.sandbox.clone())?;
     let (wasm, is_new) = choose_plugin(&store, &config)?;
     let plugin = sandbox.load(&wasm).context("cannot load the plugin")?;
-    let identity = settle_identity(&store, &config)?;
+    let identity = settle_identity(&store, &config).await?;
     if is_new {
         store.put_active_plugin(&plugin.sha256(), &wasm)?;
     }
@@ -66,26 +61,21 @@ pub async fn run(
         .spawn(move || fsm_span.in_scope(|| fsm.run(fsm_rx)))
         .context("cannot start the apply worker thread")?;
 
-    let members: BTreeMap<u64, String> = identity.members.iter().cloned().collect();
     let transport = Transport::new(id, config.transport.clone());
-    for (peer, addr) in &members {
+    for (peer, addr) in &identity.members {
         transport.set_peer(*peer, addr.clone());
     }
     let (node_tx, node_rx) = mpsc::channel(NODE_QUEUE);
     let node = Node::new(
-        id,
+        identity,
         store.clone(),
         config.raft.clone(),
-        members,
         transport,
         fsm_tx.clone(),
         applied_rx,
         logging::raft_logger(),
     )?;
-    let node_task = tokio::spawn(tracing::Instrument::instrument(
-        node.run(node_rx),
-        span.clone(),
-    ));
+    let node_task = tokio::spawn(tracing::Instrument::instrument(node.run(node_rx), span.clone()));
 
     let services = Services {
         node: node_tx,
@@ -139,10 +129,10 @@ pub async fn run(
     Ok(())
 }
 
-/// First start: record the id, members and initial conf state. Restart:
+/// First start: record the id, members and initial configuration. Restart:
 /// read them back, and refuse flags that contradict them.
-fn settle_identity<S: LogStore>(store: &S, config: &NodeConfig) -> anyhow::Result<NodeIdentity> {
-    if let Some(identity) = store.identity()? {
+async fn settle_identity<S: LogStore>(store: &S, config: &NodeConfig) -> anyhow::Result<NodeIdentity> {
+    if let Some(mut identity) = store.identity()? {
         if let Some(id) = config.id
             && id != identity.id
         {
@@ -153,12 +143,13 @@ fn settle_identity<S: LogStore>(store: &S, config: &NodeConfig) -> anyhow::Resul
             );
         }
         // The node may have moved: its own address is whatever it listens on.
-        let mut identity = identity;
-        let own = (identity.id, config.listen.clone());
-        if let Some(entry) = identity.members.iter_mut().find(|(i, _)| *i == own.0) {
-            entry.1 = own.1;
+        if let Some(entry) = identity.members.iter_mut().find(|(i, _)| *i == identity.id) {
+            entry.1 = config.listen.clone();
         }
         return Ok(identity);
+    }
+    if let Some(seed) = &config.join {
+        return join(store, config, seed).await;
     }
     let id = config.id.unwrap_or(1);
     let members: Vec<(u64, String)> = if config.peers.is_empty() {
@@ -166,14 +157,87 @@ fn settle_identity<S: LogStore>(store: &S, config: &NodeConfig) -> anyhow::Resul
     } else {
         config.peers.iter().map(|(i, a)| (*i, a.clone())).collect()
     };
+    store.write(bootstrap_batch(id, &members)?)?;
+    tracing::info!(id, ?members, "bootstrapped a new cluster member");
+    store.identity()?.context("the bootstrap identity was not stored")
+}
+
+/// The initial members, written as the first log entries (one committed
+/// AddNode conf change per member, at term 1) exactly as every initial
+/// member writes them, so their logs agree and a node that joins later
+/// learns the initial configuration by replaying the log.
+fn bootstrap_batch(id: u64, members: &[(u64, String)]) -> anyhow::Result<WriteBatch> {
+    use protobuf::Message as _;
+    use raft::prelude::{ConfChange, ConfChangeType, Entry, EntryType, HardState};
+    let mut entries = Vec::with_capacity(members.len());
+    for (i, (member, addr)) in members.iter().enumerate() {
+        let change = ConfChange {
+            change_type: ConfChangeType::AddNode,
+            node_id: *member,
+            context: addr.clone().into_bytes().into(),
+            ..Default::default()
+        };
+        entries.push(Entry {
+            entry_type: EntryType::EntryConfChange,
+            term: 1,
+            index: i as u64 + 1,
+            data: change.write_to_bytes()?.into(),
+            ..Default::default()
+        });
+    }
+    let last = entries.len() as u64;
     let voters = members.iter().map(|(i, _)| *i).collect();
+    Ok(WriteBatch {
+        entries,
+        hard_state: Some(HardState {
+            term: 1,
+            commit: last,
+            ..Default::default()
+        }),
+        conf_state: Some((initial_conf_state(voters), last)),
+        identity: Some(NodeIdentity {
+            id,
+            members: members.to_vec(),
+            max_id: members.iter().map(|(i, _)| *i).max().unwrap_or(id),
+        }),
+        applied_index: None,
+    })
+}
+
+/// Ask the cluster at `seed` for an id (retrying while it elects a leader or
+/// finishes another membership change), then record the identity. The log,
+/// including the configuration, arrives by replication.
+async fn join<S: LogStore>(store: &S, config: &NodeConfig, seed: &str) -> anyhow::Result<NodeIdentity> {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    let timeout = std::time::Duration::from_millis(config.client.request_timeout_ms);
+    let response = loop {
+        let attempt = async {
+            let mut client = crate::client::Client::connect(seed, timeout).await?;
+            client.join(&config.listen, config.id.unwrap_or(0)).await
+        };
+        match attempt.await {
+            Ok(response) => break response,
+            Err(error) if error.is_retryable() && tokio::time::Instant::now() < deadline => {
+                tracing::info!(%seed, %error, "cannot join yet; retrying");
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            Err(error) => return Err(error).with_context(|| format!("cannot join the cluster through {seed}")),
+        }
+    };
+    let members: Vec<(u64, String)> = response.members.iter().map(|m| (m.id, m.addr.clone())).collect();
+    let mut identity = NodeIdentity {
+        id: response.id,
+        max_id: members.iter().map(|(i, _)| *i).max().unwrap_or(0).max(response.id),
+        members,
+    };
+    if !identity.members.iter().any(|(i, _)| *i == response.id) {
+        identity.members.push((response.id, config.listen.clone()));
+    }
     store.write(WriteBatch {
-        conf_state: Some(initial_conf_state(voters)),
+        identity: Some(identity.clone()),
         ..Default::default()
     })?;
-    let identity = NodeIdentity { id, members };
-    store.set_identity(&identity)?;
-    tracing::info!(id, members = ?identity.members, "bootstrapped a new node");
+    tracing::info!(id = identity.id, %seed, "joined the cluster as a learner");
     Ok(identity)
 }
 
@@ -181,10 +245,7 @@ fn settle_identity<S: LogStore>(store: &S, config: &NodeConfig) -> anyhow::Resul
 /// stored one on restart. True if it is not stored yet.
 fn choose_plugin<S: LogStore>(store: &S, config: &NodeConfig) -> anyhow::Result<(Vec<u8>, bool)> {
     let given = match &config.plugin {
-        Some(path) => Some(
-            std::fs::read(path)
-                .with_context(|| format!("cannot read the plugin {}", path.display()))?,
-        ),
+        Some(path) => Some(std::fs::read(path).with_context(|| format!("cannot read the plugin {}", path.display()))?),
         None => None,
     };
     match (store.active_plugin()?, given) {

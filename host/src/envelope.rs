@@ -46,8 +46,7 @@ pub fn command(entry: &[u8]) -> Vec<u8> {
 pub fn host(entry: &HostEntry) -> Vec<u8> {
     let mut out = vec![HOST];
     // Encoding plain enums into a Vec cannot fail.
-    let body = bincode::serde::encode_to_vec(entry, bincode::config::standard())
-        .expect("bincode encodes host entries");
+    let body = bincode::serde::encode_to_vec(entry, bincode::config::standard()).expect("bincode encodes host entries");
     out.extend_from_slice(&body);
     out
 }
@@ -57,9 +56,8 @@ pub fn open(data: &[u8]) -> Result<Payload<'_>, EnvelopeError> {
         None => Ok(Payload::Empty),
         Some((&COMMAND, rest)) => Ok(Payload::Command(rest)),
         Some((&HOST, rest)) => {
-            let (entry, used) =
-                bincode::serde::decode_from_slice(rest, bincode::config::standard())
-                    .map_err(|e| EnvelopeError::BadHostEntry(e.to_string()))?;
+            let (entry, used) = bincode::serde::decode_from_slice(rest, bincode::config::standard())
+                .map_err(|e| EnvelopeError::BadHostEntry(e.to_string()))?;
             if used != rest.len() {
                 return Err(EnvelopeError::BadHostEntry("trailing bytes".into()));
             }
@@ -75,14 +73,8 @@ mod tests {
 
     #[test]
     fn envelopes_round_trip_and_reject_garbage() {
-        assert_eq!(
-            open(&command(b"set a 1")).unwrap(),
-            Payload::Command(b"set a 1")
-        );
-        assert_eq!(
-            open(&host(&HostEntry::Noop)).unwrap(),
-            Payload::Host(HostEntry::Noop)
-        );
+        assert_eq!(open(&command(b"set a 1")).unwrap(), Payload::Command(b"set a 1"));
+        assert_eq!(open(&host(&HostEntry::Noop)).unwrap(), Payload::Host(HostEntry::Noop));
         assert_eq!(open(b"").unwrap(), Payload::Empty);
         assert!(open(&[0x7f, 1, 2]).is_err());
         assert!(open(&[HOST, 0xff, 0xff, 0xff]).is_err());

@@ -92,11 +92,7 @@ pub enum FsmError {
 
 impl<S: LogStore> Fsm<S> {
     /// A worker whose plugin starts fresh (the log is replayed from the start).
-    pub fn new(
-        store: S,
-        plugin: Plugin,
-        applied_tx: watch::Sender<u64>,
-    ) -> Result<Fsm<S>, FsmError> {
+    pub fn new(store: S, plugin: Plugin, applied_tx: watch::Sender<u64>) -> Result<Fsm<S>, FsmError> {
         let instance = plugin.instantiate()?;
         let traps: BTreeMap<u64, String> = store.traps(0, u64::MAX)?.into_iter().collect();
         let trap_count = Arc::new(AtomicU64::new(traps.len() as u64));
@@ -122,10 +118,7 @@ impl<S: LogStore> Fsm<S> {
 
     pub fn handle(&mut self, request: FsmRequest) -> Result<(), FsmError> {
         match request {
-            FsmRequest::Apply {
-                entries,
-                mut waiters,
-            } => {
+            FsmRequest::Apply { entries, mut waiters } => {
                 for entry in entries {
                     let index = entry.index;
                     let result = self.apply_entry(&entry)?;
@@ -166,8 +159,7 @@ impl<S: LogStore> Fsm<S> {
     fn record_trap(&mut self, index: u64, message: String) -> Result<(), FsmError> {
         self.store.record_trap(index, &message)?;
         self.traps.insert(index, message);
-        self.trap_count
-            .store(self.traps.len() as u64, Ordering::Relaxed);
+        self.trap_count.store(self.traps.len() as u64, Ordering::Relaxed);
         Ok(())
     }
 
@@ -201,10 +193,7 @@ impl<S: LogStore> Fsm<S> {
 
     /// Apply one committed entry. Returns the plugin's result for command
     /// entries and `None` for entries the plugin never sees.
-    fn apply_entry(
-        &mut self,
-        entry: &Entry,
-    ) -> Result<Option<Result<Vec<u8>, CallError>>, FsmError> {
+    fn apply_entry(&mut self, entry: &Entry) -> Result<Option<Result<Vec<u8>, CallError>>, FsmError> {
         let index = entry.index;
         assert!(
             index == self.applied + 1,
@@ -229,11 +218,7 @@ impl<S: LogStore> Fsm<S> {
         Ok(result)
     }
 
-    fn apply_command(
-        &mut self,
-        index: u64,
-        command: &[u8],
-    ) -> Result<Result<Vec<u8>, CallError>, FsmError> {
+    fn apply_command(&mut self, index: u64, command: &[u8]) -> Result<Result<Vec<u8>, CallError>, FsmError> {
         if let Some(message) = self.traps.get(&index) {
             return Ok(Err(CallError::Trap(message.clone())));
         }
@@ -257,22 +242,15 @@ impl<S: LogStore> Fsm<S> {
                 // must start at 1; anything else is a damaged data dir.
                 return Err(FsmError::Malformed {
                     index: next,
-                    reason:
-                        "the log does not start at index 1 and there is no snapshot to rebuild from"
-                            .into(),
+                    reason: "the log does not start at index 1 and there is no snapshot to rebuild from".into(),
                 });
             }
             while next <= upto {
-                let batch = self.store.entries(
-                    next,
-                    upto + 1,
-                    REPLAY_BATCH_BYTES,
-                    GetEntriesContext::empty(false),
-                )?;
+                let batch = self
+                    .store
+                    .entries(next, upto + 1, REPLAY_BATCH_BYTES, GetEntriesContext::empty(false))?;
                 for entry in &batch {
-                    if entry.get_entry_type() != EntryType::EntryNormal
-                        || self.traps.contains_key(&entry.index)
-                    {
+                    if entry.get_entry_type() != EntryType::EntryNormal || self.traps.contains_key(&entry.index) {
                         continue;
                     }
                     let Ok(Payload::Command(command)) = envelope::open(&entry.data) else {
@@ -377,11 +355,7 @@ mod tests {
         assert_eq!(outcomes[3], Ok(b"OK".to_vec()));
         assert!(matches!(&outcomes[4], Err(CallError::Trap(_))));
         assert_eq!(get(&mut fsm, "a"), "1");
-        assert_eq!(
-            get(&mut fsm, "b"),
-            "(nil)",
-            "the write before the panic must vanish"
-        );
+        assert_eq!(get(&mut fsm, "b"), "(nil)", "the write before the panic must vanish");
         assert_eq!(get(&mut fsm, "c"), "3");
         assert_eq!(fsm.applied(), 5);
         assert_eq!(store.traps(0, 100).unwrap().len(), 3);
@@ -413,10 +387,7 @@ mod tests {
             reply: tx,
         })
         .unwrap();
-        assert!(
-            rx.try_recv().is_err(),
-            "answered before the read index was applied"
-        );
+        assert!(rx.try_recv().is_err(), "answered before the read index was applied");
         apply_all(&mut fsm, entries);
         let answer = rx.try_recv().unwrap();
         assert_eq!((answer.index, answer.result), (2, Ok(b"2".to_vec())));
@@ -434,10 +405,7 @@ mod tests {
             reply: tx,
         })
         .unwrap();
-        assert!(matches!(
-            rx.try_recv().unwrap().result,
-            Err(CallError::Trap(_))
-        ));
+        assert!(matches!(rx.try_recv().unwrap().result, Err(CallError::Trap(_))));
         assert_eq!(get(&mut fsm, "a"), "1");
     }
 }

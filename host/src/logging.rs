@@ -9,8 +9,8 @@ use slog::{Drain, KV};
 /// (e.g. `info,raft=warn`); `RAFTIFY_LOG` overrides it.
 pub fn init(filter: &str) {
     let filter = std::env::var("RAFTIFY_LOG").unwrap_or_else(|_| filter.to_string());
-    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

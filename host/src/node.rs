@@ -19,12 +19,12 @@ use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, Instant};
 
 use protobuf::Message as _;
-use raft::prelude::{ConfChange, ConfChangeV2, ConfState, Entry, EntryType, HardState, Message};
+use raft::prelude::{ConfChange, ConfChangeType, ConfState, Entry, EntryType, HardState, Message};
 use raft::{RawNode, StateRole};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::fsm::{ApplyWaiter, FsmRequest};
-use crate::storage::{LogStore, StoreError, WriteBatch};
+use crate::fsm::{Applied, ApplyWaiter, FsmRequest};
+use crate::storage::{LogStore, NodeIdentity, StoreError, WriteBatch};
 use crate::transport::Transport;
 
 /// Raft timing and flow-control settings. All are named limits with
@@ -43,6 +43,9 @@ pub struct RaftConfig {
     pub max_entries_bytes_per_message: u64,
     /// Proposals this node is waiting on before it answers "busy".
     pub max_pending_proposals: usize,
+    /// A learner is promoted to voter once it is within this many entries
+    /// of the leader's log.
+    pub promote_lag_entries: u64,
 }
 
 impl Default for RaftConfig {
@@ -54,6 +57,7 @@ impl Default for RaftConfig {
             max_inflight_messages: 256,
             max_entries_bytes_per_message: 1 << 20,
             max_pending_proposals: 100_000,
+            promote_lag_entries: 64,
         }
     }
 }
@@ -70,14 +74,19 @@ pub enum ProposeError {
     Busy(usize),
     #[error("the proposal was dropped by raft: {0}")]
     Dropped(String),
-    #[error(
-        "the proposal was lost: a new leader replaced the entry at index {0} before it committed"
-    )]
+    #[error("the proposal was lost: a new leader replaced the entry at index {0} before it committed")]
     Overwritten(u64),
     #[error("no result within {0} ms; the proposal may or may not have been committed")]
     Timeout(u64),
     #[error("the node is shutting down")]
     Shutdown,
+    /// Not now, but retrying soon may work (e.g. a membership change is in
+    /// progress, or leadership is moving).
+    #[error("{0}")]
+    Retry(String),
+    /// The request can never succeed as asked.
+    #[error("{0}")]
+    Invalid(String),
 }
 
 fn leader_hint(leader_id: u64, leader_addr: &Option<String>) -> String {
@@ -108,6 +117,21 @@ pub enum NodeRequest {
     Propose {
         data: Vec<u8>,
         reply: ApplyWaiter,
+    },
+    /// Add a node at `addr` as a learner; the waiter's result is its id
+    /// (u64 big-endian). `requested_id` 0 lets the leader pick.
+    Join {
+        addr: String,
+        requested_id: u64,
+        reply: ApplyWaiter,
+    },
+    RemoveMember {
+        id: u64,
+        reply: ApplyWaiter,
+    },
+    TransferLeader {
+        id: u64,
+        reply: oneshot::Sender<Result<(), ProposeError>>,
     },
     ReadIndex {
         reply: oneshot::Sender<Result<u64, ProposeError>>,
@@ -140,8 +164,8 @@ pub struct Node<S: LogStore> {
     config: RaftConfig,
     transport: Transport,
     fsm: std_mpsc::Sender<FsmRequest>,
-    /// Proposals this node made as leader, by log index: (term, waiter).
-    proposals: BTreeMap<u64, (u64, ApplyWaiter)>,
+    /// Proposals this node made as leader, by log index.
+    proposals: BTreeMap<u64, Proposal>,
     reads: HashMap<Vec<u8>, PendingRead>,
     next_read_id: u64,
     applied: watch::Receiver<u64>,
@@ -149,21 +173,33 @@ pub struct Node<S: LogStore> {
     hard_state: HardState,
     hard_state_dirty: bool,
     applied_dirty: bool,
-    members: BTreeMap<u64, String>,
+    /// This node's id, the members' addresses and the highest id used.
+    identity: NodeIdentity,
+    /// The last conf change already reflected in the stored conf state;
+    /// raft re-delivers older ones after a restart and they are skipped.
+    conf_index: u64,
+}
+
+struct Proposal {
+    term: u64,
+    waiter: ApplyWaiter,
+    /// Conf changes are answered by the raft loop, normal entries by the
+    /// apply worker.
+    conf_change: bool,
 }
 
 impl<S: LogStore> Node<S> {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
-        id: u64,
+        identity: NodeIdentity,
         store: S,
         config: RaftConfig,
-        members: BTreeMap<u64, String>,
         transport: Transport,
         fsm: std_mpsc::Sender<FsmRequest>,
         applied: watch::Receiver<u64>,
         logger: slog::Logger,
     ) -> Result<Node<S>, NodeError> {
+        let id = identity.id;
         let raft_config = raft::Config {
             id,
             election_tick: config.election_ticks,
@@ -179,15 +215,9 @@ impl<S: LogStore> Node<S> {
         };
         raft_config.validate()?;
         let hard_state = store.initial_state()?.hard_state;
+        let conf_index = store.conf_index()?;
         let mut raw = RawNode::new(&raft_config, store.clone(), &logger)?;
-        let voters = raw
-            .raft
-            .prs()
-            .conf()
-            .voters()
-            .ids()
-            .iter()
-            .collect::<Vec<_>>();
+        let voters = raw.raft.prs().conf().voters().ids().iter().collect::<Vec<_>>();
         if voters == [id] {
             // A one-voter cluster need not wait an election timeout.
             raw.campaign()?;
@@ -205,7 +235,8 @@ impl<S: LogStore> Node<S> {
             hard_state,
             hard_state_dirty: false,
             applied_dirty: false,
-            members,
+            identity,
+            conf_index,
         })
     }
 
@@ -241,9 +272,8 @@ impl<S: LogStore> Node<S> {
 
     fn on_tick(&mut self) -> Result<(), NodeError> {
         self.raw.tick();
-        let timeout = Duration::from_millis(
-            self.config.tick_interval_ms * self.config.election_ticks as u64 * 4,
-        );
+        self.promote_caught_up_learners();
+        let timeout = Duration::from_millis(self.config.tick_interval_ms * self.config.election_ticks as u64 * 4);
         self.reads.retain(|_, read| {
             if read.since.elapsed() > timeout || read.reply.is_closed() {
                 let _ = std::mem::replace(&mut read.reply, oneshot::channel().0)
@@ -264,6 +294,13 @@ impl<S: LogStore> Node<S> {
     fn handle(&mut self, request: NodeRequest) {
         match request {
             NodeRequest::Propose { data, reply } => self.propose(data, reply),
+            NodeRequest::Join {
+                addr,
+                requested_id,
+                reply,
+            } => self.join(addr, requested_id, reply),
+            NodeRequest::RemoveMember { id, reply } => self.remove_member(id, reply),
+            NodeRequest::TransferLeader { id, reply } => self.transfer_leader(id, reply),
             NodeRequest::ReadIndex { reply } => self.read_index(reply),
             NodeRequest::Raft(message) => {
                 if let Err(error) = self.raw.step(*message) {
@@ -276,16 +313,28 @@ impl<S: LogStore> Node<S> {
         }
     }
 
+    fn addr_of(&self, id: u64) -> Option<String> {
+        self.identity
+            .members
+            .iter()
+            .find(|(member, _)| *member == id)
+            .map(|(_, addr)| addr.clone())
+    }
+
+    fn is_leader(&self) -> bool {
+        self.raw.raft.state == StateRole::Leader
+    }
+
     fn not_leader(&self) -> ProposeError {
         let leader_id = self.raw.raft.leader_id;
         ProposeError::NotLeader {
             leader_id,
-            leader_addr: self.members.get(&leader_id).cloned(),
+            leader_addr: self.addr_of(leader_id),
         }
     }
 
     fn propose(&mut self, data: Vec<u8>, reply: ApplyWaiter) {
-        if self.raw.raft.state != StateRole::Leader {
+        if !self.is_leader() {
             let _ = reply.send(Err(self.not_leader()));
             return;
         }
@@ -300,7 +349,178 @@ impl<S: LogStore> Node<S> {
         }
         let index = self.raw.raft.raft_log.last_index();
         debug_assert_eq!(index, before + 1, "a proposal appends exactly one entry");
-        self.proposals.insert(index, (self.raw.raft.term, reply));
+        self.proposals.insert(
+            index,
+            Proposal {
+                term: self.raw.raft.term,
+                waiter: reply,
+                conf_change: false,
+            },
+        );
+    }
+
+    fn propose_conf_change(&mut self, change: ConfChange, reply: Option<ApplyWaiter>) {
+        if self.raw.raft.has_pending_conf() {
+            if let Some(reply) = reply {
+                let _ = reply.send(Err(ProposeError::Retry(
+                    "another membership change is in progress; retry shortly".into(),
+                )));
+            }
+            return;
+        }
+        if let Err(error) = self.raw.propose_conf_change(Vec::new(), change) {
+            if let Some(reply) = reply {
+                let _ = reply.send(Err(ProposeError::Dropped(error.to_string())));
+            }
+            return;
+        }
+        if let Some(waiter) = reply {
+            let index = self.raw.raft.raft_log.last_index();
+            self.proposals.insert(
+                index,
+                Proposal {
+                    term: self.raw.raft.term,
+                    waiter,
+                    conf_change: true,
+                },
+            );
+        }
+    }
+
+    fn voters(&self) -> Vec<u64> {
+        let mut voters: Vec<u64> = self.raw.raft.prs().conf().voters().ids().iter().collect();
+        voters.sort();
+        voters
+    }
+
+    fn learners(&self) -> Vec<u64> {
+        let mut learners: Vec<u64> = self.raw.raft.prs().conf().learners().iter().copied().collect();
+        learners.sort();
+        learners
+    }
+
+    fn is_member(&self, id: u64) -> bool {
+        self.voters().contains(&id) || self.learners().contains(&id)
+    }
+
+    fn join(&mut self, addr: String, requested_id: u64, reply: ApplyWaiter) {
+        if !self.is_leader() {
+            let _ = reply.send(Err(self.not_leader()));
+            return;
+        }
+        // Idempotent: a node that joined and asks again gets its id back.
+        if let Some((id, _)) = self.identity.members.iter().find(|(_, a)| *a == addr)
+            && self.is_member(*id)
+        {
+            let index = self.raw.raft.raft_log.committed;
+            let _ = reply.send(Ok(Applied {
+                index,
+                result: Ok(id.to_be_bytes().to_vec()),
+            }));
+            return;
+        }
+        if requested_id != 0
+            && let Some(existing) = self.addr_of(requested_id)
+            && self.is_member(requested_id)
+        {
+            let _ = reply.send(Err(ProposeError::Invalid(format!(
+                "node id {requested_id} is already a member, at {existing}"
+            ))));
+            return;
+        }
+        let id = if requested_id != 0 {
+            requested_id
+        } else {
+            self.identity.max_id + 1
+        };
+        let change = ConfChange {
+            change_type: ConfChangeType::AddLearnerNode,
+            node_id: id,
+            context: addr.into_bytes().into(),
+            ..Default::default()
+        };
+        self.propose_conf_change(change, Some(reply));
+    }
+
+    fn remove_member(&mut self, id: u64, reply: ApplyWaiter) {
+        if !self.is_leader() {
+            let _ = reply.send(Err(self.not_leader()));
+            return;
+        }
+        if !self.is_member(id) {
+            let _ = reply.send(Err(ProposeError::Invalid(format!("node {id} is not a member"))));
+            return;
+        }
+        let voters = self.voters();
+        if voters == [id] {
+            let _ = reply.send(Err(ProposeError::Invalid(format!(
+                "node {id} is the only voter; a cluster cannot remove its last voter"
+            ))));
+            return;
+        }
+        if id == self.raw.raft.id {
+            // Hand leadership to the most up-to-date other voter first; the
+            // new leader then removes this node when the caller retries.
+            let target = voters
+                .iter()
+                .filter(|v| **v != id)
+                .max_by_key(|v| self.raw.raft.prs().get(**v).map_or(0, |p| p.matched))
+                .copied();
+            if let Some(target) = target {
+                self.raw.transfer_leader(target);
+            }
+            let _ = reply.send(Err(ProposeError::Retry(format!(
+                "node {id} is the leader; leadership is moving to another voter first; retry shortly"
+            ))));
+            return;
+        }
+        let change = ConfChange {
+            change_type: ConfChangeType::RemoveNode,
+            node_id: id,
+            ..Default::default()
+        };
+        self.propose_conf_change(change, Some(reply));
+    }
+
+    fn transfer_leader(&mut self, id: u64, reply: oneshot::Sender<Result<(), ProposeError>>) {
+        if !self.is_leader() {
+            let _ = reply.send(Err(self.not_leader()));
+            return;
+        }
+        if !self.voters().contains(&id) {
+            let _ = reply.send(Err(ProposeError::Invalid(format!("node {id} is not a voter"))));
+            return;
+        }
+        if id != self.raw.raft.id {
+            self.raw.transfer_leader(id);
+        }
+        let _ = reply.send(Ok(()));
+    }
+
+    /// Leader: promote one learner that has caught up, if no other change
+    /// is in flight.
+    fn promote_caught_up_learners(&mut self) {
+        if !self.is_leader() || self.raw.raft.has_pending_conf() {
+            return;
+        }
+        let last = self.raw.raft.raft_log.last_index();
+        let lag = self.config.promote_lag_entries;
+        let caught_up = self.learners().into_iter().find(|learner| {
+            self.raw
+                .raft
+                .prs()
+                .get(*learner)
+                .is_some_and(|p| p.matched + lag >= last)
+        });
+        if let Some(learner) = caught_up {
+            tracing::info!(node = learner, "promoting a caught-up learner to voter");
+            let change = ConfChange {
+                change_type: ConfChangeType::AddNode,
+                node_id: learner,
+                ..Default::default()
+            };
+            self.propose_conf_change(change, None);
+        }
     }
 
     fn read_index(&mut self, reply: oneshot::Sender<Result<u64, ProposeError>>) {
@@ -329,13 +549,7 @@ impl<S: LogStore> Node<S> {
             .iter()
             .map(|id| (id, true))
             .chain(conf.learners().iter().map(|id| (*id, false)))
-            .map(|(id, voter)| {
-                (
-                    id,
-                    self.members.get(&id).cloned().unwrap_or_default(),
-                    voter,
-                )
-            })
+            .map(|(id, voter)| (id, self.addr_of(id).unwrap_or_default(), voter))
             .collect();
         members.sort();
         NodeStatus {
@@ -356,9 +570,7 @@ impl<S: LogStore> Node<S> {
         self.send(ready.take_messages());
         if !ready.snapshot().is_empty() {
             // Nothing ever sends a snapshot: the log is never compacted.
-            tracing::error!(
-                "received a raft snapshot, which this version does not produce; ignoring it"
-            );
+            tracing::error!("received a raft snapshot, which this version does not produce; ignoring it");
         }
         self.serve_reads(ready.take_read_states());
         let committed = ready.take_committed_entries();
@@ -426,31 +638,40 @@ impl<S: LogStore> Node<S> {
         }
         let mut waiters = HashMap::new();
         for entry in &entries {
-            match entry.get_entry_type() {
+            let proposal = self.take_proposal(entry);
+            let conf_change = match entry.get_entry_type() {
+                EntryType::EntryNormal => None,
                 EntryType::EntryConfChange => {
-                    let change = ConfChange::parse_from_bytes(&entry.data)
-                        .map_err(raft::Error::CodecError)?;
-                    let conf_state = self.raw.apply_conf_change(&change)?;
-                    self.persist_conf_state(conf_state)?;
+                    let change = ConfChange::parse_from_bytes(&entry.data).map_err(raft::Error::CodecError)?;
+                    if entry.index > self.conf_index {
+                        let conf_state = self.raw.apply_conf_change(&change)?;
+                        self.on_conf_changed(&change, conf_state, entry.index)?;
+                    }
+                    Some(change)
                 }
                 EntryType::EntryConfChangeV2 => {
-                    let change = ConfChangeV2::parse_from_bytes(&entry.data)
-                        .map_err(raft::Error::CodecError)?;
-                    let conf_state = self.raw.apply_conf_change(&change)?;
-                    self.persist_conf_state(conf_state)?;
+                    // This host proposes only simple conf changes.
+                    tracing::error!(index = entry.index, "ignoring a joint conf change entry");
+                    None
                 }
-                EntryType::EntryNormal => {}
-            }
-            // Answer proposals whose index was taken by another leader's entry.
-            while let Some(entry_proposal) = self.proposals.first_entry() {
-                if *entry_proposal.key() > entry.index {
-                    break;
+            };
+            let Some(proposal) = proposal else { continue };
+            match (conf_change, proposal.conf_change) {
+                (None, false) => {
+                    waiters.insert(entry.index, proposal.waiter);
                 }
-                let (index, (term, waiter)) = entry_proposal.remove_entry();
-                if index == entry.index && term == entry.term {
-                    waiters.insert(index, waiter);
-                } else {
-                    let _ = waiter.send(Err(ProposeError::Overwritten(index)));
+                (Some(change), true) => {
+                    let _ = proposal.waiter.send(Ok(Applied {
+                        index: entry.index,
+                        result: Ok(change.node_id.to_be_bytes().to_vec()),
+                    }));
+                }
+                // raft replaced a conf change it would not accept with an
+                // empty entry.
+                _ => {
+                    let _ = proposal.waiter.send(Err(ProposeError::Retry(
+                        "raft dropped the membership change; retry".into(),
+                    )));
                 }
             }
         }
@@ -459,9 +680,51 @@ impl<S: LogStore> Node<S> {
             .map_err(|_| NodeError::FsmGone)
     }
 
-    fn persist_conf_state(&mut self, conf_state: ConfState) -> Result<(), NodeError> {
+    /// The proposal waiting on `entry`, if this node proposed it. Proposals
+    /// whose index was taken by another leader's entry learn so here.
+    fn take_proposal(&mut self, entry: &Entry) -> Option<Proposal> {
+        while let Some(first) = self.proposals.first_entry() {
+            if *first.key() > entry.index {
+                break;
+            }
+            let (index, proposal) = first.remove_entry();
+            if index == entry.index && proposal.term == entry.term {
+                return Some(proposal);
+            }
+            let _ = proposal.waiter.send(Err(ProposeError::Overwritten(index)));
+        }
+        None
+    }
+
+    fn on_conf_changed(&mut self, change: &ConfChange, conf_state: ConfState, index: u64) -> Result<(), NodeError> {
+        let id = change.node_id;
+        match change.get_change_type() {
+            ConfChangeType::AddNode | ConfChangeType::AddLearnerNode => {
+                self.identity.max_id = self.identity.max_id.max(id);
+                if let Ok(addr) = String::from_utf8(change.context.to_vec())
+                    && !addr.is_empty()
+                {
+                    self.identity.members.retain(|(member, _)| *member != id);
+                    self.identity.members.push((id, addr.clone()));
+                    self.identity.members.sort();
+                    self.transport.set_peer(id, addr);
+                }
+                tracing::info!(node = id, index, change = ?change.get_change_type(), "membership changed");
+            }
+            ConfChangeType::RemoveNode => {
+                self.identity.members.retain(|(member, _)| *member != id);
+                self.transport.remove_peer(id);
+                if id == self.identity.id {
+                    tracing::warn!(index, "this node was removed from the cluster; it no longer takes part");
+                } else {
+                    tracing::info!(node = id, index, "member removed");
+                }
+            }
+        }
+        self.conf_index = index;
         self.persist(WriteBatch {
-            conf_state: Some(conf_state),
+            conf_state: Some((conf_state, index)),
+            identity: Some(self.identity.clone()),
             ..Default::default()
         })
     }

@@ -20,8 +20,8 @@ use crate::fsm::{Answered, Applied, FsmRequest};
 use crate::node::{NodeRequest, ProposeError};
 use crate::proto;
 use crate::proto::{
-    HostError, ProposeRequest, ProposeResponse, QueryRequest, QueryResponse, RaftBatch,
-    StatusRequest, StatusResponse, StreamSummary,
+    HostError, ProposeRequest, ProposeResponse, QueryRequest, QueryResponse, RaftBatch, StatusRequest, StatusResponse,
+    StreamSummary,
 };
 use crate::sandbox::CallError;
 
@@ -71,9 +71,7 @@ impl Services {
         let codec = self.codec.clone();
         match tokio::task::spawn_blocking(move || f(&codec)).await {
             Ok(result) => result,
-            Err(error) => Err(CodecError::Call(CallError::Trap(format!(
-                "codec task failed: {error}"
-            )))),
+            Err(error) => Err(CodecError::Call(CallError::Trap(format!("codec task failed: {error}")))),
         }
     }
 
@@ -113,18 +111,14 @@ impl Services {
             Err(mpsc::error::TrySendError::Full(_)) => Err(Status::resource_exhausted(
                 "busy: the node's request queue is full; retry later",
             )),
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                Err(propose_status(ProposeError::Shutdown))
-            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(propose_status(ProposeError::Shutdown)),
         }
     }
 
     async fn finish(&self, pending: Pending) -> Result<ProposeResponse, Status> {
         let applied = match tokio::time::timeout(self.timeout(), pending).await {
             Err(_) => {
-                return Err(propose_status(ProposeError::Timeout(
-                    self.config.request_timeout_ms,
-                )));
+                return Err(propose_status(ProposeError::Timeout(self.config.request_timeout_ms)));
             }
             Ok(Err(_)) => return Err(propose_status(ProposeError::Shutdown)),
             Ok(Ok(Err(error))) => return Err(propose_status(error)),
@@ -154,19 +148,7 @@ impl Services {
     }
 
     async fn read_index(&self) -> Result<u64, Status> {
-        let (reply, answer) = oneshot::channel();
-        self.node
-            .try_send(NodeRequest::ReadIndex { reply })
-            .map_err(|_| {
-                Status::resource_exhausted("busy: the node's request queue is full; retry later")
-            })?;
-        match tokio::time::timeout(self.timeout(), answer).await {
-            Err(_) => Err(propose_status(ProposeError::Timeout(
-                self.config.request_timeout_ms,
-            ))),
-            Ok(Err(_)) => Err(propose_status(ProposeError::Shutdown)),
-            Ok(Ok(result)) => result.map_err(propose_status),
-        }
+        self.ask(|reply| NodeRequest::ReadIndex { reply }).await
     }
 }
 
@@ -213,6 +195,8 @@ fn propose_status(error: ProposeError) -> Status {
         ProposeError::Dropped(_) | ProposeError::Shutdown => Status::unavailable(message),
         ProposeError::Overwritten(_) => Status::aborted(message),
         ProposeError::Timeout(_) => Status::deadline_exceeded(message),
+        ProposeError::Retry(_) => Status::unavailable(message),
+        ProposeError::Invalid(_) => Status::invalid_argument(message),
     }
 }
 
@@ -234,12 +218,104 @@ fn host_error(status: Status) -> ProposeResponse {
     }
 }
 
+impl Services {
+    /// Send a request to the raft loop and wait (bounded) for its answer.
+    async fn ask<T>(
+        &self,
+        request: impl FnOnce(oneshot::Sender<Result<T, ProposeError>>) -> NodeRequest,
+    ) -> Result<T, Status> {
+        let (reply, answer) = oneshot::channel();
+        self.node
+            .try_send(request(reply))
+            .map_err(|_| Status::resource_exhausted("busy: the node's request queue is full; retry later"))?;
+        match tokio::time::timeout(self.timeout(), answer).await {
+            Err(_) => Err(propose_status(ProposeError::Timeout(self.config.request_timeout_ms))),
+            Ok(Err(_)) => Err(propose_status(ProposeError::Shutdown)),
+            Ok(Ok(result)) => result.map_err(propose_status),
+        }
+    }
+
+    async fn node_status(&self) -> Result<crate::node::NodeStatus, Status> {
+        let (reply, answer) = oneshot::channel();
+        self.node
+            .send(NodeRequest::Status { reply })
+            .await
+            .map_err(|_| propose_status(ProposeError::Shutdown))?;
+        answer.await.map_err(|_| propose_status(ProposeError::Shutdown))
+    }
+
+    async fn members(&self) -> Result<Vec<proto::Member>, Status> {
+        Ok(self
+            .node_status()
+            .await?
+            .members
+            .into_iter()
+            .map(|(id, addr, voter)| proto::Member { id, addr, voter })
+            .collect())
+    }
+}
+
 #[tonic::async_trait]
 impl proto::client_server::Client for Services {
-    async fn propose(
+    async fn join(&self, request: Request<proto::JoinRequest>) -> Result<Response<proto::JoinResponse>, Status> {
+        let request = request.into_inner();
+        if crate::config::check_addr(&request.addr).is_err() {
+            return Err(Status::invalid_argument(format!("{:?} is not HOST:PORT", request.addr)));
+        }
+        let applied = self
+            .ask(|reply| NodeRequest::Join {
+                addr: request.addr,
+                requested_id: request.requested_id,
+                reply,
+            })
+            .await?;
+        let id = applied
+            .result
+            .ok()
+            .and_then(|bytes| bytes.try_into().ok())
+            .map(u64::from_be_bytes)
+            .ok_or_else(|| Status::internal("the join committed without an id"))?;
+        Ok(Response::new(proto::JoinResponse {
+            id,
+            members: self.members().await?,
+        }))
+    }
+
+    async fn remove_member(
         &self,
-        request: Request<ProposeRequest>,
-    ) -> Result<Response<ProposeResponse>, Status> {
+        request: Request<proto::RemoveMemberRequest>,
+    ) -> Result<Response<proto::MembersResponse>, Status> {
+        let id = request.into_inner().id;
+        self.ask(|reply| NodeRequest::RemoveMember { id, reply }).await?;
+        Ok(Response::new(proto::MembersResponse {
+            members: self.members().await?,
+        }))
+    }
+
+    async fn transfer_leader(
+        &self,
+        request: Request<proto::TransferLeaderRequest>,
+    ) -> Result<Response<proto::TransferLeaderResponse>, Status> {
+        let id = request.into_inner().id;
+        self.ask(|reply| NodeRequest::TransferLeader { id, reply }).await?;
+        // Leadership moves within an election timeout or not at all.
+        let deadline = tokio::time::Instant::now() + self.timeout();
+        loop {
+            let status = self.node_status().await?;
+            if status.leader_id == id {
+                return Ok(Response::new(proto::TransferLeaderResponse { leader_id: id }));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Status::deadline_exceeded(format!(
+                    "leadership did not move to node {id} within {} ms (the leader is node {})",
+                    self.config.request_timeout_ms, status.leader_id
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn propose(&self, request: Request<ProposeRequest>) -> Result<Response<ProposeResponse>, Status> {
         let pending = self.submit(request.into_inner()).await?;
         self.finish(pending).await.map(Response::new)
     }
@@ -281,10 +357,7 @@ impl proto::client_server::Client for Services {
         Ok(Response::new(Box::pin(responses)))
     }
 
-    async fn query(
-        &self,
-        request: Request<QueryRequest>,
-    ) -> Result<Response<QueryResponse>, Status> {
+    async fn query(&self, request: Request<QueryRequest>) -> Result<Response<QueryResponse>, Status> {
         let request = request.into_inner();
         let bytes = match request.request {
             Some(proto::query_request::Request::Bytes(bytes)) => bytes,
@@ -317,9 +390,7 @@ impl proto::client_server::Client for Services {
             .map_err(|_| propose_status(ProposeError::Shutdown))?;
         let Answered { index, result } = match tokio::time::timeout(self.timeout(), answer).await {
             Err(_) => {
-                return Err(propose_status(ProposeError::Timeout(
-                    self.config.request_timeout_ms,
-                )));
+                return Err(propose_status(ProposeError::Timeout(self.config.request_timeout_ms)));
             }
             Ok(Err(_)) => return Err(propose_status(ProposeError::Shutdown)),
             Ok(Ok(answered)) => answered,
@@ -332,18 +403,8 @@ impl proto::client_server::Client for Services {
         }))
     }
 
-    async fn status(
-        &self,
-        _request: Request<StatusRequest>,
-    ) -> Result<Response<StatusResponse>, Status> {
-        let (reply, answer) = oneshot::channel();
-        self.node
-            .send(NodeRequest::Status { reply })
-            .await
-            .map_err(|_| propose_status(ProposeError::Shutdown))?;
-        let status = answer
-            .await
-            .map_err(|_| propose_status(ProposeError::Shutdown))?;
+    async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        let status = self.node_status().await?;
         let leader_addr = status
             .members
             .iter()
@@ -368,9 +429,7 @@ impl proto::client_server::Client for Services {
                 .into_iter()
                 .map(|(id, addr, voter)| proto::Member { id, addr, voter })
                 .collect(),
-            trapped_entries: self
-                .trapped_entries
-                .load(std::sync::atomic::Ordering::Relaxed),
+            trapped_entries: self.trapped_entries.load(std::sync::atomic::Ordering::Relaxed),
             listen: self.listen.clone(),
         }))
     }
@@ -378,24 +437,15 @@ impl proto::client_server::Client for Services {
 
 #[tonic::async_trait]
 impl proto::peer_server::Peer for Services {
-    async fn stream(
-        &self,
-        request: Request<Streaming<RaftBatch>>,
-    ) -> Result<Response<StreamSummary>, Status> {
+    async fn stream(&self, request: Request<Streaming<RaftBatch>>) -> Result<Response<StreamSummary>, Status> {
         let mut batches = request.into_inner();
         let mut received = 0u64;
         while let Some(batch) = batches.message().await? {
             for bytes in batch.messages {
-                let message = Message::parse_from_bytes(&bytes).map_err(|e| {
-                    Status::invalid_argument(format!("malformed raft message: {e}"))
-                })?;
+                let message = Message::parse_from_bytes(&bytes)
+                    .map_err(|e| Status::invalid_argument(format!("malformed raft message: {e}")))?;
                 received += 1;
-                if self
-                    .node
-                    .send(NodeRequest::Raft(Box::new(message)))
-                    .await
-                    .is_err()
-                {
+                if self.node.send(NodeRequest::Raft(Box::new(message))).await.is_err() {
                     return Err(propose_status(ProposeError::Shutdown));
                 }
             }

@@ -112,12 +112,7 @@ impl Transport {
     }
 }
 
-async fn peer_task(
-    id: u64,
-    addr: String,
-    mut batches: mpsc::Receiver<Vec<Message>>,
-    config: TransportConfig,
-) {
+async fn peer_task(id: u64, addr: String, mut batches: mpsc::Receiver<Vec<Message>>, config: TransportConfig) {
     let mut backoff = Duration::from_millis(config.min_backoff_ms);
     let max_backoff = Duration::from_millis(config.max_backoff_ms);
     let endpoint = format!("http://{addr}");
@@ -163,10 +158,7 @@ async fn peer_task(
             let Some(batch) = batches.recv().await else {
                 return;
             };
-            let messages = batch
-                .iter()
-                .filter_map(|m| m.write_to_bytes().ok())
-                .collect();
+            let messages = batch.iter().filter_map(|m| m.write_to_bytes().ok()).collect();
             if stream_tx.send(RaftBatch { messages }).await.is_err() {
                 let result = call.await;
                 tracing::debug!(peer = id, %addr, ?result, "peer stream ended; reconnecting");

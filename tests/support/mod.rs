@@ -74,15 +74,7 @@ impl Node {
     pub fn wait_ready(&self) {
         let deadline = Instant::now() + START_DEADLINE;
         loop {
-            let status = cli(&[
-                "status",
-                "-o",
-                "json",
-                "--addr",
-                &self.addr,
-                "--timeout-ms",
-                "2000",
-            ]);
+            let status = cli(&["status", "-o", "json", "--addr", &self.addr, "--timeout-ms", "2000"]);
             if status.status.success() {
                 let json: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
                 if json["leader_id"].as_u64().unwrap_or(0) != 0 {
@@ -108,10 +100,7 @@ impl Node {
                 self.child = None;
                 return status;
             }
-            assert!(
-                Instant::now() < deadline,
-                "node did not exit within {within:?}"
-            );
+            assert!(Instant::now() < deadline, "node did not exit within {within:?}");
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -158,11 +147,7 @@ pub fn cli(args: &[&str]) -> Output {
 pub fn cli_with_stdin(args: &[&str], stdin: Option<&[u8]>) -> Output {
     let mut child = Command::new(BIN)
         .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -24,19 +24,10 @@ pub fn compile(engine: &Engine, wasm: &[u8]) -> Result<Component, LoadError> {
 pub fn path_for(engine: &Engine, dir: &Path, sha256: &[u8; 32]) -> PathBuf {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     engine.precompile_compatibility_hash().hash(&mut hasher);
-    dir.join(format!(
-        "{}-{:016x}.cwasm",
-        hex::encode(sha256),
-        hasher.finish()
-    ))
+    dir.join(format!("{}-{:016x}.cwasm", hex::encode(sha256), hasher.finish()))
 }
 
-pub fn load_or_compile(
-    engine: &Engine,
-    dir: &Path,
-    sha256: &[u8; 32],
-    wasm: &[u8],
-) -> Result<Component, LoadError> {
+pub fn load_or_compile(engine: &Engine, dir: &Path, sha256: &[u8; 32], wasm: &[u8]) -> Result<Component, LoadError> {
     let path = path_for(engine, dir, sha256);
     if let Some(component) = load(engine, &path) {
         return Ok(component);

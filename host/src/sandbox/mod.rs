@@ -92,11 +92,9 @@ pub struct Sandbox {
 
 impl Sandbox {
     pub fn new(config: SandboxConfig) -> Result<Sandbox, LoadError> {
-        let engine =
-            Engine::new(&engine_config()).map_err(|e| LoadError::Engine(format!("{e:#}")))?;
+        let engine = Engine::new(&engine_config()).map_err(|e| LoadError::Engine(format!("{e:#}")))?;
         let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
-            .map_err(|e| LoadError::Engine(format!("{e:#}")))?;
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| LoadError::Engine(format!("{e:#}")))?;
         Ok(Sandbox {
             engine,
             linker: Arc::new(linker),
@@ -119,8 +117,7 @@ impl Sandbox {
             .linker
             .instantiate_pre(&component)
             .map_err(|e| LoadError::WrongWorld(format!("{e:#}")))?;
-        let pre =
-            bindings::PluginPre::new(pre).map_err(|e| LoadError::WrongWorld(format!("{e:#}")))?;
+        let pre = bindings::PluginPre::new(pre).map_err(|e| LoadError::WrongWorld(format!("{e:#}")))?;
         Ok(Plugin {
             inner: Arc::new(PluginInner {
                 pre,
@@ -230,12 +227,7 @@ struct MemoryCap {
 }
 
 impl ResourceLimiter for MemoryCap {
-    fn memory_growing(
-        &mut self,
-        _current: usize,
-        desired: usize,
-        _maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
         if desired > self.max_bytes {
             self.hit = true;
             wasmtime::bail!("memory cap reached");
@@ -243,12 +235,7 @@ impl ResourceLimiter for MemoryCap {
         Ok(true)
     }
 
-    fn table_growing(
-        &mut self,
-        _current: usize,
-        desired: usize,
-        _maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
+    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
         Ok(desired <= 1_000_000)
     }
 }
@@ -282,16 +269,12 @@ impl Instance {
     /// `index` is the applied index the query reads at (it seeds the clock).
     pub fn query(&mut self, index: u64, request: &[u8]) -> Result<Vec<u8>, CallError> {
         let fuel = self.plugin.inner.sandbox.config.fuel_per_call;
-        self.call(index, fuel, |b, s| {
-            b.raftify_fsm_state_machine().call_query(s, request)
-        })
+        self.call(index, fuel, |b, s| b.raftify_fsm_state_machine().call_query(s, request))
     }
 
     pub fn snapshot(&mut self, index: u64) -> Result<Vec<u8>, CallError> {
         let fuel = self.plugin.inner.sandbox.config.fuel_per_snapshot;
-        self.call(index, fuel, |b, s| {
-            b.raftify_fsm_state_machine().call_snapshot(s)
-        })
+        self.call(index, fuel, |b, s| b.raftify_fsm_state_machine().call_snapshot(s))
     }
 
     pub fn restore(&mut self, index: u64, snapshot: &[u8]) -> Result<(), CallError> {
@@ -313,9 +296,7 @@ impl Instance {
 
     pub fn render(&mut self, response: &[u8]) -> Result<String, CallError> {
         let fuel = self.plugin.inner.sandbox.config.fuel_per_call;
-        self.call(0, fuel, |b, s| {
-            b.raftify_fsm_codec().call_render(s, response)
-        })
+        self.call(0, fuel, |b, s| b.raftify_fsm_codec().call_render(s, response))
     }
 
     fn call<T>(
@@ -325,9 +306,7 @@ impl Instance {
         f: impl FnOnce(&bindings::Plugin, &mut Store<GuestState>) -> wasmtime::Result<Result<T, String>>,
     ) -> Result<T, CallError> {
         if self.poisoned {
-            return Err(CallError::Trap(
-                "the instance was poisoned by an earlier trap".into(),
-            ));
+            return Err(CallError::Trap("the instance was poisoned by an earlier trap".into()));
         }
         self.store
             .set_fuel(fuel)
@@ -342,11 +321,7 @@ impl Instance {
             Err(error) => {
                 self.poisoned = true;
                 let memory_cap_hit = self.store.data().limiter.hit;
-                Err(CallError::Trap(self.describe_trap(
-                    &error,
-                    fuel,
-                    memory_cap_hit,
-                )))
+                Err(CallError::Trap(self.describe_trap(&error, fuel, memory_cap_hit)))
             }
         }
     }
@@ -365,9 +340,7 @@ impl Instance {
             Some(Trap::OutOfFuel) => {
                 format!("out of fuel: the call used up its budget of {fuel} fuel")
             }
-            Some(Trap::UnreachableCodeReached) => {
-                "the plugin panicked (wasm `unreachable` reached)".to_string()
-            }
+            Some(Trap::UnreachableCodeReached) => "the plugin panicked (wasm `unreachable` reached)".to_string(),
             Some(Trap::StackOverflow) => "stack overflow".to_string(),
             Some(trap) => format!("wasm trap: {trap}"),
             None => {

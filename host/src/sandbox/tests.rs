@@ -32,11 +32,7 @@ fn kv_applies_queries_and_encodes_through_the_sandbox() {
 
 #[test]
 fn a_guest_error_is_an_ordinary_result_and_the_instance_lives_on() {
-    let mut chaos = sandbox()
-        .load(EMBEDDED_CHAOS)
-        .unwrap()
-        .instantiate()
-        .unwrap();
+    let mut chaos = sandbox().load(EMBEDDED_CHAOS).unwrap().instantiate().unwrap();
     chaos.apply(1, b"set a 1").unwrap();
     assert_eq!(
         chaos.apply(2, b"fail"),
@@ -48,11 +44,7 @@ fn a_guest_error_is_an_ordinary_result_and_the_instance_lives_on() {
 
 #[test]
 fn a_panic_traps_and_poisons_the_instance() {
-    let mut chaos = sandbox()
-        .load(EMBEDDED_CHAOS)
-        .unwrap()
-        .instantiate()
-        .unwrap();
+    let mut chaos = sandbox().load(EMBEDDED_CHAOS).unwrap().instantiate().unwrap();
     let error = chaos.apply(1, b"panic").unwrap_err();
     assert!(
         matches!(&error, CallError::Trap(m) if m.contains("panicked")),
@@ -64,11 +56,7 @@ fn a_panic_traps_and_poisons_the_instance() {
 
 #[test]
 fn an_endless_loop_runs_out_of_fuel() {
-    let mut chaos = sandbox()
-        .load(EMBEDDED_CHAOS)
-        .unwrap()
-        .instantiate()
-        .unwrap();
+    let mut chaos = sandbox().load(EMBEDDED_CHAOS).unwrap().instantiate().unwrap();
     let error = chaos.apply(1, b"spin").unwrap_err();
     assert_eq!(
         error,
@@ -118,11 +106,7 @@ fn clocks_and_randomness_depend_only_on_the_index() {
 
 #[test]
 fn guest_output_is_captured_not_fatal() {
-    let mut chaos = sandbox()
-        .load(EMBEDDED_CHAOS)
-        .unwrap()
-        .instantiate()
-        .unwrap();
+    let mut chaos = sandbox().load(EMBEDDED_CHAOS).unwrap().instantiate().unwrap();
     assert_eq!(text(chaos.apply(1, b"print").unwrap()), "OK");
 }
 
@@ -149,26 +133,14 @@ fn compiled_components_are_cached_and_a_corrupt_cache_is_recompiled() {
 
     let from_cache = sandbox.load(EMBEDDED_KV).unwrap();
     assert_eq!(
-        text(
-            from_cache
-                .instantiate()
-                .unwrap()
-                .apply(1, b"set a 1")
-                .unwrap()
-        ),
+        text(from_cache.instantiate().unwrap().apply(1, b"set a 1").unwrap()),
         "OK"
     );
 
     std::fs::write(&cached, b"torn write").unwrap();
     let recompiled = sandbox.load(EMBEDDED_KV).unwrap();
     assert_eq!(
-        text(
-            recompiled
-                .instantiate()
-                .unwrap()
-                .apply(1, b"set a 1")
-                .unwrap()
-        ),
+        text(recompiled.instantiate().unwrap().apply(1, b"set a 1").unwrap()),
         "OK"
     );
     assert!(

@@ -31,6 +31,7 @@ const HARD_STATE: &str = "hard_state";
 const CONF_STATE: &str = "conf_state";
 const SNAPSHOT_META: &str = "snapshot_meta";
 const APPLIED_INDEX: &str = "applied_index";
+const CONF_INDEX: &str = "conf_index";
 const IDENTITY: &str = "identity";
 const ACTIVE_PLUGIN: &str = "active_plugin";
 
@@ -102,10 +103,7 @@ impl LmdbStore {
         })
     }
 
-    fn read<T>(
-        &self,
-        f: impl FnOnce(&Inner, &RoTxn) -> Result<T, StoreError>,
-    ) -> Result<T, StoreError> {
+    fn read<T>(&self, f: impl FnOnce(&Inner, &RoTxn) -> Result<T, StoreError>) -> Result<T, StoreError> {
         let txn = self.inner.env.read_txn()?;
         f(&self.inner, &txn)
     }
@@ -114,10 +112,7 @@ impl LmdbStore {
     #[cfg(test)]
     pub(crate) fn corrupt_entry_for_test(&self, index: u64) {
         let mut txn = self.inner.env.write_txn().unwrap();
-        self.inner
-            .entries
-            .put(&mut txn, &index, &[0xff, 0xff, 0xff])
-            .unwrap();
+        self.inner.entries.put(&mut txn, &index, &[0xff, 0xff, 0xff]).unwrap();
         txn.commit().unwrap();
     }
 
@@ -128,16 +123,24 @@ impl LmdbStore {
 }
 
 impl Inner {
-    fn meta_message<M: protobuf::Message>(
-        &self,
-        txn: &RoTxn,
-        key: &str,
-    ) -> Result<Option<M>, StoreError> {
+    fn meta_message<M: protobuf::Message>(&self, txn: &RoTxn, key: &str) -> Result<Option<M>, StoreError> {
         match self.meta.get(txn, key)? {
             None => Ok(None),
             Some(bytes) => M::parse_from_bytes(bytes)
                 .map(Some)
                 .map_err(|e| StoreError::Corrupt(format!("{key}: {e}"))),
+        }
+    }
+
+    fn meta_u64(&self, txn: &RoTxn, key: &str) -> Result<u64, StoreError> {
+        match self.meta.get(txn, key)? {
+            None => Ok(0),
+            Some(bytes) => {
+                let bytes: [u8; 8] = bytes
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt(format!("{key} is not 8 bytes")))?;
+                Ok(u64::from_be_bytes(bytes))
+            }
         }
     }
 
@@ -168,8 +171,7 @@ impl Inner {
 }
 
 fn decode_entry(index: u64, bytes: &[u8]) -> Result<Entry, StoreError> {
-    let entry = Entry::parse_from_bytes(bytes)
-        .map_err(|e| StoreError::Corrupt(format!("entry {index}: {e}")))?;
+    let entry = Entry::parse_from_bytes(bytes).map_err(|e| StoreError::Corrupt(format!("entry {index}: {e}")))?;
     if entry.index != index {
         return Err(StoreError::Corrupt(format!(
             "entry stored at {index} claims index {}",
@@ -183,6 +185,10 @@ fn encode<M: protobuf::Message>(message: &M) -> Result<Vec<u8>, StoreError> {
     message
         .write_to_bytes()
         .map_err(|e| StoreError::Invalid(format!("protobuf encoding: {e}")))
+}
+
+fn encode_identity(identity: &NodeIdentity) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(identity).map_err(|e| StoreError::Invalid(e.to_string()))
 }
 
 fn to_raft(error: StoreError) -> raft::Error {
@@ -260,21 +266,17 @@ impl Storage for LmdbStore {
     }
 
     fn first_index(&self) -> raft::Result<u64> {
-        self.read(|inner, txn| inner.first_index(txn))
-            .map_err(to_raft)
+        self.read(|inner, txn| inner.first_index(txn)).map_err(to_raft)
     }
 
     fn last_index(&self) -> raft::Result<u64> {
-        self.read(|inner, txn| inner.last_index(txn))
-            .map_err(to_raft)
+        self.read(|inner, txn| inner.last_index(txn)).map_err(to_raft)
     }
 
     fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
         // Snapshots of the state machine are not stored yet: the log is never
         // compacted, so a follower can always be caught up from the log.
-        Err(raft::Error::Store(
-            StorageError::SnapshotTemporarilyUnavailable,
-        ))
+        Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable))
     }
 }
 
@@ -310,28 +312,26 @@ impl LogStore for LmdbStore {
         if let Some(hard_state) = &batch.hard_state {
             inner.meta.put(&mut txn, HARD_STATE, &encode(hard_state)?)?;
         }
-        if let Some(conf_state) = &batch.conf_state {
+        if let Some((conf_state, conf_index)) = &batch.conf_state {
             inner.meta.put(&mut txn, CONF_STATE, &encode(conf_state)?)?;
+            inner.meta.put(&mut txn, CONF_INDEX, &conf_index.to_be_bytes())?;
+        }
+        if let Some(identity) = &batch.identity {
+            inner.meta.put(&mut txn, IDENTITY, &encode_identity(identity)?)?;
         }
         if let Some(applied) = batch.applied_index {
-            inner
-                .meta
-                .put(&mut txn, APPLIED_INDEX, &applied.to_be_bytes())?;
+            inner.meta.put(&mut txn, APPLIED_INDEX, &applied.to_be_bytes())?;
         }
         txn.commit()?;
         Ok(())
     }
 
     fn applied_index(&self) -> Result<u64, StoreError> {
-        self.read(|inner, txn| match inner.meta.get(txn, APPLIED_INDEX)? {
-            None => Ok(0),
-            Some(bytes) => {
-                let bytes: [u8; 8] = bytes
-                    .try_into()
-                    .map_err(|_| StoreError::Corrupt("applied_index is not 8 bytes".into()))?;
-                Ok(u64::from_be_bytes(bytes))
-            }
-        })
+        self.read(|inner, txn| inner.meta_u64(txn, APPLIED_INDEX))
+    }
+
+    fn conf_index(&self) -> Result<u64, StoreError> {
+        self.read(|inner, txn| inner.meta_u64(txn, CONF_INDEX))
     }
 
     fn record_trap(&self, index: u64, message: &str) -> Result<(), StoreError> {
@@ -362,7 +362,7 @@ impl LogStore for LmdbStore {
     }
 
     fn set_identity(&self, identity: &NodeIdentity) -> Result<(), StoreError> {
-        let bytes = serde_json::to_vec(identity).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        let bytes = encode_identity(identity)?;
         let mut txn = self.inner.env.write_txn()?;
         self.inner.meta.put(&mut txn, IDENTITY, &bytes)?;
         txn.commit()?;
@@ -387,12 +387,10 @@ impl LogStore for LmdbStore {
             let sha: [u8; 32] = sha
                 .try_into()
                 .map_err(|_| StoreError::Corrupt("active_plugin is not a SHA-256".into()))?;
-            let wasm = inner.plugins.get(txn, &sha)?.ok_or_else(|| {
-                StoreError::Corrupt(format!(
-                    "plugin {} is active but not stored",
-                    hex::encode(sha)
-                ))
-            })?;
+            let wasm = inner
+                .plugins
+                .get(txn, &sha)?
+                .ok_or_else(|| StoreError::Corrupt(format!("plugin {} is active but not stored", hex::encode(sha))))?;
             use sha2::Digest as _;
             if sha2::Sha256::digest(wasm).as_slice() != sha {
                 return Err(StoreError::Corrupt(format!(

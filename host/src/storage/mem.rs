@@ -22,6 +22,7 @@ struct Inner {
     conf_state: ConfState,
     snapshot_meta: SnapshotMetadata,
     applied_index: u64,
+    conf_index: u64,
     traps: BTreeMap<u64, String>,
     identity: Option<NodeIdentity>,
     active_plugin: Option<StoredPlugin>,
@@ -63,10 +64,7 @@ impl MemStore {
 impl Storage for MemStore {
     fn initial_state(&self) -> raft::Result<RaftState> {
         let inner = self.rl();
-        Ok(RaftState::new(
-            inner.hard_state.clone(),
-            inner.conf_state.clone(),
-        ))
+        Ok(RaftState::new(inner.hard_state.clone(), inner.conf_state.clone()))
     }
 
     fn entries(
@@ -119,9 +117,7 @@ impl Storage for MemStore {
     }
 
     fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        Err(raft::Error::Store(
-            StorageError::SnapshotTemporarilyUnavailable,
-        ))
+        Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable))
     }
 }
 
@@ -151,8 +147,12 @@ impl LogStore for MemStore {
         if let Some(hard_state) = batch.hard_state {
             inner.hard_state = hard_state;
         }
-        if let Some(conf_state) = batch.conf_state {
+        if let Some((conf_state, conf_index)) = batch.conf_state {
             inner.conf_state = conf_state;
+            inner.conf_index = conf_index;
+        }
+        if let Some(identity) = batch.identity {
+            inner.identity = Some(identity);
         }
         if let Some(applied) = batch.applied_index {
             inner.applied_index = applied;
@@ -164,18 +164,17 @@ impl LogStore for MemStore {
         Ok(self.rl().applied_index)
     }
 
+    fn conf_index(&self) -> Result<u64, StoreError> {
+        Ok(self.rl().conf_index)
+    }
+
     fn record_trap(&self, index: u64, message: &str) -> Result<(), StoreError> {
         self.wl().traps.insert(index, message.to_string());
         Ok(())
     }
 
     fn traps(&self, low: u64, high: u64) -> Result<Vec<(u64, String)>, StoreError> {
-        Ok(self
-            .rl()
-            .traps
-            .range(low..high)
-            .map(|(i, m)| (*i, m.clone()))
-            .collect())
+        Ok(self.rl().traps.range(low..high).map(|(i, m)| (*i, m.clone())).collect())
     }
 
     fn identity(&self) -> Result<Option<NodeIdentity>, StoreError> {

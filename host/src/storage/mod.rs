@@ -38,7 +38,11 @@ pub struct WriteBatch {
     /// new leader overrides an uncommitted suffix.
     pub entries: Vec<Entry>,
     pub hard_state: Option<HardState>,
-    pub conf_state: Option<ConfState>,
+    /// The configuration after applying the conf change entry at the given
+    /// index. The index is kept so a restart does not apply it twice.
+    pub conf_state: Option<(ConfState, u64)>,
+    /// The node's identity and member addresses, when they changed.
+    pub identity: Option<NodeIdentity>,
     /// The highest index the state machine has applied (informational: the
     /// state machine lives in memory and is rebuilt on restart).
     pub applied_index: Option<u64>,
@@ -49,6 +53,7 @@ impl WriteBatch {
         self.entries.is_empty()
             && self.hard_state.is_none()
             && self.conf_state.is_none()
+            && self.identity.is_none()
             && self.applied_index.is_none()
     }
 }
@@ -59,6 +64,10 @@ pub struct NodeIdentity {
     pub id: u64,
     /// The cluster's members and their addresses, as last known.
     pub members: Vec<(u64, String)>,
+    /// The highest node id the cluster ever used: removed ids are never
+    /// handed out again.
+    #[serde(default)]
+    pub max_id: u64,
 }
 
 /// A plugin component as stored: its SHA-256 and its bytes.
@@ -71,6 +80,9 @@ pub trait LogStore: Storage + Clone + Send + Sync + 'static {
 
     /// The applied index last persisted (0 if none).
     fn applied_index(&self) -> Result<u64, StoreError>;
+
+    /// The index of the last conf change reflected in the stored conf state.
+    fn conf_index(&self) -> Result<u64, StoreError>;
 
     /// Record that applying the entry at `index` trapped, with the message
     /// the proposer got, so replay skips it instead of trapping again.

@@ -60,10 +60,7 @@ fn appended_entries_read_back<S: LogStore>(store: S) {
     assert_eq!(read(&store, 1, 6, None).unwrap(), entries(1..=5, 1));
     assert_eq!(read(&store, 2, 4, None).unwrap(), entries(2..=3, 1));
     assert_eq!(store.term(3).unwrap(), 1);
-    assert!(is_store_error(
-        read(&store, 1, 7, None),
-        StorageError::Unavailable
-    ));
+    assert!(is_store_error(read(&store, 1, 7, None), StorageError::Unavailable));
     assert!(is_store_error(store.term(6), StorageError::Unavailable));
 }
 
@@ -71,16 +68,9 @@ fn max_size_limits_but_returns_at_least_one<S: LogStore>(store: S) {
     append(&store, entries(1..=5, 1));
     assert_eq!(read(&store, 1, 6, Some(0)).unwrap().len(), 1);
     let all = read(&store, 1, 6, None).unwrap();
-    let two: u64 = all[..2]
-        .iter()
-        .map(|e| protobuf::Message::compute_size(e) as u64)
-        .sum();
+    let two: u64 = all[..2].iter().map(|e| protobuf::Message::compute_size(e) as u64).sum();
     let limited = read(&store, 1, 6, Some(two)).unwrap();
-    assert!(
-        (1..=2).contains(&limited.len()),
-        "got {} entries",
-        limited.len()
-    );
+    assert!((1..=2).contains(&limited.len()), "got {} entries", limited.len());
 }
 
 fn a_new_leader_overwrites_the_tail<S: LogStore>(store: S) {
@@ -135,13 +125,15 @@ fn hard_state_conf_state_and_applied_persist<S: LogStore>(store: S) {
         .write(WriteBatch {
             entries: entries(1..=7, 3),
             hard_state: Some(hard_state.clone()),
-            conf_state: Some(conf_state.clone()),
+            conf_state: Some((conf_state.clone(), 5)),
+            identity: None,
             applied_index: Some(6),
         })
         .unwrap();
     let state = store.initial_state().unwrap();
     assert_eq!(state.hard_state, hard_state);
     assert_eq!(state.conf_state, conf_state);
+    assert_eq!(store.conf_index().unwrap(), 5);
     assert_eq!(store.applied_index().unwrap(), 6);
 }
 
@@ -156,9 +148,22 @@ fn traps_and_identity_are_recorded<S: LogStore>(store: S) {
     let identity = NodeIdentity {
         id: 2,
         members: vec![(1, "127.0.0.1:1".into()), (2, "127.0.0.1:2".into())],
+        max_id: 2,
     };
     store.set_identity(&identity).unwrap();
-    assert_eq!(store.identity().unwrap(), Some(identity));
+    assert_eq!(store.identity().unwrap(), Some(identity.clone()));
+    let moved = NodeIdentity {
+        members: vec![(2, "127.0.0.1:2".into()), (5, "127.0.0.1:5".into())],
+        max_id: 5,
+        ..identity
+    };
+    store
+        .write(WriteBatch {
+            identity: Some(moved.clone()),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(store.identity().unwrap(), Some(moved));
 }
 
 fn the_active_plugin_is_stored<S: LogStore>(store: S) {
@@ -250,10 +255,14 @@ fn lmdb_keeps_everything_across_reopen() {
                     commit: 10,
                     ..Default::default()
                 }),
-                conf_state: Some(ConfState {
-                    voters: vec![1],
-                    ..Default::default()
-                }),
+                conf_state: Some((
+                    ConfState {
+                        voters: vec![1],
+                        ..Default::default()
+                    },
+                    0,
+                )),
+                identity: None,
                 applied_index: Some(10),
             })
             .unwrap();

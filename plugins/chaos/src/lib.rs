@@ -73,10 +73,8 @@ impl Plugin for Chaos {
                 let random = wasip2::random::random::get_random_u64();
                 let insecure = wasip2::random::insecure::get_insecure_random_u64();
                 let monotonic = wasip2::clocks::monotonic_clock::now();
-                self.map.insert(
-                    k.to_string(),
-                    format!("{now}:{monotonic}:{random}:{insecure}"),
-                );
+                self.map
+                    .insert(k.to_string(), format!("{now}:{monotonic}:{random}:{insecure}"));
                 Ok(b"OK".to_vec())
             }
             ["print"] => {
@@ -94,12 +92,7 @@ impl Plugin for Chaos {
 
     fn query(&self, request: &[u8]) -> Result<Vec<u8>, String> {
         match words(request)?.as_slice() {
-            ["get", k] => Ok(self
-                .map
-                .get(*k)
-                .map_or("(nil)", |v| v.as_str())
-                .as_bytes()
-                .to_vec()),
+            ["get", k] => Ok(self.map.get(*k).map_or("(nil)", |v| v.as_str()).as_bytes().to_vec()),
             ["len"] => Ok(self.map.len().to_string().into_bytes()),
             ["spin"] => spin(),
             ["panic"] => panic!("chaos: asked to panic in a query"),

@@ -119,12 +119,7 @@ impl Kv {
                 self.map.insert(k.to_string(), v.to_string());
                 Ok("OK".to_string())
             }
-            Command::Del(k) => Ok(if self.map.remove(k).is_some() {
-                "1"
-            } else {
-                "0"
-            }
-            .to_string()),
+            Command::Del(k) => Ok(if self.map.remove(k).is_some() { "1" } else { "0" }.to_string()),
             Command::Incr(k, by) => {
                 let current = match self.map.get(k) {
                     None => 0,
@@ -159,11 +154,7 @@ impl Kv {
 
     fn read(&self, command: Command<'_>) -> Result<String, String> {
         match command {
-            Command::Get(k) => Ok(self
-                .map
-                .get(k)
-                .cloned()
-                .unwrap_or_else(|| "(nil)".to_string())),
+            Command::Get(k) => Ok(self.map.get(k).cloned().unwrap_or_else(|| "(nil)".to_string())),
             Command::Len => Ok(self.map.len().to_string()),
             other => Err(format!(
                 "{:?} changes state, so it is a proposal, not a query: use `propose`",
@@ -200,10 +191,7 @@ pub fn decode_snapshot(bytes: &[u8]) -> Result<BTreeMap<String, String>, String>
     for _ in 0..count {
         let key = reader.string()?;
         let value = reader.string()?;
-        if previous
-            .as_ref()
-            .is_some_and(|p| p.as_str() >= key.as_str())
-        {
+        if previous.as_ref().is_some_and(|p| p.as_str() >= key.as_str()) {
             return Err("corrupt kv snapshot: keys not in ascending order".to_string());
         }
         previous = Some(key.clone());
@@ -222,10 +210,7 @@ struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
-        let end = self
-            .at
-            .checked_add(n)
-            .filter(|&end| end <= self.bytes.len());
+        let end = self.at.checked_add(n).filter(|&end| end <= self.bytes.len());
         let end = end.ok_or_else(|| "corrupt kv snapshot: truncated".to_string())?;
         let out = &self.bytes[self.at..end];
         self.at = end;
@@ -235,8 +220,7 @@ impl<'a> Reader<'a> {
     fn string(&mut self) -> Result<String, String> {
         let len = u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")) as usize;
         let raw = self.take(len)?;
-        String::from_utf8(raw.to_vec())
-            .map_err(|_| "corrupt kv snapshot: field is not UTF-8".to_string())
+        String::from_utf8(raw.to_vec()).map_err(|_| "corrupt kv snapshot: field is not UTF-8".to_string())
     }
 }
 
@@ -305,22 +289,10 @@ mod tests {
         let mut kv = Kv::default();
         run(&mut kv, "set word hello").unwrap();
         let before = kv.clone();
-        for bad in [
-            "",
-            "frob a",
-            "set a",
-            "set a b c",
-            "incr a x",
-            "get",
-            "len x",
-        ] {
+        for bad in ["", "frob a", "set a", "set a b c", "incr a x", "get", "len x"] {
             assert!(run(&mut kv, bad).is_err(), "{bad:?} should be rejected");
         }
-        assert!(
-            run(&mut kv, "incr word")
-                .unwrap_err()
-                .contains("not an integer")
-        );
+        assert!(run(&mut kv, "incr word").unwrap_err().contains("not an integer"));
         run(&mut kv, "set big 9223372036854775807").unwrap();
         assert!(run(&mut kv, "incr big").unwrap_err().contains("overflow"));
         assert!(kv.apply(1, &[0xff, 0xfe]).is_err());
@@ -345,10 +317,7 @@ mod tests {
         }
         let snap = kv.snapshot().unwrap();
         assert_eq!(Kv::restore(&snap).unwrap(), kv);
-        assert_eq!(
-            Kv::restore(&encode_snapshot(&BTreeMap::new())).unwrap(),
-            Kv::default()
-        );
+        assert_eq!(Kv::restore(&encode_snapshot(&BTreeMap::new())).unwrap(), Kv::default());
         assert!(Kv::restore(&snap[..snap.len() - 1]).is_err());
         assert!(Kv::restore(b"XXXX").is_err());
         let mut trailing = snap.clone();
