@@ -201,3 +201,126 @@ pub fn wait_until(within: Duration, what: &str, mut condition: impl FnMut() -> b
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// A cluster of nodes started with the same `--peers`, each in its own
+/// temp data dir. Every node is killed when the cluster drops.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub addrs: std::collections::BTreeMap<u64, String>,
+    pub nodes: std::collections::BTreeMap<u64, Node>,
+    extra: Vec<String>,
+}
+
+impl Cluster {
+    /// Start nodes 1..=n (in the given order) and wait until all agree on a leader.
+    pub fn start_in_order(order: &[u64], extra: &[&str]) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let addrs: std::collections::BTreeMap<u64, String> = order.iter().map(|id| (*id, free_addr())).collect();
+        let peers = addrs
+            .iter()
+            .map(|(id, addr)| format!("{id}={addr}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut cluster = Cluster {
+            dir,
+            addrs,
+            nodes: Default::default(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        for id in order {
+            let id_text = id.to_string();
+            let mut flags = vec!["--id", id_text.as_str(), "--peers", peers.as_str()];
+            let extra = cluster.extra.clone();
+            flags.extend(extra.iter().map(String::as_str));
+            let node = Node::spawn(&cluster.data_dir(*id), &cluster.addrs[id], &flags);
+            cluster.nodes.insert(*id, node);
+        }
+        cluster.leader();
+        cluster
+    }
+
+    pub fn start(n: u64, extra: &[&str]) -> Cluster {
+        let order: Vec<u64> = (1..=n).collect();
+        Cluster::start_in_order(&order, extra)
+    }
+
+    pub fn data_dir(&self, id: u64) -> PathBuf {
+        self.dir.path().join(format!("n{id}"))
+    }
+
+    pub fn node(&self, id: u64) -> &Node {
+        &self.nodes[&id]
+    }
+
+    /// Wait until every running node reports the same leader; return it.
+    pub fn leader(&self) -> u64 {
+        let mut agreed = 0;
+        wait_until(START_DEADLINE, "the nodes to agree on a leader", || {
+            let leaders: Vec<u64> = self
+                .nodes
+                .values()
+                .map(|node| {
+                    let out = cli(&["status", "-o", "json", "--addr", &node.addr, "--timeout-ms", "2000"]);
+                    if !out.status.success() {
+                        return 0;
+                    }
+                    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+                    json["leader_id"].as_u64().unwrap_or(0)
+                })
+                .collect();
+            agreed = leaders[0];
+            agreed != 0 && leaders.iter().all(|l| *l == agreed) && self.nodes.contains_key(&agreed)
+        });
+        agreed
+    }
+
+    pub fn followers(&self) -> Vec<u64> {
+        let leader = self.leader();
+        self.nodes.keys().copied().filter(|id| *id != leader).collect()
+    }
+
+    pub fn kill(&mut self, id: u64) -> Node {
+        let mut node = self.nodes.remove(&id).expect("node is running");
+        node.kill();
+        node
+    }
+
+    /// Restart a node with only its data dir and address.
+    pub fn restart(&mut self, id: u64) {
+        let node = Node::spawn(&self.data_dir(id), &self.addrs[&id].clone(), &[]);
+        self.nodes.insert(id, node);
+    }
+
+    /// Add a node that joins through `seed` with `extra` flags (e.g. `--id`).
+    pub fn join(&mut self, name: u64, seed: u64, extra: &[&str]) -> &Node {
+        let addr = free_addr();
+        let seed_addr = self.addrs[&seed].clone();
+        let mut flags = vec!["--join", seed_addr.as_str()];
+        flags.extend(extra);
+        let node = Node::spawn(&self.data_dir(name), &addr, &flags);
+        node.wait_ready();
+        let id = node.status()["id"].as_u64().unwrap();
+        self.addrs.insert(id, addr);
+        self.nodes.insert(id, node);
+        &self.nodes[&id]
+    }
+
+    /// Wait until `id` reports it has applied at least `index`.
+    pub fn wait_applied(&self, id: u64, index: u64) {
+        wait_until(START_DEADLINE, &format!("node {id} to apply index {index}"), || {
+            self.nodes[&id].status()["applied_index"].as_u64().unwrap_or(0) >= index
+        });
+    }
+
+    pub fn stale(&self, id: u64, text: &str) -> String {
+        outcome(cli(&[
+            "query",
+            text,
+            "--consistency",
+            "stale",
+            "--addr",
+            &self.nodes[&id].addr,
+        ]))
+        .unwrap()
+    }
+}

@@ -1,0 +1,312 @@
+//! Three and more real nodes on 127.0.0.1: bootstrap, forwarding,
+//! linearizable reads, failover under load, catch-up, membership changes.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use raftify_host::client::Client;
+use raftify_host::proto::propose_response;
+use support::*;
+
+#[test]
+fn three_nodes_elect_one_leader_whatever_order_they_start_in() {
+    let cluster = Cluster::start_in_order(&[3, 1, 2], &[]);
+    let leader = cluster.leader();
+    for id in [1, 2, 3] {
+        let status = cluster.node(id).status();
+        assert_eq!(status["leader_id"], leader);
+        assert_eq!(status["members"].as_array().unwrap().len(), 3);
+        let expected_role = if id == leader { "leader" } else { "follower" };
+        assert_eq!(status["role"], expected_role);
+    }
+}
+
+#[test]
+fn every_node_accepts_proposals_and_every_replica_converges() {
+    let cluster = Cluster::start(3, &[]);
+    for id in [1, 2, 3] {
+        let node = cluster.node(id);
+        assert_eq!(node.propose(&format!("set from{id} {id}")).unwrap(), "OK");
+        assert!(node.propose("incr total").unwrap().parse::<u64>().unwrap() >= 1);
+    }
+    let leader = cluster.leader();
+    let commit = cluster.node(leader).status()["commit_index"].as_u64().unwrap();
+    for id in [1, 2, 3] {
+        cluster.wait_applied(id, commit);
+        assert_eq!(cluster.stale(id, "get from1"), "1");
+        assert_eq!(cluster.stale(id, "get from3"), "3");
+        assert_eq!(cluster.stale(id, "get total"), "3");
+    }
+}
+
+#[test]
+fn a_follower_read_sees_the_write_just_acknowledged_by_the_leader() {
+    let cluster = Cluster::start(3, &[]);
+    let leader = cluster.leader();
+    let follower = cluster.followers()[0];
+    for i in 0..20 {
+        assert_eq!(cluster.node(leader).propose(&format!("set fresh {i}")).unwrap(), "OK");
+        let read = cli(&["query", "get fresh", "--addr", &cluster.node(follower).addr]);
+        assert_eq!(stdout(&read), i.to_string(), "follower {follower} served a stale read");
+    }
+}
+
+/// What a client saw while the leader was killed.
+struct Load {
+    acknowledged_appends: Vec<u64>,
+    acknowledged_incrs: u64,
+    attempted_incrs: u64,
+    failover: Option<Duration>,
+}
+
+/// Propose `append l wN` and `incr c` in turn, each at most once, against
+/// any live node, until `until`. Never retries a command whose outcome is
+/// unknown, so each value can be present at most once.
+async fn drive_load(
+    addrs: Vec<String>,
+    killed_at: std::sync::Arc<std::sync::Mutex<Option<Instant>>>,
+    until: Instant,
+) -> Load {
+    let mut load = Load {
+        acknowledged_appends: Vec::new(),
+        acknowledged_incrs: 0,
+        attempted_incrs: 0,
+        failover: None,
+    };
+    let mut next = 0u64;
+    let mut target = 0usize;
+    while Instant::now() < until {
+        let addr = &addrs[target % addrs.len()];
+        let Ok(mut client) = Client::connect(addr, Duration::from_secs(3)).await else {
+            target += 1;
+            continue;
+        };
+        loop {
+            if Instant::now() >= until {
+                break;
+            }
+            next += 1;
+            let started = Instant::now();
+            let append = client.propose_text(&format!("append l w{next}")).await;
+            load.attempted_incrs += 1;
+            let incr = client.propose_text("incr c").await;
+            let ok = |r: &Result<raftify_host::proto::ProposeResponse, _>| matches!(r, Ok(response) if matches!(response.outcome, Some(propose_response::Outcome::Ok(_))));
+            let (append_ok, incr_ok) = (ok(&append), ok(&incr));
+            if append_ok {
+                load.acknowledged_appends.push(next);
+            }
+            if incr_ok {
+                load.acknowledged_incrs += 1;
+            }
+            // Failover time: from the kill to the first acknowledged write
+            // that was sent after it.
+            if (append_ok || incr_ok)
+                && load.failover.is_none()
+                && let Some(killed) = *killed_at.lock().unwrap()
+                && started > killed
+            {
+                load.failover = Some(killed.elapsed());
+            }
+            if !(append_ok && incr_ok) {
+                target += 1;
+                break;
+            }
+        }
+    }
+    load
+}
+
+#[test]
+fn killing_the_leader_under_load_loses_no_acknowledged_write_and_applies_none_twice() {
+    let mut cluster = Cluster::start(3, &["--request-timeout-ms", "3000"]);
+    let leader = cluster.leader();
+    let addrs: Vec<String> = cluster.addrs.values().cloned().collect();
+    let killed_at = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let until = Instant::now() + Duration::from_secs(12);
+    let load = {
+        let killed_at = killed_at.clone();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Runtime::new().unwrap();
+            runtime.block_on(drive_load(addrs, killed_at, until))
+        })
+    };
+    wait_until(Duration::from_secs(30), "writes before the kill", || {
+        cluster.node(leader).status()["applied_index"].as_u64().unwrap_or(0) > 200
+    });
+    *killed_at.lock().unwrap() = Some(Instant::now());
+    cluster.kill(leader);
+    let load = load.join().unwrap();
+    let failover = load.failover.expect("no write succeeded after the leader was killed");
+    eprintln!(
+        "failover: first acknowledged write {failover:?} after SIGKILL of the leader; {} appends acknowledged",
+        load.acknowledged_appends.len()
+    );
+
+    let survivor = *cluster.nodes.keys().next().unwrap();
+    let list = outcome(cli(&["query", "get l", "--addr", &cluster.node(survivor).addr])).unwrap();
+    let mut seen: BTreeMap<u64, usize> = BTreeMap::new();
+    for word in list.split(' ') {
+        let n: u64 = word.trim_start_matches('w').parse().unwrap();
+        *seen.entry(n).or_default() += 1;
+    }
+    for n in &load.acknowledged_appends {
+        assert_eq!(
+            seen.get(n),
+            Some(&1),
+            "acknowledged append w{n} present {:?} times",
+            seen.get(n)
+        );
+    }
+    assert!(seen.values().all(|count| *count == 1), "an append was applied twice");
+    let c: u64 = outcome(cli(&["query", "get c", "--addr", &cluster.node(survivor).addr]))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        c >= load.acknowledged_incrs,
+        "incr lost: {c} < {}",
+        load.acknowledged_incrs
+    );
+    assert!(
+        c <= load.attempted_incrs,
+        "incr applied twice: {c} > {}",
+        load.attempted_incrs
+    );
+
+    // The killed leader comes back and converges.
+    cluster.restart(leader);
+    let commit = cluster.node(survivor).status()["commit_index"].as_u64().unwrap();
+    cluster.wait_applied(leader, commit);
+    assert_eq!(cluster.stale(leader, "get l"), list);
+}
+
+#[test]
+fn a_node_that_missed_a_thousand_entries_catches_up_after_restart() {
+    let mut cluster = Cluster::start(3, &[]);
+    let down = cluster.followers()[0];
+    cluster.kill(down);
+    let leader = cluster.leader();
+    let commands: String = (0..1000).map(|i| format!("set m{i} {i}\n")).collect();
+    let file = cluster.dir.path().join("thousand.txt");
+    std::fs::write(&file, commands).unwrap();
+    let out = cli(&[
+        "propose",
+        "--file",
+        file.to_str().unwrap(),
+        "--addr",
+        &cluster.node(leader).addr,
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    cluster.restart(down);
+    let leader_status = cluster.node(leader).status();
+    cluster.wait_applied(down, leader_status["commit_index"].as_u64().unwrap());
+    let caught_up = cluster.node(down).status();
+    assert_eq!(
+        caught_up["applied_index"],
+        cluster.node(leader).status()["applied_index"]
+    );
+    for key in ["m0", "m500", "m999"] {
+        assert_eq!(
+            cluster.stale(down, &format!("get {key}")),
+            cluster.stale(leader, &format!("get {key}"))
+        );
+    }
+    assert_eq!(cluster.stale(down, "len"), "1000");
+}
+
+#[test]
+fn nodes_join_and_leave_and_leadership_moves() {
+    let mut cluster = Cluster::start(3, &[]);
+    let leader = cluster.leader();
+    cluster.node(leader).propose("set before join").unwrap();
+
+    // Node 4 joins with no id; the cluster assigns one.
+    let four = cluster.join(4, 1, &[]).status()["id"].as_u64().unwrap();
+    assert_eq!(four, 4);
+    // Node 5 is registered first, then started with its id.
+    let five_addr = free_addr();
+    let added = cli(&[
+        "member",
+        "add",
+        &five_addr,
+        "--id",
+        "5",
+        "--addr",
+        &cluster.node(2).addr,
+    ]);
+    assert_eq!(stdout(&added), "5", "{}", stderr(&added));
+    let five = Node::spawn(
+        &cluster.data_dir(5),
+        &five_addr,
+        &["--join", &cluster.addrs[&3].clone(), "--id", "5"],
+    );
+    five.wait_ready();
+    cluster.addrs.insert(5, five_addr);
+    cluster.nodes.insert(5, five);
+
+    wait_until(Duration::from_secs(60), "both new nodes to become voters", || {
+        let members = cluster.node(1).status()["members"].as_array().unwrap().clone();
+        members.len() == 5 && members.iter().all(|m| m["role"] == "voter")
+    });
+    for id in [4, 5] {
+        let commit = cluster.node(leader).status()["commit_index"].as_u64().unwrap();
+        cluster.wait_applied(id, commit);
+        assert_eq!(cluster.stale(id, "get before"), "join");
+    }
+
+    // Remove node 4.
+    let removed = cli(&["member", "remove", "4", "--addr", &cluster.node(1).addr]);
+    assert!(removed.status.success(), "{}", stderr(&removed));
+    cluster.kill(4);
+    let members = cli(&["members", "--addr", &cluster.node(2).addr]);
+    assert_eq!(stdout(&members).lines().count(), 4, "{}", stdout(&members));
+    assert!(!stdout(&members).contains(&cluster.addrs[&4]));
+
+    // Move leadership to node 5, then remove the leader itself.
+    let moved = cli(&["leader", "transfer", "5", "--addr", &cluster.node(1).addr]);
+    assert_eq!(stdout(&moved), "5", "{}", stderr(&moved));
+    assert_eq!(cluster.leader(), 5);
+    let removed = cli(&["member", "remove", "5", "--addr", &cluster.node(1).addr]);
+    assert!(removed.status.success(), "{}", stderr(&removed));
+    cluster.kill(5);
+    let new_leader = cluster.leader();
+    assert!(new_leader != 5);
+    assert_eq!(cluster.node(new_leader).propose("set after removal").unwrap(), "OK");
+    let members = cluster.node(1).status()["members"].as_array().unwrap().len();
+    assert_eq!(members, 3);
+
+    // Bad membership requests are refused clearly.
+    let err = outcome(cli(&["member", "remove", "42", "--addr", &cluster.node(1).addr])).unwrap_err();
+    assert!(err.contains("not a member"), "{err}");
+    let err = outcome(cli(&["leader", "transfer", "42", "--addr", &cluster.node(1).addr])).unwrap_err();
+    assert!(err.contains("not a voter"), "{err}");
+}
+
+#[test]
+fn without_a_quorum_a_proposal_fails_clearly_within_its_deadline() {
+    let mut cluster = Cluster::start(3, &["--request-timeout-ms", "2000"]);
+    let leader = cluster.leader();
+    for follower in cluster.followers() {
+        cluster.kill(follower);
+    }
+    let started = Instant::now();
+    let out = cli(&[
+        "propose",
+        "set lonely 1",
+        "--addr",
+        &cluster.node(leader).addr,
+        "--timeout-ms",
+        "5000",
+    ]);
+    let took = started.elapsed();
+    assert!(!out.status.success(), "a write without a quorum was acknowledged");
+    let err = stderr(&out);
+    assert!(
+        err.contains("may or may not have been committed") || err.contains("not the leader"),
+        "unclear error: {err}"
+    );
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+}
