@@ -43,6 +43,8 @@ pub enum Command {
     /// Leadership.
     #[command(subcommand)]
     Leader(LeaderCommand),
+    /// Take a snapshot on the node at --addr now and compact its log.
+    Snapshot(ClientArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -227,6 +229,21 @@ pub async fn run_client(command: Command) -> anyhow::Result<i32> {
             let mut client = connect(&args).await?;
             let status = client.status().await?;
             print_status(&status, args.output);
+            Ok(0)
+        }
+        Command::Snapshot(args) => {
+            let mut client = connect(&args).await?;
+            let response = client.snapshot().await?;
+            match args.output {
+                Output::Text => println!(
+                    "snapshot at index {}; log now starts at {}",
+                    response.index, response.first_index
+                ),
+                Output::Json => println!(
+                    "{}",
+                    json!({ "index": response.index, "first_index": response.first_index })
+                ),
+            }
             Ok(0)
         }
         Command::Members(args) => {

@@ -166,6 +166,15 @@ impl Client {
         .await
     }
 
+    /// Take a snapshot on this node (not the leader: every node snapshots
+    /// itself).
+    pub async fn snapshot(&mut self) -> Result<crate::proto::SnapshotResponse, ClientError> {
+        let mut inner = self.inner.clone();
+        self.bounded(inner.snapshot(crate::proto::SnapshotRequest {}))
+            .await?
+            .map_err(ClientError::Rpc)
+    }
+
     /// A unary call that follows leader hints, bounded by the timeout.
     async fn unary<T, F, Fut>(&mut self, call: F) -> Result<T, ClientError>
     where

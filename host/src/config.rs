@@ -11,6 +11,7 @@ use serde::Deserialize;
 use crate::node::RaftConfig;
 use crate::sandbox::SandboxConfig;
 use crate::server::ClientConfig;
+use crate::snapshot::SnapshotConfig;
 use crate::storage::lmdb::LmdbOptions;
 use crate::transport::TransportConfig;
 
@@ -36,6 +37,7 @@ pub struct NodeConfig {
     pub client: ClientConfig,
     pub transport: TransportConfig,
     pub lmdb: LmdbOptions,
+    pub snapshot: SnapshotConfig,
 }
 
 /// `raftify-host run` flags. Each may also be set by its `RAFTIFY_*`
@@ -103,6 +105,18 @@ pub struct RunArgs {
     /// Largest plugin memory in bytes [default: 1073741824]. Must match on every node.
     #[arg(long, env = "RAFTIFY_MAX_MEMORY_BYTES")]
     pub max_memory_bytes: Option<usize>,
+    /// Take a snapshot after this many applied entries [default: 10000].
+    #[arg(long, env = "RAFTIFY_SNAPSHOT_EVERY_ENTRIES")]
+    pub snapshot_every_entries: Option<u64>,
+    /// Log entries kept behind a snapshot [default: 1000].
+    #[arg(long, env = "RAFTIFY_SNAPSHOT_KEEP_ENTRIES")]
+    pub snapshot_keep_entries: Option<u64>,
+    /// Chunk size for sending snapshots [default: 1048576].
+    #[arg(long, env = "RAFTIFY_SNAPSHOT_CHUNK_BYTES")]
+    pub snapshot_chunk_bytes: Option<usize>,
+    /// Largest snapshot accepted from a leader [default: 8589934592].
+    #[arg(long, env = "RAFTIFY_MAX_SNAPSHOT_BYTES")]
+    pub max_snapshot_bytes: Option<u64>,
     /// Largest LMDB file in bytes [default: 17179869184].
     #[arg(long, env = "RAFTIFY_LMDB_MAP_SIZE_BYTES")]
     pub lmdb_map_size_bytes: Option<usize>,
@@ -133,6 +147,7 @@ impl RunArgs {
             None => RunArgs::default(),
         };
         let args = self.or(file);
+        let snapshot = SnapshotConfig::default();
         let defaults = (
             RaftConfig::default(),
             SandboxConfig::default(),
@@ -174,11 +189,18 @@ impl RunArgs {
             },
             transport: TransportConfig {
                 max_message_bytes: args.max_message_bytes.unwrap_or(transport.max_message_bytes),
+                snapshot_chunk_bytes: args.snapshot_chunk_bytes.unwrap_or(snapshot.chunk_bytes),
                 ..transport
             },
             lmdb: LmdbOptions {
                 map_size_bytes: args.lmdb_map_size_bytes.unwrap_or(lmdb.map_size_bytes),
                 unsafe_no_fsync: args.unsafe_no_fsync,
+            },
+            snapshot: SnapshotConfig {
+                every_entries: args.snapshot_every_entries.unwrap_or(snapshot.every_entries),
+                keep_entries: args.snapshot_keep_entries.unwrap_or(snapshot.keep_entries),
+                chunk_bytes: args.snapshot_chunk_bytes.unwrap_or(snapshot.chunk_bytes),
+                max_bytes: args.max_snapshot_bytes.unwrap_or(snapshot.max_bytes),
             },
             data_dir,
         };
@@ -208,6 +230,10 @@ impl RunArgs {
             fuel_per_snapshot: self.fuel_per_snapshot.or(other.fuel_per_snapshot),
             max_memory_bytes: self.max_memory_bytes.or(other.max_memory_bytes),
             lmdb_map_size_bytes: self.lmdb_map_size_bytes.or(other.lmdb_map_size_bytes),
+            snapshot_every_entries: self.snapshot_every_entries.or(other.snapshot_every_entries),
+            snapshot_keep_entries: self.snapshot_keep_entries.or(other.snapshot_keep_entries),
+            snapshot_chunk_bytes: self.snapshot_chunk_bytes.or(other.snapshot_chunk_bytes),
+            max_snapshot_bytes: self.max_snapshot_bytes.or(other.max_snapshot_bytes),
             unsafe_no_fsync: self.unsafe_no_fsync || other.unsafe_no_fsync,
         }
     }
@@ -317,6 +343,15 @@ impl NodeConfig {
         }
         if self.sandbox.max_memory_bytes < (1 << 20) {
             return bad("max_memory_bytes must be at least 1 MiB".into());
+        }
+        if self.snapshot.every_entries == 0 {
+            return bad("snapshot_every_entries must be at least 1".into());
+        }
+        if self.snapshot.chunk_bytes < 1024 || self.snapshot.chunk_bytes + 1024 > self.transport.max_message_bytes {
+            return bad(format!(
+                "snapshot_chunk_bytes ({}) must be at least 1 KiB and leave 1 KiB of room under max_message_bytes ({})",
+                self.snapshot.chunk_bytes, self.transport.max_message_bytes
+            ));
         }
         if self.lmdb.map_size_bytes < (1 << 20) {
             return bad("lmdb_map_size_bytes must be at least 1 MiB".into());

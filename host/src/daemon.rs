@@ -52,7 +52,7 @@ pub async fn run(config: NodeConfig, listener: TcpListener, shutdown: impl Futur
     tracing::info!(plugin = %plugin.sha256_hex(), size = plugin.size(), "plugin loaded");
 
     let (applied_tx, applied_rx) = watch::channel(0u64);
-    let fsm = Fsm::new(store.clone(), plugin.clone(), applied_tx)?;
+    let fsm = Fsm::new(store.clone(), plugin.clone(), config.snapshot.clone(), applied_tx)?;
     let trapped_entries = fsm.trap_counter();
     let (fsm_tx, fsm_rx) = std::sync::mpsc::channel();
     let fsm_span = span.clone();
@@ -61,11 +61,12 @@ pub async fn run(config: NodeConfig, listener: TcpListener, shutdown: impl Futur
         .spawn(move || fsm_span.in_scope(|| fsm.run(fsm_rx)))
         .context("cannot start the apply worker thread")?;
 
+    let (node_tx, node_rx) = mpsc::channel(NODE_QUEUE);
     let transport = Transport::new(id, config.transport.clone());
+    transport.report_to(node_tx.clone());
     for (peer, addr) in &identity.members {
         transport.set_peer(*peer, addr.clone());
     }
-    let (node_tx, node_rx) = mpsc::channel(NODE_QUEUE);
     let node = Node::new(
         identity,
         store.clone(),
@@ -84,6 +85,7 @@ pub async fn run(config: NodeConfig, listener: TcpListener, shutdown: impl Futur
         config: config.client.clone(),
         listen: config.listen.clone(),
         trapped_entries,
+        max_snapshot_bytes: config.snapshot.max_bytes,
     };
     let max = config.transport.max_message_bytes;
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);

@@ -7,10 +7,15 @@
 //! once the applied index reaches their read index, and reports the applied
 //! index back to the raft loop.
 //!
+//! Snapshots: every `snapshot.every_entries` applied entries (or on demand)
+//! the worker takes the plugin's `snapshot()`, stores it with its raft
+//! metadata and compacts the log behind it. A snapshot received from the
+//! leader is restored into a fresh instance.
+//!
 //! Trap recovery: a trap poisons the instance. The worker records the trap
 //! durably (so replay skips that entry instead of trapping again), then
-//! builds a fresh instance and replays the log up to the entry before the
-//! trap, skipping every recorded trap. Every replica traps on the same entry
+//! builds a fresh instance from the latest snapshot and replays the log up
+//! to the entry before the trap, skipping every recorded trap. Every replica traps on the same entry
 //! (execution is deterministic), so every replica ends in the same state.
 
 use std::collections::{BTreeMap, HashMap};
@@ -18,13 +23,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 
+use protobuf::Message as _;
 use raft::GetEntriesContext;
-use raft::prelude::{Entry, EntryType};
+use raft::prelude::{ConfChange, ConfChangeType, ConfState, Entry, EntryType, Snapshot};
 use tokio::sync::{oneshot, watch};
 
 use crate::envelope::{self, HostEntry, Payload};
 use crate::node::ProposeError;
 use crate::sandbox::{CallError, Instance, Plugin};
+use crate::snapshot::{self, SnapshotConfig, SnapshotHeader};
 use crate::storage::LogStore;
 
 /// The outcome of applying one proposal.
@@ -59,6 +66,12 @@ pub enum FsmRequest {
         read_index: u64,
         reply: oneshot::Sender<Answered>,
     },
+    /// Take a snapshot now; the reply gets its index.
+    Snapshot {
+        reply: oneshot::Sender<Result<u64, String>>,
+    },
+    /// Replace the state with a snapshot the raft loop installed.
+    Restore { snapshot: Snapshot },
 }
 
 /// How far a batch of replay reads from the store at once.
@@ -75,6 +88,12 @@ pub struct Fsm<S: LogStore> {
     pending_queries: Vec<(u64, Vec<u8>, oneshot::Sender<Answered>)>,
     applied_tx: watch::Sender<u64>,
     trap_count: Arc<AtomicU64>,
+    config: SnapshotConfig,
+    /// The index of the latest stored snapshot (0: none).
+    snapshot_index: u64,
+    /// The configuration and addresses as of `applied`, for snapshots.
+    conf_state: ConfState,
+    members: BTreeMap<u64, String>,
 }
 
 /// Why the worker stopped.
@@ -88,15 +107,23 @@ pub enum FsmError {
     Load(#[from] crate::sandbox::LoadError),
     #[error("a committed entry is malformed at index {index}: {reason}")]
     Malformed { index: u64, reason: String },
+    #[error("cannot restore the snapshot at index {index}: {reason}")]
+    Restore { index: u64, reason: String },
 }
 
 impl<S: LogStore> Fsm<S> {
-    /// A worker whose plugin starts fresh (the log is replayed from the start).
-    pub fn new(store: S, plugin: Plugin, applied_tx: watch::Sender<u64>) -> Result<Fsm<S>, FsmError> {
+    /// A worker holding the state of the latest stored snapshot (or the
+    /// initial state); raft then re-delivers the committed log after it.
+    pub fn new(
+        store: S,
+        plugin: Plugin,
+        config: SnapshotConfig,
+        applied_tx: watch::Sender<u64>,
+    ) -> Result<Fsm<S>, FsmError> {
         let instance = plugin.instantiate()?;
         let traps: BTreeMap<u64, String> = store.traps(0, u64::MAX)?.into_iter().collect();
         let trap_count = Arc::new(AtomicU64::new(traps.len() as u64));
-        Ok(Fsm {
+        let mut fsm = Fsm {
             trap_count,
             store,
             plugin,
@@ -105,7 +132,15 @@ impl<S: LogStore> Fsm<S> {
             traps,
             pending_queries: Vec::new(),
             applied_tx,
-        })
+            config,
+            snapshot_index: 0,
+            conf_state: ConfState::default(),
+            members: BTreeMap::new(),
+        };
+        if let Some(snapshot) = fsm.store.stored_snapshot()? {
+            fsm.restore(&snapshot)?;
+        }
+        Ok(fsm)
     }
 
     /// Serve requests until the channel closes or a fatal error.
@@ -130,6 +165,19 @@ impl<S: LogStore> Fsm<S> {
                 }
                 self.applied_tx.send_replace(self.applied);
                 self.serve_pending_queries()?;
+                if self.applied >= self.snapshot_index + self.config.every_entries {
+                    if let Err(message) = self.take_snapshot()? {
+                        tracing::warn!(%message, "could not take a snapshot; will retry later");
+                    }
+                }
+            }
+            FsmRequest::Snapshot { reply } => {
+                let _ = reply.send(self.take_snapshot()?);
+            }
+            FsmRequest::Restore { snapshot } => {
+                self.restore(&snapshot)?;
+                self.applied_tx.send_replace(self.applied);
+                self.serve_pending_queries()?;
             }
             FsmRequest::Query {
                 request,
@@ -149,6 +197,115 @@ impl<S: LogStore> Fsm<S> {
 
     pub fn applied(&self) -> u64 {
         self.applied
+    }
+
+    /// Snapshot the plugin at the applied index, store it and compact the
+    /// log behind it. `Ok(Err(_))` when the plugin could not snapshot.
+    fn take_snapshot(&mut self) -> Result<Result<u64, String>, FsmError> {
+        let index = self.applied;
+        if index == self.snapshot_index {
+            return Ok(Ok(index));
+        }
+        let started = std::time::Instant::now();
+        let state = match self.instance.snapshot(index) {
+            Ok(state) => state,
+            Err(CallError::Guest(message)) => return Ok(Err(format!("the plugin refused to snapshot: {message}"))),
+            Err(CallError::Trap(message)) => {
+                self.rebuild(index)?;
+                return Ok(Err(format!("the plugin trapped in snapshot(): {message}")));
+            }
+        };
+        let header = SnapshotHeader {
+            plugin_sha256: self.plugin.sha256(),
+            members: self.members.iter().map(|(id, addr)| (*id, addr.clone())).collect(),
+        };
+        let mut snapshot = Snapshot::default();
+        snapshot.data = snapshot::encode(&header, &state).into();
+        let metadata = snapshot.mut_metadata();
+        metadata.index = index;
+        metadata.term = self.store.term(index)?;
+        metadata.set_conf_state(self.conf_state.clone());
+        let compact_to = index.saturating_sub(self.config.keep_entries);
+        self.store.save_snapshot(&snapshot, compact_to)?;
+        self.snapshot_index = index;
+        tracing::info!(
+            index,
+            state_bytes = state.len(),
+            compacted_to = compact_to,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "took a snapshot"
+        );
+        Ok(Ok(index))
+    }
+
+    /// Load a snapshot into a fresh instance.
+    fn restore(&mut self, snapshot: &Snapshot) -> Result<(), FsmError> {
+        let metadata = snapshot.get_metadata();
+        let index = metadata.index;
+        let failed = |reason: String| FsmError::Restore { index, reason };
+        let started = std::time::Instant::now();
+        let (header, state) = snapshot::decode(&snapshot.data).map_err(|e| failed(e.to_string()))?;
+        if header.plugin_sha256 != self.plugin.sha256() {
+            return Err(failed(format!(
+                "it was made by plugin {}, but this node runs {}",
+                hex::encode(header.plugin_sha256),
+                self.plugin.sha256_hex()
+            )));
+        }
+        let mut instance = self.plugin.instantiate()?;
+        instance
+            .restore(index, state)
+            .map_err(|e| failed(format!("the plugin's restore() failed: {e}")))?;
+        self.instance = instance;
+        self.applied = index;
+        self.snapshot_index = self.snapshot_index.max(index);
+        self.conf_state = metadata.get_conf_state().clone();
+        self.members = header.members.into_iter().collect();
+        tracing::info!(
+            index,
+            state_bytes = state.len(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "restored a snapshot"
+        );
+        Ok(())
+    }
+
+    /// Track the configuration and addresses the way raft does, so a
+    /// snapshot can carry them as of its index.
+    fn track_conf_change(&mut self, index: u64, data: &[u8]) -> Result<(), FsmError> {
+        let change = ConfChange::parse_from_bytes(data).map_err(|e| FsmError::Malformed {
+            index,
+            reason: format!("bad conf change: {e}"),
+        })?;
+        let id = change.node_id;
+        let conf = &mut self.conf_state;
+        match change.get_change_type() {
+            ConfChangeType::AddNode => {
+                conf.learners.retain(|l| *l != id);
+                if !conf.voters.contains(&id) {
+                    conf.voters.push(id);
+                }
+            }
+            ConfChangeType::AddLearnerNode => {
+                if !conf.voters.contains(&id) && !conf.learners.contains(&id) {
+                    conf.learners.push(id);
+                }
+            }
+            ConfChangeType::RemoveNode => {
+                conf.voters.retain(|v| *v != id);
+                conf.learners.retain(|l| *l != id);
+                self.members.remove(&id);
+            }
+        }
+        conf.voters.sort_unstable();
+        conf.learners.sort_unstable();
+        if change.get_change_type() != ConfChangeType::RemoveNode
+            && let Ok(addr) = String::from_utf8(change.context.to_vec())
+            && !addr.is_empty()
+        {
+            self.members.insert(id, addr);
+        }
+        Ok(())
     }
 
     /// The number of entries whose apply trapped, kept current.
@@ -201,7 +358,11 @@ impl<S: LogStore> Fsm<S> {
             self.applied
         );
         let result = match entry.get_entry_type() {
-            EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => None,
+            EntryType::EntryConfChange => {
+                self.track_conf_change(index, &entry.data)?;
+                None
+            }
+            EntryType::EntryConfChangeV2 => None,
             EntryType::EntryNormal => match envelope::open(&entry.data) {
                 Ok(Payload::Empty) | Ok(Payload::Host(HostEntry::Noop)) => None,
                 Ok(Payload::Command(command)) => Some(self.apply_command(index, command)?),
@@ -236,13 +397,23 @@ impl<S: LogStore> Fsm<S> {
         let started = std::time::Instant::now();
         'attempt: loop {
             let mut instance = self.plugin.instantiate()?;
-            let mut next = self.store.first_index()?;
-            if next != 1 {
-                // Without stored snapshots the log is never compacted, so it
-                // must start at 1; anything else is a damaged data dir.
+            let mut next = 1;
+            if let Some(snapshot) = self.store.stored_snapshot()? {
+                let metadata = snapshot.get_metadata();
+                let (_, state) = snapshot::decode(&snapshot.data).map_err(|e| FsmError::Restore {
+                    index: metadata.index,
+                    reason: e.to_string(),
+                })?;
+                instance.restore(metadata.index, state).map_err(|e| FsmError::Restore {
+                    index: metadata.index,
+                    reason: format!("the plugin's restore() failed: {e}"),
+                })?;
+                next = metadata.index + 1;
+            }
+            if next < self.store.first_index()? {
                 return Err(FsmError::Malformed {
                     index: next,
-                    reason: "the log does not start at index 1 and there is no snapshot to rebuild from".into(),
+                    reason: "the log was compacted past the latest snapshot".into(),
                 });
             }
             while next <= upto {
@@ -283,6 +454,7 @@ mod tests {
     use crate::sandbox::{Sandbox, SandboxConfig};
     use crate::storage::WriteBatch;
     use crate::storage::mem::MemStore;
+    use raft::Storage;
 
     fn chaos() -> Plugin {
         Sandbox::new(SandboxConfig {
@@ -347,7 +519,7 @@ mod tests {
     #[test]
     fn a_trap_fails_only_its_entry_and_the_state_is_rebuilt_without_it() {
         let (store, entries) = log(&["set a 1", "set-then-panic b 2", "spin", "set c 3", "hog"]);
-        let mut fsm = Fsm::new(store.clone(), chaos(), watch::channel(0).0).unwrap();
+        let mut fsm = Fsm::new(store.clone(), chaos(), SnapshotConfig::default(), watch::channel(0).0).unwrap();
         let outcomes = apply_all(&mut fsm, entries);
         assert_eq!(outcomes[0], Ok(b"OK".to_vec()));
         assert!(matches!(&outcomes[1], Err(CallError::Trap(m)) if m.contains("panicked")));
@@ -364,9 +536,9 @@ mod tests {
     #[test]
     fn a_restarted_worker_replays_to_the_same_state_and_skips_recorded_traps() {
         let (store, entries) = log(&["set a 1", "panic", "set b 2"]);
-        let mut first = Fsm::new(store.clone(), chaos(), watch::channel(0).0).unwrap();
+        let mut first = Fsm::new(store.clone(), chaos(), SnapshotConfig::default(), watch::channel(0).0).unwrap();
         let outcomes_first = apply_all(&mut first, entries.clone());
-        let mut second = Fsm::new(store.clone(), chaos(), watch::channel(0).0).unwrap();
+        let mut second = Fsm::new(store.clone(), chaos(), SnapshotConfig::default(), watch::channel(0).0).unwrap();
         let outcomes_second = apply_all(&mut second, entries);
         assert_eq!(
             outcomes_first, outcomes_second,
@@ -379,7 +551,7 @@ mod tests {
     #[test]
     fn queries_wait_for_their_read_index() {
         let (store, entries) = log(&["set a 1", "set a 2"]);
-        let mut fsm = Fsm::new(store, chaos(), watch::channel(0).0).unwrap();
+        let mut fsm = Fsm::new(store, chaos(), SnapshotConfig::default(), watch::channel(0).0).unwrap();
         let (tx, mut rx) = oneshot::channel();
         fsm.handle(FsmRequest::Query {
             request: b"get a".to_vec(),
@@ -396,7 +568,7 @@ mod tests {
     #[test]
     fn a_trapping_query_rebuilds_the_instance_with_its_state() {
         let (store, entries) = log(&["set a 1"]);
-        let mut fsm = Fsm::new(store, chaos(), watch::channel(0).0).unwrap();
+        let mut fsm = Fsm::new(store, chaos(), SnapshotConfig::default(), watch::channel(0).0).unwrap();
         apply_all(&mut fsm, entries);
         let (tx, mut rx) = oneshot::channel();
         fsm.handle(FsmRequest::Query {
@@ -407,5 +579,37 @@ mod tests {
         .unwrap();
         assert!(matches!(rx.try_recv().unwrap().result, Err(CallError::Trap(_))));
         assert_eq!(get(&mut fsm, "a"), "1");
+    }
+
+    #[test]
+    fn snapshots_compact_the_log_and_restarts_and_rebuilds_start_from_them() {
+        let commands: Vec<String> = (0..10)
+            .map(|i| format!("set k{i} {i}"))
+            .chain(["panic".to_string()])
+            .collect();
+        let commands: Vec<&str> = commands.iter().map(String::as_str).collect();
+        let (store, entries) = log(&commands);
+        let config = SnapshotConfig {
+            every_entries: 4,
+            keep_entries: 1,
+            ..SnapshotConfig::default()
+        };
+        let mut fsm = Fsm::new(store.clone(), chaos(), config.clone(), watch::channel(0).0).unwrap();
+        // Two batches: a snapshot is taken after each batch that passes the threshold.
+        apply_all(&mut fsm, entries[..5].to_vec());
+        let first_snapshot = store.stored_snapshot().unwrap().unwrap();
+        assert_eq!(first_snapshot.get_metadata().index, 5);
+        assert_eq!(store.first_index().unwrap(), 5, "entries up to 4 compacted, one kept");
+        let outcomes = apply_all(&mut fsm, entries[5..].to_vec());
+        assert!(matches!(outcomes.last().unwrap(), Err(CallError::Trap(_))));
+        // The rebuild after the trap started from the snapshot and replayed the rest.
+        assert_eq!(get(&mut fsm, "k0"), "0");
+        assert_eq!(get(&mut fsm, "k9"), "9");
+        assert_eq!(store.stored_snapshot().unwrap().unwrap().get_metadata().index, 11);
+
+        let mut restarted = Fsm::new(store.clone(), chaos(), config, watch::channel(0).0).unwrap();
+        assert_eq!(restarted.applied(), 11);
+        assert_eq!(get(&mut restarted, "k3"), "3");
+        assert_eq!(get(&mut restarted, "k9"), "9");
     }
 }

@@ -12,6 +12,7 @@ pub mod logging;
 pub mod node;
 pub mod sandbox;
 pub mod server;
+pub mod snapshot;
 pub mod storage;
 pub mod transport;
 

@@ -19,7 +19,7 @@ use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, Instant};
 
 use protobuf::Message as _;
-use raft::prelude::{ConfChange, ConfChangeType, ConfState, Entry, EntryType, HardState, Message};
+use raft::prelude::{ConfChange, ConfChangeType, ConfState, Entry, EntryType, HardState, Message, Snapshot};
 use raft::{RawNode, StateRole};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -133,6 +133,11 @@ pub enum NodeRequest {
         id: u64,
         reply: oneshot::Sender<Result<(), ProposeError>>,
     },
+    /// The transport finished (or failed) sending a snapshot to `to`.
+    SnapshotSent {
+        to: u64,
+        ok: bool,
+    },
     ReadIndex {
         reply: oneshot::Sender<Result<u64, ProposeError>>,
     },
@@ -206,9 +211,10 @@ impl<S: LogStore> Node<S> {
             heartbeat_tick: config.heartbeat_ticks,
             max_inflight_msgs: config.max_inflight_messages,
             max_size_per_msg: config.max_entries_bytes_per_message,
-            // The state machine is in memory: after a restart it starts
-            // empty and raft re-delivers the whole committed log.
-            applied: 0,
+            // The state machine is in memory: after a restart the apply
+            // worker restores the latest snapshot and raft re-delivers the
+            // committed log after it.
+            applied: store.stored_snapshot()?.map_or(0, |s| s.get_metadata().index),
             check_quorum: true,
             pre_vote: true,
             ..Default::default()
@@ -301,6 +307,14 @@ impl<S: LogStore> Node<S> {
             } => self.join(addr, requested_id, reply),
             NodeRequest::RemoveMember { id, reply } => self.remove_member(id, reply),
             NodeRequest::TransferLeader { id, reply } => self.transfer_leader(id, reply),
+            NodeRequest::SnapshotSent { to, ok } => {
+                let status = if ok {
+                    raft::SnapshotStatus::Finish
+                } else {
+                    raft::SnapshotStatus::Failure
+                };
+                self.raw.report_snapshot(to, status);
+            }
             NodeRequest::ReadIndex { reply } => self.read_index(reply),
             NodeRequest::Raft(message) => {
                 if let Err(error) = self.raw.step(*message) {
@@ -569,8 +583,7 @@ impl<S: LogStore> Node<S> {
         let mut ready = self.raw.ready();
         self.send(ready.take_messages());
         if !ready.snapshot().is_empty() {
-            // Nothing ever sends a snapshot: the log is never compacted.
-            tracing::error!("received a raft snapshot, which this version does not produce; ignoring it");
+            self.install_snapshot(ready.snapshot().clone(), ready.hs().cloned())?;
         }
         self.serve_reads(ready.take_read_states());
         let committed = ready.take_committed_entries();
@@ -599,6 +612,52 @@ impl<S: LogStore> Node<S> {
         for peer in self.transport.send(messages) {
             self.raw.report_unreachable(peer);
         }
+    }
+
+    /// A snapshot from the leader: persist it (replacing the log), adopt its
+    /// members' addresses, and have the apply worker restore it.
+    fn install_snapshot(&mut self, snapshot: Snapshot, hard_state: Option<HardState>) -> Result<(), NodeError> {
+        let index = snapshot.get_metadata().index;
+        let (header, _) = crate::snapshot::decode(&snapshot.data)
+            .map_err(|e| NodeError::Store(StoreError::Corrupt(format!("snapshot at {index}: {e}"))))?;
+        if let Some(hard_state) = hard_state {
+            self.hard_state = hard_state;
+        }
+        // raft has moved its commit index to the snapshot's at least.
+        self.hard_state.commit = self.hard_state.commit.max(index);
+        let store = &self.store;
+        let hard_state = self.hard_state.clone();
+        tokio::task::block_in_place(|| store.install_snapshot(&snapshot, &hard_state))?;
+        self.hard_state_dirty = false;
+        self.conf_index = index;
+        for (id, addr) in &header.members {
+            self.transport.set_peer(*id, addr.clone());
+        }
+        let own = (self.identity.id, self.addr_of(self.identity.id).unwrap_or_default());
+        self.identity.members = header.members;
+        if !self.identity.members.iter().any(|(id, _)| *id == own.0) {
+            self.identity.members.push(own);
+        }
+        self.identity.max_id = self
+            .identity
+            .members
+            .iter()
+            .map(|(id, _)| *id)
+            .max()
+            .unwrap_or(0)
+            .max(self.identity.max_id);
+        self.persist(WriteBatch {
+            identity: Some(self.identity.clone()),
+            ..Default::default()
+        })?;
+        tracing::info!(
+            index,
+            bytes = snapshot.data.len(),
+            "installed a snapshot from the leader"
+        );
+        self.fsm
+            .send(FsmRequest::Restore { snapshot })
+            .map_err(|_| NodeError::FsmGone)
     }
 
     fn persist(&mut self, mut batch: WriteBatch) -> Result<(), NodeError> {

@@ -55,6 +55,8 @@ pub struct Services {
     pub config: ClientConfig,
     pub listen: String,
     pub trapped_entries: Arc<std::sync::atomic::AtomicU64>,
+    /// The largest snapshot accepted from a leader.
+    pub max_snapshot_bytes: u64,
 }
 
 type Pending = oneshot::Receiver<Result<Applied, ProposeError>>;
@@ -281,6 +283,23 @@ impl proto::client_server::Client for Services {
         }))
     }
 
+    async fn snapshot(
+        &self,
+        _request: Request<proto::SnapshotRequest>,
+    ) -> Result<Response<proto::SnapshotResponse>, Status> {
+        let (reply, answer) = oneshot::channel();
+        self.fsm
+            .send(FsmRequest::Snapshot { reply })
+            .map_err(|_| propose_status(ProposeError::Shutdown))?;
+        let index = match tokio::time::timeout(self.timeout(), answer).await {
+            Err(_) => return Err(propose_status(ProposeError::Timeout(self.config.request_timeout_ms))),
+            Ok(Err(_)) => return Err(propose_status(ProposeError::Shutdown)),
+            Ok(Ok(result)) => result.map_err(Status::failed_precondition)?,
+        };
+        let first_index = self.node_status().await?.first_index;
+        Ok(Response::new(proto::SnapshotResponse { index, first_index }))
+    }
+
     async fn remove_member(
         &self,
         request: Request<proto::RemoveMemberRequest>,
@@ -451,5 +470,51 @@ impl proto::peer_server::Peer for Services {
             }
         }
         Ok(Response::new(StreamSummary { received }))
+    }
+
+    async fn install_snapshot(
+        &self,
+        request: Request<Streaming<proto::SnapshotChunk>>,
+    ) -> Result<Response<proto::SnapshotAck>, Status> {
+        let mut chunks = request.into_inner();
+        let first = chunks
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
+        let mut message = Message::parse_from_bytes(&first.message)
+            .map_err(|e| Status::invalid_argument(format!("malformed raft message: {e}")))?;
+        if message.get_msg_type() != raft::prelude::MessageType::MsgSnapshot {
+            return Err(Status::invalid_argument(
+                "the first chunk is not a raft snapshot message",
+            ));
+        }
+        let total = first.total_bytes;
+        if total > self.max_snapshot_bytes {
+            return Err(Status::resource_exhausted(format!(
+                "the snapshot is {total} bytes; this node accepts at most {} (max_snapshot_bytes)",
+                self.max_snapshot_bytes
+            )));
+        }
+        let mut data = Vec::with_capacity(total as usize);
+        data.extend_from_slice(&first.data);
+        while let Some(chunk) = chunks.message().await? {
+            if data.len() as u64 + chunk.data.len() as u64 > total {
+                return Err(Status::invalid_argument("the snapshot is longer than announced"));
+            }
+            data.extend_from_slice(&chunk.data);
+        }
+        if data.len() as u64 != total {
+            // A transfer cut short: nothing of it is used.
+            return Err(Status::invalid_argument(format!(
+                "the snapshot stream ended after {} of {total} bytes",
+                data.len()
+            )));
+        }
+        message.mut_snapshot().data = data.into();
+        self.node
+            .send(NodeRequest::Raft(Box::new(message)))
+            .await
+            .map_err(|_| propose_status(ProposeError::Shutdown))?;
+        Ok(Response::new(proto::SnapshotAck { received_bytes: total }))
     }
 }

@@ -6,17 +6,23 @@
 //! queue and never waits: a full queue (dead or slow peer) drops the batch,
 //! which raft tolerates, and reports the peer unreachable. A broken stream is
 //! reconnected with capped exponential backoff.
+//!
+//! Snapshots (`MsgSnapshot`) go another way: a task per snapshot streams the
+//! data in `chunk_bytes` pieces over `Peer.InstallSnapshot`, so states far
+//! larger than one gRPC message transfer, and reports the outcome to the raft
+//! loop (`report_snapshot`), which retries a failed one later.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use protobuf::Message as _;
-use raft::prelude::Message;
+use raft::prelude::{Message, MessageType};
 use tokio::sync::mpsc;
 
-use crate::proto::RaftBatch;
+use crate::node::NodeRequest;
 use crate::proto::peer_client::PeerClient;
+use crate::proto::{RaftBatch, SnapshotChunk};
 
 /// Transport limits.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -28,6 +34,8 @@ pub struct TransportConfig {
     /// First reconnect delay; doubles up to `max_backoff_ms`.
     pub min_backoff_ms: u64,
     pub max_backoff_ms: u64,
+    /// Size of one chunk of snapshot data.
+    pub snapshot_chunk_bytes: usize,
 }
 
 impl Default for TransportConfig {
@@ -37,6 +45,7 @@ impl Default for TransportConfig {
             max_message_bytes: 64 << 20,
             min_backoff_ms: 50,
             max_backoff_ms: 2_000,
+            snapshot_chunk_bytes: 1 << 20,
         }
     }
 }
@@ -51,6 +60,8 @@ pub struct Transport {
 struct Inner {
     self_id: u64,
     peers: HashMap<u64, Peer>,
+    /// Where snapshot outcomes are reported (the raft loop).
+    reports: Option<mpsc::Sender<NodeRequest>>,
 }
 
 struct Peer {
@@ -64,9 +75,15 @@ impl Transport {
             inner: Arc::new(Mutex::new(Inner {
                 self_id,
                 peers: HashMap::new(),
+                reports: None,
             })),
             config,
         }
+    }
+
+    /// Where to report snapshot transfers.
+    pub fn report_to(&self, node: mpsc::Sender<NodeRequest>) {
+        self.lock().reports = Some(node);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -97,11 +114,25 @@ impl Transport {
             return Vec::new();
         }
         let mut by_peer: HashMap<u64, Vec<Message>> = HashMap::new();
-        for message in messages {
-            by_peer.entry(message.to).or_default().push(message);
-        }
         let inner = self.lock();
         let mut unreachable = Vec::new();
+        for message in messages {
+            if message.get_msg_type() == MessageType::MsgSnapshot {
+                match (inner.peers.get(&message.to), &inner.reports) {
+                    (Some(peer), Some(reports)) => {
+                        tokio::spawn(send_snapshot(
+                            peer.addr.clone(),
+                            message,
+                            self.config.clone(),
+                            reports.clone(),
+                        ));
+                    }
+                    _ => unreachable.push(message.to),
+                }
+                continue;
+            }
+            by_peer.entry(message.to).or_default().push(message);
+        }
         for (to, batch) in by_peer {
             match inner.peers.get(&to) {
                 Some(peer) if peer.queue.try_send(batch).is_ok() => {}
@@ -177,4 +208,61 @@ async fn sleep_or_closed(batches: &mut mpsc::Receiver<Vec<Message>>, delay: Dura
             batch = batches.recv() => if batch.is_none() { return true },
         }
     }
+}
+
+/// Stream one snapshot to a peer and report the outcome to the raft loop.
+async fn send_snapshot(
+    addr: String,
+    mut message: Message,
+    config: TransportConfig,
+    reports: mpsc::Sender<NodeRequest>,
+) {
+    let to = message.to;
+    let index = message.get_snapshot().get_metadata().index;
+    let data = std::mem::take(&mut message.mut_snapshot().data);
+    let started = std::time::Instant::now();
+    let result = async {
+        let header = message.write_to_bytes().map_err(|e| e.to_string())?;
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| e.to_string())?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut client = PeerClient::new(channel)
+            .max_encoding_message_size(config.max_message_bytes)
+            .max_decoding_message_size(config.max_message_bytes);
+        let chunk = config.snapshot_chunk_bytes.max(1);
+        let total = data.len();
+        let first = SnapshotChunk {
+            message: header,
+            total_bytes: total as u64,
+            data: Vec::new(),
+        };
+        // One chunk is copied out of the shared buffer at a time, as the
+        // stream is polled, so memory stays at the snapshot plus a chunk.
+        let pieces = (0..total).step_by(chunk).map(move |at| SnapshotChunk {
+            message: Vec::new(),
+            total_bytes: 0,
+            data: data.slice(at..(at + chunk).min(total)).to_vec(),
+        });
+        let stream = futures::stream::iter(std::iter::once(first).chain(pieces));
+        client
+            .install_snapshot(stream)
+            .await
+            .map_err(|status| status.message().to_string())
+    }
+    .await;
+    let ok = result.is_ok();
+    match result {
+        Ok(_) => tracing::info!(
+            peer = to,
+            index,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "sent a snapshot"
+        ),
+        Err(error) => tracing::warn!(peer = to, index, %error, "sending a snapshot failed; raft will retry"),
+    }
+    let _ = reports.send(NodeRequest::SnapshotSent { to, ok }).await;
 }

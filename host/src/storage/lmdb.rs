@@ -30,6 +30,7 @@ type Index = U64<BigEndian>;
 const HARD_STATE: &str = "hard_state";
 const CONF_STATE: &str = "conf_state";
 const SNAPSHOT_META: &str = "snapshot_meta";
+const SNAPSHOT_DATA: &str = "snapshot_data";
 const APPLIED_INDEX: &str = "applied_index";
 const CONF_INDEX: &str = "conf_index";
 const IDENTITY: &str = "identity";
@@ -249,9 +250,6 @@ impl Storage for LmdbStore {
             if index == snapshot.index {
                 return Ok(Ok(snapshot.term));
             }
-            if index < snapshot.index {
-                return Ok(Err(StorageError::Compacted));
-            }
             match inner.entry(txn, index)? {
                 Some(entry) => Ok(Ok(entry.term)),
                 None if index < inner.first_index(txn)? => Ok(Err(StorageError::Compacted)),
@@ -273,10 +271,13 @@ impl Storage for LmdbStore {
         self.read(|inner, txn| inner.last_index(txn)).map_err(to_raft)
     }
 
-    fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        // Snapshots of the state machine are not stored yet: the log is never
-        // compacted, so a follower can always be caught up from the log.
-        Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable))
+    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        match self.stored_snapshot().map_err(to_raft)? {
+            Some(snapshot) if snapshot.get_metadata().index >= request_index => Ok(snapshot),
+            // The log was never compacted past what the follower needs, or
+            // a newer snapshot is on its way: raft asks again later.
+            _ => Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable)),
+        }
     }
 }
 
@@ -400,5 +401,61 @@ impl LogStore for LmdbStore {
             }
             Ok(Some((sha, wasm.to_vec())))
         })
+    }
+
+    fn stored_snapshot(&self) -> Result<Option<Snapshot>, StoreError> {
+        self.read(|inner, txn| {
+            let metadata = inner.snapshot_meta(txn)?;
+            if metadata.index == 0 {
+                return Ok(None);
+            }
+            let data = inner
+                .meta
+                .get(txn, SNAPSHOT_DATA)?
+                .ok_or_else(|| StoreError::Corrupt("snapshot metadata without data".into()))?;
+            let mut snapshot = Snapshot::default();
+            snapshot.set_metadata(metadata);
+            snapshot.data = data.to_vec().into();
+            Ok(Some(snapshot))
+        })
+    }
+
+    fn save_snapshot(&self, snapshot: &Snapshot, compact_to: u64) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        let metadata = snapshot.get_metadata();
+        let mut txn = inner.env.write_txn()?;
+        if metadata.index <= inner.snapshot_meta(&txn)?.index {
+            return Ok(());
+        }
+        if metadata.index > inner.last_index(&txn)? {
+            return Err(StoreError::Invalid(format!(
+                "snapshot at {} is past the last log index {}",
+                metadata.index,
+                inner.last_index(&txn)?
+            )));
+        }
+        inner.meta.put(&mut txn, SNAPSHOT_META, &encode(metadata)?)?;
+        inner.meta.put(&mut txn, SNAPSHOT_DATA, &snapshot.data)?;
+        inner
+            .entries
+            .delete_range(&mut txn, &(..=compact_to.min(metadata.index)))?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    fn install_snapshot(&self, snapshot: &Snapshot, hard_state: &HardState) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        let metadata = snapshot.get_metadata();
+        let mut txn = inner.env.write_txn()?;
+        inner.entries.clear(&mut txn)?;
+        inner.meta.put(&mut txn, SNAPSHOT_META, &encode(metadata)?)?;
+        inner.meta.put(&mut txn, SNAPSHOT_DATA, &snapshot.data)?;
+        inner
+            .meta
+            .put(&mut txn, CONF_STATE, &encode(metadata.get_conf_state())?)?;
+        inner.meta.put(&mut txn, CONF_INDEX, &metadata.index.to_be_bytes())?;
+        inner.meta.put(&mut txn, HARD_STATE, &encode(hard_state)?)?;
+        txn.commit()?;
+        Ok(())
     }
 }

@@ -21,6 +21,7 @@ struct Inner {
     hard_state: HardState,
     conf_state: ConfState,
     snapshot_meta: SnapshotMetadata,
+    snapshot_data: Vec<u8>,
     applied_index: u64,
     conf_index: u64,
     traps: BTreeMap<u64, String>,
@@ -99,11 +100,9 @@ impl Storage for MemStore {
         if index == inner.snapshot_meta.index {
             return Ok(inner.snapshot_meta.term);
         }
-        if index < inner.first_index() {
-            return Err(raft::Error::Store(StorageError::Compacted));
-        }
         match inner.entries.get(&index) {
             Some(entry) => Ok(entry.term),
+            None if index < inner.first_index() => Err(raft::Error::Store(StorageError::Compacted)),
             None => Err(raft::Error::Store(StorageError::Unavailable)),
         }
     }
@@ -116,8 +115,11 @@ impl Storage for MemStore {
         Ok(self.rl().last_index())
     }
 
-    fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable))
+    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        match self.stored_snapshot() {
+            Ok(Some(snapshot)) if snapshot.get_metadata().index >= request_index => Ok(snapshot),
+            _ => Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable)),
+        }
     }
 }
 
@@ -193,5 +195,48 @@ impl LogStore for MemStore {
 
     fn active_plugin(&self) -> Result<Option<StoredPlugin>, StoreError> {
         Ok(self.rl().active_plugin.clone())
+    }
+
+    fn stored_snapshot(&self) -> Result<Option<Snapshot>, StoreError> {
+        let inner = self.rl();
+        if inner.snapshot_meta.index == 0 {
+            return Ok(None);
+        }
+        let mut snapshot = Snapshot::default();
+        snapshot.set_metadata(inner.snapshot_meta.clone());
+        snapshot.data = inner.snapshot_data.clone().into();
+        Ok(Some(snapshot))
+    }
+
+    fn save_snapshot(&self, snapshot: &Snapshot, compact_to: u64) -> Result<(), StoreError> {
+        let mut inner = self.wl();
+        let metadata = snapshot.get_metadata();
+        if metadata.index <= inner.snapshot_meta.index {
+            return Ok(());
+        }
+        if metadata.index > inner.last_index() {
+            return Err(StoreError::Invalid(format!(
+                "snapshot at {} is past the last log index {}",
+                metadata.index,
+                inner.last_index()
+            )));
+        }
+        inner.snapshot_meta = metadata.clone();
+        inner.snapshot_data = snapshot.data.to_vec();
+        let keep = inner.entries.split_off(&(compact_to.min(metadata.index) + 1));
+        inner.entries = keep;
+        Ok(())
+    }
+
+    fn install_snapshot(&self, snapshot: &Snapshot, hard_state: &HardState) -> Result<(), StoreError> {
+        let mut inner = self.wl();
+        let metadata = snapshot.get_metadata();
+        inner.entries.clear();
+        inner.snapshot_meta = metadata.clone();
+        inner.snapshot_data = snapshot.data.to_vec();
+        inner.conf_state = metadata.get_conf_state().clone();
+        inner.conf_index = metadata.index;
+        inner.hard_state = hard_state.clone();
+        Ok(())
     }
 }

@@ -14,7 +14,7 @@ pub mod mem;
 mod tests;
 
 use raft::Storage;
-use raft::prelude::{ConfState, Entry, HardState};
+use raft::prelude::{ConfState, Entry, HardState, Snapshot};
 
 /// Why a storage operation failed. Storage errors are fatal to the node: the
 /// node loop stops rather than run on with state it could not persist.
@@ -103,6 +103,18 @@ pub trait LogStore: Storage + Clone + Send + Sync + 'static {
 
     /// The active plugin's SHA-256 and bytes, once one was stored.
     fn active_plugin(&self) -> Result<Option<StoredPlugin>, StoreError>;
+
+    /// The latest stored snapshot (metadata and data), if any.
+    fn stored_snapshot(&self) -> Result<Option<Snapshot>, StoreError>;
+
+    /// Store a snapshot this node took and drop the log entries up to
+    /// `compact_to` (at most the snapshot's index), atomically. A snapshot
+    /// older than the stored one is ignored.
+    fn save_snapshot(&self, snapshot: &Snapshot, compact_to: u64) -> Result<(), StoreError>;
+
+    /// Install a snapshot received from the leader: it replaces the whole
+    /// log, the conf state and the hard state, atomically.
+    fn install_snapshot(&self, snapshot: &Snapshot, hard_state: &HardState) -> Result<(), StoreError>;
 }
 
 /// Checks a batch's entries are contiguous, so a bad caller cannot punch

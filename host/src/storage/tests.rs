@@ -175,6 +175,81 @@ fn the_active_plugin_is_stored<S: LogStore>(store: S) {
     assert_eq!(store.active_plugin().unwrap(), Some((sha, wasm)));
 }
 
+fn snapshot_at(index: u64, term: u64, voters: Vec<u64>, data: &[u8]) -> raft::prelude::Snapshot {
+    let mut snapshot = raft::prelude::Snapshot::default();
+    let metadata = snapshot.mut_metadata();
+    metadata.index = index;
+    metadata.term = term;
+    metadata.mut_conf_state().voters = voters;
+    snapshot.data = data.to_vec().into();
+    snapshot
+}
+
+fn a_saved_snapshot_compacts_the_log_it_covers<S: LogStore>(store: S) {
+    append(&store, entries(1..=10, 2));
+    store.save_snapshot(&snapshot_at(8, 2, vec![1], b"state@8"), 5).unwrap();
+    assert_eq!(store.first_index().unwrap(), 6);
+    assert_eq!(store.last_index().unwrap(), 10);
+    assert!(is_store_error(read(&store, 5, 11, None), StorageError::Compacted));
+    assert_eq!(read(&store, 6, 11, None).unwrap(), entries(6..=10, 2));
+    assert_eq!(store.term(8).unwrap(), 2);
+    assert!(is_store_error(store.term(4), StorageError::Compacted));
+    assert_eq!(store.stored_snapshot().unwrap().unwrap().data.as_ref(), b"state@8");
+    assert_eq!(store.snapshot(8, 2).unwrap().get_metadata().index, 8);
+    assert!(is_store_error(
+        store.snapshot(9, 2),
+        StorageError::SnapshotTemporarilyUnavailable
+    ));
+
+    // An older snapshot never replaces a newer one; one past the log is refused.
+    store.save_snapshot(&snapshot_at(7, 2, vec![1], b"old"), 7).unwrap();
+    assert_eq!(store.stored_snapshot().unwrap().unwrap().data.as_ref(), b"state@8");
+    assert!(
+        store
+            .save_snapshot(&snapshot_at(11, 2, vec![1], b"future"), 11)
+            .is_err()
+    );
+
+    // Compacting everything the snapshot covers leaves the log starting after it.
+    store
+        .save_snapshot(&snapshot_at(10, 2, vec![1], b"state@10"), 10)
+        .unwrap();
+    assert_eq!(store.first_index().unwrap(), 11);
+    assert_eq!(store.last_index().unwrap(), 10);
+    assert_eq!(store.term(10).unwrap(), 2);
+    append(&store, entries(11..=12, 3));
+    assert_eq!(store.last_index().unwrap(), 12);
+}
+
+fn an_installed_snapshot_replaces_the_log<S: LogStore>(store: S) {
+    append(&store, entries(1..=5, 1));
+    let hard_state = HardState {
+        term: 4,
+        commit: 20,
+        ..Default::default()
+    };
+    store
+        .install_snapshot(&snapshot_at(20, 3, vec![1, 2, 3], b"state@20"), &hard_state)
+        .unwrap();
+    assert_eq!(store.first_index().unwrap(), 21);
+    assert_eq!(store.last_index().unwrap(), 20);
+    assert_eq!(store.term(20).unwrap(), 3);
+    let state = store.initial_state().unwrap();
+    assert_eq!(state.hard_state, hard_state);
+    assert_eq!(state.conf_state.voters, vec![1, 2, 3]);
+    assert_eq!(store.conf_index().unwrap(), 20);
+    append(&store, entries(21..=22, 4));
+    assert_eq!(read(&store, 21, 23, None).unwrap(), entries(21..=22, 4));
+    assert!(
+        store
+            .write(WriteBatch {
+                entries: entries(15..=15, 4),
+                ..Default::default()
+            })
+            .is_err()
+    );
+}
+
 macro_rules! conformance {
     ($module:ident, $make:expr) => {
         mod $module {
@@ -210,6 +285,16 @@ macro_rules! conformance {
             fn hard_state_conf_state_and_applied_persist() {
                 let (store, _guard) = $make;
                 super::hard_state_conf_state_and_applied_persist(store);
+            }
+            #[test]
+            fn a_saved_snapshot_compacts_the_log_it_covers() {
+                let (store, _guard) = $make;
+                super::a_saved_snapshot_compacts_the_log_it_covers(store);
+            }
+            #[test]
+            fn an_installed_snapshot_replaces_the_log() {
+                let (store, _guard) = $make;
+                super::an_installed_snapshot_replaces_the_log(store);
             }
             #[test]
             fn the_active_plugin_is_stored() {

@@ -1,0 +1,80 @@
+//! The cost of one kv apply through the sandbox, next to a native no-op, so
+//! a regression in the call path shows as a number.
+//!
+//! cargo bench -p raftify-host --bench sandbox
+
+use std::hint::black_box;
+
+use raftify_host::daemon::EMBEDDED_KV;
+use raftify_host::sandbox::{Instance, Sandbox, SandboxConfig};
+
+fn main() {
+    divan::main();
+}
+
+fn kv() -> Instance {
+    Sandbox::new(SandboxConfig::default())
+        .unwrap()
+        .load(EMBEDDED_KV)
+        .unwrap()
+        .instantiate()
+        .unwrap()
+}
+
+/// The floor: a native call that does nothing.
+#[divan::bench]
+fn native_noop(bencher: divan::Bencher) {
+    let mut index = 0u64;
+    bencher.bench_local(|| {
+        index += 1;
+        black_box((black_box(index), black_box(b"set k v".as_slice())))
+    });
+}
+
+/// `set` of a fresh key per call through the sandbox (fuel reset, clock and
+/// RNG reseed, canonical ABI copy in and out).
+#[divan::bench]
+fn kv_apply_set(bencher: divan::Bencher) {
+    let mut kv = kv();
+    let entries: Vec<Vec<u8>> = (0..100_000).map(|i| format!("set k{i} v{i}").into_bytes()).collect();
+    let mut index = 0usize;
+    bencher.bench_local(|| {
+        let entry = &entries[index % entries.len()];
+        index += 1;
+        kv.apply(index as u64, entry).unwrap()
+    });
+}
+
+/// `incr` of one key: the smallest state change.
+#[divan::bench]
+fn kv_apply_incr(bencher: divan::Bencher) {
+    let mut kv = kv();
+    let mut index = 0u64;
+    bencher.bench_local(|| {
+        index += 1;
+        kv.apply(index, b"incr n 1").unwrap()
+    });
+}
+
+#[divan::bench]
+fn kv_query_get(bencher: divan::Bencher) {
+    let mut kv = kv();
+    kv.apply(1, b"set a 1").unwrap();
+    bencher.bench_local(|| kv.query(1, b"get a").unwrap());
+}
+
+#[divan::bench]
+fn kv_encode(bencher: divan::Bencher) {
+    let mut kv = kv();
+    bencher.bench_local(|| kv.encode("set key value").unwrap());
+}
+
+/// A fresh instance, as after a trap.
+#[divan::bench(sample_count = 20)]
+fn kv_instantiate(bencher: divan::Bencher) {
+    let plugin = Sandbox::new(SandboxConfig::default())
+        .unwrap()
+        .load(EMBEDDED_KV)
+        .unwrap();
+    bencher.bench_local(|| plugin.instantiate().unwrap());
+}
