@@ -165,10 +165,10 @@ impl<S: LogStore> Fsm<S> {
                 }
                 self.applied_tx.send_replace(self.applied);
                 self.serve_pending_queries()?;
-                if self.applied >= self.snapshot_index + self.config.every_entries {
-                    if let Err(message) = self.take_snapshot()? {
-                        tracing::warn!(%message, "could not take a snapshot; will retry later");
-                    }
+                if self.applied >= self.snapshot_index + self.config.every_entries
+                    && let Err(message) = self.take_snapshot()?
+                {
+                    tracing::warn!(%message, "could not take a snapshot; will retry later");
                 }
             }
             FsmRequest::Snapshot { reply } => {
