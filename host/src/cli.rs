@@ -45,6 +45,24 @@ pub enum Command {
     Leader(LeaderCommand),
     /// Take a snapshot on the node at --addr now and compact its log.
     Snapshot(ClientArgs),
+    /// Look inside a node.
+    #[command(subcommand)]
+    Debug(DebugCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DebugCommand {
+    /// Print a stopped node's persisted log (each entry decoded to text by
+    /// the plugin), hard state, conf state, snapshot metadata and last index.
+    Persisted {
+        /// The node's --data-dir.
+        data_dir: PathBuf,
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Print a live node's raft state: indexes, snapshot, plugin, and on the
+    /// leader the replication progress of every member.
+    Node(ClientArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -231,6 +249,33 @@ pub async fn run_client(command: Command) -> anyhow::Result<i32> {
             print_status(&status, args.output);
             Ok(0)
         }
+        Command::Debug(DebugCommand::Persisted { data_dir, output }) => {
+            let value = tokio::task::spawn_blocking(move || crate::debug::persisted(&data_dir)).await??;
+            match output {
+                Output::Json => println!("{value}"),
+                Output::Text => crate::debug::print_persisted(&value),
+            }
+            Ok(0)
+        }
+        Command::Debug(DebugCommand::Node(args)) => {
+            let mut client = connect(&args).await?;
+            let status = client.status().await?;
+            print_status(&status, args.output);
+            if args.output == Output::Text {
+                println!("snapshot index:  {}", status.snapshot_index);
+                for p in &status.progress {
+                    println!(
+                        "progress:        node {} matched {} next {} {}{}",
+                        p.id,
+                        p.matched,
+                        p.next_index,
+                        p.state,
+                        if p.recent_active { "" } else { " (inactive)" }
+                    );
+                }
+            }
+            Ok(0)
+        }
         Command::Snapshot(args) => {
             let mut client = connect(&args).await?;
             let response = client.snapshot().await?;
@@ -405,6 +450,11 @@ fn print_status(status: &proto::StatusResponse, output: Output) {
         "trapped_entries": status.trapped_entries,
         "listen": status.listen,
         "members": members,
+        "snapshot_index": status.snapshot_index,
+        "progress": status.progress.iter().map(|p| json!({
+            "id": p.id, "matched": p.matched, "next_index": p.next_index,
+            "state": p.state, "recent_active": p.recent_active,
+        })).collect::<Vec<_>>(),
     });
     match output {
         Output::Json => println!("{value}"),

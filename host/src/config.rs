@@ -32,6 +32,9 @@ pub struct NodeConfig {
     pub peers: BTreeMap<u64, String>,
     /// A member to ask to join an existing cluster through (`--join`).
     pub join: Option<String>,
+    /// Restart as the only member of a new cluster, keeping this node's
+    /// data (disaster recovery after losing a majority for good).
+    pub force_new_cluster: bool,
     pub raft: RaftConfig,
     pub sandbox: SandboxConfig,
     pub client: ClientConfig,
@@ -71,6 +74,12 @@ pub struct RunArgs {
     /// assigns an id unless --id is given. Ignored once the node has joined.
     #[arg(long, env = "RAFTIFY_JOIN")]
     pub join: Option<String>,
+    /// Disaster recovery: restart this node's data as a one-member cluster
+    /// (every entry it holds is kept and committed); others then --join it.
+    /// Only for when a majority is lost for good.
+    #[arg(long, env = "RAFTIFY_FORCE_NEW_CLUSTER")]
+    #[serde(default)]
+    pub force_new_cluster: bool,
 
     /// Raft clock period in milliseconds [default: 100].
     #[arg(long, env = "RAFTIFY_TICK_INTERVAL_MS")]
@@ -166,6 +175,7 @@ impl RunArgs {
                 None => BTreeMap::new(),
             },
             join: args.join,
+            force_new_cluster: args.force_new_cluster,
             raft: RaftConfig {
                 tick_interval_ms: args.tick_interval_ms.unwrap_or(raft.tick_interval_ms),
                 election_ticks: args.election_ticks.unwrap_or(raft.election_ticks),
@@ -218,6 +228,7 @@ impl RunArgs {
             plugin: self.plugin.or(other.plugin),
             peers: self.peers.or(other.peers),
             join: self.join.or(other.join),
+            force_new_cluster: self.force_new_cluster || other.force_new_cluster,
             tick_interval_ms: self.tick_interval_ms.or(other.tick_interval_ms),
             election_ticks: self.election_ticks.or(other.election_ticks),
             heartbeat_ticks: self.heartbeat_ticks.or(other.heartbeat_ticks),

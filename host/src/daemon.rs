@@ -42,7 +42,10 @@ pub async fn run(config: NodeConfig, listener: TcpListener, shutdown: impl Futur
     let sandbox = Sandbox::new(config.sandbox.clone())?;
     let (wasm, is_new) = choose_plugin(&store, &config)?;
     let plugin = sandbox.load(&wasm).context("cannot load the plugin")?;
-    let identity = settle_identity(&store, &config).await?;
+    let mut identity = settle_identity(&store, &config).await?;
+    if config.force_new_cluster {
+        identity = force_new_cluster(&store, identity)?;
+    }
     if is_new {
         store.put_active_plugin(&plugin.sha256(), &wasm)?;
     }
@@ -204,6 +207,63 @@ fn bootstrap_batch(id: u64, members: &[(u64, String)]) -> anyhow::Result<WriteBa
         }),
         applied_index: None,
     })
+}
+
+/// Disaster recovery: turn this node's data into a one-member cluster.
+///
+/// Every entry in the local log is kept and treated as committed (the local
+/// commit index may lag what the lost majority had committed, and an entry
+/// this node holds may have been acknowledged). Then a `RemoveNode` entry
+/// for every other member is appended, so nodes that later join and replay
+/// the log learn the new configuration too.
+fn force_new_cluster<S: LogStore>(store: &S, mut identity: NodeIdentity) -> anyhow::Result<NodeIdentity> {
+    use protobuf::Message as _;
+    use raft::prelude::{ConfChange, ConfChangeType, Entry, EntryType};
+    let state = store.initial_state()?;
+    let last = store.last_index()?;
+    let term = state.hard_state.term.max(store.term(last)?);
+    let others: Vec<u64> = state
+        .conf_state
+        .voters
+        .iter()
+        .chain(&state.conf_state.learners)
+        .copied()
+        .filter(|id| *id != identity.id)
+        .collect();
+    let mut entries = Vec::new();
+    for (i, other) in others.iter().enumerate() {
+        let change = ConfChange {
+            change_type: ConfChangeType::RemoveNode,
+            node_id: *other,
+            ..Default::default()
+        };
+        entries.push(Entry {
+            entry_type: EntryType::EntryConfChange,
+            term,
+            index: last + 1 + i as u64,
+            data: change.write_to_bytes()?.into(),
+            ..Default::default()
+        });
+    }
+    let new_last = last + entries.len() as u64;
+    identity.members.retain(|(id, _)| *id == identity.id);
+    let mut hard_state = state.hard_state.clone();
+    hard_state.term = term;
+    hard_state.commit = new_last;
+    store.write(WriteBatch {
+        entries,
+        hard_state: Some(hard_state),
+        conf_state: Some((initial_conf_state(vec![identity.id]), new_last)),
+        identity: Some(identity.clone()),
+        applied_index: None,
+    })?;
+    tracing::warn!(
+        id = identity.id,
+        removed = ?others,
+        last_index = new_last,
+        "forced a new one-member cluster from this node's data"
+    );
+    Ok(identity)
 }
 
 /// Ask the cluster at `seed` for an id (retrying while it elects a leader or

@@ -6,6 +6,7 @@ pub mod client;
 pub mod codec;
 pub mod config;
 pub mod daemon;
+pub mod debug;
 pub mod envelope;
 pub mod fsm;
 pub mod logging;

@@ -110,6 +110,9 @@ pub struct NodeStatus {
     pub last_index: u64,
     /// (id, address, voter)
     pub members: Vec<(u64, String, bool)>,
+    pub snapshot_index: u64,
+    /// On the leader: (id, matched, next index, state, recently active).
+    pub progress: Vec<(u64, u64, u64, String, bool)>,
 }
 
 /// Requests into the raft loop.
@@ -214,7 +217,7 @@ impl<S: LogStore> Node<S> {
             // The state machine is in memory: after a restart the apply
             // worker restores the latest snapshot and raft re-delivers the
             // committed log after it.
-            applied: store.stored_snapshot()?.map_or(0, |s| s.get_metadata().index),
+            applied: store.snapshot_metadata()?.index,
             check_quorum: true,
             pre_vote: true,
             ..Default::default()
@@ -279,6 +282,14 @@ impl<S: LogStore> Node<S> {
     fn on_tick(&mut self) -> Result<(), NodeError> {
         self.raw.tick();
         self.promote_caught_up_learners();
+        if self.store.take_snapshot_request() {
+            // raft needs a snapshot newer than the stored one (e.g. one that
+            // names a new member); the apply worker takes it.
+            let (reply, _) = oneshot::channel();
+            self.fsm
+                .send(FsmRequest::Snapshot { reply })
+                .map_err(|_| NodeError::FsmGone)?;
+        }
         let timeout = Duration::from_millis(self.config.tick_interval_ms * self.config.election_ticks as u64 * 4);
         self.reads.retain(|_, read| {
             if read.since.elapsed() > timeout || read.reply.is_closed() {
@@ -576,6 +587,25 @@ impl<S: LogStore> Node<S> {
             first_index: self.store.first_index().unwrap_or(0),
             last_index: raft.raft_log.last_index(),
             members,
+            snapshot_index: self.store.snapshot_metadata().map_or(0, |m| m.index),
+            progress: if raft.state == StateRole::Leader {
+                let mut progress: Vec<_> = raft
+                    .prs()
+                    .iter()
+                    .map(|(id, p)| {
+                        let state = match p.state {
+                            raft::ProgressState::Probe => "probe",
+                            raft::ProgressState::Replicate => "replicate",
+                            raft::ProgressState::Snapshot => "snapshot",
+                        };
+                        (*id, p.matched, p.next_idx, state.to_string(), p.recent_active)
+                    })
+                    .collect();
+                progress.sort();
+                progress
+            } else {
+                Vec::new()
+            },
         }
     }
 

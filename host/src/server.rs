@@ -450,6 +450,18 @@ impl proto::client_server::Client for Services {
                 .collect(),
             trapped_entries: self.trapped_entries.load(std::sync::atomic::Ordering::Relaxed),
             listen: self.listen.clone(),
+            snapshot_index: status.snapshot_index,
+            progress: status
+                .progress
+                .into_iter()
+                .map(|(id, matched, next_index, state, recent_active)| proto::Progress {
+                    id,
+                    matched,
+                    next_index,
+                    state,
+                    recent_active,
+                })
+                .collect(),
         }))
     }
 }

@@ -48,6 +48,8 @@ struct Inner {
     meta: Database<Str, Bytes>,
     traps: Database<Index, Str>,
     plugins: Database<Bytes, Bytes>,
+    /// Set when raft asked for a snapshot newer than the stored one.
+    snapshot_wanted: std::sync::atomic::AtomicBool,
 }
 
 /// Options for opening a store.
@@ -100,6 +102,7 @@ impl LmdbStore {
                 meta,
                 traps,
                 plugins,
+                snapshot_wanted: Default::default(),
             }),
         })
     }
@@ -115,11 +118,6 @@ impl LmdbStore {
         let mut txn = self.inner.env.write_txn().unwrap();
         self.inner.entries.put(&mut txn, &index, &[0xff, 0xff, 0xff]).unwrap();
         txn.commit().unwrap();
-    }
-
-    /// The snapshot metadata the log starts after (index 0 when none).
-    pub fn snapshot_metadata(&self) -> Result<SnapshotMetadata, StoreError> {
-        self.read(|inner, txn| inner.snapshot_meta(txn))
     }
 }
 
@@ -271,12 +269,17 @@ impl Storage for LmdbStore {
         self.read(|inner, txn| inner.last_index(txn)).map_err(to_raft)
     }
 
-    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
         match self.stored_snapshot().map_err(to_raft)? {
-            Some(snapshot) if snapshot.get_metadata().index >= request_index => Ok(snapshot),
-            // The log was never compacted past what the follower needs, or
-            // a newer snapshot is on its way: raft asks again later.
-            _ => Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable)),
+            Some(snapshot) if super::snapshot_serves(&snapshot, request_index, to) => Ok(snapshot),
+            // Too old, or made before `to` joined: ask the apply worker for a
+            // fresh one; raft asks again later.
+            _ => {
+                self.inner
+                    .snapshot_wanted
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable))
+            }
         }
     }
 }
@@ -401,6 +404,16 @@ impl LogStore for LmdbStore {
             }
             Ok(Some((sha, wasm.to_vec())))
         })
+    }
+
+    fn take_snapshot_request(&self) -> bool {
+        self.inner
+            .snapshot_wanted
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn snapshot_metadata(&self) -> Result<SnapshotMetadata, StoreError> {
+        self.read(|inner, txn| inner.snapshot_meta(txn))
     }
 
     fn stored_snapshot(&self) -> Result<Option<Snapshot>, StoreError> {

@@ -13,6 +13,7 @@ use super::{LogStore, NodeIdentity, StoreError, StoredPlugin, WriteBatch, check_
 #[derive(Clone, Default)]
 pub struct MemStore {
     inner: Arc<RwLock<Inner>>,
+    snapshot_wanted: Arc<std::sync::atomic::AtomicBool>,
 }
 
 #[derive(Default)]
@@ -115,10 +116,13 @@ impl Storage for MemStore {
         Ok(self.rl().last_index())
     }
 
-    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
         match self.stored_snapshot() {
-            Ok(Some(snapshot)) if snapshot.get_metadata().index >= request_index => Ok(snapshot),
-            _ => Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable)),
+            Ok(Some(snapshot)) if super::snapshot_serves(&snapshot, request_index, to) => Ok(snapshot),
+            _ => {
+                self.snapshot_wanted.store(true, std::sync::atomic::Ordering::Relaxed);
+                Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable))
+            }
         }
     }
 }
@@ -195,6 +199,14 @@ impl LogStore for MemStore {
 
     fn active_plugin(&self) -> Result<Option<StoredPlugin>, StoreError> {
         Ok(self.rl().active_plugin.clone())
+    }
+
+    fn take_snapshot_request(&self) -> bool {
+        self.snapshot_wanted.swap(false, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn snapshot_metadata(&self) -> Result<SnapshotMetadata, StoreError> {
+        Ok(self.rl().snapshot_meta.clone())
     }
 
     fn stored_snapshot(&self) -> Result<Option<Snapshot>, StoreError> {

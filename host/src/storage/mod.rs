@@ -14,7 +14,7 @@ pub mod mem;
 mod tests;
 
 use raft::Storage;
-use raft::prelude::{ConfState, Entry, HardState, Snapshot};
+use raft::prelude::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
 
 /// Why a storage operation failed. Storage errors are fatal to the node: the
 /// node loop stops rather than run on with state it could not persist.
@@ -104,6 +104,13 @@ pub trait LogStore: Storage + Clone + Send + Sync + 'static {
     /// The active plugin's SHA-256 and bytes, once one was stored.
     fn active_plugin(&self) -> Result<Option<StoredPlugin>, StoreError>;
 
+    /// Whether raft asked for a snapshot the store does not have (one that
+    /// includes a newly added member); clears the request.
+    fn take_snapshot_request(&self) -> bool;
+
+    /// The latest stored snapshot's metadata (index 0: none), without its data.
+    fn snapshot_metadata(&self) -> Result<SnapshotMetadata, StoreError>;
+
     /// The latest stored snapshot (metadata and data), if any.
     fn stored_snapshot(&self) -> Result<Option<Snapshot>, StoreError>;
 
@@ -115,6 +122,15 @@ pub trait LogStore: Storage + Clone + Send + Sync + 'static {
     /// Install a snapshot received from the leader: it replaces the whole
     /// log, the conf state and the hard state, atomically.
     fn install_snapshot(&self, snapshot: &Snapshot, hard_state: &HardState) -> Result<(), StoreError>;
+}
+
+/// Whether a stored snapshot can be sent to `to` for a request at
+/// `request_index`: it must be recent enough and its configuration must
+/// include `to` (raft refuses a snapshot that does not name it).
+fn snapshot_serves(snapshot: &Snapshot, request_index: u64, to: u64) -> bool {
+    let metadata = snapshot.get_metadata();
+    let conf = metadata.get_conf_state();
+    metadata.index >= request_index && (conf.voters.contains(&to) || conf.learners.contains(&to))
 }
 
 /// Checks a batch's entries are contiguous, so a bad caller cannot punch

@@ -195,11 +195,20 @@ fn a_saved_snapshot_compacts_the_log_it_covers<S: LogStore>(store: S) {
     assert_eq!(store.term(8).unwrap(), 2);
     assert!(is_store_error(store.term(4), StorageError::Compacted));
     assert_eq!(store.stored_snapshot().unwrap().unwrap().data.as_ref(), b"state@8");
-    assert_eq!(store.snapshot(8, 2).unwrap().get_metadata().index, 8);
+    assert_eq!(store.snapshot(8, 1).unwrap().get_metadata().index, 8);
+    assert!(!store.take_snapshot_request());
     assert!(is_store_error(
-        store.snapshot(9, 2),
+        store.snapshot(9, 1),
         StorageError::SnapshotTemporarilyUnavailable
     ));
+    assert!(store.take_snapshot_request(), "a newer snapshot was not requested");
+    // A member that joined after the snapshot cannot use it.
+    assert!(is_store_error(
+        store.snapshot(8, 4),
+        StorageError::SnapshotTemporarilyUnavailable
+    ));
+    assert!(store.take_snapshot_request());
+    assert!(!store.take_snapshot_request(), "the request is cleared once taken");
 
     // An older snapshot never replaces a newer one; one past the log is refused.
     store.save_snapshot(&snapshot_at(7, 2, vec![1], b"old"), 7).unwrap();

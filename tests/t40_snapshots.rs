@@ -1,0 +1,186 @@
+//! Snapshots through the real binary: compaction, catch-up of a late joiner
+//! by snapshot, a 64 MiB state, a kill during install, disaster recovery
+//! with --force-new-cluster, and `debug persisted`.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::*;
+
+const SNAPSHOTS: &[&str] = &["--snapshot-every-entries", "1000", "--snapshot-keep-entries", "100"];
+
+fn write_file(dir: &std::path::Path, name: &str, lines: impl Iterator<Item = String>) -> String {
+    let path = dir.join(name);
+    let text: String = lines.map(|l| l + "\n").collect();
+    std::fs::write(&path, text).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+fn propose_file(node: &Node, file: &str) {
+    let out = cli(&["propose", "--file", file, "--addr", &node.addr]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+#[test]
+fn compaction_shortens_the_log_and_a_late_joiner_catches_up_by_snapshot() {
+    let mut cluster = Cluster::start(3, SNAPSHOTS);
+    let leader = cluster.leader();
+    let file = write_file(
+        cluster.dir.path(),
+        "five-thousand.txt",
+        (0..5000).map(|i| format!("set k{i} v{i}")),
+    );
+    propose_file(cluster.node(leader), &file);
+
+    let status = cluster.node(leader).status();
+    assert!(status["snapshot_index"].as_u64().unwrap() >= 4000, "{status}");
+    let first = status["first_index"].as_u64().unwrap();
+    assert!(first > 3000, "the log was not compacted: first index {first}");
+
+    let joined = cluster.join(4, leader, &[]).status()["id"].as_u64().unwrap();
+    let commit = cluster.node(leader).status()["commit_index"].as_u64().unwrap();
+    cluster.wait_applied(joined, commit);
+    let new_node = cluster.node(joined).status();
+    assert!(
+        new_node["first_index"].as_u64().unwrap() > 1,
+        "the new node replayed the whole log instead of installing a snapshot: {new_node}"
+    );
+    for i in (0..5000).step_by(499).chain([4999]) {
+        assert_eq!(cluster.stale(joined, &format!("get k{i}")), format!("v{i}"));
+    }
+    assert_eq!(cluster.stale(joined, "len"), "5000");
+    // The forced snapshot command works on any node.
+    let out = cli(&["snapshot", "-o", "json", "--addr", &cluster.node(joined).addr]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+#[test]
+fn a_64_mib_state_reaches_a_new_node_even_if_it_dies_during_the_install() {
+    let dir = tempfile::tempdir().unwrap();
+    let seed = Node::start(&dir.path().join("seed"), &free_addr(), SNAPSHOTS);
+    // 68 values of ~1 MB: about 65 MiB of state.
+    let value = "x".repeat(1_000_000);
+    let file = write_file(dir.path(), "big.txt", (0..68).map(|i| format!("set big{i} {i}{value}")));
+    propose_file(&seed, &file);
+    let snapshot = cli(&["snapshot", "--addr", &seed.addr]);
+    assert!(snapshot.status.success(), "{}", stderr(&snapshot));
+
+    // The joiner is killed as soon as it has joined, mid-transfer at best.
+    let addr = free_addr();
+    let data = dir.path().join("joiner");
+    let mut joiner = Node::spawn(&data, &addr, &["--join", &seed.addr]);
+    wait_until(Duration::from_secs(60), "the joiner to get its id", || {
+        joiner.log_text().contains("joined the cluster")
+    });
+    joiner.kill();
+
+    let started = Instant::now();
+    let joiner = Node::start(&data, &addr, &[]);
+    let commit = seed.status()["commit_index"].as_u64().unwrap();
+    wait_until(Duration::from_secs(120), "the joiner to catch up", || {
+        joiner.status()["applied_index"].as_u64().unwrap_or(0) >= commit
+    });
+    eprintln!(
+        "64 MiB state: joiner caught up {:?} after its restart",
+        started.elapsed()
+    );
+    let out = cli(&["query", "get big67", "--consistency", "stale", "--addr", &joiner.addr]);
+    assert_eq!(stdout(&out), format!("67{value}"));
+    assert_eq!(
+        outcome(cli(&["query", "len", "--consistency", "stale", "--addr", &joiner.addr])).unwrap(),
+        "68"
+    );
+    assert!(
+        joiner.log_text().contains("restored a snapshot"),
+        "no snapshot was installed"
+    );
+}
+
+#[test]
+fn force_new_cluster_recovers_every_committed_key_from_one_survivor() {
+    let mut cluster = Cluster::start(3, SNAPSHOTS);
+    let leader = cluster.leader();
+    let file = write_file(
+        cluster.dir.path(),
+        "keys.txt",
+        (0..1500).map(|i| format!("set d{i} {i}")),
+    );
+    propose_file(cluster.node(leader), &file);
+    let survivor = cluster.followers()[0];
+    let commit = cluster.node(leader).status()["commit_index"].as_u64().unwrap();
+    cluster.wait_applied(survivor, commit);
+    // The majority is lost for good.
+    for id in [1, 2, 3] {
+        cluster.kill(id);
+    }
+
+    let addr = free_addr();
+    let recovered = Node::start(&cluster.data_dir(survivor), &addr, &["--force-new-cluster"]);
+    let status = recovered.status();
+    assert_eq!(status["role"], "leader");
+    assert_eq!(status["members"].as_array().unwrap().len(), 1);
+    for i in (0..1500).step_by(149).chain([1499]) {
+        assert_eq!(recovered.query(&format!("get d{i}")).unwrap(), i.to_string());
+    }
+    assert_eq!(recovered.propose("set after recovery").unwrap(), "OK");
+
+    // Others join the recovered node and get everything.
+    let joiner_addr = free_addr();
+    let joiner = Node::start(&cluster.dir.path().join("fresh"), &joiner_addr, &["--join", &addr]);
+    let commit = recovered.status()["commit_index"].as_u64().unwrap();
+    wait_until(Duration::from_secs(60), "the joiner to catch up", || {
+        joiner.status()["applied_index"].as_u64().unwrap_or(0) >= commit
+    });
+    assert_eq!(
+        outcome(cli(&[
+            "query",
+            "get d777",
+            "--consistency",
+            "stale",
+            "--addr",
+            &joiner.addr
+        ]))
+        .unwrap(),
+        "777"
+    );
+}
+
+#[test]
+fn debug_persisted_shows_every_entry_decoded_by_the_plugin() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("n1");
+    let mut node = Node::start(&data, &free_addr(), &[]);
+    node.propose("set a 1").unwrap();
+    node.propose("incr n").unwrap();
+    node.kill();
+
+    let out = cli(&["debug", "persisted", data.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("set a 1"), "{text}");
+    assert!(text.contains("incr n 1"), "{text}");
+    assert!(text.contains("add voter 1"), "{text}");
+    assert!(text.contains("hard state:"), "{text}");
+    assert!(text.contains("last index:"), "{text}");
+
+    let out = cli(&["debug", "persisted", data.to_str().unwrap(), "-o", "json"]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let commands: Vec<&str> = json["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == "command")
+        .map(|e| e["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(commands, ["set a 1", "incr n 1"]);
+    assert_eq!(json["conf_state"]["voters"], serde_json::json!([1]));
+
+    let missing = cli(&["debug", "persisted", dir.path().join("nothing").to_str().unwrap()]);
+    assert!(!missing.status.success());
+    assert!(
+        stderr(&missing).contains("holds no raftify-host data"),
+        "{}",
+        stderr(&missing)
+    );
+}
