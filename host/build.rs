@@ -1,6 +1,7 @@
 //! Build script: generates the gRPC code from proto/ with a vendored protoc,
-//! and builds the embedded plugins (plugins/kv, and plugins/chaos for the
-//! sandbox tests) for wasm32-wasip2 so the binary carries them.
+//! and builds the embedded plugins for wasm32-wasip2 so the binary carries
+//! them: plugins/kv (the default plugin), and for the tests plugins/kv-v2,
+//! plugins/chaos (hostile) and plugins/hello (a component of another world).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -31,7 +32,7 @@ fn generate_grpc(root: &Path) {
 /// their own (sharing the outer one would deadlock on its lock).
 fn build_plugins(root: &Path) {
     let plugins = root.join("plugins");
-    for path in ["Cargo.toml", "Cargo.lock", "kv", "chaos"] {
+    for path in ["Cargo.toml", "Cargo.lock", "kv", "kv-v2", "chaos", "hello"] {
         println!("cargo:rerun-if-changed={}", plugins.join(path).display());
     }
     println!("cargo:rerun-if-changed={}", root.join("guest-sdk").display());
@@ -79,7 +80,7 @@ fn build_plugins(root: &Path) {
              Run `rustup target add wasm32-wasip2`."
         );
     }
-    for name in ["kv", "chaos"] {
+    for name in ["kv", "kv_v2", "chaos", "hello"] {
         let wasm = target_dir.join(format!("wasm32-wasip2/release/{name}.wasm"));
         let dest = out_dir.join(format!("{name}.wasm"));
         std::fs::copy(&wasm, &dest).unwrap_or_else(|e| panic!("copy {}: {e}", wasm.display()));

@@ -49,7 +49,8 @@ if [ "${#rust[@]}" -gt 0 ]; then
     --manifest-path "$here/Cargo.toml" --target-dir "$root/target/plugin-build" "${rust[@]}"
   for ((i = 1; i < ${#rust[@]}; i += 2)); do
     name="${rust[$i]}"
-    cp "$root/target/plugin-build/wasm32-wasip2/release/$name.wasm" "$out/$name.wasm"
+    # cargo names artifacts with underscores (kv-v2 -> kv_v2.wasm).
+    cp "$root/target/plugin-build/wasm32-wasip2/release/${name//-/_}.wasm" "$out/$name.wasm"
   done
 fi
 

@@ -26,9 +26,14 @@ use crate::transport::Transport;
 /// The kv plugin, built from plugins/kv by build.rs and embedded in the binary.
 pub const EMBEDDED_KV: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kv.wasm"));
 
-/// The hostile plugin used by the sandbox tests (plugins/chaos).
+/// Test plugins: kv-v2 (kv plus `strlen`), chaos (hostile) and hello (a
+/// WASI command: a component of another world).
+#[doc(hidden)]
+pub const EMBEDDED_KV_V2: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kv_v2.wasm"));
 #[doc(hidden)]
 pub const EMBEDDED_CHAOS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/chaos.wasm"));
+#[doc(hidden)]
+pub const EMBEDDED_HELLO: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/hello.wasm"));
 
 /// Bounds the raft loop's request queue (proposals, reads, peer messages).
 const NODE_QUEUE: usize = 65_536;
@@ -47,7 +52,7 @@ pub async fn run(config: NodeConfig, listener: TcpListener, shutdown: impl Futur
         identity = force_new_cluster(&store, identity)?;
     }
     if is_new {
-        store.put_active_plugin(&plugin.sha256(), &wasm)?;
+        store.activate_plugin(0, &plugin.sha256(), &wasm)?;
     }
     let id = identity.id;
     let span = tracing::info_span!("node", node_id = id);

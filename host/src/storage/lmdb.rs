@@ -6,8 +6,8 @@
 //! - `meta`: `hard_state`, `conf_state`, `snapshot_meta`, `applied_index`,
 //!   `identity`;
 //! - `traps`: log index -> the message of an entry whose apply trapped;
-//! - `plugins`: SHA-256 -> plugin component bytes (`meta.active_plugin` names
-//!   the active one).
+//! - `plugins`: SHA-256 -> plugin component bytes;
+//! - `plugin_history`: log index -> SHA-256 of the plugin active from there.
 //!
 //! Durability: every [`LogStore::write`] is one LMDB write transaction,
 //! committed with LMDB's default fsync, so when `write` returns the batch is
@@ -23,7 +23,7 @@ use protobuf::Message as _;
 use raft::prelude::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
 use raft::{GetEntriesContext, RaftState, Storage, StorageError};
 
-use super::{LogStore, NodeIdentity, StoreError, StoredPlugin, WriteBatch, check_contiguous};
+use super::{LogStore, NodeIdentity, StoreError, WriteBatch, check_contiguous};
 
 type Index = U64<BigEndian>;
 
@@ -34,7 +34,6 @@ const SNAPSHOT_DATA: &str = "snapshot_data";
 const APPLIED_INDEX: &str = "applied_index";
 const CONF_INDEX: &str = "conf_index";
 const IDENTITY: &str = "identity";
-const ACTIVE_PLUGIN: &str = "active_plugin";
 
 /// The LMDB-backed [`LogStore`]. Cheap to clone: clones share the environment.
 #[derive(Clone)]
@@ -48,6 +47,7 @@ struct Inner {
     meta: Database<Str, Bytes>,
     traps: Database<Index, Str>,
     plugins: Database<Bytes, Bytes>,
+    plugin_history: Database<Index, Bytes>,
     /// Set when raft asked for a snapshot newer than the stored one.
     snapshot_wanted: std::sync::atomic::AtomicBool,
 }
@@ -94,6 +94,7 @@ impl LmdbStore {
         let meta = env.create_database(&mut txn, Some("meta"))?;
         let traps = env.create_database(&mut txn, Some("traps"))?;
         let plugins = env.create_database(&mut txn, Some("plugins"))?;
+        let plugin_history = env.create_database(&mut txn, Some("plugin_history"))?;
         txn.commit()?;
         Ok(LmdbStore {
             inner: Arc::new(Inner {
@@ -102,6 +103,7 @@ impl LmdbStore {
                 meta,
                 traps,
                 plugins,
+                plugin_history,
                 snapshot_wanted: Default::default(),
             }),
         })
@@ -373,36 +375,52 @@ impl LogStore for LmdbStore {
         Ok(())
     }
 
-    fn put_active_plugin(&self, sha256: &[u8; 32], wasm: &[u8]) -> Result<(), StoreError> {
+    fn put_plugin_blob(&self, sha256: &[u8; 32], wasm: &[u8]) -> Result<(), StoreError> {
         let mut txn = self.inner.env.write_txn()?;
         if self.inner.plugins.get(&txn, sha256)?.is_none() {
             self.inner.plugins.put(&mut txn, sha256, wasm)?;
         }
-        self.inner.meta.put(&mut txn, ACTIVE_PLUGIN, sha256)?;
         txn.commit()?;
         Ok(())
     }
 
-    fn active_plugin(&self) -> Result<Option<StoredPlugin>, StoreError> {
+    fn plugin_blob(&self, sha256: &[u8; 32]) -> Result<Option<Vec<u8>>, StoreError> {
         self.read(|inner, txn| {
-            let Some(sha) = inner.meta.get(txn, ACTIVE_PLUGIN)? else {
+            let Some(wasm) = inner.plugins.get(txn, sha256)? else {
                 return Ok(None);
             };
-            let sha: [u8; 32] = sha
-                .try_into()
-                .map_err(|_| StoreError::Corrupt("active_plugin is not a SHA-256".into()))?;
-            let wasm = inner
-                .plugins
-                .get(txn, &sha)?
-                .ok_or_else(|| StoreError::Corrupt(format!("plugin {} is active but not stored", hex::encode(sha))))?;
             use sha2::Digest as _;
-            if sha2::Sha256::digest(wasm).as_slice() != sha {
+            if sha2::Sha256::digest(wasm).as_slice() != sha256 {
                 return Err(StoreError::Corrupt(format!(
                     "stored plugin {} does not match its hash",
-                    hex::encode(sha)
+                    hex::encode(sha256)
                 )));
             }
-            Ok(Some((sha, wasm.to_vec())))
+            Ok(Some(wasm.to_vec()))
+        })
+    }
+
+    fn activate_plugin(&self, index: u64, sha256: &[u8; 32], wasm: &[u8]) -> Result<(), StoreError> {
+        let mut txn = self.inner.env.write_txn()?;
+        if self.inner.plugins.get(&txn, sha256)?.is_none() {
+            self.inner.plugins.put(&mut txn, sha256, wasm)?;
+        }
+        self.inner.plugin_history.put(&mut txn, &index, sha256)?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    fn plugin_history(&self) -> Result<Vec<(u64, [u8; 32])>, StoreError> {
+        self.read(|inner, txn| {
+            let mut out = Vec::new();
+            for item in inner.plugin_history.iter(txn)? {
+                let (index, sha) = item?;
+                let sha: [u8; 32] = sha
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt(format!("plugin history at {index} is not a SHA-256")))?;
+                out.push((index, sha));
+            }
+            Ok(out)
         })
     }
 

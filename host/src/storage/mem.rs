@@ -8,7 +8,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use raft::prelude::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
 use raft::{GetEntriesContext, RaftState, Storage, StorageError};
 
-use super::{LogStore, NodeIdentity, StoreError, StoredPlugin, WriteBatch, check_contiguous};
+use super::{LogStore, NodeIdentity, StoreError, WriteBatch, check_contiguous};
 
 #[derive(Clone, Default)]
 pub struct MemStore {
@@ -27,7 +27,8 @@ struct Inner {
     conf_index: u64,
     traps: BTreeMap<u64, String>,
     identity: Option<NodeIdentity>,
-    active_plugin: Option<StoredPlugin>,
+    plugins: BTreeMap<[u8; 32], Vec<u8>>,
+    plugin_history: BTreeMap<u64, [u8; 32]>,
 }
 
 impl Inner {
@@ -192,13 +193,24 @@ impl LogStore for MemStore {
         Ok(())
     }
 
-    fn put_active_plugin(&self, sha256: &[u8; 32], wasm: &[u8]) -> Result<(), StoreError> {
-        self.wl().active_plugin = Some((*sha256, wasm.to_vec()));
+    fn put_plugin_blob(&self, sha256: &[u8; 32], wasm: &[u8]) -> Result<(), StoreError> {
+        self.wl().plugins.entry(*sha256).or_insert_with(|| wasm.to_vec());
         Ok(())
     }
 
-    fn active_plugin(&self) -> Result<Option<StoredPlugin>, StoreError> {
-        Ok(self.rl().active_plugin.clone())
+    fn plugin_blob(&self, sha256: &[u8; 32]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.rl().plugins.get(sha256).cloned())
+    }
+
+    fn activate_plugin(&self, index: u64, sha256: &[u8; 32], wasm: &[u8]) -> Result<(), StoreError> {
+        let mut inner = self.wl();
+        inner.plugins.entry(*sha256).or_insert_with(|| wasm.to_vec());
+        inner.plugin_history.insert(index, *sha256);
+        Ok(())
+    }
+
+    fn plugin_history(&self) -> Result<Vec<(u64, [u8; 32])>, StoreError> {
+        Ok(self.rl().plugin_history.iter().map(|(i, s)| (*i, *s)).collect())
     }
 
     fn take_snapshot_request(&self) -> bool {

@@ -97,12 +97,42 @@ pub trait LogStore: Storage + Clone + Send + Sync + 'static {
     /// Record the node's identity (first start, or membership change).
     fn set_identity(&self, identity: &NodeIdentity) -> Result<(), StoreError>;
 
-    /// Store a plugin component under its SHA-256 (once; storing it again is
-    /// a no-op) and make it the active plugin.
-    fn put_active_plugin(&self, sha256: &[u8; 32], wasm: &[u8]) -> Result<(), StoreError>;
+    /// Store a plugin component under its SHA-256 (once; storing it again
+    /// is a no-op).
+    fn put_plugin_blob(&self, sha256: &[u8; 32], wasm: &[u8]) -> Result<(), StoreError>;
 
-    /// The active plugin's SHA-256 and bytes, once one was stored.
-    fn active_plugin(&self) -> Result<Option<StoredPlugin>, StoreError>;
+    /// A stored plugin component, checked against its hash.
+    fn plugin_blob(&self, sha256: &[u8; 32]) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Store `wasm` (if new) and record that it is the active plugin from
+    /// log index `index` on, in one step. Index 0 is the cluster's first
+    /// plugin; recording the same switch again is a no-op.
+    fn activate_plugin(&self, index: u64, sha256: &[u8; 32], wasm: &[u8]) -> Result<(), StoreError>;
+
+    /// Every plugin switch as (index, SHA-256), in index order.
+    fn plugin_history(&self) -> Result<Vec<(u64, [u8; 32])>, StoreError>;
+
+    /// The plugin active at the end of the log, with its bytes.
+    fn active_plugin(&self) -> Result<Option<StoredPlugin>, StoreError> {
+        let Some((_, sha)) = self.plugin_history()?.pop() else {
+            return Ok(None);
+        };
+        let wasm = self
+            .plugin_blob(&sha)?
+            .ok_or_else(|| StoreError::Corrupt(format!("plugin {} is active but not stored", hex::encode(sha))))?;
+        Ok(Some((sha, wasm)))
+    }
+
+    /// The plugin the log starts with (the first recorded), with its bytes.
+    fn first_plugin(&self) -> Result<Option<StoredPlugin>, StoreError> {
+        let Some((_, sha)) = self.plugin_history()?.first().copied() else {
+            return Ok(None);
+        };
+        let wasm = self
+            .plugin_blob(&sha)?
+            .ok_or_else(|| StoreError::Corrupt(format!("plugin {} is recorded but not stored", hex::encode(sha))))?;
+        Ok(Some((sha, wasm)))
+    }
 
     /// Whether raft asked for a snapshot the store does not have (one that
     /// includes a newly added member); clears the request.

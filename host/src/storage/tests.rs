@@ -166,13 +166,22 @@ fn traps_and_identity_are_recorded<S: LogStore>(store: S) {
     assert_eq!(store.identity().unwrap(), Some(moved));
 }
 
-fn the_active_plugin_is_stored<S: LogStore>(store: S) {
+fn plugins_are_stored_once_with_their_history<S: LogStore>(store: S) {
     use sha2::Digest as _;
     assert_eq!(store.active_plugin().unwrap(), None);
-    let wasm = b"\0asm pretend component".to_vec();
-    let sha: [u8; 32] = sha2::Sha256::digest(&wasm).into();
-    store.put_active_plugin(&sha, &wasm).unwrap();
-    assert_eq!(store.active_plugin().unwrap(), Some((sha, wasm)));
+    let v1 = b"\0asm pretend component v1".to_vec();
+    let v2 = b"\0asm pretend component v2".to_vec();
+    let sha1: [u8; 32] = sha2::Sha256::digest(&v1).into();
+    let sha2: [u8; 32] = sha2::Sha256::digest(&v2).into();
+    store.activate_plugin(0, &sha1, &v1).unwrap();
+    store.activate_plugin(57, &sha2, &v2).unwrap();
+    store.activate_plugin(57, &sha2, &v2).unwrap();
+    assert_eq!(store.plugin_history().unwrap(), vec![(0, sha1), (57, sha2)]);
+    assert_eq!(store.active_plugin().unwrap(), Some((sha2, v2.clone())));
+    assert_eq!(store.first_plugin().unwrap(), Some((sha1, v1)));
+    assert_eq!(store.plugin_blob(&[0; 32]).unwrap(), None);
+    store.put_plugin_blob(&sha2, b"ignored: already stored").unwrap();
+    assert_eq!(store.plugin_blob(&sha2).unwrap(), Some(v2));
 }
 
 fn snapshot_at(index: u64, term: u64, voters: Vec<u64>, data: &[u8]) -> raft::prelude::Snapshot {
@@ -306,9 +315,9 @@ macro_rules! conformance {
                 super::an_installed_snapshot_replaces_the_log(store);
             }
             #[test]
-            fn the_active_plugin_is_stored() {
+            fn plugins_are_stored_once_with_their_history() {
                 let (store, _guard) = $make;
-                super::the_active_plugin_is_stored(store);
+                super::plugins_are_stored_once_with_their_history(store);
             }
             #[test]
             fn traps_and_identity_are_recorded() {

@@ -111,6 +111,11 @@ fn parse_bytes(bytes: &[u8]) -> Result<Command<'_>, String> {
 const SNAPSHOT_MAGIC: &[u8; 4] = b"RKV1";
 
 impl Kv {
+    /// The value at `key`.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.map.get(key).map(String::as_str)
+    }
+
     /// Run a proposal. Computes the result first and mutates last, so an
     /// error leaves the state untouched.
     fn execute(&mut self, command: Command<'_>) -> Result<String, String> {
@@ -248,7 +253,7 @@ impl Plugin for Kv {
     }
 }
 
-#[cfg(target_arch = "wasm32")]
+#[cfg(all(target_arch = "wasm32", feature = "export"))]
 raftify_guest::export_plugin!(Kv);
 
 #[cfg(test)]
