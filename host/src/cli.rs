@@ -45,9 +45,27 @@ pub enum Command {
     Leader(LeaderCommand),
     /// Take a snapshot on the node at --addr now and compact its log.
     Snapshot(ClientArgs),
+    /// Replace or list the state machine plugin.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
     /// Look inside a node.
     #[command(subcommand)]
     Debug(DebugCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PluginCommand {
+    /// Hot-swap the cluster's plugin through the log: every replica switches
+    /// at the same index, keeping the state (old snapshot() -> new restore()).
+    Swap {
+        /// The new component (.wasm).
+        file: PathBuf,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// The plugins this node has run: hash, size, the index each became
+    /// active at, and which is current.
+    List(ClientArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -247,6 +265,39 @@ pub async fn run_client(command: Command) -> anyhow::Result<i32> {
             let mut client = connect(&args).await?;
             let status = client.status().await?;
             print_status(&status, args.output);
+            Ok(0)
+        }
+        Command::Plugin(PluginCommand::Swap { file, client: args }) => {
+            let wasm = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let mut client = connect(&args).await?;
+            let response = client.swap_plugin(wasm).await?;
+            match args.output {
+                Output::Text => println!("{}", response.message),
+                Output::Json => println!(
+                    "{}",
+                    json!({ "index": response.index, "sha256": response.sha256, "message": response.message })
+                ),
+            }
+            Ok(0)
+        }
+        Command::Plugin(PluginCommand::List(args)) => {
+            let mut client = connect(&args).await?;
+            let response = client.list_plugins().await?;
+            for p in &response.plugins {
+                match args.output {
+                    Output::Text => println!(
+                        "{}\t{} bytes\tfrom index {}{}",
+                        p.sha256,
+                        p.size,
+                        p.active_from_index,
+                        if p.current { "\tcurrent" } else { "" }
+                    ),
+                    Output::Json => println!(
+                        "{}",
+                        json!({ "sha256": p.sha256, "size": p.size, "active_from_index": p.active_from_index, "current": p.current })
+                    ),
+                }
+            }
             Ok(0)
         }
         Command::Debug(DebugCommand::Persisted { data_dir, output }) => {

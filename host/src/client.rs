@@ -175,6 +175,23 @@ impl Client {
             .map_err(ClientError::Rpc)
     }
 
+    /// Propose a plugin swap (on the leader, wherever this client points).
+    pub async fn swap_plugin(&mut self, wasm: Vec<u8>) -> Result<crate::proto::SwapPluginResponse, ClientError> {
+        let request = crate::proto::SwapPluginRequest { wasm };
+        self.unary(move |mut inner| {
+            let request = request.clone();
+            async move { inner.swap_plugin(request).await }
+        })
+        .await
+    }
+
+    pub async fn list_plugins(&mut self) -> Result<crate::proto::ListPluginsResponse, ClientError> {
+        let mut inner = self.inner.clone();
+        self.bounded(inner.list_plugins(crate::proto::ListPluginsRequest {}))
+            .await?
+            .map_err(ClientError::Rpc)
+    }
+
     /// A unary call that follows leader hints, bounded by the timeout.
     async fn unary<T, F, Fut>(&mut self, call: F) -> Result<T, ClientError>
     where

@@ -8,10 +8,14 @@
 
 use std::sync::Mutex;
 
+use tokio::sync::watch;
+
 use crate::sandbox::{CallError, Instance, LoadError, Plugin};
 
+/// Follows the active plugin: after a hot-swap the next call instantiates
+/// the new plugin's codec.
 pub struct Codec {
-    plugin: Plugin,
+    active: watch::Receiver<Plugin>,
     instance: Mutex<Option<Instance>>,
 }
 
@@ -24,22 +28,24 @@ pub enum CodecError {
 }
 
 impl Codec {
-    pub fn new(plugin: Plugin) -> Codec {
+    pub fn new(active: watch::Receiver<Plugin>) -> Codec {
         Codec {
-            plugin,
+            active,
             instance: Mutex::new(None),
         }
     }
 
-    pub fn plugin(&self) -> &Plugin {
-        &self.plugin
+    /// The active plugin.
+    pub fn plugin(&self) -> Plugin {
+        self.active.borrow().clone()
     }
 
     fn with_instance<T>(&self, f: impl FnOnce(&mut Instance) -> Result<T, CallError>) -> Result<T, CodecError> {
+        let plugin = self.plugin();
         let mut slot = self.instance.lock().unwrap_or_else(|e| e.into_inner());
         let instance = match slot.as_mut() {
-            Some(instance) if !instance.is_poisoned() => instance,
-            _ => slot.insert(self.plugin.instantiate()?),
+            Some(instance) if !instance.is_poisoned() && instance.plugin().sha256() == plugin.sha256() => instance,
+            _ => slot.insert(plugin.instantiate()?),
         };
         Ok(f(instance)?)
     }

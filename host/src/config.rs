@@ -102,6 +102,9 @@ pub struct RunArgs {
     /// Largest gRPC message in bytes [default: 67108864].
     #[arg(long, env = "RAFTIFY_MAX_MESSAGE_BYTES")]
     pub max_message_bytes: Option<usize>,
+    /// Largest plugin component `plugin swap` accepts [default: 50331648].
+    #[arg(long, env = "RAFTIFY_MAX_PLUGIN_BYTES")]
+    pub max_plugin_bytes: Option<usize>,
     /// How long a client request may wait for its result [default: 10000].
     #[arg(long, env = "RAFTIFY_REQUEST_TIMEOUT_MS")]
     pub request_timeout_ms: Option<u64>,
@@ -196,6 +199,7 @@ impl RunArgs {
                 max_proposal_bytes: args.max_proposal_bytes.unwrap_or(client.max_proposal_bytes),
                 request_timeout_ms: args.request_timeout_ms.unwrap_or(client.request_timeout_ms),
                 stream_window: client.stream_window,
+                max_plugin_bytes: args.max_plugin_bytes.unwrap_or(client.max_plugin_bytes),
             },
             transport: TransportConfig {
                 max_message_bytes: args.max_message_bytes.unwrap_or(transport.max_message_bytes),
@@ -235,6 +239,7 @@ impl RunArgs {
             max_inflight_messages: self.max_inflight_messages.or(other.max_inflight_messages),
             max_pending_proposals: self.max_pending_proposals.or(other.max_pending_proposals),
             max_proposal_bytes: self.max_proposal_bytes.or(other.max_proposal_bytes),
+            max_plugin_bytes: self.max_plugin_bytes.or(other.max_plugin_bytes),
             max_message_bytes: self.max_message_bytes.or(other.max_message_bytes),
             request_timeout_ms: self.request_timeout_ms.or(other.request_timeout_ms),
             fuel_per_call: self.fuel_per_call.or(other.fuel_per_call),
@@ -344,6 +349,12 @@ impl NodeConfig {
             return bad(format!(
                 "max_proposal_bytes ({}) must be at least 1 and leave 1 KiB of room under max_message_bytes ({})",
                 self.client.max_proposal_bytes, self.transport.max_message_bytes
+            ));
+        }
+        if self.client.max_plugin_bytes + (1 << 20) > self.transport.max_message_bytes {
+            return bad(format!(
+                "max_plugin_bytes ({}) must leave 1 MiB of room under max_message_bytes ({}): a swap entry travels in one message",
+                self.client.max_plugin_bytes, self.transport.max_message_bytes
             ));
         }
         if self.client.request_timeout_ms == 0 {

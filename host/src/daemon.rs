@@ -45,22 +45,44 @@ pub async fn run(config: NodeConfig, listener: TcpListener, shutdown: impl Futur
     // Validate the plugin before writing anything, so a bad plugin leaves a
     // new data dir untouched.
     let sandbox = Sandbox::new(config.sandbox.clone())?;
-    let (wasm, is_new) = choose_plugin(&store, &config)?;
-    let plugin = sandbox.load(&wasm).context("cannot load the plugin")?;
-    let mut identity = settle_identity(&store, &config).await?;
+    let chosen = choose_plugin(&store, &config)?;
+    let new_plugin = match &chosen {
+        Some(wasm) => Some((sandbox.load(wasm).context("cannot load the plugin")?, wasm)),
+        None => None,
+    };
+    let (mut identity, cluster_plugin) = settle_identity(&store, &config).await?;
     if config.force_new_cluster {
         identity = force_new_cluster(&store, identity)?;
     }
-    if is_new {
-        store.activate_plugin(0, &plugin.sha256(), &wasm)?;
+    if let Some(wasm) = cluster_plugin {
+        // A joiner runs the plugin the cluster's log starts with.
+        let sha: [u8; 32] = Sha256::digest(&wasm).into();
+        store.activate_plugin(0, &sha, &wasm)?;
+    } else if let Some((plugin, wasm)) = &new_plugin {
+        store.activate_plugin(0, &plugin.sha256(), wasm)?;
     }
+    let (_, first_wasm) = store.first_plugin()?.context("the data dir records no plugin")?;
+    let first_plugin = sandbox
+        .load(&first_wasm)
+        .context("cannot load the cluster's first plugin")?;
+    let (_, active_wasm) = store.active_plugin()?.context("the data dir records no plugin")?;
+    let active_plugin = sandbox.load(&active_wasm).context("cannot load the active plugin")?;
     let id = identity.id;
     let span = tracing::info_span!("node", node_id = id);
     let _enter = span.enter();
-    tracing::info!(plugin = %plugin.sha256_hex(), size = plugin.size(), "plugin loaded");
+    tracing::info!(plugin = %active_plugin.sha256_hex(), size = active_plugin.size(), "plugin loaded");
 
     let (applied_tx, applied_rx) = watch::channel(0u64);
-    let fsm = Fsm::new(store.clone(), plugin.clone(), config.snapshot.clone(), applied_tx)?;
+    let (active_tx, active_rx) = watch::channel(active_plugin);
+    let fsm = Fsm::new(
+        store.clone(),
+        sandbox.clone(),
+        first_plugin,
+        config.snapshot.clone(),
+        applied_tx,
+        active_tx,
+        plugin_fetcher(tokio::runtime::Handle::current(), config.transport.max_message_bytes),
+    )?;
     let trapped_entries = fsm.trap_counter();
     let (fsm_tx, fsm_rx) = std::sync::mpsc::channel();
     let fsm_span = span.clone();
@@ -89,11 +111,13 @@ pub async fn run(config: NodeConfig, listener: TcpListener, shutdown: impl Futur
     let services = Services {
         node: node_tx,
         fsm: fsm_tx,
-        codec: Arc::new(Codec::new(plugin)),
+        codec: Arc::new(Codec::new(active_rx)),
         config: config.client.clone(),
         listen: config.listen.clone(),
         trapped_entries,
         max_snapshot_bytes: config.snapshot.max_bytes,
+        sandbox,
+        plugins: Arc::new(store.clone()),
     };
     let max = config.transport.max_message_bytes;
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
@@ -141,7 +165,10 @@ pub async fn run(config: NodeConfig, listener: TcpListener, shutdown: impl Futur
 
 /// First start: record the id, members and initial configuration. Restart:
 /// read them back, and refuse flags that contradict them.
-async fn settle_identity<S: LogStore>(store: &S, config: &NodeConfig) -> anyhow::Result<NodeIdentity> {
+async fn settle_identity<S: LogStore>(
+    store: &S,
+    config: &NodeConfig,
+) -> anyhow::Result<(NodeIdentity, Option<Vec<u8>>)> {
     if let Some(mut identity) = store.identity()? {
         if let Some(id) = config.id
             && id != identity.id
@@ -156,7 +183,7 @@ async fn settle_identity<S: LogStore>(store: &S, config: &NodeConfig) -> anyhow:
         if let Some(entry) = identity.members.iter_mut().find(|(i, _)| *i == identity.id) {
             entry.1 = config.listen.clone();
         }
-        return Ok(identity);
+        return Ok((identity, None));
     }
     if let Some(seed) = &config.join {
         return join(store, config, seed).await;
@@ -169,7 +196,10 @@ async fn settle_identity<S: LogStore>(store: &S, config: &NodeConfig) -> anyhow:
     };
     store.write(bootstrap_batch(id, &members)?)?;
     tracing::info!(id, ?members, "bootstrapped a new cluster member");
-    store.identity()?.context("the bootstrap identity was not stored")
+    Ok((
+        store.identity()?.context("the bootstrap identity was not stored")?,
+        None,
+    ))
 }
 
 /// The initial members, written as the first log entries (one committed
@@ -274,7 +304,11 @@ fn force_new_cluster<S: LogStore>(store: &S, mut identity: NodeIdentity) -> anyh
 /// Ask the cluster at `seed` for an id (retrying while it elects a leader or
 /// finishes another membership change), then record the identity. The log,
 /// including the configuration, arrives by replication.
-async fn join<S: LogStore>(store: &S, config: &NodeConfig, seed: &str) -> anyhow::Result<NodeIdentity> {
+async fn join<S: LogStore>(
+    store: &S,
+    config: &NodeConfig,
+    seed: &str,
+) -> anyhow::Result<(NodeIdentity, Option<Vec<u8>>)> {
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
     let timeout = std::time::Duration::from_millis(config.client.request_timeout_ms);
     let response = loop {
@@ -300,35 +334,101 @@ async fn join<S: LogStore>(store: &S, config: &NodeConfig, seed: &str) -> anyhow
     if !identity.members.iter().any(|(i, _)| *i == response.id) {
         identity.members.push((response.id, config.listen.clone()));
     }
+    // The log the joiner will replay starts with the cluster's first plugin.
+    let first: [u8; 32] = response
+        .first_plugin_sha256
+        .as_slice()
+        .try_into()
+        .context("the cluster did not name its first plugin")?;
+    let addrs: Vec<String> = identity.members.iter().map(|(_, a)| a.clone()).collect();
+    let wasm = fetch_plugin(
+        &first,
+        std::iter::once(seed.to_string()).chain(addrs),
+        config.transport.max_message_bytes,
+    )
+    .await
+    .with_context(|| format!("cannot fetch the cluster's plugin {}", hex::encode(first)))?;
     store.write(WriteBatch {
         identity: Some(identity.clone()),
         ..Default::default()
     })?;
     tracing::info!(id = identity.id, %seed, "joined the cluster as a learner");
-    Ok(identity)
+    Ok((identity, Some(wasm)))
 }
 
-/// The plugin to run: `--plugin` on first start (or the embedded kv), the
-/// stored one on restart. True if it is not stored yet.
-fn choose_plugin<S: LogStore>(store: &S, config: &NodeConfig) -> anyhow::Result<(Vec<u8>, bool)> {
+/// Fetch a plugin component from the first member at `addrs` that has it.
+async fn fetch_plugin(
+    sha256: &[u8; 32],
+    addrs: impl IntoIterator<Item = String>,
+    max_message_bytes: usize,
+) -> anyhow::Result<Vec<u8>> {
+    use crate::proto::peer_client::PeerClient;
+    let mut last_error = anyhow::anyhow!("no member to fetch it from");
+    for addr in addrs {
+        let attempt = async {
+            let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+                .connect_timeout(std::time::Duration::from_secs(2))
+                .connect()
+                .await?;
+            let mut client = PeerClient::new(channel).max_decoding_message_size(max_message_bytes);
+            let response = client
+                .fetch_plugin(crate::proto::FetchPluginRequest {
+                    sha256: sha256.to_vec(),
+                })
+                .await?;
+            anyhow::Ok(response.into_inner().wasm)
+        };
+        match attempt.await {
+            Ok(wasm) if Sha256::digest(&wasm).as_slice() == sha256 => return Ok(wasm),
+            Ok(_) => last_error = anyhow::anyhow!("{addr} sent bytes that do not match the hash"),
+            Err(error) => last_error = error.context(format!("from {addr}")),
+        }
+    }
+    Err(last_error)
+}
+
+/// The apply worker's way to fetch a plugin it lacks (it runs on a thread
+/// of its own, outside the async runtime).
+fn plugin_fetcher(runtime: tokio::runtime::Handle, max_message_bytes: usize) -> crate::fsm::PluginFetcher {
+    Box::new(move |sha256, addrs| {
+        let sha256 = *sha256;
+        let addrs = addrs.to_vec();
+        runtime
+            .block_on(fetch_plugin(&sha256, addrs, max_message_bytes))
+            .map_err(|error| tracing::warn!(plugin = %hex::encode(sha256), %error, "cannot fetch plugin"))
+            .ok()
+    })
+}
+
+/// The plugin a new node starts with: `--plugin` or the embedded kv. `None`
+/// when the data dir already records its plugins (a `--plugin` given again is
+/// accepted if it is one of them; anything else is refused).
+fn choose_plugin<S: LogStore>(store: &S, config: &NodeConfig) -> anyhow::Result<Option<Vec<u8>>> {
     let given = match &config.plugin {
         Some(path) => Some(std::fs::read(path).with_context(|| format!("cannot read the plugin {}", path.display()))?),
         None => None,
     };
-    match (store.active_plugin()?, given) {
-        (Some((_, stored)), None) => Ok((stored, false)),
-        (Some((sha, stored)), Some(given)) => {
+    let history = store.plugin_history()?;
+    match (history.last(), given) {
+        (Some(_), None) => Ok(None),
+        (Some((_, active)), Some(given)) => {
             let given_sha: [u8; 32] = Sha256::digest(&given).into();
-            if given_sha != sha {
+            if !history.iter().any(|(_, sha)| *sha == given_sha) {
                 bail!(
-                    "this data dir runs plugin {}, not the --plugin given ({}); \
-                     drop --plugin to restart with the stored plugin",
-                    hex::encode(sha),
+                    "this data dir runs plugin {}, not the --plugin given ({}); drop --plugin to restart \
+                     with the stored plugin, or use `plugin swap` to change it",
+                    hex::encode(active),
                     hex::encode(given_sha)
                 );
             }
-            Ok((stored, false))
+            Ok(None)
         }
-        (None, given) => Ok((given.unwrap_or_else(|| EMBEDDED_KV.to_vec()), true)),
+        (None, given) if config.join.is_some() => {
+            if given.is_some() {
+                tracing::warn!("--plugin is ignored with --join: a joining node runs the cluster's plugins");
+            }
+            Ok(None)
+        }
+        (None, given) => Ok(Some(given.unwrap_or_else(|| EMBEDDED_KV.to_vec()))),
     }
 }

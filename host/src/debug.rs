@@ -1,6 +1,7 @@
 //! `raftify-host debug`: look inside a stopped node's data dir, or a live
 //! node's raft state.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{Context, bail};
@@ -28,17 +29,31 @@ pub fn persisted(data_dir: &Path) -> anyhow::Result<Value> {
         unsafe_no_fsync: false,
     };
     let store = LmdbStore::open(&lmdb, &options).context("cannot open the node's LMDB")?;
-    let codec = match store.active_plugin()? {
-        Some((_, wasm)) => {
-            let sandbox = Sandbox::new(SandboxConfig {
-                cache_dir: Some(data_dir.join("compiled")),
-                ..SandboxConfig::default()
-            })?;
-            Some(Codec::new(
-                sandbox.load(&wasm).context("cannot load the stored plugin")?,
-            ))
+    // Each entry is decoded by the plugin active at its index.
+    let sandbox = Sandbox::new(SandboxConfig {
+        cache_dir: Some(data_dir.join("compiled")),
+        ..SandboxConfig::default()
+    })?;
+    let history = store.plugin_history()?;
+    let mut codecs: BTreeMap<[u8; 32], Codec> = BTreeMap::new();
+    for (_, sha) in &history {
+        if codecs.contains_key(sha) {
+            continue;
         }
-        None => None,
+        if let Some(wasm) = store.plugin_blob(sha)? {
+            let plugin = sandbox
+                .load(&wasm)
+                .with_context(|| format!("cannot load the stored plugin {}", hex::encode(sha)))?;
+            codecs.insert(*sha, Codec::new(tokio::sync::watch::channel(plugin).1));
+        }
+    }
+    let codec_at = |index: u64| {
+        history
+            .iter()
+            .rev()
+            .find(|(from, _)| *from < index)
+            .or(history.first())
+            .and_then(|(_, sha)| codecs.get(sha))
     };
     let state = store.initial_state()?;
     let first = store.first_index()?;
@@ -48,7 +63,7 @@ pub fn persisted(data_dir: &Path) -> anyhow::Result<Value> {
     while next <= last {
         let batch = store.entries(next, last + 1, 4 << 20, GetEntriesContext::empty(false))?;
         for entry in &batch {
-            entries.push(describe(entry, codec.as_ref()));
+            entries.push(describe(entry, codec_at(entry.index)));
         }
         next = batch.last().map_or(last + 1, |e| e.index + 1);
     }
@@ -91,7 +106,11 @@ pub fn persisted(data_dir: &Path) -> anyhow::Result<Value> {
         "applied_index": store.applied_index()?,
         "node_id": identity.as_ref().map(|i| i.id),
         "members": identity.map(|i| i.members).unwrap_or_default(),
-        "plugin_sha256": store.active_plugin()?.map(|(sha, _)| hex::encode(sha)),
+        "plugin_sha256": history.last().map(|(_, sha)| hex::encode(sha)),
+        "plugin_history": history
+            .iter()
+            .map(|(index, sha)| json!({ "from_index": index, "sha256": hex::encode(sha) }))
+            .collect::<Vec<_>>(),
         "traps": store.traps(0, u64::MAX)?,
     }))
 }
@@ -117,6 +136,10 @@ fn describe(entry: &Entry, codec: Option<&Codec>) -> Value {
         EntryType::EntryNormal => match envelope::open(&entry.data) {
             Ok(Payload::Empty) => ("empty", String::new()),
             Ok(Payload::Host(host)) => ("host", format!("{host:?}")),
+            Ok(Payload::PluginSwap { sha256, wasm }) => (
+                "plugin-swap",
+                format!("swap to plugin {} ({} bytes)", hex::encode(sha256), wasm.len()),
+            ),
             Ok(Payload::Command(command)) => {
                 let text = match codec.map(|c| c.decode(command)) {
                     Some(Ok(text)) => text,

@@ -30,7 +30,7 @@ use tokio::sync::{oneshot, watch};
 
 use crate::envelope::{self, HostEntry, Payload};
 use crate::node::ProposeError;
-use crate::sandbox::{CallError, Instance, Plugin};
+use crate::sandbox::{CallError, Instance, Plugin, Sandbox};
 use crate::snapshot::{self, SnapshotConfig, SnapshotHeader};
 use crate::storage::LogStore;
 
@@ -74,12 +74,23 @@ pub enum FsmRequest {
     Restore { snapshot: Snapshot },
 }
 
+/// Fetches a plugin component this node lacks from other members (given
+/// their addresses); `None` if none had it.
+pub type PluginFetcher = Box<dyn Fn(&[u8; 32], &[String]) -> Option<Vec<u8>> + Send>;
+
 /// How far a batch of replay reads from the store at once.
 const REPLAY_BATCH_BYTES: u64 = 4 << 20;
 
 pub struct Fsm<S: LogStore> {
     store: S,
+    sandbox: Sandbox,
+    /// The plugin the log starts with (index 0 of the plugin history).
+    first_plugin: Plugin,
+    /// The plugin `instance` runs: the one active at `applied`.
     plugin: Plugin,
+    /// Tells the codec and status which plugin is active.
+    active_tx: watch::Sender<Plugin>,
+    fetch: PluginFetcher,
     instance: Instance,
     applied: u64,
     /// Entries whose apply trapped, with the message the proposer got.
@@ -109,24 +120,34 @@ pub enum FsmError {
     Malformed { index: u64, reason: String },
     #[error("cannot restore the snapshot at index {index}: {reason}")]
     Restore { index: u64, reason: String },
+    #[error("plugin {0} is needed but neither stored here nor available from any member")]
+    MissingPlugin(String),
 }
 
 impl<S: LogStore> Fsm<S> {
     /// A worker holding the state of the latest stored snapshot (or the
     /// initial state); raft then re-delivers the committed log after it.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         store: S,
-        plugin: Plugin,
+        sandbox: Sandbox,
+        first_plugin: Plugin,
         config: SnapshotConfig,
         applied_tx: watch::Sender<u64>,
+        active_tx: watch::Sender<Plugin>,
+        fetch: PluginFetcher,
     ) -> Result<Fsm<S>, FsmError> {
-        let instance = plugin.instantiate()?;
+        let instance = first_plugin.instantiate()?;
         let traps: BTreeMap<u64, String> = store.traps(0, u64::MAX)?.into_iter().collect();
         let trap_count = Arc::new(AtomicU64::new(traps.len() as u64));
         let mut fsm = Fsm {
             trap_count,
             store,
-            plugin,
+            sandbox,
+            plugin: first_plugin.clone(),
+            first_plugin,
+            active_tx,
+            fetch,
             instance,
             applied: 0,
             traps,
@@ -140,7 +161,39 @@ impl<S: LogStore> Fsm<S> {
         if let Some(snapshot) = fsm.store.stored_snapshot()? {
             fsm.restore(&snapshot)?;
         }
+        fsm.publish_active_plugin();
         Ok(fsm)
+    }
+
+    fn publish_active_plugin(&self) {
+        if self.active_tx.borrow().sha256() != self.plugin.sha256() {
+            self.active_tx.send_replace(self.plugin.clone());
+        }
+    }
+
+    /// The plugin with this hash: from the store, or fetched from a member.
+    fn plugin_by_sha(&mut self, sha256: &[u8; 32]) -> Result<Plugin, FsmError> {
+        if self.plugin.sha256() == *sha256 {
+            return Ok(self.plugin.clone());
+        }
+        let wasm = match self.store.plugin_blob(sha256)? {
+            Some(wasm) => wasm,
+            None => {
+                let addrs: Vec<String> = self.members.values().cloned().collect();
+                tracing::info!(plugin = %hex::encode(sha256), "fetching a plugin this node lacks from the members");
+                let wasm = (self.fetch)(sha256, &addrs).ok_or_else(|| FsmError::MissingPlugin(hex::encode(sha256)))?;
+                use sha2::Digest as _;
+                if sha2::Sha256::digest(&wasm).as_slice() != sha256 {
+                    return Err(FsmError::MissingPlugin(format!(
+                        "{} (a member sent other bytes)",
+                        hex::encode(sha256)
+                    )));
+                }
+                self.store.put_plugin_blob(sha256, &wasm)?;
+                wasm
+            }
+        };
+        Ok(self.sandbox.load(&wasm)?)
     }
 
     /// Serve requests until the channel closes or a fatal error.
@@ -152,6 +205,12 @@ impl<S: LogStore> Fsm<S> {
     }
 
     pub fn handle(&mut self, request: FsmRequest) -> Result<(), FsmError> {
+        self.handle_request(request)?;
+        self.publish_active_plugin();
+        Ok(())
+    }
+
+    fn handle_request(&mut self, request: FsmRequest) -> Result<(), FsmError> {
         match request {
             FsmRequest::Apply { entries, mut waiters } => {
                 for entry in entries {
@@ -245,22 +304,26 @@ impl<S: LogStore> Fsm<S> {
         let failed = |reason: String| FsmError::Restore { index, reason };
         let started = std::time::Instant::now();
         let (header, state) = snapshot::decode(&snapshot.data).map_err(|e| failed(e.to_string()))?;
-        if header.plugin_sha256 != self.plugin.sha256() {
-            return Err(failed(format!(
-                "it was made by plugin {}, but this node runs {}",
-                hex::encode(header.plugin_sha256),
-                self.plugin.sha256_hex()
-            )));
-        }
-        let mut instance = self.plugin.instantiate()?;
+        // The snapshot names the plugin that made it; its members can
+        // supply the bytes if this node never saw that plugin.
+        self.members = header.members.into_iter().collect();
+        let plugin = self.plugin_by_sha(&header.plugin_sha256)?;
+        let mut instance = plugin.instantiate()?;
         instance
             .restore(index, state)
             .map_err(|e| failed(format!("the plugin's restore() failed: {e}")))?;
+        // A node that starts from a leader's snapshot learns its plugin
+        // history from there on.
+        if self.store.plugin_history()?.last().map(|(_, sha)| *sha) != Some(plugin.sha256())
+            && let Some(wasm) = self.store.plugin_blob(&plugin.sha256())?
+        {
+            self.store.activate_plugin(index, &plugin.sha256(), &wasm)?;
+        }
+        self.plugin = plugin;
         self.instance = instance;
         self.applied = index;
         self.snapshot_index = self.snapshot_index.max(index);
         self.conf_state = metadata.get_conf_state().clone();
-        self.members = header.members.into_iter().collect();
         tracing::info!(
             index,
             state_bytes = state.len(),
@@ -366,6 +429,7 @@ impl<S: LogStore> Fsm<S> {
             EntryType::EntryNormal => match envelope::open(&entry.data) {
                 Ok(Payload::Empty) | Ok(Payload::Host(HostEntry::Noop)) => None,
                 Ok(Payload::Command(command)) => Some(self.apply_command(index, command)?),
+                Ok(Payload::PluginSwap { sha256, wasm }) => Some(self.apply_swap(index, &sha256, wasm)?),
                 Err(error) => {
                     // Raft only commits what a leader accepted, and leaders
                     // only accept well-formed envelopes; a malformed one is a
@@ -392,58 +456,99 @@ impl<S: LogStore> Fsm<S> {
         Ok(result)
     }
 
-    /// Replace the instance with a fresh one holding the state as of `upto`.
+    /// Switch plugins at `index`, atomically on every replica: validate and
+    /// compile the new component, `snapshot()` the old instance, `restore()`
+    /// into the new one, switch. Any failure rejects the swap alike on every
+    /// replica (all steps are deterministic) and the old plugin stays.
+    fn apply_swap(
+        &mut self,
+        index: u64,
+        sha256: &[u8; 32],
+        wasm: &[u8],
+    ) -> Result<Result<Vec<u8>, CallError>, FsmError> {
+        use sha2::Digest as _;
+        let reject = |reason: String| Ok(Err(CallError::Guest(format!("plugin swap rejected: {reason}"))));
+        if sha2::Sha256::digest(wasm).as_slice() != sha256 {
+            return reject("the entry's component does not match its SHA-256".into());
+        }
+        let hex = hex::encode(sha256);
+        if self.plugin.sha256() == *sha256 {
+            return Ok(Ok(format!("plugin {hex} is already active").into_bytes()));
+        }
+        let started = std::time::Instant::now();
+        let plugin = match self.sandbox.load(wasm) {
+            Ok(plugin) => plugin,
+            Err(error) => return reject(error.to_string()),
+        };
+        let mut fresh = match plugin.instantiate() {
+            Ok(instance) => instance,
+            Err(error) => return reject(error.to_string()),
+        };
+        let state = match self.instance.snapshot(index) {
+            Ok(state) => state,
+            Err(CallError::Guest(message)) => return reject(format!("the old plugin's snapshot() failed: {message}")),
+            Err(CallError::Trap(message)) => {
+                self.rebuild(index - 1)?;
+                return reject(format!("the old plugin trapped in snapshot(): {message}"));
+            }
+        };
+        if let Err(error) = fresh.restore(index, &state) {
+            return reject(format!("the new plugin's restore() failed: {error}"));
+        }
+        self.store.activate_plugin(index, sha256, wasm)?;
+        tracing::info!(
+            index,
+            from = %self.plugin.sha256_hex(),
+            to = %hex,
+            state_bytes = state.len(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "swapped the plugin"
+        );
+        self.plugin = plugin;
+        self.instance = fresh;
+        Ok(Ok(format!("plugin {hex} is active from index {index}").into_bytes()))
+    }
+
+    /// Replace the instance with a fresh one holding the state as of `upto`:
+    /// start over from the latest snapshot (or the log's first plugin) and
+    /// apply the log again, skipping recorded traps. Plugin swaps in that
+    /// stretch happen again, so the instance runs the plugin of `upto`.
     fn rebuild(&mut self, upto: u64) -> Result<(), FsmError> {
         let started = std::time::Instant::now();
-        'attempt: loop {
-            let mut instance = self.plugin.instantiate()?;
-            let mut next = 1;
-            if let Some(snapshot) = self.store.stored_snapshot()? {
-                let metadata = snapshot.get_metadata();
-                let (_, state) = snapshot::decode(&snapshot.data).map_err(|e| FsmError::Restore {
-                    index: metadata.index,
-                    reason: e.to_string(),
-                })?;
-                instance.restore(metadata.index, state).map_err(|e| FsmError::Restore {
-                    index: metadata.index,
-                    reason: format!("the plugin's restore() failed: {e}"),
-                })?;
-                next = metadata.index + 1;
+        match self.store.stored_snapshot()? {
+            Some(snapshot) => self.restore(&snapshot)?,
+            None => {
+                self.plugin = self.first_plugin.clone();
+                self.instance = self.plugin.instantiate()?;
+                self.applied = 0;
+                self.conf_state = ConfState::default();
+                self.members.clear();
             }
-            if next < self.store.first_index()? {
-                return Err(FsmError::Malformed {
-                    index: next,
-                    reason: "the log was compacted past the latest snapshot".into(),
-                });
-            }
-            while next <= upto {
-                let batch = self
-                    .store
-                    .entries(next, upto + 1, REPLAY_BATCH_BYTES, GetEntriesContext::empty(false))?;
-                for entry in &batch {
-                    if entry.get_entry_type() != EntryType::EntryNormal || self.traps.contains_key(&entry.index) {
-                        continue;
-                    }
-                    let Ok(Payload::Command(command)) = envelope::open(&entry.data) else {
-                        continue;
-                    };
-                    if let Err(CallError::Trap(message)) = instance.apply(entry.index, command) {
-                        // A trap not recorded before (the record was lost in a
-                        // crash): record it now and start over without it.
-                        self.record_trap(entry.index, message)?;
-                        continue 'attempt;
-                    }
-                }
-                next = batch.last().map_or(upto + 1, |e| e.index + 1);
-            }
-            self.instance = instance;
-            tracing::info!(
-                upto,
-                elapsed_ms = started.elapsed().as_millis() as u64,
-                "rebuilt the plugin instance"
-            );
-            return Ok(());
         }
+        let mut next = self.applied + 1;
+        if next < self.store.first_index()? {
+            return Err(FsmError::Malformed {
+                index: next,
+                reason: "the log was compacted past the latest snapshot".into(),
+            });
+        }
+        while next <= upto {
+            let batch = self
+                .store
+                .entries(next, upto + 1, REPLAY_BATCH_BYTES, GetEntriesContext::empty(false))?;
+            for entry in &batch {
+                // A trap not recorded before (the record was lost in a crash)
+                // records itself and rebuilds again, without it.
+                self.apply_entry(entry)?;
+            }
+            next = batch.last().map_or(upto + 1, |e| e.index + 1);
+        }
+        tracing::info!(
+            upto,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "rebuilt the plugin instance"
+        );
+        Ok(())
     }
 }
 
@@ -456,15 +561,33 @@ mod tests {
     use crate::storage::mem::MemStore;
     use raft::Storage;
 
-    fn chaos() -> Plugin {
+    fn sandbox() -> Sandbox {
         Sandbox::new(SandboxConfig {
             fuel_per_call: 20_000_000,
             max_memory_bytes: 64 << 20,
             ..SandboxConfig::default()
         })
         .unwrap()
-        .load(EMBEDDED_CHAOS)
+    }
+
+    fn fsm_over(store: &MemStore, first: &[u8], config: SnapshotConfig) -> Fsm<MemStore> {
+        let sandbox = sandbox();
+        let plugin = sandbox.load(first).unwrap();
+        store.activate_plugin(0, &plugin.sha256(), first).unwrap();
+        Fsm::new(
+            store.clone(),
+            sandbox,
+            plugin.clone(),
+            config,
+            watch::channel(0).0,
+            watch::channel(plugin).0,
+            Box::new(|_, _| None),
+        )
         .unwrap()
+    }
+
+    fn chaos_fsm(store: &MemStore) -> Fsm<MemStore> {
+        fsm_over(store, EMBEDDED_CHAOS, SnapshotConfig::default())
     }
 
     /// A store holding `commands` as committed entries 1..=n.
@@ -519,7 +642,7 @@ mod tests {
     #[test]
     fn a_trap_fails_only_its_entry_and_the_state_is_rebuilt_without_it() {
         let (store, entries) = log(&["set a 1", "set-then-panic b 2", "spin", "set c 3", "hog"]);
-        let mut fsm = Fsm::new(store.clone(), chaos(), SnapshotConfig::default(), watch::channel(0).0).unwrap();
+        let mut fsm = chaos_fsm(&store);
         let outcomes = apply_all(&mut fsm, entries);
         assert_eq!(outcomes[0], Ok(b"OK".to_vec()));
         assert!(matches!(&outcomes[1], Err(CallError::Trap(m)) if m.contains("panicked")));
@@ -536,9 +659,9 @@ mod tests {
     #[test]
     fn a_restarted_worker_replays_to_the_same_state_and_skips_recorded_traps() {
         let (store, entries) = log(&["set a 1", "panic", "set b 2"]);
-        let mut first = Fsm::new(store.clone(), chaos(), SnapshotConfig::default(), watch::channel(0).0).unwrap();
+        let mut first = chaos_fsm(&store);
         let outcomes_first = apply_all(&mut first, entries.clone());
-        let mut second = Fsm::new(store.clone(), chaos(), SnapshotConfig::default(), watch::channel(0).0).unwrap();
+        let mut second = chaos_fsm(&store);
         let outcomes_second = apply_all(&mut second, entries);
         assert_eq!(
             outcomes_first, outcomes_second,
@@ -551,7 +674,7 @@ mod tests {
     #[test]
     fn queries_wait_for_their_read_index() {
         let (store, entries) = log(&["set a 1", "set a 2"]);
-        let mut fsm = Fsm::new(store, chaos(), SnapshotConfig::default(), watch::channel(0).0).unwrap();
+        let mut fsm = chaos_fsm(&store);
         let (tx, mut rx) = oneshot::channel();
         fsm.handle(FsmRequest::Query {
             request: b"get a".to_vec(),
@@ -568,7 +691,7 @@ mod tests {
     #[test]
     fn a_trapping_query_rebuilds_the_instance_with_its_state() {
         let (store, entries) = log(&["set a 1"]);
-        let mut fsm = Fsm::new(store, chaos(), SnapshotConfig::default(), watch::channel(0).0).unwrap();
+        let mut fsm = chaos_fsm(&store);
         apply_all(&mut fsm, entries);
         let (tx, mut rx) = oneshot::channel();
         fsm.handle(FsmRequest::Query {
@@ -594,7 +717,7 @@ mod tests {
             keep_entries: 1,
             ..SnapshotConfig::default()
         };
-        let mut fsm = Fsm::new(store.clone(), chaos(), config.clone(), watch::channel(0).0).unwrap();
+        let mut fsm = fsm_over(&store, EMBEDDED_CHAOS, config.clone());
         // Two batches: a snapshot is taken after each batch that passes the threshold.
         apply_all(&mut fsm, entries[..5].to_vec());
         let first_snapshot = store.stored_snapshot().unwrap().unwrap();
@@ -607,9 +730,83 @@ mod tests {
         assert_eq!(get(&mut fsm, "k9"), "9");
         assert_eq!(store.stored_snapshot().unwrap().unwrap().get_metadata().index, 11);
 
-        let mut restarted = Fsm::new(store.clone(), chaos(), config, watch::channel(0).0).unwrap();
+        let mut restarted = fsm_over(&store, EMBEDDED_CHAOS, config);
         assert_eq!(restarted.applied(), 11);
         assert_eq!(get(&mut restarted, "k3"), "3");
         assert_eq!(get(&mut restarted, "k9"), "9");
+    }
+
+    fn swap_entry(index: u64, wasm: &[u8]) -> Entry {
+        use sha2::Digest as _;
+        let sha: [u8; 32] = sha2::Sha256::digest(wasm).into();
+        Entry {
+            index,
+            term: 1,
+            data: envelope::plugin_swap(&sha, wasm).into(),
+            ..Default::default()
+        }
+    }
+
+    fn command(index: u64, text: &str) -> Entry {
+        Entry {
+            index,
+            term: 1,
+            data: envelope::command(text.as_bytes()).into(),
+            ..Default::default()
+        }
+    }
+
+    fn query(fsm: &mut Fsm<MemStore>, text: &str) -> Result<Vec<u8>, CallError> {
+        let (tx, mut rx) = oneshot::channel();
+        fsm.handle(FsmRequest::Query {
+            request: text.as_bytes().to_vec(),
+            read_index: 0,
+            reply: tx,
+        })
+        .unwrap();
+        rx.try_recv().unwrap().result
+    }
+
+    #[test]
+    fn a_swap_switches_plugins_at_its_index_keeping_the_state_and_bad_swaps_change_nothing() {
+        use crate::daemon::{EMBEDDED_HELLO, EMBEDDED_KV, EMBEDDED_KV_V2};
+        let entries = vec![
+            command(1, "set a hello"),
+            swap_entry(2, b"not wasm at all"),
+            swap_entry(3, EMBEDDED_HELLO),
+            swap_entry(4, EMBEDDED_CHAOS),
+            command(5, "set b world"),
+            swap_entry(6, EMBEDDED_KV_V2),
+            command(7, "set c 3"),
+        ];
+        let store = MemStore::new();
+        store
+            .write(WriteBatch {
+                entries: entries.clone(),
+                ..Default::default()
+            })
+            .unwrap();
+        let mut fsm = fsm_over(&store, EMBEDDED_KV, SnapshotConfig::default());
+        assert!(query(&mut fsm, "strlen a").is_err(), "kv has no strlen");
+        let outcomes = apply_all(&mut fsm, entries.clone());
+        for (i, why) in [(1, "not a valid"), (2, "world"), (3, "restore() failed")] {
+            assert!(
+                matches!(&outcomes[i], Err(CallError::Guest(m)) if m.starts_with("plugin swap rejected") && m.contains(why)),
+                "entry {}: {:?}",
+                i + 1,
+                outcomes[i]
+            );
+        }
+        assert!(matches!(&outcomes[5], Ok(m) if String::from_utf8_lossy(m).contains("active from index 6")));
+        assert_eq!(query(&mut fsm, "strlen a").unwrap(), b"5");
+        assert_eq!(query(&mut fsm, "get b").unwrap(), b"world");
+        assert_eq!(query(&mut fsm, "get c").unwrap(), b"3");
+        let history: Vec<u64> = store.plugin_history().unwrap().iter().map(|(i, _)| *i).collect();
+        assert_eq!(history, vec![0, 6]);
+
+        // A restart replays the log and switches again at the same index.
+        let mut restarted = fsm_over(&store, EMBEDDED_KV, SnapshotConfig::default());
+        apply_all(&mut restarted, entries);
+        assert_eq!(query(&mut restarted, "strlen b").unwrap(), b"5");
     }
 }

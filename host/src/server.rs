@@ -34,6 +34,8 @@ pub struct ClientConfig {
     pub request_timeout_ms: u64,
     /// Proposals one `ProposeStream` keeps in flight before reading more.
     pub stream_window: usize,
+    /// The largest plugin component `plugin swap` accepts, in bytes.
+    pub max_plugin_bytes: usize,
 }
 
 impl Default for ClientConfig {
@@ -42,6 +44,7 @@ impl Default for ClientConfig {
             max_proposal_bytes: 1 << 20,
             request_timeout_ms: 10_000,
             stream_window: 1024,
+            max_plugin_bytes: 48 << 20,
         }
     }
 }
@@ -57,6 +60,9 @@ pub struct Services {
     pub trapped_entries: Arc<std::sync::atomic::AtomicU64>,
     /// The largest snapshot accepted from a leader.
     pub max_snapshot_bytes: u64,
+    /// Validates components before a swap is proposed.
+    pub sandbox: crate::sandbox::Sandbox,
+    pub plugins: Arc<dyn crate::storage::PluginRegistry>,
 }
 
 type Pending = oneshot::Receiver<Result<Applied, ProposeError>>;
@@ -277,10 +283,92 @@ impl proto::client_server::Client for Services {
             .and_then(|bytes| bytes.try_into().ok())
             .map(u64::from_be_bytes)
             .ok_or_else(|| Status::internal("the join committed without an id"))?;
+        let first_plugin_sha256 = self
+            .plugins
+            .history()
+            .map_err(|e| Status::internal(e.to_string()))?
+            .first()
+            .map(|(_, sha)| sha.to_vec())
+            .unwrap_or_default();
         Ok(Response::new(proto::JoinResponse {
             id,
             members: self.members().await?,
+            first_plugin_sha256,
         }))
+    }
+
+    async fn swap_plugin(
+        &self,
+        request: Request<proto::SwapPluginRequest>,
+    ) -> Result<Response<proto::SwapPluginResponse>, Status> {
+        let wasm = request.into_inner().wasm;
+        if wasm.len() > self.config.max_plugin_bytes {
+            return Err(Status::invalid_argument(format!(
+                "the component is {} bytes; the limit is {} (max_plugin_bytes)",
+                wasm.len(),
+                self.config.max_plugin_bytes
+            )));
+        }
+        // Validate and compile before proposing: a bad component never
+        // reaches the log, and the compiled code is cached for this node's
+        // apply. The compile runs off the raft loop.
+        let sandbox = self.sandbox.clone();
+        let (wasm, plugin) = tokio::task::spawn_blocking(move || {
+            let plugin = sandbox.load(&wasm);
+            (wasm, plugin)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("validation task failed: {e}")))?;
+        let plugin = plugin.map_err(|e| Status::invalid_argument(format!("plugin swap rejected: {e}")))?;
+        let sha256 = plugin.sha256();
+        let (reply, pending) = oneshot::channel();
+        self.node
+            .send(NodeRequest::Propose {
+                data: envelope::plugin_swap(&sha256, &wasm),
+                reply,
+            })
+            .await
+            .map_err(|_| propose_status(ProposeError::Shutdown))?;
+        drop(wasm);
+        let applied = match tokio::time::timeout(self.timeout(), pending).await {
+            Err(_) => return Err(propose_status(ProposeError::Timeout(self.config.request_timeout_ms))),
+            Ok(Err(_)) => return Err(propose_status(ProposeError::Shutdown)),
+            Ok(Ok(result)) => result.map_err(propose_status)?,
+        };
+        match applied.result {
+            Ok(message) => Ok(Response::new(proto::SwapPluginResponse {
+                index: applied.index,
+                sha256: hex::encode(sha256),
+                message: String::from_utf8_lossy(&message).into_owned(),
+            })),
+            Err(error) => Err(Status::failed_precondition(error.to_string())),
+        }
+    }
+
+    async fn list_plugins(
+        &self,
+        _request: Request<proto::ListPluginsRequest>,
+    ) -> Result<Response<proto::ListPluginsResponse>, Status> {
+        let history = self.plugins.history().map_err(|e| Status::internal(e.to_string()))?;
+        let current = self.codec.plugin().sha256();
+        let mut plugins = Vec::with_capacity(history.len());
+        for (index, sha) in history {
+            let size = self
+                .plugins
+                .blob(&sha)
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_or(0, |b| b.len() as u64);
+            plugins.push(proto::PluginRecord {
+                sha256: hex::encode(sha),
+                size,
+                active_from_index: index,
+                current: false,
+            });
+        }
+        if let Some(last) = plugins.iter_mut().rev().find(|p| p.sha256 == hex::encode(current)) {
+            last.current = true;
+        }
+        Ok(Response::new(proto::ListPluginsResponse { plugins }))
     }
 
     async fn snapshot(
@@ -482,6 +570,24 @@ impl proto::peer_server::Peer for Services {
             }
         }
         Ok(Response::new(StreamSummary { received }))
+    }
+
+    async fn fetch_plugin(
+        &self,
+        request: Request<proto::FetchPluginRequest>,
+    ) -> Result<Response<proto::FetchPluginResponse>, Status> {
+        let sha: [u8; 32] = request
+            .into_inner()
+            .sha256
+            .try_into()
+            .map_err(|_| Status::invalid_argument("sha256 must be 32 bytes"))?;
+        match self.plugins.blob(&sha).map_err(|e| Status::internal(e.to_string()))? {
+            Some(wasm) => Ok(Response::new(proto::FetchPluginResponse { wasm })),
+            None => Err(Status::not_found(format!(
+                "this node does not store plugin {}",
+                hex::encode(sha)
+            ))),
+        }
     }
 
     async fn install_snapshot(

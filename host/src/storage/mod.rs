@@ -154,6 +154,23 @@ pub trait LogStore: Storage + Clone + Send + Sync + 'static {
     fn install_snapshot(&self, snapshot: &Snapshot, hard_state: &HardState) -> Result<(), StoreError>;
 }
 
+/// Read access to the stored plugins, for the gRPC services (which are not
+/// generic over the store).
+pub trait PluginRegistry: Send + Sync {
+    fn blob(&self, sha256: &[u8; 32]) -> Result<Option<Vec<u8>>, StoreError>;
+    fn history(&self) -> Result<Vec<(u64, [u8; 32])>, StoreError>;
+}
+
+impl<S: LogStore> PluginRegistry for S {
+    fn blob(&self, sha256: &[u8; 32]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.plugin_blob(sha256)
+    }
+
+    fn history(&self) -> Result<Vec<(u64, [u8; 32])>, StoreError> {
+        self.plugin_history()
+    }
+}
+
 /// Whether a stored snapshot can be sent to `to` for a request at
 /// `request_index`: it must be recent enough and its configuration must
 /// include `to` (raft refuses a snapshot that does not name it).
