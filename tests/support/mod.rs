@@ -117,6 +117,15 @@ impl Node {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// `status`, or `None` while the node is not answering (starting up).
+    pub fn try_status(&self) -> Option<serde_json::Value> {
+        let out = cli(&["status", "-o", "json", "--addr", &self.addr, "--timeout-ms", "2000"]);
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
     pub fn status(&self) -> serde_json::Value {
         let out = cli(&["status", "-o", "json", "--addr", &self.addr]);
         assert!(out.status.success(), "status failed: {}", stderr(&out));
@@ -308,7 +317,9 @@ impl Cluster {
     /// Wait until `id` reports it has applied at least `index`.
     pub fn wait_applied(&self, id: u64, index: u64) {
         wait_until(START_DEADLINE, &format!("node {id} to apply index {index}"), || {
-            self.nodes[&id].status()["applied_index"].as_u64().unwrap_or(0) >= index
+            self.nodes[&id]
+                .try_status()
+                .is_some_and(|status| status["applied_index"].as_u64().unwrap_or(0) >= index)
         });
     }
 

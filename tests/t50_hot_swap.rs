@@ -1,0 +1,194 @@
+//! Hot-swapping the plugin in a running cluster through the real binary.
+
+mod support;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use raftify_host::client::Client;
+use raftify_host::daemon::{EMBEDDED_CHAOS, EMBEDDED_HELLO, EMBEDDED_KV, EMBEDDED_KV_V2};
+use raftify_host::proto::propose_response;
+use sha2::Digest;
+use support::*;
+
+fn plugin_file(dir: &std::path::Path, name: &str, bytes: &[u8]) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, bytes).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+fn sha(bytes: &[u8]) -> String {
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// Writes `set wN N` until stopped; returns the acknowledged N and the time
+/// of each acknowledgement.
+fn writer(addr: String, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Vec<(u64, Instant)>> {
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async move {
+            let mut client = Client::connect(&addr, Duration::from_secs(10)).await.unwrap();
+            let mut acked = Vec::new();
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                if let Ok(response) = client.propose_text(&format!("set w{n} {n}")).await
+                    && matches!(response.outcome, Some(propose_response::Outcome::Ok(_)))
+                {
+                    acked.push((n, Instant::now()));
+                }
+            }
+            acked
+        })
+    })
+}
+
+#[test]
+fn a_cluster_swaps_kv_for_kv_v2_under_writes_and_every_replica_follows() {
+    let mut cluster = Cluster::start(
+        3,
+        &["--snapshot-every-entries", "2000", "--snapshot-keep-entries", "100"],
+    );
+    let dir = cluster.dir.path().to_path_buf();
+    let v2 = plugin_file(&dir, "kv-v2.wasm", EMBEDDED_KV_V2);
+    let kv = plugin_file(&dir, "kv.wasm", EMBEDDED_KV);
+    let leader = cluster.leader();
+    let leader_addr = cluster.node(leader).addr.clone();
+
+    // About 10 MB of state, so the swap has something to carry over.
+    let value = "v".repeat(1_000_000);
+    let lines: String = (0..10).map(|i| format!("set big{i} {value}\n")).collect();
+    let file = dir.join("big.txt");
+    std::fs::write(&file, lines).unwrap();
+    assert!(
+        cli(&["propose", "--file", file.to_str().unwrap(), "--addr", &leader_addr])
+            .status
+            .success()
+    );
+    let err = cluster.node(leader).query("strlen big0").unwrap_err();
+    assert!(err.contains("unknown command"), "kv should not know strlen yet: {err}");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let writes = writer(leader_addr.clone(), stop.clone());
+    std::thread::sleep(Duration::from_millis(500)); // let writes flow before the swap
+    let swap_started = Instant::now();
+    let out = cli(&[
+        "plugin",
+        "swap",
+        &v2,
+        "--addr",
+        &cluster.node(cluster.followers()[0]).addr,
+    ]);
+    let swap_done = Instant::now();
+    assert!(out.status.success(), "swap failed: {}", stderr(&out));
+    assert!(stdout(&out).contains(&sha(EMBEDDED_KV_V2)), "{}", stdout(&out));
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    let acked = writes.join().unwrap();
+    assert!(acked.len() > 10, "too few writes went through: {}", acked.len());
+    let longest_gap = acked
+        .windows(2)
+        .filter(|w| w[1].1 >= swap_started && w[0].1 <= swap_done + Duration::from_secs(1))
+        .map(|w| w[1].1 - w[0].1)
+        .max()
+        .unwrap_or_default();
+    eprintln!(
+        "swap of a ~10 MB kv state: swap call took {:?}; longest gap between acknowledged writes around it {:?}; {} writes acknowledged",
+        swap_done - swap_started,
+        longest_gap,
+        acked.len()
+    );
+
+    let commit = cluster.node(leader).status()["commit_index"].as_u64().unwrap();
+    for id in [1, 2, 3] {
+        cluster.wait_applied(id, commit);
+        assert_eq!(cluster.node(id).status()["plugin_sha256"], sha(EMBEDDED_KV_V2));
+        assert_eq!(cluster.stale(id, "strlen big3"), "1000000");
+        for (n, _) in acked.iter().step_by(37).chain(acked.last()) {
+            assert_eq!(
+                cluster.stale(id, &format!("get w{n}")),
+                n.to_string(),
+                "node {id} lost w{n}"
+            );
+        }
+    }
+    let list = stdout(&cli(&["plugin", "list", "--addr", &leader_addr]));
+    let lines: Vec<&str> = list.lines().collect();
+    assert_eq!(lines.len(), 2, "{list}");
+    assert!(
+        lines[0].starts_with(&sha(EMBEDDED_KV)) && lines[0].contains("from index 0"),
+        "{list}"
+    );
+    assert!(
+        lines[1].starts_with(&sha(EMBEDDED_KV_V2)) && lines[1].ends_with("current"),
+        "{list}"
+    );
+
+    // A restarted node runs kv-v2.
+    let restarted = cluster.followers()[1];
+    cluster.kill(restarted);
+    cluster.restart(restarted);
+    cluster.wait_applied(restarted, commit);
+    assert_eq!(cluster.node(restarted).status()["plugin_sha256"], sha(EMBEDDED_KV_V2));
+    assert_eq!(cluster.stale(restarted, "strlen big9"), "1000000");
+
+    // A node that joins after a snapshot past the swap runs kv-v2 too (it
+    // fetches the plugin the snapshot names).
+    for id in [1, 2, 3] {
+        assert!(cli(&["snapshot", "--addr", &cluster.node(id).addr]).status.success());
+    }
+    let joined = cluster.join(4, leader, &[]).status()["id"].as_u64().unwrap();
+    let commit = cluster.node(leader).status()["commit_index"].as_u64().unwrap();
+    cluster.wait_applied(joined, commit);
+    assert_eq!(cluster.node(joined).status()["plugin_sha256"], sha(EMBEDDED_KV_V2));
+    assert_eq!(cluster.stale(joined, "strlen big1"), "1000000");
+
+    // And back to kv: strlen is gone again, the keys stay.
+    let out = cli(&["plugin", "swap", &kv, "--addr", &leader_addr]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let commit = cluster.node(leader).status()["commit_index"].as_u64().unwrap();
+    for id in cluster.nodes.keys().copied().collect::<Vec<_>>() {
+        cluster.wait_applied(id, commit);
+        assert_eq!(cluster.node(id).status()["plugin_sha256"], sha(EMBEDDED_KV));
+        assert_eq!(cluster.stale(id, "get w1"), "1");
+    }
+    assert!(cluster.node(leader).query("strlen big0").is_err());
+}
+
+#[test]
+fn bad_swaps_are_rejected_and_the_old_plugin_keeps_serving() {
+    let cluster = Cluster::start(3, &[]);
+    let dir = cluster.dir.path().to_path_buf();
+    let leader = cluster.leader();
+    let addr = cluster.node(leader).addr.clone();
+    cluster.node(leader).propose("set kept 1").unwrap();
+    let cases = [
+        (
+            plugin_file(&dir, "garbage.wasm", b"not a component"),
+            "not a valid WebAssembly component",
+        ),
+        (plugin_file(&dir, "hello.wasm", EMBEDDED_HELLO), "world"),
+        (plugin_file(&dir, "chaos.wasm", EMBEDDED_CHAOS), "restore() failed"),
+    ];
+    for (file, expected) in &cases {
+        let out = cli(&["plugin", "swap", file, "--addr", &addr]);
+        assert!(!out.status.success(), "{file} was accepted");
+        let err = stderr(&out);
+        assert!(
+            err.contains("plugin swap rejected") && err.contains(expected),
+            "{file}: {err}"
+        );
+    }
+    let missing = cli(&["plugin", "swap", "/no/such.wasm", "--addr", &addr]);
+    assert!(stderr(&missing).contains("cannot read"), "{}", stderr(&missing));
+
+    let commit = cluster.node(leader).status()["commit_index"].as_u64().unwrap();
+    for id in [1, 2, 3] {
+        cluster.wait_applied(id, commit);
+        assert_eq!(cluster.node(id).status()["plugin_sha256"], sha(EMBEDDED_KV));
+        assert_eq!(cluster.stale(id, "get kept"), "1");
+    }
+    assert_eq!(cluster.node(leader).propose("set still 2").unwrap(), "OK");
+    assert_eq!(stdout(&cli(&["plugin", "list", "--addr", &addr])).lines().count(), 1);
+}
