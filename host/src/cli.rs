@@ -51,6 +51,8 @@ pub enum Command {
     /// Look inside a node.
     #[command(subcommand)]
     Debug(DebugCommand),
+    /// Measure throughput and latency with concurrent clients.
+    Bench(crate::bench::BenchArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -267,6 +269,7 @@ pub async fn run_client(command: Command) -> anyhow::Result<i32> {
             print_status(&status, args.output);
             Ok(0)
         }
+        Command::Bench(args) => crate::bench::run(args).await,
         Command::Plugin(PluginCommand::Swap { file, client: args }) => {
             let wasm = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
             let mut client = connect(&args).await?;

@@ -43,6 +43,7 @@ impl ClientError {
     }
 }
 
+#[derive(Clone)]
 pub struct Client {
     addr: String,
     inner: ClientClient<Channel>,

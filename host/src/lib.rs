@@ -1,6 +1,7 @@
 //! raftify-host: a Raft replicated-state-machine host whose state machine is
 //! a sandboxed WebAssembly component. ARCHITECTURE.md is the codemap.
 
+pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod codec;

@@ -1,0 +1,203 @@
+//! `raftify-host bench`: drive a cluster with N concurrent closed-loop
+//! clients and report throughput and latency percentiles (HDR histogram).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Args;
+use hdrhistogram::Histogram;
+use serde_json::json;
+
+use crate::cli::{Consistency, Output};
+use crate::client::Client;
+use crate::config::DEFAULT_ADDR;
+use crate::proto::{Consistency as ProtoConsistency, propose_response, query_response};
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// Cluster members, comma-separated; clients spread over them and
+    /// follow the leader from there.
+    #[arg(long, env = "RAFTIFY_ADDR", default_value = DEFAULT_ADDR, value_delimiter = ',')]
+    pub addr: Vec<String>,
+    /// Concurrent clients, each with one request in flight.
+    #[arg(long, default_value_t = 16)]
+    pub clients: usize,
+    /// Requests in total, over all clients.
+    #[arg(long, default_value_t = 10_000)]
+    pub requests: u64,
+    /// The command sent: `{n}` becomes the request number, `{v}` a value of
+    /// --value-size bytes. Default: `set k{n} {v}`, or `get k{n}` with --queries.
+    #[arg(long)]
+    pub command_template: Option<String>,
+    /// Size of `{v}` in bytes.
+    #[arg(long, default_value_t = 100)]
+    pub value_size: usize,
+    /// Send queries instead of proposals.
+    #[arg(long)]
+    pub queries: bool,
+    /// Consistency of --queries.
+    #[arg(long, value_enum, default_value_t = Consistency::Linearizable)]
+    pub consistency: Consistency,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+    /// Per-request timeout, in milliseconds.
+    #[arg(long, default_value_t = 15_000)]
+    pub timeout_ms: u64,
+}
+
+struct Totals {
+    histogram: Histogram<u64>,
+    errors: u64,
+    first_error: Option<String>,
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<i32> {
+    if args.clients == 0 || args.requests == 0 {
+        bail!("--clients and --requests must be at least 1");
+    }
+    if args.addr.is_empty() {
+        bail!("--addr needs at least one HOST:PORT");
+    }
+    let template = args.command_template.clone().unwrap_or_else(|| {
+        if args.queries {
+            "get k{n}".to_string()
+        } else {
+            "set k{n} {v}".to_string()
+        }
+    });
+    let value = "x".repeat(args.value_size);
+    let timeout = Duration::from_millis(args.timeout_ms);
+    let mut clients = Vec::with_capacity(args.addr.len());
+    for addr in &args.addr {
+        clients.push(Client::connect(addr, timeout).await?);
+    }
+    let next = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let progress = tokio::spawn(report_progress(done.clone(), args.requests, started));
+    let mut tasks = Vec::with_capacity(args.clients);
+    for c in 0..args.clients {
+        let mut client = clients[c % clients.len()].clone();
+        let (next, done) = (next.clone(), done.clone());
+        let (template, value) = (template.clone(), value.clone());
+        let (total, queries) = (args.requests, args.queries);
+        let consistency = match args.consistency {
+            Consistency::Linearizable => ProtoConsistency::Linearizable,
+            Consistency::Stale => ProtoConsistency::Stale,
+        };
+        tasks.push(tokio::spawn(async move {
+            let mut totals = Totals {
+                histogram: Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds"),
+                errors: 0,
+                first_error: None,
+            };
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n >= total {
+                    return totals;
+                }
+                let text = template.replace("{n}", &n.to_string()).replace("{v}", &value);
+                let sent = Instant::now();
+                let outcome = if queries {
+                    match client.query_text(&text, consistency).await {
+                        Ok(r) => match r.outcome {
+                            Some(query_response::Outcome::Ok(_)) => Ok(()),
+                            other => Err(format!("{other:?}")),
+                        },
+                        Err(e) => Err(e.to_string()),
+                    }
+                } else {
+                    match client.propose_text(&text).await {
+                        Ok(r) => match r.outcome {
+                            Some(propose_response::Outcome::Ok(_)) => Ok(()),
+                            other => Err(format!("{other:?}")),
+                        },
+                        Err(e) => Err(e.to_string()),
+                    }
+                };
+                let micros = sent.elapsed().as_micros() as u64;
+                match outcome {
+                    Ok(()) => totals.histogram.saturating_record(micros.max(1)),
+                    Err(error) => {
+                        totals.errors += 1;
+                        totals.first_error.get_or_insert(error);
+                    }
+                }
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds");
+    let mut errors = 0;
+    let mut first_error = None;
+    for task in tasks {
+        let totals = task.await.context("a bench client panicked")?;
+        histogram.add(&totals.histogram).context("merging histograms")?;
+        errors += totals.errors;
+        if first_error.is_none() {
+            first_error = totals.first_error;
+        }
+    }
+    let elapsed = started.elapsed();
+    progress.abort();
+    let ok = histogram.len();
+    let throughput = ok as f64 / elapsed.as_secs_f64();
+    let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
+    let report = json!({
+        "mode": if args.queries { "queries" } else { "proposals" },
+        "clients": args.clients,
+        "requests": args.requests,
+        "ok": ok,
+        "errors": errors,
+        "first_error": first_error,
+        "seconds": elapsed.as_secs_f64(),
+        "throughput_per_second": throughput,
+        "latency_ms": {
+            "p50": ms(0.50),
+            "p90": ms(0.90),
+            "p99": ms(0.99),
+            "max": histogram.max() as f64 / 1000.0,
+            "mean": histogram.mean() / 1000.0,
+        },
+    });
+    match args.output {
+        Output::Json => println!("{report}"),
+        Output::Text => {
+            eprintln!();
+            println!(
+                "{} {} from {} clients in {:.2} s: {:.0}/s",
+                ok,
+                if args.queries { "queries" } else { "proposals" },
+                args.clients,
+                elapsed.as_secs_f64(),
+                throughput
+            );
+            println!(
+                "latency ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  max {:.2}",
+                ms(0.50),
+                ms(0.90),
+                ms(0.99),
+                histogram.max() as f64 / 1000.0
+            );
+            println!("errors: {errors}");
+            if let Some(error) = &first_error {
+                println!("first error: {error}");
+            }
+        }
+    }
+    Ok(if errors == 0 { 0 } else { 1 })
+}
+
+async fn report_progress(done: Arc<AtomicU64>, total: u64, started: Instant) {
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    ticker.tick().await;
+    loop {
+        ticker.tick().await;
+        let n = done.load(Ordering::Relaxed);
+        let rate = n as f64 / started.elapsed().as_secs_f64();
+        eprint!("\r{n}/{total} requests, {rate:.0}/s   ");
+    }
+}
