@@ -622,11 +622,19 @@ impl<S: LogStore> Node<S> {
             entries: ready.take_entries(),
             ..Default::default()
         };
+        let mut vote_changed = false;
         if let Some(hard_state) = ready.hs() {
+            // Term and vote must be durable before any message that depends
+            // on them leaves; a commit-index advance alone may lag on disk
+            // (raft relearns it), so it rides along with the next write
+            // instead of costing an fsync of its own.
+            vote_changed = hard_state.term != self.hard_state.term || hard_state.vote != self.hard_state.vote;
             self.hard_state = hard_state.clone();
             self.hard_state_dirty = true;
         }
-        self.persist_with(&mut batch)?;
+        if vote_changed || !batch.is_empty() {
+            self.persist_with(&mut batch)?;
+        }
         self.send(ready.take_persisted_messages());
         let mut light = self.raw.advance_append(ready);
         if let Some(commit) = light.commit_index() {
