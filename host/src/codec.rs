@@ -2,11 +2,13 @@
 //! `codec` exports, on an instance of its own.
 //!
 //! The codec is pure, so it need not share the apply worker's instance (and
-//! must not wait behind a long apply). Calls are blocking; async callers use
-//! `spawn_blocking`. A trapped codec instance is simply replaced: it holds no
-//! state.
+//! must not wait behind a long apply). A small pool of instances serves
+//! concurrent requests; each call runs under `fuel_per_codec_call`, a budget
+//! small enough (milliseconds) that request handlers call it inline. A
+//! trapped codec instance is simply replaced: it holds no state.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::sync::watch;
 
@@ -16,7 +18,8 @@ use crate::sandbox::{CallError, Instance, LoadError, Plugin};
 /// the new plugin's codec.
 pub struct Codec {
     active: watch::Receiver<Plugin>,
-    instance: Mutex<Option<Instance>>,
+    instances: Vec<Mutex<Option<Instance>>>,
+    next: AtomicUsize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -29,9 +32,12 @@ pub enum CodecError {
 
 impl Codec {
     pub fn new(active: watch::Receiver<Plugin>) -> Codec {
+        // Enough instances that request handlers on every core rarely wait.
+        let size = std::thread::available_parallelism().map_or(2, |n| n.get()) * 2;
         Codec {
             active,
-            instance: Mutex::new(None),
+            instances: (0..size).map(|_| Mutex::new(None)).collect(),
+            next: AtomicUsize::new(0),
         }
     }
 
@@ -42,7 +48,12 @@ impl Codec {
 
     fn with_instance<T>(&self, f: impl FnOnce(&mut Instance) -> Result<T, CallError>) -> Result<T, CodecError> {
         let plugin = self.plugin();
-        let mut slot = self.instance.lock().unwrap_or_else(|e| e.into_inner());
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let slots = self.instances.len();
+        // A free instance if there is one; otherwise wait for ours.
+        let mut slot = (0..slots)
+            .find_map(|i| self.instances[(start + i) % slots].try_lock().ok())
+            .unwrap_or_else(|| self.instances[start % slots].lock().unwrap_or_else(|e| e.into_inner()));
         let instance = match slot.as_mut() {
             Some(instance) if !instance.is_poisoned() && instance.plugin().sha256() == plugin.sha256() => instance,
             _ => slot.insert(plugin.instantiate()?),

@@ -191,6 +191,7 @@ impl RunArgs {
             sandbox: SandboxConfig {
                 fuel_per_call: args.fuel_per_call.unwrap_or(sandbox.fuel_per_call),
                 fuel_per_snapshot: args.fuel_per_snapshot.unwrap_or(sandbox.fuel_per_snapshot),
+                fuel_per_codec_call: sandbox.fuel_per_codec_call,
                 max_memory_bytes: args.max_memory_bytes.unwrap_or(sandbox.max_memory_bytes),
                 max_output_bytes_per_call: sandbox.max_output_bytes_per_call,
                 cache_dir: Some(data_dir.join("compiled")),

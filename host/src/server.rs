@@ -72,15 +72,9 @@ impl Services {
         Duration::from_millis(self.config.request_timeout_ms)
     }
 
-    async fn codec_call<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&Codec) -> Result<T, CodecError> + Send + 'static,
-    ) -> Result<T, CodecError> {
-        let codec = self.codec.clone();
-        match tokio::task::spawn_blocking(move || f(&codec)).await {
-            Ok(result) => result,
-            Err(error) => Err(CodecError::Call(CallError::Trap(format!("codec task failed: {error}")))),
-        }
+    /// A codec call, inline: its fuel budget keeps it to milliseconds.
+    async fn codec_call<T>(&self, f: impl FnOnce(&Codec) -> Result<T, CodecError>) -> Result<T, CodecError> {
+        f(&self.codec)
     }
 
     async fn encode(&self, text: String) -> Result<Vec<u8>, Status> {

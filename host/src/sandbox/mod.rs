@@ -38,6 +38,10 @@ pub struct SandboxConfig {
     /// Fuel for one `apply`, `query` or codec call (about one unit per Wasm
     /// instruction). Stops runaway loops deterministically.
     pub fuel_per_call: u64,
+    /// Fuel for one codec call (`encode`, `decode`, `render`), plus
+    /// `CODEC_FUEL_PER_BYTE` per input byte: these run on request handlers,
+    /// so the budget keeps them to milliseconds.
+    pub fuel_per_codec_call: u64,
     /// Fuel for one `snapshot` or `restore`, which touch the whole state.
     pub fuel_per_snapshot: u64,
     /// The most linear memory one instance may have, in bytes.
@@ -52,6 +56,7 @@ impl Default for SandboxConfig {
     fn default() -> Self {
         SandboxConfig {
             fuel_per_call: 1_000_000_000,
+            fuel_per_codec_call: 10_000_000,
             fuel_per_snapshot: 50_000_000_000,
             max_memory_bytes: 1 << 30,
             max_output_bytes_per_call: 16 * 1024,
@@ -59,6 +64,10 @@ impl Default for SandboxConfig {
         }
     }
 }
+
+/// Extra codec fuel per input byte (a linear pass over the input costs a
+/// few dozen instructions per byte).
+pub const CODEC_FUEL_PER_BYTE: u64 = 200;
 
 /// Why a component could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -284,18 +293,25 @@ impl Instance {
         })
     }
 
+    /// Codec calls may take time in proportion to their input: a fixed
+    /// budget plus `CODEC_FUEL_PER_BYTE` for every input byte.
+    fn codec_fuel(&self, input_len: usize) -> u64 {
+        let base = self.plugin.inner.sandbox.config.fuel_per_codec_call;
+        base.saturating_add(CODEC_FUEL_PER_BYTE.saturating_mul(input_len as u64))
+    }
+
     pub fn encode(&mut self, text: &str) -> Result<Vec<u8>, CallError> {
-        let fuel = self.plugin.inner.sandbox.config.fuel_per_call;
+        let fuel = self.codec_fuel(text.len());
         self.call(0, fuel, |b, s| b.raftify_fsm_codec().call_encode(s, text))
     }
 
     pub fn decode(&mut self, entry: &[u8]) -> Result<String, CallError> {
-        let fuel = self.plugin.inner.sandbox.config.fuel_per_call;
+        let fuel = self.codec_fuel(entry.len());
         self.call(0, fuel, |b, s| b.raftify_fsm_codec().call_decode(s, entry))
     }
 
     pub fn render(&mut self, response: &[u8]) -> Result<String, CallError> {
-        let fuel = self.plugin.inner.sandbox.config.fuel_per_call;
+        let fuel = self.codec_fuel(response.len());
         self.call(0, fuel, |b, s| b.raftify_fsm_codec().call_render(s, response))
     }
 
