@@ -192,3 +192,51 @@ fn bad_swaps_are_rejected_and_the_old_plugin_keeps_serving() {
     assert_eq!(cluster.node(leader).propose("set still 2").unwrap(), "OK");
     assert_eq!(stdout(&cli(&["plugin", "list", "--addr", &addr])).lines().count(), 1);
 }
+
+/// `component` with a custom section of `pad` bytes appended: still valid,
+/// same behaviour, as large as a Python or JS runtime build.
+fn padded(component: &[u8], pad: usize) -> Vec<u8> {
+    let name = b"raftify-test-padding";
+    let payload = 1 + name.len() + pad;
+    let mut out = component.to_vec();
+    out.push(0); // custom section
+    let mut size = payload as u64;
+    loop {
+        let byte = (size & 0x7f) as u8;
+        size >>= 7;
+        if size == 0 {
+            out.push(byte);
+            break;
+        }
+        out.push(byte | 0x80);
+    }
+    out.push(name.len() as u8);
+    out.extend_from_slice(name);
+    out.resize(out.len() + pad, 0);
+    out
+}
+
+#[test]
+fn a_20_mb_component_gets_through_the_log() {
+    let cluster = Cluster::start(3, &[]);
+    let big = padded(EMBEDDED_KV_V2, 20 << 20);
+    let file = plugin_file(cluster.dir.path(), "kv-v2-padded.wasm", &big);
+    let leader = cluster.leader();
+    cluster.node(leader).propose("set before big").unwrap();
+    let out = cli(&[
+        "plugin",
+        "swap",
+        &file,
+        "--addr",
+        &cluster.node(leader).addr,
+        "--timeout-ms",
+        "60000",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let commit = cluster.node(leader).status()["commit_index"].as_u64().unwrap();
+    for id in [1, 2, 3] {
+        cluster.wait_applied(id, commit);
+        assert_eq!(cluster.node(id).status()["plugin_sha256"], sha(&big));
+        assert_eq!(cluster.stale(id, "strlen before"), "3");
+    }
+}

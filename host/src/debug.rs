@@ -136,9 +136,18 @@ fn describe(entry: &Entry, codec: Option<&Codec>) -> Value {
         EntryType::EntryNormal => match envelope::open(&entry.data) {
             Ok(Payload::Empty) => ("empty", String::new()),
             Ok(Payload::Host(host)) => ("host", format!("{host:?}")),
-            Ok(Payload::PluginSwap { sha256, wasm }) => (
+            Ok(Payload::PluginChunk { sha256, offset, bytes }) => (
+                "plugin-chunk",
+                format!(
+                    "plugin {} bytes {}..{}",
+                    hex::encode(sha256),
+                    offset,
+                    offset + bytes.len() as u64
+                ),
+            ),
+            Ok(Payload::PluginSwap { sha256, len }) => (
                 "plugin-swap",
-                format!("swap to plugin {} ({} bytes)", hex::encode(sha256), wasm.len()),
+                format!("swap to plugin {} ({len} bytes)", hex::encode(sha256)),
             ),
             Ok(Payload::Command(command)) => {
                 let text = match codec.map(|c| c.decode(command)) {

@@ -3,8 +3,14 @@
 //! The first byte says whose entry it is:
 //! - [`COMMAND`]: a plugin command; the rest is passed to `apply` as is;
 //! - [`HOST`]: an entry for the host itself ([`HostEntry`], bincode);
-//! - [`PLUGIN_SWAP`]: a new plugin component: its SHA-256 (32 bytes), then
-//!   the component bytes (kept raw: it may be tens of megabytes).
+//! - [`PLUGIN_CHUNK`]: a piece of a new plugin component: its SHA-256 (32
+//!   bytes), the piece's offset (u64 big-endian), then the bytes;
+//! - [`PLUGIN_SWAP`]: switch to the component with this SHA-256 (32 bytes)
+//!   and length (u64 big-endian), whose chunks precede it in the log.
+//!
+//! A component (tens of megabytes for a Python or JS runtime) travels in
+//! chunks of at most `max_proposal_bytes`, so no single entry makes a raft
+//! round (message, fsync) long enough to cost the leader its term.
 //!
 //! Entries with empty data are raft's own (a new leader's empty entry) and
 //! carry no envelope.
@@ -14,6 +20,7 @@ use serde::{Deserialize, Serialize};
 pub const COMMAND: u8 = 0x01;
 pub const HOST: u8 = 0x02;
 pub const PLUGIN_SWAP: u8 = 0x03;
+pub const PLUGIN_CHUNK: u8 = 0x04;
 
 /// An entry addressed to the host rather than the plugin.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -29,9 +36,14 @@ pub enum Payload<'a> {
     Empty,
     Command(&'a [u8]),
     Host(HostEntry),
+    PluginChunk {
+        sha256: [u8; 32],
+        offset: u64,
+        bytes: &'a [u8],
+    },
     PluginSwap {
         sha256: [u8; 32],
-        wasm: &'a [u8],
+        len: u64,
     },
 }
 
@@ -58,12 +70,43 @@ pub fn host(entry: &HostEntry) -> Vec<u8> {
     out
 }
 
-pub fn plugin_swap(sha256: &[u8; 32], wasm: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(1 + 32 + wasm.len());
+pub fn plugin_chunk(sha256: &[u8; 32], offset: u64, bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1 + 32 + 8 + bytes.len());
+    out.push(PLUGIN_CHUNK);
+    out.extend_from_slice(sha256);
+    out.extend_from_slice(&offset.to_be_bytes());
+    out.extend_from_slice(bytes);
+    out
+}
+
+pub fn plugin_swap(sha256: &[u8; 32], len: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1 + 32 + 8);
     out.push(PLUGIN_SWAP);
     out.extend_from_slice(sha256);
-    out.extend_from_slice(wasm);
+    out.extend_from_slice(&len.to_be_bytes());
     out
+}
+
+/// The entries that carry `wasm` into the log: its chunks, then the swap.
+pub fn plugin_swap_entries(wasm: &[u8], sha256: &[u8; 32], chunk_bytes: usize) -> Vec<Vec<u8>> {
+    let chunk_bytes = chunk_bytes.max(1);
+    let mut entries: Vec<Vec<u8>> = wasm
+        .chunks(chunk_bytes)
+        .enumerate()
+        .map(|(i, piece)| plugin_chunk(sha256, (i * chunk_bytes) as u64, piece))
+        .collect();
+    entries.push(plugin_swap(sha256, wasm.len() as u64));
+    entries
+}
+
+/// A SHA-256 and a u64 at the start of `rest`.
+fn sha_and_u64(rest: &[u8], what: &str) -> Result<([u8; 32], u64), EnvelopeError> {
+    if rest.len() < 40 {
+        return Err(EnvelopeError::BadHostEntry(format!("{what} entry is truncated")));
+    }
+    let sha256 = rest[..32].try_into().expect("32 bytes");
+    let number = u64::from_be_bytes(rest[32..40].try_into().expect("8 bytes"));
+    Ok((sha256, number))
 }
 
 pub fn open(data: &[u8]) -> Result<Payload<'_>, EnvelopeError> {
@@ -78,15 +121,22 @@ pub fn open(data: &[u8]) -> Result<Payload<'_>, EnvelopeError> {
             }
             Ok(Payload::Host(entry))
         }
-        Some((&PLUGIN_SWAP, rest)) => {
-            if rest.len() < 32 {
-                return Err(EnvelopeError::BadHostEntry("plugin swap entry is truncated".into()));
-            }
-            let (sha256, wasm) = rest.split_at(32);
-            Ok(Payload::PluginSwap {
-                sha256: sha256.try_into().expect("32 bytes"),
-                wasm,
+        Some((&PLUGIN_CHUNK, rest)) => {
+            let (sha256, offset) = sha_and_u64(rest, "plugin chunk")?;
+            Ok(Payload::PluginChunk {
+                sha256,
+                offset,
+                bytes: &rest[40..],
             })
+        }
+        Some((&PLUGIN_SWAP, rest)) => {
+            let (sha256, len) = sha_and_u64(rest, "plugin swap")?;
+            if rest.len() != 40 {
+                return Err(EnvelopeError::BadHostEntry(
+                    "plugin swap entry has trailing bytes".into(),
+                ));
+            }
+            Ok(Payload::PluginSwap { sha256, len })
         }
         Some((&other, _)) => Err(EnvelopeError::UnknownKind(other)),
     }
@@ -102,13 +152,24 @@ mod tests {
         assert_eq!(open(&host(&HostEntry::Noop)).unwrap(), Payload::Host(HostEntry::Noop));
         assert_eq!(open(b"").unwrap(), Payload::Empty);
         assert_eq!(
-            open(&plugin_swap(&[9; 32], b"wasm")).unwrap(),
+            open(&plugin_swap(&[9; 32], 4)).unwrap(),
             Payload::PluginSwap {
                 sha256: [9; 32],
-                wasm: b"wasm"
+                len: 4
+            }
+        );
+        let entries = plugin_swap_entries(b"abcdefg", &[1; 32], 3);
+        assert_eq!(entries.len(), 4);
+        assert_eq!(
+            open(&entries[2]).unwrap(),
+            Payload::PluginChunk {
+                sha256: [1; 32],
+                offset: 6,
+                bytes: b"g"
             }
         );
         assert!(open(&[PLUGIN_SWAP, 1, 2]).is_err());
+        assert!(open(&[PLUGIN_CHUNK, 1, 2]).is_err());
         assert!(open(&[0x7f, 1, 2]).is_err());
         assert!(open(&[HOST, 0xff, 0xff, 0xff]).is_err());
     }

@@ -105,6 +105,8 @@ pub struct Fsm<S: LogStore> {
     /// The configuration and addresses as of `applied`, for snapshots.
     conf_state: ConfState,
     members: BTreeMap<u64, String>,
+    /// Chunks of components whose swap entry has not been applied yet.
+    staged: HashMap<[u8; 32], BTreeMap<u64, Vec<u8>>>,
 }
 
 /// Why the worker stopped.
@@ -157,6 +159,7 @@ impl<S: LogStore> Fsm<S> {
             snapshot_index: 0,
             conf_state: ConfState::default(),
             members: BTreeMap::new(),
+            staged: HashMap::new(),
         };
         if let Some(snapshot) = fsm.store.stored_snapshot()? {
             fsm.restore(&snapshot)?;
@@ -429,7 +432,17 @@ impl<S: LogStore> Fsm<S> {
             EntryType::EntryNormal => match envelope::open(&entry.data) {
                 Ok(Payload::Empty) | Ok(Payload::Host(HostEntry::Noop)) => None,
                 Ok(Payload::Command(command)) => Some(self.apply_command(index, command)?),
-                Ok(Payload::PluginSwap { sha256, wasm }) => Some(self.apply_swap(index, &sha256, wasm)?),
+                Ok(Payload::PluginChunk { sha256, offset, bytes }) => {
+                    // Chunks wait in memory for their swap entry; a restart
+                    // replays them, and a node that starts from a snapshot
+                    // taken between them fetches the whole component.
+                    self.staged.entry(sha256).or_default().insert(offset, bytes.to_vec());
+                    None
+                }
+                Ok(Payload::PluginSwap { sha256, len }) => {
+                    let wasm = self.component_for_swap(index, &sha256, len)?;
+                    Some(self.apply_swap(index, &sha256, &wasm)?)
+                }
                 Err(error) => {
                     // Raft only commits what a leader accepted, and leaders
                     // only accept well-formed envelopes; a malformed one is a
@@ -454,6 +467,41 @@ impl<S: LogStore> Fsm<S> {
             self.rebuild(index - 1)?;
         }
         Ok(result)
+    }
+
+    /// The bytes of the component a swap entry names: assembled from its
+    /// chunks in the log, or already stored, or (for a node that started
+    /// from a snapshot taken between the chunks and the swap) fetched from a
+    /// member. Content-addressing makes all three the same bytes; a node
+    /// that can obtain them nowhere stops rather than diverge.
+    fn component_for_swap(&mut self, index: u64, sha256: &[u8; 32], len: u64) -> Result<Vec<u8>, FsmError> {
+        use sha2::Digest as _;
+        let staged = self.staged.remove(sha256).unwrap_or_default();
+        let mut wasm = Vec::with_capacity(len.min(1 << 30) as usize);
+        for (offset, bytes) in staged {
+            if offset != wasm.len() as u64 {
+                break;
+            }
+            wasm.extend_from_slice(&bytes);
+        }
+        if wasm.len() as u64 == len && sha2::Sha256::digest(&wasm).as_slice() == sha256 {
+            return Ok(wasm);
+        }
+        if let Some(stored) = self.store.plugin_blob(sha256)? {
+            return Ok(stored);
+        }
+        let addrs: Vec<String> = self.members.values().cloned().collect();
+        match (self.fetch)(sha256, &addrs) {
+            Some(fetched) if sha2::Sha256::digest(&fetched).as_slice() == sha256 => Ok(fetched),
+            // Every replica has the same chunks before this entry; if they do
+            // not add up here they did not anywhere, and the swap is refused
+            // alike (apply_swap checks the hash).
+            _ if wasm.len() as u64 == len => Ok(wasm),
+            _ => Err(FsmError::MissingPlugin(format!(
+                "{} (for the swap at index {index})",
+                hex::encode(sha256)
+            ))),
+        }
     }
 
     /// Switch plugins at `index`, atomically on every replica: validate and
@@ -520,6 +568,7 @@ impl<S: LogStore> Fsm<S> {
             None => {
                 self.plugin = self.first_plugin.clone();
                 self.instance = self.plugin.instantiate()?;
+                self.staged.clear();
                 self.applied = 0;
                 self.conf_state = ConfState::default();
                 self.members.clear();
@@ -736,15 +785,20 @@ mod tests {
         assert_eq!(get(&mut restarted, "k9"), "9");
     }
 
-    fn swap_entry(index: u64, wasm: &[u8]) -> Entry {
+    /// The chunk entries and the swap entry for `wasm`, from `index` on.
+    fn swap_entries(index: u64, wasm: &[u8]) -> Vec<Entry> {
         use sha2::Digest as _;
         let sha: [u8; 32] = sha2::Sha256::digest(wasm).into();
-        Entry {
-            index,
-            term: 1,
-            data: envelope::plugin_swap(&sha, wasm).into(),
-            ..Default::default()
-        }
+        envelope::plugin_swap_entries(wasm, &sha, 64 * 1024)
+            .into_iter()
+            .enumerate()
+            .map(|(i, data)| Entry {
+                index: index + i as u64,
+                term: 1,
+                data: data.into(),
+                ..Default::default()
+            })
+            .collect()
     }
 
     fn command(index: u64, text: &str) -> Entry {
@@ -770,15 +824,17 @@ mod tests {
     #[test]
     fn a_swap_switches_plugins_at_its_index_keeping_the_state_and_bad_swaps_change_nothing() {
         use crate::daemon::{EMBEDDED_HELLO, EMBEDDED_KV, EMBEDDED_KV_V2};
-        let entries = vec![
-            command(1, "set a hello"),
-            swap_entry(2, b"not wasm at all"),
-            swap_entry(3, EMBEDDED_HELLO),
-            swap_entry(4, EMBEDDED_CHAOS),
-            command(5, "set b world"),
-            swap_entry(6, EMBEDDED_KV_V2),
-            command(7, "set c 3"),
-        ];
+        // The log: a write, three bad swaps, a write, a good swap, a write.
+        let mut entries = vec![command(1, "set a hello")];
+        let mut swaps = Vec::new();
+        for wasm in [&b"not wasm at all"[..], EMBEDDED_HELLO, EMBEDDED_CHAOS] {
+            entries.extend(swap_entries(entries.len() as u64 + 1, wasm));
+            swaps.push(entries.len() - 1);
+        }
+        entries.push(command(entries.len() as u64 + 1, "set b world"));
+        entries.extend(swap_entries(entries.len() as u64 + 1, EMBEDDED_KV_V2));
+        let good_swap = entries.len() as u64;
+        entries.push(command(entries.len() as u64 + 1, "set c 3"));
         let store = MemStore::new();
         store
             .write(WriteBatch {
@@ -789,7 +845,7 @@ mod tests {
         let mut fsm = fsm_over(&store, EMBEDDED_KV, SnapshotConfig::default());
         assert!(query(&mut fsm, "strlen a").is_err(), "kv has no strlen");
         let outcomes = apply_all(&mut fsm, entries.clone());
-        for (i, why) in [(1, "not a valid"), (2, "world"), (3, "restore() failed")] {
+        for (i, why) in swaps.into_iter().zip(["not a valid", "world", "restore() failed"]) {
             assert!(
                 matches!(&outcomes[i], Err(CallError::Guest(m)) if m.starts_with("plugin swap rejected") && m.contains(why)),
                 "entry {}: {:?}",
@@ -797,12 +853,17 @@ mod tests {
                 outcomes[i]
             );
         }
-        assert!(matches!(&outcomes[5], Ok(m) if String::from_utf8_lossy(m).contains("active from index 6")));
+        let expected = format!("active from index {good_swap}");
+        assert!(
+            matches!(&outcomes[good_swap as usize - 1], Ok(m) if String::from_utf8_lossy(m).contains(&expected)),
+            "{:?}",
+            outcomes[good_swap as usize - 1]
+        );
         assert_eq!(query(&mut fsm, "strlen a").unwrap(), b"5");
         assert_eq!(query(&mut fsm, "get b").unwrap(), b"world");
         assert_eq!(query(&mut fsm, "get c").unwrap(), b"3");
         let history: Vec<u64> = store.plugin_history().unwrap().iter().map(|(i, _)| *i).collect();
-        assert_eq!(history, vec![0, 6]);
+        assert_eq!(history, vec![0, good_swap]);
 
         // A restart replays the log and switches again at the same index.
         let mut restarted = fsm_over(&store, EMBEDDED_KV, SnapshotConfig::default());

@@ -315,14 +315,32 @@ impl proto::client_server::Client for Services {
         .map_err(|e| Status::internal(format!("validation task failed: {e}")))?;
         let plugin = plugin.map_err(|e| Status::invalid_argument(format!("plugin swap rejected: {e}")))?;
         let sha256 = plugin.sha256();
-        let (reply, pending) = oneshot::channel();
-        self.node
-            .send(NodeRequest::Propose {
-                data: envelope::plugin_swap(&sha256, &wasm),
-                reply,
-            })
-            .await
-            .map_err(|_| propose_status(ProposeError::Shutdown))?;
+        // Keep the bytes here too: a member that starts from a snapshot taken
+        // between the chunks and the swap fetches them from a node that has
+        // them.
+        self.plugins
+            .put_blob(&sha256, &wasm)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        // The component enters the log in chunks no larger than a proposal,
+        // then the swap entry; submitted in order, they commit in order.
+        let mut pending = None;
+        for data in envelope::plugin_swap_entries(&wasm, &sha256, self.config.max_proposal_bytes) {
+            let (reply, answer) = oneshot::channel();
+            self.node
+                .send(NodeRequest::Propose { data, reply })
+                .await
+                .map_err(|_| propose_status(ProposeError::Shutdown))?;
+            if let Some(previous) = pending.replace(answer) {
+                // A chunk that did not commit fails the swap before it is proposed.
+                match tokio::time::timeout(self.timeout(), previous).await {
+                    Ok(Ok(Ok(_))) => {}
+                    Ok(Ok(Err(error))) => return Err(propose_status(error)),
+                    Ok(Err(_)) => return Err(propose_status(ProposeError::Shutdown)),
+                    Err(_) => return Err(propose_status(ProposeError::Timeout(self.config.request_timeout_ms))),
+                }
+            }
+        }
+        let pending = pending.expect("at least the swap entry was proposed");
         drop(wasm);
         let applied = match tokio::time::timeout(self.timeout(), pending).await {
             Err(_) => return Err(propose_status(ProposeError::Timeout(self.config.request_timeout_ms))),

@@ -1,7 +1,12 @@
 //! The peer transport: raft messages to other nodes over gRPC.
 //!
-//! One task per peer owns one long-lived client stream (`Peer.Stream`), so
-//! messages to a peer arrive in the order raft produced them. The raft loop
+//! Two lanes per peer, each a task owning one long-lived client stream
+//! (`Peer.Stream`), so messages in a lane arrive in the order raft produced
+//! them: the data lane carries log replication (`MsgAppend` and its
+//! responses), the control lane everything else (heartbeats, votes, read
+//! index). A large append (a plugin swap carries a whole component) then
+//! never holds heartbeats back long enough to cost the leader its term, as
+//! etcd separates its append stream from its message stream. The raft loop
 //! hands each peer its messages of one `Ready` as one batch through a bounded
 //! queue and never waits: a full queue (dead or slow peer) drops the batch,
 //! which raft tolerates, and reports the peer unreachable. A broken stream is
@@ -66,7 +71,16 @@ struct Inner {
 
 struct Peer {
     addr: String,
-    queue: mpsc::Sender<Vec<Message>>,
+    data: mpsc::Sender<Vec<Message>>,
+    control: mpsc::Sender<Vec<Message>>,
+}
+
+/// Log replication goes on the data lane; the rest is small and urgent.
+fn is_data(message: &Message) -> bool {
+    matches!(
+        message.get_msg_type(),
+        MessageType::MsgAppend | MessageType::MsgAppendResponse
+    )
 }
 
 impl Transport {
@@ -97,10 +111,12 @@ impl Transport {
         if id == inner.self_id || inner.peers.get(&id).is_some_and(|p| p.addr == addr) {
             return;
         }
-        let (queue, batches) = mpsc::channel(self.config.peer_queue_batches);
-        tokio::spawn(peer_task(id, addr.clone(), batches, self.config.clone()));
-        // Replacing the entry drops the old queue, which ends the old task.
-        inner.peers.insert(id, Peer { addr, queue });
+        let (data, data_batches) = mpsc::channel(self.config.peer_queue_batches);
+        let (control, control_batches) = mpsc::channel(self.config.peer_queue_batches);
+        tokio::spawn(peer_task(id, addr.clone(), data_batches, self.config.clone()));
+        tokio::spawn(peer_task(id, addr.clone(), control_batches, self.config.clone()));
+        // Replacing the entry drops the old queues, which ends the old tasks.
+        inner.peers.insert(id, Peer { addr, data, control });
     }
 
     pub fn remove_peer(&self, id: u64) {
@@ -113,7 +129,7 @@ impl Transport {
         if messages.is_empty() {
             return Vec::new();
         }
-        let mut by_peer: HashMap<u64, Vec<Message>> = HashMap::new();
+        let mut by_peer: HashMap<(u64, bool), Vec<Message>> = HashMap::new();
         let inner = self.lock();
         let mut unreachable = Vec::new();
         for message in messages {
@@ -131,12 +147,18 @@ impl Transport {
                 }
                 continue;
             }
-            by_peer.entry(message.to).or_default().push(message);
+            by_peer
+                .entry((message.to, is_data(&message)))
+                .or_default()
+                .push(message);
         }
-        for (to, batch) in by_peer {
-            match inner.peers.get(&to) {
-                Some(peer) if peer.queue.try_send(batch).is_ok() => {}
-                _ => unreachable.push(to),
+        for ((to, data), batch) in by_peer {
+            let queued = inner.peers.get(&to).is_some_and(|peer| {
+                let lane = if data { &peer.data } else { &peer.control };
+                lane.try_send(batch).is_ok()
+            });
+            if !queued && !unreachable.contains(&to) {
+                unreachable.push(to);
             }
         }
         unreachable

@@ -158,12 +158,17 @@ pub trait LogStore: Storage + Clone + Send + Sync + 'static {
 /// generic over the store).
 pub trait PluginRegistry: Send + Sync {
     fn blob(&self, sha256: &[u8; 32]) -> Result<Option<Vec<u8>>, StoreError>;
+    fn put_blob(&self, sha256: &[u8; 32], wasm: &[u8]) -> Result<(), StoreError>;
     fn history(&self) -> Result<Vec<(u64, [u8; 32])>, StoreError>;
 }
 
 impl<S: LogStore> PluginRegistry for S {
     fn blob(&self, sha256: &[u8; 32]) -> Result<Option<Vec<u8>>, StoreError> {
         self.plugin_blob(sha256)
+    }
+
+    fn put_blob(&self, sha256: &[u8; 32], wasm: &[u8]) -> Result<(), StoreError> {
+        self.put_plugin_blob(sha256, wasm)
     }
 
     fn history(&self) -> Result<Vec<(u64, [u8; 32])>, StoreError> {
