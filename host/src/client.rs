@@ -112,17 +112,11 @@ impl Client {
     }
 
     pub async fn propose(&mut self, request: ProposeRequest) -> Result<ProposeResponse, ClientError> {
-        for _ in 0..=MAX_REDIRECTS {
-            let mut inner = self.inner.clone();
-            match self.bounded(inner.propose(request.clone())).await? {
-                Ok(response) => return Ok(response),
-                Err(status) if self.follow(&status).await? => continue,
-                Err(status) => return Err(ClientError::Rpc(status)),
-            }
-        }
-        Err(ClientError::Rpc(tonic::Status::unavailable(
-            "too many leader redirects",
-        )))
+        self.unary(move |mut inner| {
+            let request = request.clone();
+            async move { inner.propose(request).await }
+        })
+        .await
     }
 
     pub async fn query_text(&mut self, text: &str, consistency: Consistency) -> Result<QueryResponse, ClientError> {
@@ -130,17 +124,11 @@ impl Client {
             request: Some(query_request::Request::Text(text.to_string())),
             consistency: consistency as i32,
         };
-        for _ in 0..=MAX_REDIRECTS {
-            let mut inner = self.inner.clone();
-            match self.bounded(inner.query(request.clone())).await? {
-                Ok(response) => return Ok(response),
-                Err(status) if self.follow(&status).await? => continue,
-                Err(status) => return Err(ClientError::Rpc(status)),
-            }
-        }
-        Err(ClientError::Rpc(tonic::Status::unavailable(
-            "too many leader redirects",
-        )))
+        self.unary(move |mut inner| {
+            let request = request.clone();
+            async move { inner.query(request).await }
+        })
+        .await
     }
 
     pub async fn join(&mut self, addr: &str, requested_id: u64) -> Result<crate::proto::JoinResponse, ClientError> {
