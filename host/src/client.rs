@@ -10,10 +10,19 @@ use crate::proto::{
     Consistency, ProposeRequest, ProposeResponse, QueryRequest, QueryResponse, StatusRequest, StatusResponse,
     propose_request, query_request,
 };
-use crate::server::LEADER_ADDR_KEY;
+use crate::server::{LEADER_ADDR_KEY, NOT_LEADER_KEY};
 
 /// How many times a request follows a leader hint before giving up.
 const MAX_REDIRECTS: usize = 3;
+
+/// How long a request waits for a cluster that knows no leader (an
+/// election takes one to two election timeouts).
+const NO_LEADER_WAIT: Duration = Duration::from_secs(5);
+
+/// "Not the leader" from a node that knows no leader either.
+fn is_no_leader(status: &tonic::Status) -> bool {
+    status.metadata().get(NOT_LEADER_KEY).is_some() && status.metadata().get(LEADER_ADDR_KEY).is_none()
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -187,16 +196,20 @@ impl Client {
         F: Fn(ClientClient<Channel>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
-        for _ in 0..=MAX_REDIRECTS {
+        // While an election is on, nodes know no leader: wait it out (a
+        // refused request was not proposed, so sending it again is safe).
+        let election_deadline = tokio::time::Instant::now() + self.timeout.min(NO_LEADER_WAIT);
+        let mut redirects = 0;
+        loop {
             match self.bounded(call(self.inner.clone())).await? {
                 Ok(response) => return Ok(response),
-                Err(status) if self.follow(&status).await? => continue,
+                Err(status) if redirects < MAX_REDIRECTS && self.follow(&status).await? => redirects += 1,
+                Err(status) if is_no_leader(&status) && tokio::time::Instant::now() < election_deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
                 Err(status) => return Err(ClientError::Rpc(status)),
             }
         }
-        Err(ClientError::Rpc(tonic::Status::unavailable(
-            "too many leader redirects",
-        )))
     }
 
     pub async fn status(&mut self) -> Result<StatusResponse, ClientError> {

@@ -186,6 +186,8 @@ pub struct Node<S: LogStore> {
     /// The last conf change already reflected in the stored conf state;
     /// raft re-delivers older ones after a restart and they are skipped.
     conf_index: u64,
+    /// Campaign as soon as raft allows: this node is the only voter.
+    campaign_when_applied: bool,
 }
 
 struct Proposal {
@@ -225,12 +227,10 @@ impl<S: LogStore> Node<S> {
         raft_config.validate()?;
         let hard_state = store.initial_state()?.hard_state;
         let conf_index = store.conf_index()?;
-        let mut raw = RawNode::new(&raft_config, store.clone(), &logger)?;
-        let voters = raw.raft.prs().conf().voters().ids().iter().collect::<Vec<_>>();
-        if voters == [id] {
-            // A one-voter cluster need not wait an election timeout.
-            raw.campaign()?;
-        }
+        let raw = RawNode::new(&raft_config, store.clone(), &logger)?;
+        // A one-voter cluster need not wait an election timeout; raft lets
+        // it campaign once its configuration entries are applied.
+        let campaign_when_applied = raw.raft.prs().conf().voters().ids().iter().collect::<Vec<_>>() == [id];
         Ok(Node {
             raw,
             store,
@@ -246,6 +246,7 @@ impl<S: LogStore> Node<S> {
             applied_dirty: false,
             identity,
             conf_index,
+            campaign_when_applied,
         })
     }
 
@@ -271,6 +272,12 @@ impl<S: LogStore> Node<S> {
                     let applied = *self.applied.borrow_and_update();
                     self.raw.advance_apply_to(applied);
                     self.applied_dirty = true;
+                    if self.campaign_when_applied && applied >= self.raw.raft.raft_log.committed {
+                        self.campaign_when_applied = false;
+                        if self.raw.raft.state == StateRole::Follower {
+                            self.raw.campaign()?;
+                        }
+                    }
                 }
             }
             if self.raw.has_ready() {

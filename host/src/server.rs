@@ -182,12 +182,18 @@ impl Outcome {
 
 /// The metadata key carrying the leader's address on "not leader" errors.
 pub const LEADER_ADDR_KEY: &str = "raftify-leader-addr";
+/// The metadata key marking a "not the leader" error: the request was not
+/// proposed, so it is safe to send again (to the leader).
+pub const NOT_LEADER_KEY: &str = "raftify-not-leader";
 
 fn propose_status(error: ProposeError) -> Status {
     let message = error.to_string();
     match error {
         ProposeError::NotLeader { leader_addr, .. } => {
             let mut status = Status::failed_precondition(message);
+            status
+                .metadata_mut()
+                .insert(NOT_LEADER_KEY, tonic::metadata::MetadataValue::from_static("1"));
             if let Some(addr) = leader_addr.and_then(|a| a.parse().ok()) {
                 status.metadata_mut().insert(LEADER_ADDR_KEY, addr);
             }
