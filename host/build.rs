@@ -50,17 +50,8 @@ fn build_plugins(root: &Path) {
     let mut command = Command::new(cargo);
     command
         .current_dir(&plugins)
-        .args([
-            "build",
-            "--release",
-            "--locked",
-            "--target",
-            "wasm32-wasip2",
-            "-p",
-            "kv",
-            "-p",
-            "chaos",
-        ])
+        .args(["build", "--release", "--locked", "--target", "wasm32-wasip2"])
+        .args(["-p", "kv", "-p", "kv-v2", "-p", "chaos", "-p", "hello"])
         .arg("--target-dir")
         .arg(&target_dir);
     // The outer build's settings (rustflags for the host, clippy's wrapper,
