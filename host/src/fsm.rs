@@ -639,26 +639,26 @@ mod tests {
         fsm_over(store, EMBEDDED_CHAOS, SnapshotConfig::default())
     }
 
+    /// A store holding `entries` as its log.
+    fn store_with(entries: &[Entry]) -> MemStore {
+        let store = MemStore::new();
+        store
+            .write(WriteBatch {
+                entries: entries.to_vec(),
+                ..Default::default()
+            })
+            .unwrap();
+        store
+    }
+
     /// A store holding `commands` as committed entries 1..=n.
     fn log(commands: &[&str]) -> (MemStore, Vec<Entry>) {
         let entries: Vec<Entry> = commands
             .iter()
             .enumerate()
-            .map(|(i, c)| Entry {
-                index: i as u64 + 1,
-                term: 1,
-                data: envelope::command(c.as_bytes()).into(),
-                ..Default::default()
-            })
+            .map(|(i, c)| command(i as u64 + 1, c))
             .collect();
-        let store = MemStore::new();
-        store
-            .write(WriteBatch {
-                entries: entries.clone(),
-                ..Default::default()
-            })
-            .unwrap();
-        (store, entries)
+        (store_with(&entries), entries)
     }
 
     /// Apply everything, returning each entry's outcome.
@@ -835,13 +835,7 @@ mod tests {
         entries.extend(swap_entries(entries.len() as u64 + 1, EMBEDDED_KV_V2));
         let good_swap = entries.len() as u64;
         entries.push(command(entries.len() as u64 + 1, "set c 3"));
-        let store = MemStore::new();
-        store
-            .write(WriteBatch {
-                entries: entries.clone(),
-                ..Default::default()
-            })
-            .unwrap();
+        let store = store_with(&entries);
         let mut fsm = fsm_over(&store, EMBEDDED_KV, SnapshotConfig::default());
         assert!(query(&mut fsm, "strlen a").is_err(), "kv has no strlen");
         let outcomes = apply_all(&mut fsm, entries.clone());
