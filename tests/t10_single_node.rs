@@ -105,6 +105,21 @@ fn every_acknowledged_write_survives_sigkill_and_restart() {
 }
 
 #[test]
+fn sigterm_stops_a_node_cleanly_and_a_restart_keeps_its_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("n1");
+    let addr = free_addr();
+    let mut node = Node::start(&data, &addr, &[]);
+    node.propose("set kept yes").unwrap();
+
+    let status = node.terminate(Duration::from_secs(10));
+    assert!(status.success(), "exit status {status}; log:\n{}", node.log_text());
+
+    let node = Node::start(&data, &addr, &[]);
+    assert_eq!(node.query("get kept").unwrap(), "yes");
+}
+
+#[test]
 fn a_restarted_node_needs_only_its_data_dir_and_keeps_its_plugin() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("n7");

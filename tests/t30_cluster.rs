@@ -24,6 +24,24 @@ fn three_nodes_elect_one_leader_whatever_order_they_start_in() {
 }
 
 #[test]
+fn sigterm_stops_a_leader_with_live_peer_streams_and_the_rest_elect_another() {
+    let mut cluster = Cluster::start(3, &[]);
+    let old = cluster.leader();
+    cluster.node(old).propose("set before 1").unwrap();
+
+    // Peers hold replication streams open to the leader; shutdown must not
+    // wait for them forever.
+    let mut leader = cluster.nodes.remove(&old).unwrap();
+    let status = leader.terminate(Duration::from_secs(15));
+    assert!(status.success(), "exit status {status}; log:\n{}", leader.log_text());
+
+    let new = cluster.leader();
+    assert_ne!(new, old);
+    assert_eq!(cluster.node(new).propose("set after 2").unwrap(), "OK");
+    assert_eq!(cluster.node(new).query("get before").unwrap(), "1");
+}
+
+#[test]
 fn every_node_accepts_proposals_and_every_replica_converges() {
     let cluster = Cluster::start(3, &[]);
     for id in [1, 2, 3] {

@@ -12,9 +12,9 @@ use tokio::sync::{mpsc, watch};
 
 use crate::codec::Codec;
 use crate::config::NodeConfig;
-use crate::fsm::Fsm;
+use crate::fsm::{Fsm, FsmRequest};
 use crate::logging;
-use crate::node::Node;
+use crate::node::{Node, NodeRequest};
 use crate::proto::client_server::ClientServer;
 use crate::proto::peer_server::PeerServer;
 use crate::sandbox::Sandbox;
@@ -37,6 +37,9 @@ pub const EMBEDDED_HELLO: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/hell
 
 /// Bounds the raft loop's request queue (proposals, reads, peer messages).
 const NODE_QUEUE: usize = 65_536;
+
+/// How long a shutting-down node waits for in-flight requests.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// Run a node on an already-bound listener until `shutdown` resolves.
 pub async fn run(config: NodeConfig, listener: TcpListener, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
@@ -108,6 +111,9 @@ pub async fn run(config: NodeConfig, listener: TcpListener, shutdown: impl Futur
     )?;
     let node_task = tokio::spawn(tracing::Instrument::instrument(node.run(node_rx), span.clone()));
 
+    let stop_node = node_tx.clone();
+    let stop_fsm = fsm_tx.clone();
+    let (stopping_tx, mut stopping_rx) = watch::channel(false);
     let services = Services {
         node: node_tx,
         fsm: fsm_tx,
@@ -133,23 +139,44 @@ pub async fn run(config: NodeConfig, listener: TcpListener, shutdown: impl Futur
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
         )
-        .serve_with_incoming_shutdown(incoming, shutdown);
+        .serve_with_incoming_shutdown(incoming, async move {
+            let _ = stopping_rx.wait_for(|stopping| *stopping).await;
+        });
 
-    // The node stops when the server stops (shutdown), or when the raft loop
-    // fails (a storage error is fatal: better down than wrong).
+    // The node stops on the shutdown signal, or when the raft loop fails (a
+    // storage error is fatal: better down than wrong). On shutdown the server
+    // stops taking requests and lets those in flight finish, for a bounded
+    // time: peers and streaming clients may hold connections open forever.
     let mut node_task = node_task;
+    let mut server = Box::pin(server);
+    tokio::pin!(shutdown);
     let outcome = tokio::select! {
-        served = server => served.context("the gRPC server failed").map(|_| None),
+        served = &mut server => served.context("the gRPC server failed").map(|_| None),
         finished = &mut node_task => Ok(Some(finished)),
+        _ = &mut shutdown => {
+            let _ = stopping_tx.send(true);
+            match tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await {
+                Ok(served) => served.context("the gRPC server failed").map(|_| None),
+                Err(_) => {
+                    tracing::warn!("connections still open after {SHUTDOWN_GRACE:?}; closing them");
+                    Ok(None)
+                }
+            }
+        }
     };
+    drop(server);
     let node_result = match outcome? {
         Some(finished) => finished,
         None => {
-            // The server dropped every Services clone, closing the raft
-            // loop's queue; it returns once it sees that.
+            // The transport keeps a sender to the raft loop, so the queue
+            // never closes by itself: ask the loop to stop.
+            let _ = stop_node.send(NodeRequest::Shutdown).await;
             node_task.await
         }
     };
+    // Connection tasks may still hold handles to the apply worker's queue:
+    // stop it explicitly, after whatever it already has queued.
+    let _ = stop_fsm.send(FsmRequest::Shutdown);
     let node_result = node_result.context("the raft loop panicked")?;
     let fsm_result = tokio::task::spawn_blocking(move || fsm_thread.join())
         .await

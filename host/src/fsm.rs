@@ -72,6 +72,8 @@ pub enum FsmRequest {
     },
     /// Replace the state with a snapshot the raft loop installed.
     Restore { snapshot: Snapshot },
+    /// Stop after everything queued before this request.
+    Shutdown,
 }
 
 /// Fetches a plugin component this node lacks from other members (given
@@ -202,6 +204,9 @@ impl<S: LogStore> Fsm<S> {
     /// Serve requests until the channel closes or a fatal error.
     pub fn run(mut self, requests: mpsc::Receiver<FsmRequest>) -> Result<(), FsmError> {
         while let Ok(request) = requests.recv() {
+            if matches!(request, FsmRequest::Shutdown) {
+                break;
+            }
             self.handle(request)?;
         }
         Ok(())
@@ -236,6 +241,8 @@ impl<S: LogStore> Fsm<S> {
             FsmRequest::Snapshot { reply } => {
                 let _ = reply.send(self.take_snapshot()?);
             }
+            // `run` stops before handing this over.
+            FsmRequest::Shutdown => {}
             FsmRequest::Restore { snapshot } => {
                 self.restore(&snapshot)?;
                 self.applied_tx.send_replace(self.applied);

@@ -148,6 +148,8 @@ pub enum NodeRequest {
     Status {
         reply: oneshot::Sender<NodeStatus>,
     },
+    /// Stop the loop: the daemon is shutting down.
+    Shutdown,
 }
 
 /// Why the raft loop stopped.
@@ -250,7 +252,7 @@ impl<S: LogStore> Node<S> {
         })
     }
 
-    /// Run until `requests` closes (shutdown) or a fatal error.
+    /// Run until a `Shutdown` request, `requests` closing, or a fatal error.
     pub async fn run(mut self, mut requests: mpsc::Receiver<NodeRequest>) -> Result<(), NodeError> {
         let mut ticker = tokio::time::interval(Duration::from_millis(self.config.tick_interval_ms));
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -258,11 +260,17 @@ impl<S: LogStore> Node<S> {
             tokio::select! {
                 _ = ticker.tick() => self.on_tick()?,
                 request = requests.recv() => {
-                    let Some(request) = request else { return Ok(()) };
-                    self.handle(request);
+                    let Some(mut request) = request else { return Ok(()) };
                     // Drain whatever else is queued: one Ready for all of it.
-                    while let Ok(request) = requests.try_recv() {
+                    loop {
+                        if matches!(request, NodeRequest::Shutdown) {
+                            return Ok(());
+                        }
                         self.handle(request);
+                        match requests.try_recv() {
+                            Ok(next) => request = next,
+                            Err(_) => break,
+                        }
                     }
                 }
                 changed = self.applied.changed() => {
@@ -339,6 +347,8 @@ impl<S: LogStore> Node<S> {
                     tracing::debug!(%error, "dropped a raft message");
                 }
             }
+            // `run` stops before handing this over.
+            NodeRequest::Shutdown => {}
             NodeRequest::Status { reply } => {
                 let _ = reply.send(self.status());
             }
