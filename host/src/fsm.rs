@@ -165,6 +165,9 @@ impl<S: LogStore> Fsm<S> {
         };
         if let Some(snapshot) = fsm.store.stored_snapshot()? {
             fsm.restore(&snapshot)?;
+            // Status and the raft loop read the applied index from here; raft
+            // resumes after the snapshot, so nothing else would report it.
+            fsm.applied_tx.send_replace(fsm.applied);
         }
         fsm.publish_active_plugin();
         Ok(fsm)
@@ -788,6 +791,7 @@ mod tests {
 
         let mut restarted = fsm_over(&store, EMBEDDED_CHAOS, config);
         assert_eq!(restarted.applied(), 11);
+        assert_eq!(*restarted.applied_tx.borrow(), 11, "status and raft are told, too");
         assert_eq!(get(&mut restarted, "k3"), "3");
         assert_eq!(get(&mut restarted, "k9"), "9");
     }
