@@ -129,10 +129,14 @@ impl Client {
     }
 
     pub async fn query_text(&mut self, text: &str, consistency: Consistency) -> Result<QueryResponse, ClientError> {
-        let request = QueryRequest {
+        self.query(QueryRequest {
             request: Some(query_request::Request::Text(text.to_string())),
             consistency: consistency as i32,
-        };
+        })
+        .await
+    }
+
+    pub async fn query(&mut self, request: QueryRequest) -> Result<QueryResponse, ClientError> {
         self.unary(move |mut inner| {
             let request = request.clone();
             async move { inner.query(request).await }

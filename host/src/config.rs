@@ -117,6 +117,11 @@ pub struct RunArgs {
     /// Largest plugin memory in bytes [default: 1073741824]. Must match on every node.
     #[arg(long, env = "RAFTIFY_MAX_MEMORY_BYTES")]
     pub max_memory_bytes: Option<usize>,
+    /// Where compiled plugins are cached [default: DATA_DIR/compiled]. Nodes
+    /// on one machine may share it; only trusted users may write it, since
+    /// compiled code is loaded as is (each file is checksummed).
+    #[arg(long, env = "RAFTIFY_COMPILE_CACHE_DIR")]
+    pub compile_cache_dir: Option<PathBuf>,
     /// Take a snapshot after this many applied entries [default: 10000].
     #[arg(long, env = "RAFTIFY_SNAPSHOT_EVERY_ENTRIES")]
     pub snapshot_every_entries: Option<u64>,
@@ -194,7 +199,7 @@ impl RunArgs {
                 fuel_per_codec_call: sandbox.fuel_per_codec_call,
                 max_memory_bytes: args.max_memory_bytes.unwrap_or(sandbox.max_memory_bytes),
                 max_output_bytes_per_call: sandbox.max_output_bytes_per_call,
-                cache_dir: Some(data_dir.join("compiled")),
+                cache_dir: Some(args.compile_cache_dir.unwrap_or_else(|| data_dir.join("compiled"))),
             },
             client: ClientConfig {
                 max_proposal_bytes: args.max_proposal_bytes.unwrap_or(client.max_proposal_bytes),
@@ -246,6 +251,7 @@ impl RunArgs {
             fuel_per_call: self.fuel_per_call.or(other.fuel_per_call),
             fuel_per_snapshot: self.fuel_per_snapshot.or(other.fuel_per_snapshot),
             max_memory_bytes: self.max_memory_bytes.or(other.max_memory_bytes),
+            compile_cache_dir: self.compile_cache_dir.or(other.compile_cache_dir),
             lmdb_map_size_bytes: self.lmdb_map_size_bytes.or(other.lmdb_map_size_bytes),
             snapshot_every_entries: self.snapshot_every_entries.or(other.snapshot_every_entries),
             snapshot_keep_entries: self.snapshot_keep_entries.or(other.snapshot_keep_entries),

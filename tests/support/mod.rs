@@ -14,6 +14,8 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_raftify-host");
 
 /// How long a node may take to start answering (it may compile its plugin).
 pub const START_DEADLINE: Duration = Duration::from_secs(60);
+/// Shared by every node the tests start (see `--compile-cache-dir`).
+pub const COMPILE_CACHE_DIR: &str = concat!(env!("CARGO_TARGET_TMPDIR"), "/compile-cache");
 /// How long one CLI call may take.
 pub const CLI_DEADLINE: Duration = Duration::from_secs(60);
 
@@ -54,6 +56,8 @@ impl Node {
             .arg(data_dir)
             .args(extra)
             .env("RAFTIFY_LOG", "info,raft=info")
+            // Compile each plugin once for the whole suite, not once per node.
+            .env("RAFTIFY_COMPILE_CACHE_DIR", COMPILE_CACHE_DIR)
             .stdin(Stdio::null())
             .stdout(log_file.try_clone().unwrap())
             .stderr(log_file)

@@ -54,8 +54,9 @@ fn load(engine: &Engine, path: &Path) -> Option<Component> {
     }
     // SAFETY: `deserialize` trusts its input to be a component this engine
     // serialized. The file name carries the engine's compatibility hash, the
-    // checksum above proves the bytes are the ones we wrote, and only this
-    // node writes its data dir.
+    // checksum above proves the bytes are the ones a node wrote, and only
+    // this node (or, for a shared --compile-cache-dir, the operator's other
+    // nodes) writes the directory.
     match unsafe { Component::deserialize(engine, payload) } {
         Ok(component) => Some(component),
         Err(error) => {
