@@ -467,6 +467,14 @@ impl LogStore for LmdbStore {
         }
         inner.meta.put(&mut txn, SNAPSHOT_META, &encode(metadata)?)?;
         inner.meta.put(&mut txn, SNAPSHOT_DATA, &snapshot.data)?;
+        // A snapshot covers applied, so committed, entries; the persisted
+        // commit index may lag (it is written lazily), and raft refuses to
+        // start with a snapshot past it.
+        let mut hard_state: HardState = inner.meta_message(&txn, HARD_STATE)?.unwrap_or_default();
+        if hard_state.commit < metadata.index {
+            hard_state.commit = metadata.index;
+            inner.meta.put(&mut txn, HARD_STATE, &encode(&hard_state)?)?;
+        }
         inner
             .entries
             .delete_range(&mut txn, &(..=compact_to.min(metadata.index)))?;

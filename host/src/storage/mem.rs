@@ -247,6 +247,8 @@ impl LogStore for MemStore {
         }
         inner.snapshot_meta = metadata.clone();
         inner.snapshot_data = snapshot.data.to_vec();
+        // See LmdbStore: the snapshot's entries are committed.
+        inner.hard_state.commit = inner.hard_state.commit.max(metadata.index);
         let keep = inner.entries.split_off(&(compact_to.min(metadata.index) + 1));
         inner.entries = keep;
         Ok(())

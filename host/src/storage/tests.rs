@@ -196,7 +196,23 @@ fn snapshot_at(index: u64, term: u64, voters: Vec<u64>, data: &[u8]) -> raft::pr
 
 fn a_saved_snapshot_compacts_the_log_it_covers<S: LogStore>(store: S) {
     append(&store, entries(1..=10, 2));
+    // The commit index on disk lags (it is persisted lazily)...
+    store
+        .write(WriteBatch {
+            hard_state: Some(HardState {
+                term: 2,
+                vote: 1,
+                commit: 6,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .unwrap();
     store.save_snapshot(&snapshot_at(8, 2, vec![1], b"state@8"), 5).unwrap();
+    // ...so saving a snapshot raises it: raft will not start with a snapshot
+    // past its commit index.
+    let hard_state = store.initial_state().unwrap().hard_state;
+    assert_eq!((hard_state.term, hard_state.vote, hard_state.commit), (2, 1, 8));
     assert_eq!(store.first_index().unwrap(), 6);
     assert_eq!(store.last_index().unwrap(), 10);
     assert!(is_store_error(read(&store, 5, 11, None), StorageError::Compacted));
