@@ -57,3 +57,46 @@ fn hostile_entries_fail_alone_and_the_node_keeps_serving_its_state() {
     assert_eq!(node.query("get c").unwrap(), "3");
     assert_eq!(node.status()["trapped_entries"], 4);
 }
+
+#[test]
+fn plugin_check_vets_a_component_offline_and_fills_the_compile_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let kv = dir.path().join("kv.wasm");
+    std::fs::write(&kv, raftify_host::daemon::EMBEDDED_KV).unwrap();
+    let kv = kv.to_str().unwrap();
+
+    let out = cli(&[
+        "plugin",
+        "check",
+        kv,
+        "--compile-cache-dir",
+        cache.to_str().unwrap(),
+        "-o",
+        "json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["size"], raftify_host::daemon::EMBEDDED_KV.len());
+    let cached: Vec<_> = std::fs::read_dir(&cache).unwrap().collect();
+    assert_eq!(cached.len(), 1, "one compiled file in the cache");
+
+    // Each kind of bad file gets one line saying what is wrong.
+    let hello = dir.path().join("hello.wasm");
+    std::fs::write(&hello, raftify_host::daemon::EMBEDDED_HELLO).unwrap();
+    let garbage = dir.path().join("garbage.wasm");
+    std::fs::write(&garbage, b"[workspace]").unwrap();
+    let core = dir.path().join("core.wasm");
+    std::fs::write(&core, b"\0asm\x01\0\0\0").unwrap();
+    for (file, message) in [
+        (&hello, "does not fit the raftify:fsm/plugin@0.1.0 world"),
+        (&garbage, "not a WebAssembly file"),
+        (&core, "not a component"),
+    ] {
+        let out = cli(&["plugin", "check", file.to_str().unwrap()]);
+        assert!(!out.status.success());
+        let err = stderr(&out);
+        assert!(err.contains(message), "{}: {err}", file.display());
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
+}

@@ -12,6 +12,7 @@ use serde_json::json;
 use crate::client::Client;
 use crate::config::{DEFAULT_ADDR, RunArgs};
 use crate::proto::{self, Consistency as ProtoConsistency, ProposeRequest, ProposeResponse, propose_response};
+use crate::sandbox::{Sandbox, SandboxConfig};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -68,6 +69,20 @@ pub enum PluginCommand {
     /// The plugins this node has run: hash, size, the index each became
     /// active at, and which is current.
     List(ClientArgs),
+    /// Check a component offline before deploying it: compile it, check it
+    /// implements the plugin world, instantiate it and round-trip an empty
+    /// state through snapshot() and restore(). With --compile-cache-dir the
+    /// compiled code is kept there, so nodes sharing that cache start at once.
+    Check {
+        /// The component (.wasm).
+        file: PathBuf,
+        /// Keep the compiled code here (see `run --compile-cache-dir`).
+        #[arg(long, env = "RAFTIFY_COMPILE_CACHE_DIR")]
+        compile_cache_dir: Option<PathBuf>,
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -303,6 +318,29 @@ pub async fn run_client(command: Command) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
+        Command::Plugin(PluginCommand::Check {
+            file,
+            compile_cache_dir,
+            output,
+        }) => {
+            let wasm = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let report = tokio::task::spawn_blocking(move || check_plugin(&wasm, compile_cache_dir)).await??;
+            match output {
+                Output::Text => println!(
+                    "ok: {} implements raftify:fsm/plugin@0.1.0\nsha256 {}\nsize {} bytes\ncompiled in {} ms\ninstantiated in {} us",
+                    file.display(),
+                    report.sha256,
+                    report.size,
+                    report.compile_ms,
+                    report.instantiate_us
+                ),
+                Output::Json => println!(
+                    "{}",
+                    json!({ "sha256": report.sha256, "size": report.size, "compile_ms": report.compile_ms, "instantiate_us": report.instantiate_us })
+                ),
+            }
+            Ok(0)
+        }
         Command::Debug(DebugCommand::Persisted { data_dir, output }) => {
             let value = tokio::task::spawn_blocking(move || crate::debug::persisted(&data_dir)).await??;
             match output {
@@ -532,4 +570,39 @@ fn print_status(status: &proto::StatusResponse, output: Output) {
             }
         }
     }
+}
+
+struct CheckReport {
+    sha256: String,
+    size: usize,
+    compile_ms: u128,
+    instantiate_us: u128,
+}
+
+/// `plugin check`: everything a node does with a new plugin short of
+/// running a cluster on it, with the default sandbox limits.
+fn check_plugin(wasm: &[u8], cache_dir: Option<PathBuf>) -> anyhow::Result<CheckReport> {
+    let sandbox = Sandbox::new(SandboxConfig {
+        cache_dir,
+        ..SandboxConfig::default()
+    })?;
+    let started = std::time::Instant::now();
+    let plugin = sandbox.load(wasm)?;
+    let compile_ms = started.elapsed().as_millis();
+    let started = std::time::Instant::now();
+    let mut instance = plugin.instantiate()?;
+    let instantiate_us = started.elapsed().as_micros();
+    let state = instance
+        .snapshot(0)
+        .map_err(|e| anyhow::anyhow!("snapshot() of the empty state failed: {e}"))?;
+    let mut fresh = plugin.instantiate()?;
+    fresh
+        .restore(0, &state)
+        .map_err(|e| anyhow::anyhow!("restore() of its own empty snapshot failed: {e}"))?;
+    Ok(CheckReport {
+        sha256: plugin.sha256_hex(),
+        size: plugin.size(),
+        compile_ms,
+        instantiate_us,
+    })
 }

@@ -17,6 +17,19 @@ use wasmtime::component::Component;
 use super::LoadError;
 
 pub fn compile(engine: &Engine, wasm: &[u8]) -> Result<Component, LoadError> {
+    // wasmparser's own messages for these dump byte arrays; say it plainly.
+    if !wasm.starts_with(b"\0asm") {
+        return Err(LoadError::Invalid(
+            "this is not a WebAssembly file (it does not start with \\0asm)".into(),
+        ));
+    }
+    if wasm.get(4..8) == Some(&[1, 0, 0, 0]) {
+        return Err(LoadError::Invalid(
+            "this is a core WebAssembly module, not a component; \
+             make one of it with `wasm-tools component new`"
+                .into(),
+        ));
+    }
     Component::new(engine, wasm).map_err(|e| LoadError::Invalid(format!("{e:#}")))
 }
 

@@ -114,9 +114,13 @@ fn guest_output_is_captured_not_fatal() {
 fn garbage_is_rejected_with_a_clear_error() {
     let error = sandbox().load(b"definitely not wasm").err().unwrap();
     assert!(matches!(error, LoadError::Invalid(_)), "{error}");
-    // A core module is not a component.
+    assert!(error.to_string().contains("not a WebAssembly file"), "{error}");
+    // A core module is not a component, and the error says how to make one.
     let error = sandbox().load(b"\0asm\x01\0\0\0").err().unwrap();
-    assert!(error.to_string().contains("component"), "{error}");
+    assert!(error.to_string().contains("wasm-tools component new"), "{error}");
+    // A truncated component: wasmparser's message, with no byte dumps.
+    let error = sandbox().load(&EMBEDDED_KV[..EMBEDDED_KV.len() / 2]).err().unwrap();
+    assert!(matches!(error, LoadError::Invalid(_)), "{error}");
 }
 
 #[test]
