@@ -26,6 +26,33 @@ pub fn free_addr() -> String {
     listener.local_addr().unwrap().to_string()
 }
 
+/// Compile a plugin into the shared compile cache before nodes need it. A large component (the Python kv is 18 MB) takes about a
+/// minute to compile in a debug build; three nodes compiling it at once
+/// would outlast the start deadline.
+pub fn precompile(plugin: &Path) {
+    // Held while compiling, so compiles never compete for the two cores; a
+    // plugin already in the cache loads in milliseconds.
+    static COMPILING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = COMPILING.lock().unwrap_or_else(|e| e.into_inner());
+    let out = cli_within(
+        Duration::from_secs(600),
+        &[
+            "plugin",
+            "check",
+            plugin.to_str().unwrap(),
+            "--compile-cache-dir",
+            COMPILE_CACHE_DIR,
+        ],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "plugin check {}: {}",
+        plugin.display(),
+        stderr(&out)
+    );
+}
+
 /// A running node. Killed with SIGKILL when dropped.
 pub struct Node {
     pub addr: String,
@@ -168,6 +195,11 @@ pub fn cli(args: &[&str]) -> Output {
 }
 
 pub fn cli_with_stdin(args: &[&str], stdin: Option<&[u8]>) -> Output {
+    cli_within(CLI_DEADLINE, args, stdin)
+}
+
+/// Run a CLI command that may take longer than usual (compiling a plugin).
+pub fn cli_within(deadline: Duration, args: &[&str], stdin: Option<&[u8]>) -> Output {
     let mut child = Command::new(BIN)
         .args(args)
         .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
@@ -184,14 +216,11 @@ pub fn cli_with_stdin(args: &[&str], stdin: Option<&[u8]>) -> Output {
     std::thread::spawn(move || {
         let _ = tx.send(child.wait_with_output());
     });
-    match rx.recv_timeout(CLI_DEADLINE) {
+    match rx.recv_timeout(deadline) {
         Ok(output) => output.expect("wait for raftify-host"),
         Err(_) => {
             let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-            panic!(
-                "`raftify-host {}` did not finish within {CLI_DEADLINE:?}",
-                args.join(" ")
-            );
+            panic!("`raftify-host {}` did not finish within {deadline:?}", args.join(" "));
         }
     }
 }
