@@ -39,6 +39,15 @@ fn hostile_entries_fail_alone_and_the_node_keeps_serving_its_state() {
     assert!(err.contains("panicked"), "{err}");
     let err = node.propose("fail").unwrap_err();
     assert_eq!(err, "error: chaos: asked to fail");
+    // A result its render() cannot show still stands: raw bytes and a warning.
+    let out = cli(&["propose", "binary", "--addr", &node.addr]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "\u{fffd}\u{fffd}!");
+    assert!(
+        stderr(&out).contains("could not render the result (response is not UTF-8 text)"),
+        "{}",
+        stderr(&out)
+    );
     let err = node.query("spin").unwrap_err();
     assert!(err.contains("out of fuel"), "{err}");
 

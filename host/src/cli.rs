@@ -219,8 +219,17 @@ fn show_outcome(
     }
 }
 
+/// The result stands even when the plugin's render() fails; say why the
+/// raw bytes are shown instead.
+fn warn_unrendered(render_error: &str) {
+    if !render_error.is_empty() {
+        eprintln!("warning: the plugin could not render the result ({render_error}); showing its raw bytes");
+    }
+}
+
 fn show_propose(response: ProposeResponse) -> Shown {
     use propose_response::Outcome;
+    warn_unrendered(&response.render_error);
     let index = response.index;
     match response.outcome {
         Some(Outcome::Ok(b)) => show_outcome(index, Some(b), None, None, response.text),
@@ -268,6 +277,7 @@ pub async fn run_client(command: Command) -> anyhow::Result<i32> {
                 Consistency::Stale => ProtoConsistency::Stale,
             };
             let response = client.query_text(&args.text, consistency).await?;
+            warn_unrendered(&response.render_error);
             use proto::query_response::Outcome;
             let index = response.index;
             let shown = match response.outcome {

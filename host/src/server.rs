@@ -126,26 +126,29 @@ impl Services {
             Ok(Ok(Err(error))) => return Err(propose_status(error)),
             Ok(Ok(Ok(applied))) => applied,
         };
-        let (outcome, text) = self.outcome(applied.result).await;
+        let (outcome, text, render_error) = self.outcome(applied.result).await;
         Ok(ProposeResponse {
             index: applied.index,
             outcome: Some(outcome.into_propose()),
             text,
+            render_error,
         })
     }
 
-    async fn outcome(&self, result: Result<Vec<u8>, CallError>) -> (Outcome, String) {
+    /// The outcome, its rendered text, and why rendering failed (if it did:
+    /// the result stands; only its display is lost).
+    async fn outcome(&self, result: Result<Vec<u8>, CallError>) -> (Outcome, String, String) {
         match result {
             Ok(bytes) => {
                 let rendered = bytes.clone();
-                let text = self
-                    .codec_call(move |codec| codec.render(&rendered))
-                    .await
-                    .unwrap_or_default();
-                (Outcome::Ok(bytes), text)
+                let (text, render_error) = match self.codec_call(move |codec| codec.render(&rendered)).await {
+                    Ok(text) => (text, String::new()),
+                    Err(error) => (String::new(), error.to_string()),
+                };
+                (Outcome::Ok(bytes), text, render_error)
             }
-            Err(CallError::Guest(message)) => (Outcome::PluginError(message), String::new()),
-            Err(CallError::Trap(message)) => (Outcome::Trap(message), String::new()),
+            Err(CallError::Guest(message)) => (Outcome::PluginError(message), String::new(), String::new()),
+            Err(CallError::Trap(message)) => (Outcome::Trap(message), String::new(), String::new()),
         }
     }
 
@@ -223,6 +226,7 @@ fn host_error(status: Status) -> ProposeResponse {
             leader_addr,
         })),
         text: String::new(),
+        render_error: String::new(),
     }
 }
 
@@ -520,11 +524,12 @@ impl proto::client_server::Client for Services {
             Ok(Err(_)) => return Err(propose_status(ProposeError::Shutdown)),
             Ok(Ok(answered)) => answered,
         };
-        let (outcome, text) = self.outcome(result).await;
+        let (outcome, text, render_error) = self.outcome(result).await;
         Ok(Response::new(QueryResponse {
             index,
             outcome: Some(outcome.into_query()),
             text,
+            render_error,
         }))
     }
 

@@ -14,6 +14,7 @@
 //! |                | show the host's clock and randomness are deterministic   |
 //! | `print`        | writes to stdout and stderr (captured into the host log) |
 //! | `bad-restore`  | makes the next `restore` fail                            |
+//! | `binary`       | returns bytes that are not UTF-8, so `render` fails      |
 //!
 //! It only exists as a Wasm component; on other targets the crate is empty.
 
@@ -65,6 +66,7 @@ impl Plugin for Chaos {
             ["hog"] => hog(),
             ["panic"] => panic!("chaos: asked to panic"),
             ["fail"] => Err("chaos: asked to fail".to_string()),
+            ["binary"] => Ok(vec![0xff, 0xfe, b'!']),
             ["stamp", k] => {
                 let now = SystemTime::now()
                     .duration_since(UNIX_EPOCH)
