@@ -256,10 +256,28 @@ fn conformance(language: &str, name: &str) {
         failures.join("\n")
     );
 
+    // A large value: interpreted plugins spend hundreds of fuel units per
+    // byte in encode, apply and render, and must still fit their budgets.
+    let huge = "é".repeat(100_000);
+    block_on(async {
+        let mut client = Client::connect(&cluster.node(leader).addr, CLIENT_TIMEOUT)
+            .await
+            .unwrap();
+        assert_eq!(
+            run(&mut client, Kind::Propose, format!("set huge {huge}").as_bytes()).await,
+            Ok("OK".into())
+        );
+        assert!(
+            run(&mut client, Kind::Query, b"get huge").await == Ok(huge.clone()),
+            "get huge"
+        );
+    });
+
     // Every replica ends in the same state.
-    let keys = case_keys();
+    let mut keys = case_keys();
+    keys.push("huge".into());
     let state = replicas_agree(&cluster, &keys);
-    assert_eq!(state["len"], "13", "{state:?}");
+    assert_eq!(state["len"], "14", "{state:?}");
 
     // Snapshot, restart, restore: a follower comes back from its own
     // snapshot (the plugin's restore() of its own snapshot()) with the same state.

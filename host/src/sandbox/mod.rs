@@ -40,7 +40,7 @@ pub struct SandboxConfig {
     pub fuel_per_call: u64,
     /// Fuel for one codec call (`encode`, `decode`, `render`), plus
     /// `CODEC_FUEL_PER_BYTE` per input byte: these run on request handlers,
-    /// so the budget keeps them to milliseconds.
+    /// so the budget keeps them short (about a second for a 1 MiB proposal).
     pub fuel_per_codec_call: u64,
     /// Fuel for one `snapshot` or `restore`, which touch the whole state.
     pub fuel_per_snapshot: u64,
@@ -65,9 +65,10 @@ impl Default for SandboxConfig {
     }
 }
 
-/// Extra codec fuel per input byte (a linear pass over the input costs a
-/// few dozen instructions per byte).
-pub const CODEC_FUEL_PER_BYTE: u64 = 200;
+/// Extra codec fuel per input byte. A compiled plugin's linear pass costs a
+/// few dozen instructions per byte; an interpreted one's (QuickJS, CPython)
+/// hundreds, up to about 800 for non-ASCII text in kv-ts.
+pub const CODEC_FUEL_PER_BYTE: u64 = 2_000;
 
 /// Why a component could not be loaded.
 #[derive(Debug, thiserror::Error)]
