@@ -2,6 +2,9 @@
 //! a regression in the call path shows as a number.
 //!
 //! cargo bench -p raftify-host --bench sandbox
+//!
+//! The `by_language` benches compare the kv plugins of every language; build
+//! them first with `plugins/build.sh kv-ts kv-py kv-c`.
 
 use std::hint::black_box;
 
@@ -77,4 +80,46 @@ fn kv_instantiate(bencher: divan::Bencher) {
         .load(EMBEDDED_KV)
         .unwrap();
     bencher.bench_local(|| plugin.instantiate().unwrap());
+}
+
+/// The kv plugins, by name: the Rust one is embedded, the others are read
+/// from `target/plugins/`.
+const KV_PLUGINS: &[&str] = &["kv", "kv-ts", "kv-py", "kv-c"];
+
+fn kv_named(name: &str) -> Instance {
+    let wasm = if name == "kv" {
+        EMBEDDED_KV.to_vec()
+    } else {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../target/plugins")
+            .join(format!("{name}.wasm"));
+        std::fs::read(&path)
+            .unwrap_or_else(|e| panic!("{}: {e}; build it with `plugins/build.sh {name}`", path.display()))
+    };
+    Sandbox::new(SandboxConfig::default())
+        .unwrap()
+        .load(&wasm)
+        .unwrap()
+        .instantiate()
+        .unwrap()
+}
+
+/// `set` of a fresh key per call, for the kv of each language.
+#[divan::bench(args = KV_PLUGINS)]
+fn by_language_apply_set(bencher: divan::Bencher, name: &str) {
+    let mut kv = kv_named(name);
+    let entries: Vec<Vec<u8>> = (0..100_000).map(|i| format!("set k{i} v{i}").into_bytes()).collect();
+    let mut index = 0usize;
+    bencher.bench_local(|| {
+        let entry = &entries[index % entries.len()];
+        index += 1;
+        kv.apply(index as u64, entry).unwrap()
+    });
+}
+
+/// `encode` of a short command (the codec runs once per client request).
+#[divan::bench(args = KV_PLUGINS)]
+fn by_language_encode(bencher: divan::Bencher, name: &str) {
+    let mut kv = kv_named(name);
+    bencher.bench_local(|| kv.encode("set key value").unwrap());
 }
