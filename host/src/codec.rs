@@ -3,9 +3,10 @@
 //!
 //! The codec is pure, so it need not share the apply worker's instance (and
 //! must not wait behind a long apply). A small pool of instances serves
-//! concurrent requests; each call runs under `fuel_per_codec_call`, a budget
-//! small enough (milliseconds) that request handlers call it inline. A
-//! trapped codec instance is simply replaced: it holds no state.
+//! concurrent requests; each call runs under `fuel_per_codec_call` plus a
+//! per-byte allowance. Request handlers call it inline, or under
+//! `block_in_place` for large inputs (`Services::codec_call`). A trapped
+//! codec instance is simply replaced: it holds no state.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
