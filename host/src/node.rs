@@ -1,29 +1,39 @@
 //! The raft loop: one task owns the `RawNode` and drives it.
 //!
-//! Each turn: wait for a tick, a request or an applied-index report; drain
-//! every other queued request (so one `Ready` covers as much as possible);
-//! then handle the `Ready`:
+//! Each turn: wait for a tick, a request, a persistence report or an
+//! applied-index report; drain every other queued request (so one `Ready`
+//! covers as much as possible); then handle the `Ready`:
 //!
-//! 1. send the leader's messages (raft allows them before persisting);
+//! 1. send the leader's messages (raft allows them before persisting, so
+//!    the leader's own write runs in parallel with replication);
 //! 2. hand committed entries to the apply worker (conf changes are applied
 //!    here first, since they change the `RawNode`);
-//! 3. persist new entries and the hard state in one durable write;
-//! 4. send the messages that had to wait for persistence;
-//! 5. `advance_append`, then the same for the `LightReady`.
+//! 3. stage the new entries (so raft can read them back at once) and hand
+//!    them, with the hard state, to the persister thread;
+//! 4. `advance_append_async`, and keep the `Ready`'s persisted messages
+//!    until the persister reports that write durable; then
+//!    `on_persist_ready` and send them.
 //!
-//! Applying is asynchronous: the worker reports its applied index back and
-//! the loop calls `advance_apply_to`.
+//! The loop never waits for an fsync: while one runs, it keeps stepping
+//! messages and proposals, and the persister writes everything that queued
+//! up meanwhile in its next transaction (group commit).
+//!
+//! Applying is asynchronous too: the worker reports its applied index back
+//! and the loop calls `advance_apply_to`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
 use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, Instant};
 
 use protobuf::Message as _;
 use raft::prelude::{ConfChange, ConfChangeType, ConfState, Entry, EntryType, HardState, Message, Snapshot};
 use raft::{RawNode, StateRole};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 use crate::fsm::{Applied, ApplyWaiter, FsmRequest};
+use crate::storage::persister::{Completion, Persister};
+use crate::storage::staged::Staged;
 use crate::storage::{LogStore, NodeIdentity, StoreError, WriteBatch};
 use crate::transport::Transport;
 
@@ -169,8 +179,16 @@ struct PendingRead {
 }
 
 pub struct Node<S: LogStore> {
-    raw: RawNode<S>,
+    raw: RawNode<Staged<S>>,
     store: S,
+    /// The store as raft reads it: disk plus the staged tail.
+    staged: Staged<S>,
+    persister: Persister,
+    persisted: std_mpsc::Receiver<Completion>,
+    persisted_wake: Arc<Notify>,
+    /// Writes handed to the persister and not yet reported durable, in order.
+    in_flight: VecDeque<InFlight>,
+    next_seq: u64,
     config: RaftConfig,
     transport: Transport,
     fsm: std_mpsc::Sender<FsmRequest>,
@@ -190,6 +208,17 @@ pub struct Node<S: LogStore> {
     conf_index: u64,
     /// Campaign as soon as raft allows: this node is the only voter.
     campaign_when_applied: bool,
+}
+
+/// A write the persister has not reported durable yet.
+struct InFlight {
+    seq: u64,
+    /// The `Ready` it persists, if any.
+    ready: Option<u64>,
+    /// Its first entry's index, if it has entries.
+    first_entry: Option<u64>,
+    /// Messages that may leave only once it is durable.
+    messages: Vec<Message>,
 }
 
 struct Proposal {
@@ -229,13 +258,25 @@ impl<S: LogStore> Node<S> {
         raft_config.validate()?;
         let hard_state = store.initial_state()?.hard_state;
         let conf_index = store.conf_index()?;
-        let raw = RawNode::new(&raft_config, store.clone(), &logger)?;
+        let staged = Staged::new(store.clone());
+        let raw = RawNode::new(&raft_config, staged.clone(), &logger)?;
+        let (done, persisted) = std_mpsc::channel();
+        let persisted_wake = Arc::new(Notify::new());
+        let wake = persisted_wake.clone();
+        let persister = Persister::start(store.clone(), done, move || wake.notify_one())
+            .map_err(|e| NodeError::Store(StoreError::Io(e)))?;
         // A one-voter cluster need not wait an election timeout; raft lets
         // it campaign once its configuration entries are applied.
         let campaign_when_applied = raw.raft.prs().conf().voters().ids().iter().collect::<Vec<_>>() == [id];
         Ok(Node {
             raw,
             store,
+            staged,
+            persister,
+            persisted,
+            persisted_wake,
+            in_flight: VecDeque::new(),
+            next_seq: 0,
             config,
             transport,
             fsm,
@@ -271,6 +312,11 @@ impl<S: LogStore> Node<S> {
                             Ok(next) => request = next,
                             Err(_) => break,
                         }
+                    }
+                }
+                _ = self.persisted_wake.notified() => {
+                    while let Ok(completion) = self.persisted.try_recv() {
+                        self.on_persisted(completion)?;
                     }
                 }
                 changed = self.applied.changed() => {
@@ -627,6 +673,12 @@ impl<S: LogStore> Node<S> {
     }
 
     fn on_ready(&mut self) -> Result<(), NodeError> {
+        if self.raw.snap().is_some_and(|snapshot| !snapshot.is_empty()) {
+            // Rare: the log is replaced synchronously, after every earlier
+            // write (and before `ready()`, which must be advanced before
+            // raft hears of those writes).
+            self.flush()?;
+        }
         let mut ready = self.raw.ready();
         self.send(ready.take_messages());
         if !ready.snapshot().is_empty() {
@@ -649,17 +701,69 @@ impl<S: LogStore> Node<S> {
             self.hard_state = hard_state.clone();
             self.hard_state_dirty = true;
         }
-        if vote_changed || !batch.is_empty() {
-            self.persist_with(&mut batch)?;
+        let persisted_messages = ready.take_persisted_messages();
+        let installed_snapshot = !ready.snapshot().is_empty();
+        if installed_snapshot || (!vote_changed && batch.entries.is_empty() && self.in_flight.is_empty()) {
+            // Nothing to wait for; or a snapshot, which the apply worker is
+            // restoring already: raft must count it persisted before the
+            // worker reports it applied, so this `Ready` ends synchronously.
+            if installed_snapshot {
+                self.staged.stage(&batch.entries);
+                self.submit(&mut batch, None, Vec::new());
+                self.flush()?;
+            }
+            self.send(persisted_messages);
+            let mut light = self.raw.advance_append(ready);
+            if let Some(commit) = light.commit_index() {
+                self.hard_state.commit = commit;
+                self.hard_state_dirty = true;
+            }
+            self.send(light.take_messages());
+            self.apply_committed(light.take_committed_entries())?;
+            return Ok(());
         }
-        self.send(ready.take_persisted_messages());
-        let mut light = self.raw.advance_append(ready);
-        if let Some(commit) = light.commit_index() {
-            self.hard_state.commit = commit;
-            self.hard_state_dirty = true;
+        self.staged.stage(&batch.entries);
+        self.submit(&mut batch, Some(ready.number()), persisted_messages);
+        self.raw.advance_append_async(ready);
+        Ok(())
+    }
+
+    /// The persister made writes durable: release what waited on them.
+    fn on_persisted(&mut self, completion: Completion) -> Result<(), NodeError> {
+        let seq = completion?;
+        let mut ready = None;
+        let mut messages = Vec::new();
+        while let Some(write) = self.in_flight.front()
+            && write.seq <= seq
+        {
+            let write = self.in_flight.pop_front().expect("non-empty");
+            ready = write.ready.or(ready);
+            messages.extend(write.messages);
         }
-        self.send(light.take_messages());
-        self.apply_committed(light.take_committed_entries())?;
+        let durable_through = self
+            .in_flight
+            .iter()
+            .filter_map(|write| write.first_entry)
+            .min()
+            .map_or(u64::MAX, |first| first - 1);
+        self.staged.mark_durable(durable_through);
+        // Before sending: a vote a candidate wins must find its earlier
+        // `Ready`s already acknowledged.
+        if let Some(number) = ready {
+            self.raw.on_persist_ready(number);
+        }
+        self.send(messages);
+        Ok(())
+    }
+
+    /// Wait until every submitted write is durable.
+    fn flush(&mut self) -> Result<(), NodeError> {
+        while !self.in_flight.is_empty() {
+            let persisted = &self.persisted;
+            let completion = tokio::task::block_in_place(|| persisted.recv())
+                .unwrap_or_else(|_| Err(StoreError::Invalid("the persister thread stopped".into())));
+            self.on_persisted(completion)?;
+        }
         Ok(())
     }
 
@@ -683,6 +787,7 @@ impl<S: LogStore> Node<S> {
         let store = &self.store;
         let hard_state = self.hard_state.clone();
         tokio::task::block_in_place(|| store.install_snapshot(&snapshot, &hard_state))?;
+        self.staged.clear();
         self.hard_state_dirty = false;
         self.conf_index = index;
         for (id, addr) in &header.members {
@@ -715,27 +820,31 @@ impl<S: LogStore> Node<S> {
             .map_err(|_| NodeError::FsmGone)
     }
 
+    /// Queue a write that no `Ready` waits on (metadata).
     fn persist(&mut self, mut batch: WriteBatch) -> Result<(), NodeError> {
-        self.persist_with(&mut batch)
+        self.submit(&mut batch, None, Vec::new());
+        Ok(())
     }
 
-    fn persist_with(&mut self, batch: &mut WriteBatch) -> Result<(), NodeError> {
+    /// Hand `batch` (plus any lazily kept hard state and applied index) to
+    /// the persister; `messages` leave once it is durable.
+    fn submit(&mut self, batch: &mut WriteBatch, ready: Option<u64>, messages: Vec<Message>) {
         if self.hard_state_dirty {
             batch.hard_state = Some(self.hard_state.clone());
         }
         if self.applied_dirty {
             batch.applied_index = Some(*self.applied.borrow());
         }
-        if batch.is_empty() {
-            return Ok(());
-        }
-        let batch = std::mem::take(batch);
-        let store = &self.store;
-        // An fsync blocks; tell the runtime so other tasks move elsewhere.
-        tokio::task::block_in_place(|| store.write(batch))?;
         self.hard_state_dirty = false;
         self.applied_dirty = false;
-        Ok(())
+        self.next_seq += 1;
+        self.in_flight.push_back(InFlight {
+            seq: self.next_seq,
+            ready,
+            first_entry: batch.entries.first().map(|e| e.index),
+            messages,
+        });
+        self.persister.submit(self.next_seq, std::mem::take(batch));
     }
 
     fn serve_reads(&mut self, states: Vec<raft::ReadState>) {

@@ -1,15 +1,19 @@
 //! Durable raft state: the log, hard state, conf state, applied index and the
 //! record of entries whose apply trapped.
 //!
-//! [`LogStore`] extends raft-rs's read-only [`Storage`] with the one write the
+//! [`LogStore`] extends raft-rs's read-only [`Storage`] with the write the
 //! node loop makes per `Ready`: a [`WriteBatch`], committed atomically and
 //! durably (LMDB: one write transaction, fsynced) before anything that depends
-//! on it is sent or acknowledged. [`lmdb::LmdbStore`] is the real store;
+//! on it is sent or acknowledged. The [`persister::Persister`] thread makes
+//! those writes, merging the batches that queue up during an fsync into one;
+//! [`staged::Staged`] lets raft read the entries still on their way. [`lmdb::LmdbStore`] is the real store;
 //! [`mem::MemStore`] is the in-memory twin for tests. Both pass the same
 //! conformance suite (`tests.rs`).
 
 pub mod lmdb;
 pub mod mem;
+pub mod persister;
+pub mod staged;
 #[cfg(test)]
 mod tests;
 
@@ -55,6 +59,29 @@ impl WriteBatch {
             && self.conf_state.is_none()
             && self.identity.is_none()
             && self.applied_index.is_none()
+    }
+
+    /// Fold a later batch into this one, as if both were written in order:
+    /// its entries replace ours from their first index on, and its state
+    /// fields win.
+    pub fn merge(&mut self, later: WriteBatch) {
+        if let Some(first) = later.entries.first() {
+            let keep = self.entries.partition_point(|e| e.index < first.index);
+            self.entries.truncate(keep);
+            self.entries.extend(later.entries);
+        }
+        if later.hard_state.is_some() {
+            self.hard_state = later.hard_state;
+        }
+        if later.conf_state.is_some() {
+            self.conf_state = later.conf_state;
+        }
+        if later.identity.is_some() {
+            self.identity = later.identity;
+        }
+        if later.applied_index.is_some() {
+            self.applied_index = later.applied_index;
+        }
     }
 }
 
