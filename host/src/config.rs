@@ -122,7 +122,7 @@ pub struct RunArgs {
     /// compiled code is loaded as is (each file is checksummed).
     #[arg(long, env = "RAFTIFY_COMPILE_CACHE_DIR")]
     pub compile_cache_dir: Option<PathBuf>,
-    /// Take a snapshot after this many applied entries [default: 10000].
+    /// Take a snapshot after this many applied entries [default: 100000].
     #[arg(long, env = "RAFTIFY_SNAPSHOT_EVERY_ENTRIES")]
     pub snapshot_every_entries: Option<u64>,
     /// Log entries kept behind a snapshot [default: 1000].

@@ -34,7 +34,7 @@ pub struct SnapshotConfig {
 impl Default for SnapshotConfig {
     fn default() -> Self {
         SnapshotConfig {
-            every_entries: 10_000,
+            every_entries: 100_000,
             keep_entries: 1_000,
             chunk_bytes: 1 << 20,
             max_bytes: 8 << 30,
