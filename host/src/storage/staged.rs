@@ -221,20 +221,24 @@ mod tests {
         GetEntriesContext::empty(false)
     }
 
+    /// A store holding entries `range` (term 1) on disk, seen through `Staged`.
+    fn on_disk(range: std::ops::RangeInclusive<u64>) -> Staged<MemStore> {
+        let store = MemStore::new();
+        let batch = WriteBatch {
+            entries: entries(range, 1),
+            ..Default::default()
+        };
+        store.write(batch).unwrap();
+        Staged::new(store)
+    }
+
     fn indexes_terms(entries: &[Entry]) -> Vec<(u64, u64)> {
         entries.iter().map(|e| (e.index, e.term)).collect()
     }
 
     #[test]
     fn staged_entries_are_readable_before_they_are_written() {
-        let store = MemStore::new();
-        store
-            .write(WriteBatch {
-                entries: entries(1..=3, 1),
-                ..Default::default()
-            })
-            .unwrap();
-        let staged = Staged::new(store.clone());
+        let staged = on_disk(1..=3);
         staged.stage(&entries(4..=6, 1));
 
         assert_eq!(staged.last_index().unwrap(), 6);
@@ -252,14 +256,7 @@ mod tests {
 
     #[test]
     fn a_new_leaders_entries_replace_the_staged_suffix_before_the_disk_sees_them() {
-        let store = MemStore::new();
-        store
-            .write(WriteBatch {
-                entries: entries(1..=5, 1),
-                ..Default::default()
-            })
-            .unwrap();
-        let staged = Staged::new(store.clone());
+        let staged = on_disk(1..=5);
         staged.stage(&entries(6..=8, 1));
         // Term 2 overwrites from 7: the tail ends at 7 now.
         staged.stage(&entries(7..=7, 2));
@@ -280,14 +277,7 @@ mod tests {
 
     #[test]
     fn max_size_is_honoured_across_the_disk_and_the_tail() {
-        let store = MemStore::new();
-        store
-            .write(WriteBatch {
-                entries: entries(1..=3, 1),
-                ..Default::default()
-            })
-            .unwrap();
-        let staged = Staged::new(store.clone());
+        let staged = on_disk(1..=3);
         staged.stage(&entries(4..=6, 1));
         let one = u64::from(entry(1, 1).compute_size());
         // Room for two entries: stops on disk.
