@@ -202,3 +202,34 @@ fn bad_run_flags_and_bad_plugins_fail_fast_and_write_nothing() {
     assert_eq!(node.status()["id"], 1);
     assert_eq!(node.propose("set a 1").unwrap(), "OK");
 }
+
+#[test]
+fn an_overloaded_node_answers_busy_and_keeps_exactly_the_writes_it_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    // One proposal may wait for commit at a time; 32 clients want more.
+    let node = Node::start(&dir.path().join("n1"), &free_addr(), &["--max-pending-proposals", "1"]);
+
+    let out = cli(&[
+        "bench",
+        "--addr",
+        &node.addr,
+        "--clients",
+        "32",
+        "--requests",
+        "2000",
+        "-o",
+        "json",
+    ]);
+    // Errors make the bench exit 1; its report is on stdout all the same.
+    assert_eq!(out.status.code(), Some(1), "bench: {}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (ok, errors) = (report["ok"].as_u64().unwrap(), report["errors"].as_u64().unwrap());
+    assert_eq!(ok + errors, 2000);
+    assert!(errors > 0, "32 clients never found the node busy: {report}");
+    assert!(report["first_error"].as_str().unwrap().contains("busy"), "{report}");
+
+    // A busy answer means "never proposed": each accepted write set its
+    // own key, and nothing else landed.
+    assert_eq!(node.query("len").unwrap(), ok.to_string());
+    assert_eq!(node.propose("set after 1").unwrap(), "OK");
+}
