@@ -287,6 +287,7 @@ impl<S: LogStore> Fsm<S> {
                 return Ok(Err(format!("the plugin trapped in snapshot(): {message}")));
             }
         };
+        let plugin_ms = started.elapsed().as_millis() as u64;
         let header = SnapshotHeader {
             plugin_sha256: self.plugin.sha256(),
             members: self.members.iter().map(|(id, addr)| (*id, addr.clone())).collect(),
@@ -304,6 +305,7 @@ impl<S: LogStore> Fsm<S> {
             index,
             state_bytes = state.len(),
             compacted_to = compact_to,
+            plugin_ms,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "took a snapshot"
         );

@@ -31,7 +31,7 @@ fn fail(error: anyhow::Error) -> ExitCode {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    logging::init("info,raft=warn,h2=warn,tower=warn");
+    logging::init(logging::DEFAULT_FILTER);
     let mut config = args.resolve()?;
     let listener = tokio::net::TcpListener::bind(&config.listen)
         .await

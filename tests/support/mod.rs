@@ -82,7 +82,7 @@ impl Node {
             .args(["run", "--listen", addr, "--data-dir"])
             .arg(data_dir)
             .args(extra)
-            .env("RAFTIFY_LOG", "info,raft=info")
+            .env("RAFTIFY_LOG", "info,raft_rs=info")
             // Compile each plugin once for the whole suite, not once per node.
             .env("RAFTIFY_COMPILE_CACHE_DIR", COMPILE_CACHE_DIR)
             .stdin(Stdio::null())
