@@ -34,6 +34,12 @@ fn sigterm_stops_a_leader_with_live_peer_streams_and_the_rest_elect_another() {
     let mut leader = cluster.nodes.remove(&old).unwrap();
     let status = leader.terminate(Duration::from_secs(15));
     assert!(status.success(), "exit status {status}; log:\n{}", leader.log_text());
+    // The peers' streams were ended, not waited out.
+    let log = leader.log_text();
+    assert!(
+        !log.contains("still open"),
+        "shutdown waited for open connections:\n{log}"
+    );
 
     let new = cluster.leader();
     assert_ne!(new, old);

@@ -124,6 +124,7 @@ pub async fn run(config: NodeConfig, listener: TcpListener, shutdown: impl Futur
         max_snapshot_bytes: config.snapshot.max_bytes,
         sandbox,
         plugins: Arc::new(store.clone()),
+        stopping: stopping_tx.subscribe(),
     };
     let max = config.transport.max_message_bytes;
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);

@@ -11,7 +11,7 @@ use std::time::Duration;
 use futures::{Stream, StreamExt};
 use protobuf::Message as _;
 use raft::prelude::Message;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::codec::{Codec, CodecError};
@@ -63,6 +63,8 @@ pub struct Services {
     /// Validates components before a swap is proposed.
     pub sandbox: crate::sandbox::Sandbox,
     pub plugins: Arc<dyn crate::storage::PluginRegistry>,
+    /// Turns true when the node starts shutting down.
+    pub stopping: watch::Receiver<bool>,
 }
 
 type Pending = oneshot::Receiver<Result<Applied, ProposeError>>;
@@ -600,7 +602,15 @@ impl proto::peer_server::Peer for Services {
     async fn stream(&self, request: Request<Streaming<RaftBatch>>) -> Result<Response<StreamSummary>, Status> {
         let mut batches = request.into_inner();
         let mut received = 0u64;
-        while let Some(batch) = batches.message().await? {
+        let mut stopping = self.stopping.clone();
+        loop {
+            let batch = tokio::select! {
+                batch = batches.message() => batch?,
+                // A peer's stream never ends by itself: end it here, so a
+                // graceful shutdown need not wait out its grace period.
+                _ = stopping.wait_for(|stopping| *stopping) => None,
+            };
+            let Some(batch) = batch else { break };
             for bytes in batch.messages {
                 let message = Message::parse_from_bytes(&bytes)
                     .map_err(|e| Status::invalid_argument(format!("malformed raft message: {e}")))?;
