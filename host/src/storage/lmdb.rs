@@ -316,7 +316,12 @@ impl LogStore for LmdbStore {
             }
         }
         if let Some(hard_state) = &batch.hard_state {
-            inner.meta.put(&mut txn, HARD_STATE, &encode(hard_state)?)?;
+            // The commit index never goes back: a snapshot saved meanwhile
+            // may have raised it past a batch queued before.
+            let stored: HardState = inner.meta_message(&txn, HARD_STATE)?.unwrap_or_default();
+            let mut hard_state = hard_state.clone();
+            hard_state.commit = hard_state.commit.max(stored.commit);
+            inner.meta.put(&mut txn, HARD_STATE, &encode(&hard_state)?)?;
         }
         if let Some((conf_state, conf_index)) = &batch.conf_state {
             inner.meta.put(&mut txn, CONF_STATE, &encode(conf_state)?)?;

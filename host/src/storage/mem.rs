@@ -151,7 +151,9 @@ impl LogStore for MemStore {
                 inner.entries.insert(entry.index, entry);
             }
         }
-        if let Some(hard_state) = batch.hard_state {
+        if let Some(mut hard_state) = batch.hard_state {
+            // The commit index never goes back (see lmdb.rs).
+            hard_state.commit = hard_state.commit.max(inner.hard_state.commit);
             inner.hard_state = hard_state;
         }
         if let Some((conf_state, conf_index)) = batch.conf_state {

@@ -41,6 +41,9 @@ pub struct WriteBatch {
     /// entries at and after its index are replaced, as raft requires when a
     /// new leader overrides an uncommitted suffix.
     pub entries: Vec<Entry>,
+    /// Term, vote and commit index. The stored commit index never goes
+    /// back: a lower one (a batch queued before a snapshot raised it) keeps
+    /// the stored value.
     pub hard_state: Option<HardState>,
     /// The configuration after applying the conf change entry at the given
     /// index. The index is kept so a restart does not apply it twice.

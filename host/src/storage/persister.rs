@@ -155,6 +155,8 @@ mod tests {
         assert_eq!(store.term(4).unwrap(), 1);
         assert_eq!(store.term(5).unwrap(), 2);
         assert_eq!(store.initial_state().unwrap().hard_state.term, 2);
+        // The wake follows the report; joining the thread waits for it.
+        drop(persister);
         assert!(wakes.load(Ordering::Relaxed) >= 1);
     }
 

@@ -235,6 +235,22 @@ fn a_saved_snapshot_compacts_the_log_it_covers<S: LogStore>(store: S) {
     assert!(store.take_snapshot_request());
     assert!(!store.take_snapshot_request(), "the request is cleared once taken");
 
+    // A batch queued before the snapshot, with the commit index it knew
+    // then, lands after it: the commit index stays where the snapshot put it.
+    store
+        .write(WriteBatch {
+            hard_state: Some(HardState {
+                term: 3,
+                vote: 2,
+                commit: 6,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .unwrap();
+    let hard_state = store.initial_state().unwrap().hard_state;
+    assert_eq!((hard_state.term, hard_state.vote, hard_state.commit), (3, 2, 8));
+
     // An older snapshot never replaces a newer one; one past the log is refused.
     store.save_snapshot(&snapshot_at(7, 2, vec![1], b"old"), 7).unwrap();
     assert_eq!(store.stored_snapshot().unwrap().unwrap().data.as_ref(), b"state@8");
