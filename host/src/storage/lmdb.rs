@@ -3,21 +3,31 @@
 //! Databases:
 //! - `entries`: log index (u64, big-endian so LMDB orders it) -> raft `Entry`
 //!   (raft-rs protobuf encoding);
-//! - `meta`: `hard_state`, `conf_state`, `snapshot_meta`, `applied_index`,
+//! - `meta`: `hard_state`, `conf_state`, `snapshot_meta`, `snapshot_chunks`
+//!   (which save holds the stored snapshot's data, and how much), `applied_index`,
 //!   `identity`;
+//! - `snapshot_chunks`: (save number << 32 | chunk number) -> up to
+//!   [`SNAPSHOT_CHUNK_BYTES`] of a snapshot's data. A snapshot is written a
+//!   chunk per transaction, then switched to in one small transaction, so a
+//!   large state never holds LMDB's single write lock (which the log's writes
+//!   need) for long;
 //! - `traps`: log index -> the message of an entry whose apply trapped;
 //! - `plugins`: SHA-256 -> plugin component bytes;
 //! - `plugin_history`: log index -> SHA-256 of the plugin active from there.
 //!
 //! Durability: every [`LogStore::write`] is one LMDB write transaction,
 //! committed with LMDB's default fsync, so when `write` returns the batch is
-//! on disk and a crash keeps it whole or not at all.
+//! on disk and a crash keeps it whole or not at all. A crash in the middle of
+//! saving a snapshot leaves chunks no metadata points to; the next save
+//! deletes them. Data dirs from before chunking keep their snapshot in
+//! `meta.snapshot_data` until the next save replaces it.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use heed::byteorder::BigEndian;
-use heed::types::{Bytes, Str, U64};
+use heed::types::{Bytes, Str, U64, U128};
 use heed::{Database, Env, EnvOpenOptions, RoTxn};
 use protobuf::Message as _;
 use raft::prelude::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
@@ -26,11 +36,21 @@ use raft::{GetEntriesContext, RaftState, Storage, StorageError};
 use super::{LogStore, NodeIdentity, StoreError, WriteBatch, check_contiguous};
 
 type Index = U64<BigEndian>;
+type ChunkKey = U128<BigEndian>;
+
+/// A snapshot's data is stored in pieces of at most this size, one write
+/// transaction each.
+pub const SNAPSHOT_CHUNK_BYTES: usize = 4 << 20;
+/// Log entries deleted per transaction when compacting behind a snapshot.
+const COMPACT_BATCH: u64 = 10_000;
 
 const HARD_STATE: &str = "hard_state";
 const CONF_STATE: &str = "conf_state";
 const SNAPSHOT_META: &str = "snapshot_meta";
+/// Before chunking: the whole snapshot in one value. Read, never written.
 const SNAPSHOT_DATA: &str = "snapshot_data";
+/// The stored snapshot's save number (u64), chunk count (u32) and length (u64), big-endian.
+const SNAPSHOT_CHUNKS: &str = "snapshot_chunks";
 const APPLIED_INDEX: &str = "applied_index";
 const CONF_INDEX: &str = "conf_index";
 const IDENTITY: &str = "identity";
@@ -48,8 +68,51 @@ struct Inner {
     traps: Database<Index, Str>,
     plugins: Database<Bytes, Bytes>,
     plugin_history: Database<Index, Bytes>,
+    snapshot_chunks: Database<ChunkKey, Bytes>,
     /// Set when raft asked for a snapshot newer than the stored one.
     snapshot_wanted: std::sync::atomic::AtomicBool,
+    /// One snapshot save or install at a time (each spans transactions).
+    snapshot_lock: Mutex<()>,
+    /// The next save number: above every one in `snapshot_chunks`.
+    next_save: AtomicU64,
+}
+
+/// Where the stored snapshot's data is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ChunkedData {
+    save: u64,
+    chunks: u32,
+    len: u64,
+}
+
+impl ChunkedData {
+    fn to_bytes(self) -> [u8; 20] {
+        let mut out = [0u8; 20];
+        out[..8].copy_from_slice(&self.save.to_be_bytes());
+        out[8..12].copy_from_slice(&self.chunks.to_be_bytes());
+        out[12..].copy_from_slice(&self.len.to_be_bytes());
+        out
+    }
+
+    fn from_bytes(bytes: &[u8]) -> Result<ChunkedData, StoreError> {
+        let bytes: [u8; 20] = bytes
+            .try_into()
+            .map_err(|_| StoreError::Corrupt(format!("{SNAPSHOT_CHUNKS} is not 20 bytes")))?;
+        Ok(ChunkedData {
+            save: u64::from_be_bytes(bytes[..8].try_into().expect("8 bytes")),
+            chunks: u32::from_be_bytes(bytes[8..12].try_into().expect("4 bytes")),
+            len: u64::from_be_bytes(bytes[12..].try_into().expect("8 bytes")),
+        })
+    }
+}
+
+fn chunk_key(save: u64, chunk: u32) -> u128 {
+    (u128::from(save) << 32) | u128::from(chunk)
+}
+
+/// Every chunk key of save `save`.
+fn chunks_of(save: u64) -> std::ops::Range<u128> {
+    chunk_key(save, 0)..chunk_key(save + 1, 0)
 }
 
 /// Options for opening a store.
@@ -95,6 +158,8 @@ impl LmdbStore {
         let traps = env.create_database(&mut txn, Some("traps"))?;
         let plugins = env.create_database(&mut txn, Some("plugins"))?;
         let plugin_history = env.create_database(&mut txn, Some("plugin_history"))?;
+        let snapshot_chunks: Database<ChunkKey, Bytes> = env.create_database(&mut txn, Some("snapshot_chunks"))?;
+        let next_save = snapshot_chunks.last(&txn)?.map_or(1, |(key, _)| (key >> 32) as u64 + 1);
         txn.commit()?;
         Ok(LmdbStore {
             inner: Arc::new(Inner {
@@ -104,7 +169,10 @@ impl LmdbStore {
                 traps,
                 plugins,
                 plugin_history,
+                snapshot_chunks,
                 snapshot_wanted: Default::default(),
+                snapshot_lock: Mutex::new(()),
+                next_save: AtomicU64::new(next_save),
             }),
         })
     }
@@ -112,6 +180,59 @@ impl LmdbStore {
     fn read<T>(&self, f: impl FnOnce(&Inner, &RoTxn) -> Result<T, StoreError>) -> Result<T, StoreError> {
         let txn = self.inner.env.read_txn()?;
         f(&self.inner, &txn)
+    }
+
+    /// Write `data` as the chunks of a new save, one transaction each.
+    fn write_chunks(&self, data: &[u8]) -> Result<ChunkedData, StoreError> {
+        let inner = &self.inner;
+        let save = inner.next_save.fetch_add(1, Ordering::Relaxed);
+        let mut chunks = 0u32;
+        for chunk in data.chunks(SNAPSHOT_CHUNK_BYTES) {
+            let mut txn = inner.env.write_txn()?;
+            inner.snapshot_chunks.put(&mut txn, &chunk_key(save, chunks), chunk)?;
+            txn.commit()?;
+            chunks += 1;
+        }
+        Ok(ChunkedData {
+            save,
+            chunks,
+            len: data.len() as u64,
+        })
+    }
+
+    /// Hold the snapshot lock (a panic elsewhere leaves nothing half-done
+    /// that the lock protects: every step is its own transaction).
+    fn snapshot_guard(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.inner
+            .snapshot_lock
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Chunks written by a save that crashed before switching to them.
+    #[cfg(test)]
+    pub(crate) fn orphan_chunks_for_test(&self, data: &[u8]) {
+        self.write_chunks(data).unwrap();
+    }
+
+    /// How many snapshot chunks the store holds, of any save.
+    #[cfg(test)]
+    pub(crate) fn chunk_count_for_test(&self) -> u64 {
+        let txn = self.inner.env.read_txn().unwrap();
+        self.inner.snapshot_chunks.len(&txn).unwrap()
+    }
+
+    /// A snapshot stored the way data dirs from before chunking hold it.
+    #[cfg(test)]
+    pub(crate) fn put_unchunked_snapshot_for_test(&self, snapshot: &Snapshot) {
+        let inner = &self.inner;
+        let mut txn = inner.env.write_txn().unwrap();
+        inner
+            .meta
+            .put(&mut txn, SNAPSHOT_META, &encode(snapshot.get_metadata()).unwrap())
+            .unwrap();
+        inner.meta.put(&mut txn, SNAPSHOT_DATA, &snapshot.data).unwrap();
+        txn.commit().unwrap();
     }
 
     /// Overwrite the entry at `index` with garbage, as a torn disk would.
@@ -147,6 +268,54 @@ impl Inner {
 
     fn snapshot_meta(&self, txn: &RoTxn) -> Result<SnapshotMetadata, StoreError> {
         Ok(self.meta_message(txn, SNAPSHOT_META)?.unwrap_or_default())
+    }
+
+    /// The stored snapshot's data: its chunks, or the pre-chunking value.
+    fn snapshot_data(&self, txn: &RoTxn) -> Result<Vec<u8>, StoreError> {
+        let Some(location) = self.meta.get(txn, SNAPSHOT_CHUNKS)? else {
+            return self
+                .meta
+                .get(txn, SNAPSHOT_DATA)?
+                .map(<[u8]>::to_vec)
+                .ok_or_else(|| StoreError::Corrupt("snapshot metadata without data".into()));
+        };
+        let location = ChunkedData::from_bytes(location)?;
+        let mut data = Vec::with_capacity(usize::try_from(location.len).unwrap_or(0));
+        let mut chunks = 0u32;
+        for item in self.snapshot_chunks.range(txn, &chunks_of(location.save))? {
+            let (key, chunk) = item?;
+            if key != chunk_key(location.save, chunks) {
+                return Err(StoreError::Corrupt(format!("snapshot chunk {chunks} is missing")));
+            }
+            data.extend_from_slice(chunk);
+            chunks += 1;
+        }
+        if chunks != location.chunks || data.len() as u64 != location.len {
+            return Err(StoreError::Corrupt(format!(
+                "the snapshot has {chunks} chunks and {} bytes; its metadata says {} and {}",
+                data.len(),
+                location.chunks,
+                location.len
+            )));
+        }
+        Ok(data)
+    }
+
+    /// Point the snapshot metadata at `location` and drop every other
+    /// save's chunks (the previous snapshot's, and any a crash left).
+    fn switch_snapshot(
+        &self,
+        txn: &mut heed::RwTxn,
+        metadata: &SnapshotMetadata,
+        location: ChunkedData,
+    ) -> Result<(), StoreError> {
+        self.meta.put(txn, SNAPSHOT_META, &encode(metadata)?)?;
+        self.meta.put(txn, SNAPSHOT_CHUNKS, &location.to_bytes())?;
+        self.meta.delete(txn, SNAPSHOT_DATA)?;
+        let own = chunks_of(location.save);
+        self.snapshot_chunks.delete_range(txn, &(..own.start))?;
+        self.snapshot_chunks.delete_range(txn, &(own.end..))?;
+        Ok(())
     }
 
     fn first_index(&self, txn: &RoTxn) -> Result<u64, StoreError> {
@@ -445,13 +614,9 @@ impl LogStore for LmdbStore {
             if metadata.index == 0 {
                 return Ok(None);
             }
-            let data = inner
-                .meta
-                .get(txn, SNAPSHOT_DATA)?
-                .ok_or_else(|| StoreError::Corrupt("snapshot metadata without data".into()))?;
             let mut snapshot = Snapshot::default();
             snapshot.set_metadata(metadata);
-            snapshot.data = data.to_vec().into();
+            snapshot.data = inner.snapshot_data(txn)?.into();
             Ok(Some(snapshot))
         })
     }
@@ -459,19 +624,24 @@ impl LogStore for LmdbStore {
     fn save_snapshot(&self, snapshot: &Snapshot, compact_to: u64) -> Result<(), StoreError> {
         let inner = &self.inner;
         let metadata = snapshot.get_metadata();
-        let mut txn = inner.env.write_txn()?;
-        if metadata.index <= inner.snapshot_meta(&txn)?.index {
+        let _guard = self.snapshot_guard();
+        if metadata.index <= self.snapshot_metadata()?.index {
             return Ok(());
         }
+        let location = self.write_chunks(&snapshot.data)?;
+        let mut txn = inner.env.write_txn()?;
         if metadata.index > inner.last_index(&txn)? {
+            let last = inner.last_index(&txn)?;
+            inner
+                .snapshot_chunks
+                .delete_range(&mut txn, &chunks_of(location.save))?;
+            txn.commit()?;
             return Err(StoreError::Invalid(format!(
-                "snapshot at {} is past the last log index {}",
-                metadata.index,
-                inner.last_index(&txn)?
+                "snapshot at {} is past the last log index {last}",
+                metadata.index
             )));
         }
-        inner.meta.put(&mut txn, SNAPSHOT_META, &encode(metadata)?)?;
-        inner.meta.put(&mut txn, SNAPSHOT_DATA, &snapshot.data)?;
+        inner.switch_snapshot(&mut txn, metadata, location)?;
         // A snapshot covers applied, so committed, entries; the persisted
         // commit index may lag (it is written lazily), and raft refuses to
         // start with a snapshot past it.
@@ -480,20 +650,34 @@ impl LogStore for LmdbStore {
             hard_state.commit = metadata.index;
             inner.meta.put(&mut txn, HARD_STATE, &encode(&hard_state)?)?;
         }
-        inner
-            .entries
-            .delete_range(&mut txn, &(..=compact_to.min(metadata.index)))?;
         txn.commit()?;
+        // Compact in small transactions too: the snapshot is durable, so
+        // the entries it covers may go in any order, and a crash midway
+        // leaves some for the next snapshot to drop.
+        let compact_to = compact_to.min(metadata.index);
+        loop {
+            let mut txn = inner.env.write_txn()?;
+            let Some((first, _)) = inner.entries.first(&txn)? else {
+                break;
+            };
+            if first > compact_to {
+                break;
+            }
+            let upto = compact_to.min(first.saturating_add(COMPACT_BATCH - 1));
+            inner.entries.delete_range(&mut txn, &(first..=upto))?;
+            txn.commit()?;
+        }
         Ok(())
     }
 
     fn install_snapshot(&self, snapshot: &Snapshot, hard_state: &HardState) -> Result<(), StoreError> {
         let inner = &self.inner;
         let metadata = snapshot.get_metadata();
+        let _guard = self.snapshot_guard();
+        let location = self.write_chunks(&snapshot.data)?;
         let mut txn = inner.env.write_txn()?;
         inner.entries.clear(&mut txn)?;
-        inner.meta.put(&mut txn, SNAPSHOT_META, &encode(metadata)?)?;
-        inner.meta.put(&mut txn, SNAPSHOT_DATA, &snapshot.data)?;
+        inner.switch_snapshot(&mut txn, metadata, location)?;
         inner
             .meta
             .put(&mut txn, CONF_STATE, &encode(metadata.get_conf_state())?)?;

@@ -3,7 +3,7 @@
 use raft::prelude::{ConfState, Entry, HardState};
 use raft::{GetEntriesContext, Storage, StorageError};
 
-use super::lmdb::{LmdbOptions, LmdbStore};
+use super::lmdb::{LmdbOptions, LmdbStore, SNAPSHOT_CHUNK_BYTES};
 use super::mem::MemStore;
 use super::{LogStore, NodeIdentity, WriteBatch};
 
@@ -419,4 +419,79 @@ fn lmdb_reports_a_corrupt_entry_instead_of_panicking() {
     store.corrupt_entry_for_test(2);
     assert!(read(&store, 1, 3, None).is_err());
     assert!(store.term(2).is_err());
+}
+
+/// Data of `len` bytes that differs chunk to chunk, so a misordered or
+/// missing chunk shows.
+fn patterned(len: usize, seed: u8) -> Vec<u8> {
+    (0..len).map(|i| (i / 4096) as u8 ^ seed).collect()
+}
+
+#[test]
+fn lmdb_stores_a_large_snapshot_in_chunks_and_keeps_only_the_latest() {
+    let dir = tempfile::tempdir().unwrap();
+    let big = patterned(2 * SNAPSHOT_CHUNK_BYTES + 123, 1);
+    {
+        let store = LmdbStore::open(dir.path(), &small()).unwrap();
+        append(&store, entries(1..=10, 2));
+        store.save_snapshot(&snapshot_at(5, 2, vec![1], &big), 4).unwrap();
+        assert_eq!(store.chunk_count_for_test(), 3);
+        assert_eq!(store.first_index().unwrap(), 5);
+    }
+    // Across a restart: the same bytes back.
+    let store = LmdbStore::open(dir.path(), &small()).unwrap();
+    assert_eq!(store.stored_snapshot().unwrap().unwrap().data.as_ref(), big.as_slice());
+    // A newer snapshot replaces the older one's chunks.
+    let newer = patterned(SNAPSHOT_CHUNK_BYTES / 2, 2);
+    store.save_snapshot(&snapshot_at(8, 2, vec![1], &newer), 8).unwrap();
+    assert_eq!(store.chunk_count_for_test(), 1);
+    assert_eq!(
+        store.stored_snapshot().unwrap().unwrap().data.as_ref(),
+        newer.as_slice()
+    );
+    assert_eq!(store.first_index().unwrap(), 9);
+    // An empty snapshot is a snapshot too.
+    store.save_snapshot(&snapshot_at(9, 2, vec![1], b""), 9).unwrap();
+    assert_eq!(store.chunk_count_for_test(), 0);
+    assert!(store.stored_snapshot().unwrap().unwrap().data.is_empty());
+}
+
+#[test]
+fn lmdb_ignores_and_then_drops_the_chunks_of_a_save_that_crashed() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = LmdbStore::open(dir.path(), &small()).unwrap();
+        append(&store, entries(1..=10, 2));
+        store.save_snapshot(&snapshot_at(4, 2, vec![1], b"state@4"), 4).unwrap();
+        // A later save wrote its chunks, then the process died.
+        store.orphan_chunks_for_test(&patterned(SNAPSHOT_CHUNK_BYTES + 1, 3));
+        assert_eq!(store.chunk_count_for_test(), 3);
+    }
+    let store = LmdbStore::open(dir.path(), &small()).unwrap();
+    assert_eq!(store.stored_snapshot().unwrap().unwrap().data.as_ref(), b"state@4");
+    store.save_snapshot(&snapshot_at(6, 2, vec![1], b"state@6"), 6).unwrap();
+    assert_eq!(store.chunk_count_for_test(), 1, "the orphans are gone");
+    assert_eq!(store.stored_snapshot().unwrap().unwrap().data.as_ref(), b"state@6");
+}
+
+#[test]
+fn lmdb_reads_a_snapshot_stored_before_chunking_and_replaces_it() {
+    let (store, _dir) = lmdb();
+    append(&store, entries(1..=10, 2));
+    store.put_unchunked_snapshot_for_test(&snapshot_at(3, 2, vec![1], b"old layout"));
+    assert_eq!(store.stored_snapshot().unwrap().unwrap().data.as_ref(), b"old layout");
+    store
+        .save_snapshot(&snapshot_at(7, 2, vec![1], b"new layout"), 7)
+        .unwrap();
+    assert_eq!(store.stored_snapshot().unwrap().unwrap().data.as_ref(), b"new layout");
+    assert_eq!(store.chunk_count_for_test(), 1);
+    let installed = snapshot_at(20, 3, vec![1], &patterned(SNAPSHOT_CHUNK_BYTES + 5, 4));
+    let hard_state = HardState {
+        term: 3,
+        commit: 20,
+        ..Default::default()
+    };
+    store.install_snapshot(&installed, &hard_state).unwrap();
+    assert_eq!(store.chunk_count_for_test(), 2);
+    assert_eq!(store.stored_snapshot().unwrap().unwrap().data, installed.data);
 }
