@@ -8,9 +8,12 @@
 //! index back to the raft loop.
 //!
 //! Snapshots: every `snapshot.every_entries` applied entries (or on demand)
-//! the worker takes the plugin's `snapshot()`, stores it with its raft
-//! metadata and compacts the log behind it. A snapshot received from the
-//! leader is restored into a fresh instance.
+//! the worker takes the plugin's `snapshot()`; storing it with its raft
+//! metadata and compacting the log behind it happen on a thread of their
+//! own for the periodic ones (a large state takes a while to write), so
+//! applying goes on meanwhile. One save at a time; anything that reads the
+//! stored snapshot (a rebuild, a restore, the next snapshot) waits for it.
+//! A snapshot received from the leader is restored into a fresh instance.
 //!
 //! Trap recovery: a trap poisons the instance. The worker records the trap
 //! durably (so replay skips that entry instead of trapping again), then
@@ -109,6 +112,17 @@ pub struct Fsm<S: LogStore> {
     members: BTreeMap<u64, String>,
     /// Chunks of components whose swap entry has not been applied yet.
     staged: HashMap<[u8; 32], BTreeMap<u64, Vec<u8>>>,
+    /// A snapshot being stored in the background.
+    saving: Option<std::thread::JoinHandle<Result<(), crate::storage::StoreError>>>,
+}
+
+/// When `take_snapshot` stores what it took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Save {
+    /// Before returning: someone waits for the stored snapshot.
+    Now,
+    /// On a thread of its own, while applying goes on.
+    InBackground,
 }
 
 /// Why the worker stopped.
@@ -162,6 +176,7 @@ impl<S: LogStore> Fsm<S> {
             conf_state: ConfState::default(),
             members: BTreeMap::new(),
             staged: HashMap::new(),
+            saving: None,
         };
         if let Some(snapshot) = fsm.store.stored_snapshot()? {
             fsm.restore(&snapshot)?;
@@ -212,7 +227,7 @@ impl<S: LogStore> Fsm<S> {
             }
             self.handle(request)?;
         }
-        Ok(())
+        self.wait_for_snapshot()
     }
 
     pub fn handle(&mut self, request: FsmRequest) -> Result<(), FsmError> {
@@ -235,14 +250,17 @@ impl<S: LogStore> Fsm<S> {
                 }
                 self.applied_tx.send_replace(self.applied);
                 self.serve_pending_queries()?;
+                if self.saving.as_ref().is_some_and(|save| save.is_finished()) {
+                    self.wait_for_snapshot()?;
+                }
                 if self.applied >= self.snapshot_index + self.config.every_entries
-                    && let Err(message) = self.take_snapshot()?
+                    && let Err(message) = self.take_snapshot(Save::InBackground)?
                 {
                     tracing::warn!(%message, "could not take a snapshot; will retry later");
                 }
             }
             FsmRequest::Snapshot { reply } => {
-                let _ = reply.send(self.take_snapshot()?);
+                let _ = reply.send(self.take_snapshot(Save::Now)?);
             }
             // `run` stops before handing this over.
             FsmRequest::Shutdown => {}
@@ -271,13 +289,26 @@ impl<S: LogStore> Fsm<S> {
         self.applied
     }
 
+    /// Wait until the snapshot being stored in the background (if any) is.
+    pub fn wait_for_snapshot(&mut self) -> Result<(), FsmError> {
+        let Some(save) = self.saving.take() else { return Ok(()) };
+        match save.join() {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(FsmError::Store(crate::storage::StoreError::Invalid(
+                "the snapshot thread panicked".into(),
+            ))),
+        }
+    }
+
     /// Snapshot the plugin at the applied index, store it and compact the
-    /// log behind it. `Ok(Err(_))` when the plugin could not snapshot.
-    fn take_snapshot(&mut self) -> Result<Result<u64, String>, FsmError> {
+    /// log behind it, now or in the background. `Ok(Err(_))` when the
+    /// plugin could not snapshot.
+    fn take_snapshot(&mut self, save: Save) -> Result<Result<u64, String>, FsmError> {
         let index = self.applied;
         if index == self.snapshot_index {
-            return Ok(Ok(index));
+            return self.wait_for_snapshot().map(|()| Ok(index));
         }
+        self.wait_for_snapshot()?;
         let started = std::time::Instant::now();
         let state = match self.instance.snapshot(index) {
             Ok(state) => state,
@@ -299,21 +330,40 @@ impl<S: LogStore> Fsm<S> {
         metadata.term = self.store.term(index)?;
         metadata.set_conf_state(self.conf_state.clone());
         let compact_to = index.saturating_sub(self.config.keep_entries);
-        self.store.save_snapshot(&snapshot, compact_to)?;
+        let state_bytes = state.len();
+        drop(state);
+        let store = self.store.clone();
+        let span = tracing::Span::current();
+        let store_it = move || {
+            let _entered = span.enter();
+            store.save_snapshot(&snapshot, compact_to)?;
+            tracing::info!(
+                index,
+                state_bytes,
+                compacted_to = compact_to,
+                plugin_ms,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "took a snapshot"
+            );
+            Ok(())
+        };
         self.snapshot_index = index;
-        tracing::info!(
-            index,
-            state_bytes = state.len(),
-            compacted_to = compact_to,
-            plugin_ms,
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "took a snapshot"
-        );
+        match save {
+            Save::Now => store_it()?,
+            Save::InBackground => {
+                let thread = std::thread::Builder::new()
+                    .name("snapshot".into())
+                    .spawn(store_it)
+                    .map_err(crate::storage::StoreError::Io)?;
+                self.saving = Some(thread);
+            }
+        }
         Ok(Ok(index))
     }
 
     /// Load a snapshot into a fresh instance.
     fn restore(&mut self, snapshot: &Snapshot) -> Result<(), FsmError> {
+        self.wait_for_snapshot()?;
         let metadata = snapshot.get_metadata();
         let index = metadata.index;
         let failed = |reason: String| FsmError::Restore { index, reason };
@@ -574,6 +624,8 @@ impl<S: LogStore> Fsm<S> {
     /// apply the log again, skipping recorded traps. Plugin swaps in that
     /// stretch happen again, so the instance runs the plugin of `upto`.
     fn rebuild(&mut self, upto: u64) -> Result<(), FsmError> {
+        // The stored snapshot and the log behind it must not change under us.
+        self.wait_for_snapshot()?;
         let started = std::time::Instant::now();
         match self.store.stored_snapshot()? {
             Some(snapshot) => self.restore(&snapshot)?,
@@ -781,6 +833,7 @@ mod tests {
         let mut fsm = fsm_over(&store, EMBEDDED_CHAOS, config.clone());
         // Two batches: a snapshot is taken after each batch that passes the threshold.
         apply_all(&mut fsm, entries[..5].to_vec());
+        fsm.wait_for_snapshot().unwrap();
         let first_snapshot = store.stored_snapshot().unwrap().unwrap();
         assert_eq!(first_snapshot.get_metadata().index, 5);
         assert_eq!(store.first_index().unwrap(), 5, "entries up to 4 compacted, one kept");
@@ -789,6 +842,7 @@ mod tests {
         // The rebuild after the trap started from the snapshot and replayed the rest.
         assert_eq!(get(&mut fsm, "k0"), "0");
         assert_eq!(get(&mut fsm, "k9"), "9");
+        fsm.wait_for_snapshot().unwrap();
         assert_eq!(store.stored_snapshot().unwrap().unwrap().get_metadata().index, 11);
 
         let mut restarted = fsm_over(&store, EMBEDDED_CHAOS, config);
