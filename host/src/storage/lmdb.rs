@@ -40,7 +40,7 @@ type ChunkKey = U128<BigEndian>;
 
 /// A snapshot's data is stored in pieces of at most this size, one write
 /// transaction each.
-pub const SNAPSHOT_CHUNK_BYTES: usize = 4 << 20;
+pub const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
 /// Log entries deleted per transaction when compacting behind a snapshot.
 const COMPACT_BATCH: u64 = 10_000;
 
@@ -75,6 +75,44 @@ struct Inner {
     snapshot_lock: Mutex<()>,
     /// The next save number: above every one in `snapshot_chunks`.
     next_save: AtomicU64,
+    write_turns: WriteTurns,
+}
+
+/// A first-come, first-served turn at LMDB's write lock. LMDB's own writer
+/// mutex is not fair: a snapshot written chunk after chunk could take it
+/// back each time and keep the log's writes (the persister) waiting for its
+/// whole length. The log's writes and the snapshot's transactions queue
+/// here instead, each for one transaction.
+#[derive(Default)]
+struct WriteTurns {
+    /// (next ticket to hand out, ticket being served)
+    tickets: Mutex<(u64, u64)>,
+    served: std::sync::Condvar,
+}
+
+struct WriteTurn<'a>(&'a WriteTurns);
+
+impl WriteTurns {
+    fn wait(&self) -> WriteTurn<'_> {
+        let mut tickets = self.tickets.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let ticket = tickets.0;
+        tickets.0 += 1;
+        while tickets.1 != ticket {
+            tickets = self
+                .served
+                .wait(tickets)
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+        WriteTurn(self)
+    }
+}
+
+impl Drop for WriteTurn<'_> {
+    fn drop(&mut self) {
+        let mut tickets = self.0.tickets.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        tickets.1 += 1;
+        self.0.served.notify_all();
+    }
 }
 
 /// Where the stored snapshot's data is.
@@ -173,6 +211,7 @@ impl LmdbStore {
                 snapshot_wanted: Default::default(),
                 snapshot_lock: Mutex::new(()),
                 next_save: AtomicU64::new(next_save),
+                write_turns: WriteTurns::default(),
             }),
         })
     }
@@ -188,6 +227,7 @@ impl LmdbStore {
         let save = inner.next_save.fetch_add(1, Ordering::Relaxed);
         let mut chunks = 0u32;
         for chunk in data.chunks(SNAPSHOT_CHUNK_BYTES) {
+            let _turn = inner.write_turns.wait();
             let mut txn = inner.env.write_txn()?;
             inner.snapshot_chunks.put(&mut txn, &chunk_key(save, chunks), chunk)?;
             txn.commit()?;
@@ -462,6 +502,7 @@ impl LogStore for LmdbStore {
         }
         check_contiguous(&batch.entries)?;
         let inner = &self.inner;
+        let _turn = inner.write_turns.wait();
         let mut txn = inner.env.write_txn()?;
         if let Some(first) = batch.entries.first() {
             let snapshot = inner.snapshot_meta(&txn)?;
@@ -629,6 +670,7 @@ impl LogStore for LmdbStore {
             return Ok(());
         }
         let location = self.write_chunks(&snapshot.data)?;
+        let turn = inner.write_turns.wait();
         let mut txn = inner.env.write_txn()?;
         if metadata.index > inner.last_index(&txn)? {
             let last = inner.last_index(&txn)?;
@@ -651,11 +693,13 @@ impl LogStore for LmdbStore {
             inner.meta.put(&mut txn, HARD_STATE, &encode(&hard_state)?)?;
         }
         txn.commit()?;
+        drop(turn);
         // Compact in small transactions too: the snapshot is durable, so
         // the entries it covers may go in any order, and a crash midway
         // leaves some for the next snapshot to drop.
         let compact_to = compact_to.min(metadata.index);
         loop {
+            let _turn = inner.write_turns.wait();
             let mut txn = inner.env.write_txn()?;
             let Some((first, _)) = inner.entries.first(&txn)? else {
                 break;
@@ -675,6 +719,7 @@ impl LogStore for LmdbStore {
         let metadata = snapshot.get_metadata();
         let _guard = self.snapshot_guard();
         let location = self.write_chunks(&snapshot.data)?;
+        let _turn = inner.write_turns.wait();
         let mut txn = inner.env.write_txn()?;
         inner.entries.clear(&mut txn)?;
         inner.switch_snapshot(&mut txn, metadata, location)?;
