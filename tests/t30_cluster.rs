@@ -66,6 +66,43 @@ fn every_node_accepts_proposals_and_every_replica_converges() {
 }
 
 #[test]
+fn the_bench_tool_drives_a_cluster_through_a_follower_by_unary_calls_and_by_streams() {
+    let cluster = Cluster::start(3, &[]);
+    let follower = cluster.followers()[0];
+    let addr = cluster.node(follower).addr.clone();
+    for (mode, prefix) in [(None, "u"), (Some("--stream"), "s")] {
+        let template = format!("set {prefix}{{n}} {{v}}");
+        let mut args = vec![
+            "bench",
+            "--addr",
+            &addr,
+            "--clients",
+            "8",
+            "--requests",
+            "300",
+            "--value-size",
+            "10",
+            "--command-template",
+            &template,
+            "-o",
+            "json",
+        ];
+        args.extend(mode);
+        let out = cli(&args);
+        assert!(out.status.success(), "bench {mode:?}: {}", stderr(&out));
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(report["ok"], 300, "{report}");
+        assert_eq!(report["errors"], 0, "{report}");
+        assert_eq!(report["stream"], mode.is_some(), "{report}");
+    }
+    // Every write landed, once: 300 keys from each mode.
+    let leader = cluster.node(cluster.leader());
+    assert_eq!(leader.query("len").unwrap(), "600");
+    assert_eq!(leader.query("get s299").unwrap(), "x".repeat(10));
+    assert_eq!(leader.query("get u0").unwrap(), "x".repeat(10));
+}
+
+#[test]
 fn a_follower_read_sees_the_write_just_acknowledged_by_the_leader() {
     let cluster = Cluster::start(3, &[]);
     let leader = cluster.leader();

@@ -5,6 +5,7 @@
 #   host/benches/cluster.sh                 # 1, 16, 64 and 256 clients
 #   CLIENTS="64" REQUESTS=100000 host/benches/cluster.sh
 #   EXTRA="--queries --consistency stale" host/benches/cluster.sh
+#   EXTRA="--stream" host/benches/cluster.sh     # proposals over ProposeStream
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cargo build --release --locked --manifest-path "$root/Cargo.toml" -p raftify-host >&2

@@ -13,7 +13,9 @@ use serde_json::json;
 use crate::cli::{Consistency, Output};
 use crate::client::Client;
 use crate::config::DEFAULT_ADDR;
-use crate::proto::{Consistency as ProtoConsistency, propose_response, query_response};
+use crate::proto::{
+    Consistency as ProtoConsistency, ProposeRequest, ProposeResponse, propose_request, propose_response, query_response,
+};
 
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
@@ -37,6 +39,10 @@ pub struct BenchArgs {
     /// Send queries instead of proposals.
     #[arg(long)]
     pub queries: bool,
+    /// Each client sends its proposals over one `ProposeStream` to the
+    /// leader (still one in flight) instead of one unary call each.
+    #[arg(long, conflicts_with = "queries")]
+    pub stream: bool,
     /// Consistency of --queries.
     #[arg(long, value_enum, default_value_t = Consistency::Linearizable)]
     pub consistency: Consistency,
@@ -74,6 +80,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<i32> {
     for addr in &args.addr {
         clients.push(Client::connect(addr, timeout).await?);
     }
+    if args.stream {
+        // Streams do not follow leader hints: open them on the leader.
+        let status = clients[0].status().await?;
+        if status.leader_id == 0 || status.leader_addr.is_empty() {
+            bail!("no leader is known yet; --stream needs one");
+        }
+        clients = vec![Client::connect(&status.leader_addr, timeout).await?];
+    }
     let next = Arc::new(AtomicU64::new(0));
     let done = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
@@ -83,7 +97,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<i32> {
         let mut client = clients[c % clients.len()].clone();
         let (next, done) = (next.clone(), done.clone());
         let (template, value) = (template.clone(), value.clone());
-        let (total, queries) = (args.requests, args.queries);
+        let (total, queries, stream) = (args.requests, args.queries, args.stream);
         let consistency = match args.consistency {
             Consistency::Linearizable => ProtoConsistency::Linearizable,
             Consistency::Stale => ProtoConsistency::Stale,
@@ -93,6 +107,17 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<i32> {
                 histogram: Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds"),
                 errors: 0,
                 first_error: None,
+            };
+            let mut stream = match stream {
+                false => None,
+                true => match ProposalStream::open(&client).await {
+                    Ok(stream) => Some(stream),
+                    Err(error) => {
+                        totals.errors = 1;
+                        totals.first_error = Some(error);
+                        return totals;
+                    }
+                },
             };
             loop {
                 let n = next.fetch_add(1, Ordering::Relaxed);
@@ -110,12 +135,16 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<i32> {
                         Err(e) => Err(e.to_string()),
                     }
                 } else {
-                    match client.propose_text(&text).await {
+                    let response = match &mut stream {
+                        Some(stream) => stream.propose(text).await,
+                        None => client.propose_text(&text).await.map_err(|e| e.to_string()),
+                    };
+                    match response {
                         Ok(r) => match r.outcome {
                             Some(propose_response::Outcome::Ok(_)) => Ok(()),
                             other => Err(format!("{other:?}")),
                         },
-                        Err(e) => Err(e.to_string()),
+                        Err(e) => Err(e),
                     }
                 };
                 let micros = sent.elapsed().as_micros() as u64;
@@ -148,6 +177,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<i32> {
     let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
     let report = json!({
         "mode": if args.queries { "queries" } else { "proposals" },
+        "stream": args.stream,
         "clients": args.clients,
         "requests": args.requests,
         "ok": ok,
@@ -189,6 +219,39 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<i32> {
         }
     }
     Ok(if errors == 0 { 0 } else { 1 })
+}
+
+/// One client's `ProposeStream`: a request goes in, its response comes out.
+struct ProposalStream {
+    requests: tokio::sync::mpsc::Sender<ProposeRequest>,
+    responses: tonic::Streaming<ProposeResponse>,
+}
+
+impl ProposalStream {
+    async fn open(client: &Client) -> Result<ProposalStream, String> {
+        let (requests, queue) = tokio::sync::mpsc::channel(1);
+        let responses = client
+            .raw()
+            .propose_stream(tokio_stream::wrappers::ReceiverStream::new(queue))
+            .await
+            .map_err(|status| format!("cannot open a proposal stream: {}", status.message()))?
+            .into_inner();
+        Ok(ProposalStream { requests, responses })
+    }
+
+    async fn propose(&mut self, text: String) -> Result<ProposeResponse, String> {
+        let request = ProposeRequest {
+            command: Some(propose_request::Command::Text(text)),
+        };
+        if self.requests.send(request).await.is_err() {
+            return Err("the proposal stream closed".into());
+        }
+        match self.responses.message().await {
+            Ok(Some(response)) => Ok(response),
+            Ok(None) => Err("the proposal stream ended".into()),
+            Err(status) => Err(format!("the proposal stream broke: {}", status.message())),
+        }
+    }
 }
 
 async fn report_progress(done: Arc<AtomicU64>, total: u64, started: Instant) {
