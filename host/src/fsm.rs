@@ -289,7 +289,8 @@ impl<S: LogStore> Fsm<S> {
         self.applied
     }
 
-    /// Wait until the snapshot being stored in the background (if any) is.
+    /// Wait for the snapshot being stored in the background, if any, and
+    /// surface its error.
     pub fn wait_for_snapshot(&mut self) -> Result<(), FsmError> {
         let Some(save) = self.saving.take() else { return Ok(()) };
         match save.join() {
