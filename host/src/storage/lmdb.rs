@@ -227,8 +227,7 @@ impl LmdbStore {
         let save = inner.next_save.fetch_add(1, Ordering::Relaxed);
         let mut chunks = 0u32;
         for chunk in data.chunks(SNAPSHOT_CHUNK_BYTES) {
-            let _turn = inner.write_turns.wait();
-            let mut txn = inner.env.write_txn()?;
+            let (_turn, mut txn) = inner.write_in_turn()?;
             inner.snapshot_chunks.put(&mut txn, &chunk_key(save, chunks), chunk)?;
             txn.commit()?;
             chunks += 1;
@@ -308,6 +307,13 @@ impl Inner {
 
     fn snapshot_meta(&self, txn: &RoTxn) -> Result<SnapshotMetadata, StoreError> {
         Ok(self.meta_message(txn, SNAPSHOT_META)?.unwrap_or_default())
+    }
+
+    /// A write transaction, begun once it is this caller's turn; the turn
+    /// ends when the returned guard drops (after the commit).
+    fn write_in_turn(&self) -> Result<(WriteTurn<'_>, heed::RwTxn<'_>), StoreError> {
+        let turn = self.write_turns.wait();
+        Ok((turn, self.env.write_txn()?))
     }
 
     /// The stored snapshot's data: its chunks, or the pre-chunking value.
@@ -502,8 +508,7 @@ impl LogStore for LmdbStore {
         }
         check_contiguous(&batch.entries)?;
         let inner = &self.inner;
-        let _turn = inner.write_turns.wait();
-        let mut txn = inner.env.write_txn()?;
+        let (_turn, mut txn) = inner.write_in_turn()?;
         if let Some(first) = batch.entries.first() {
             let snapshot = inner.snapshot_meta(&txn)?;
             if first.index <= snapshot.index {
@@ -670,8 +675,7 @@ impl LogStore for LmdbStore {
             return Ok(());
         }
         let location = self.write_chunks(&snapshot.data)?;
-        let turn = inner.write_turns.wait();
-        let mut txn = inner.env.write_txn()?;
+        let (turn, mut txn) = inner.write_in_turn()?;
         if metadata.index > inner.last_index(&txn)? {
             let last = inner.last_index(&txn)?;
             inner
@@ -699,8 +703,7 @@ impl LogStore for LmdbStore {
         // leaves some for the next snapshot to drop.
         let compact_to = compact_to.min(metadata.index);
         loop {
-            let _turn = inner.write_turns.wait();
-            let mut txn = inner.env.write_txn()?;
+            let (_turn, mut txn) = inner.write_in_turn()?;
             let Some((first, _)) = inner.entries.first(&txn)? else {
                 break;
             };
@@ -719,8 +722,7 @@ impl LogStore for LmdbStore {
         let metadata = snapshot.get_metadata();
         let _guard = self.snapshot_guard();
         let location = self.write_chunks(&snapshot.data)?;
-        let _turn = inner.write_turns.wait();
-        let mut txn = inner.env.write_txn()?;
+        let (_turn, mut txn) = inner.write_in_turn()?;
         inner.entries.clear(&mut txn)?;
         inner.switch_snapshot(&mut txn, metadata, location)?;
         inner
