@@ -1,6 +1,7 @@
 //! raftify-host: a Raft replicated-state-machine host whose state machine is
 //! a sandboxed WebAssembly component. ARCHITECTURE.md is the codemap.
 
+pub mod auth;
 pub mod bench;
 pub mod cli;
 pub mod client;
@@ -16,6 +17,7 @@ pub mod sandbox;
 pub mod server;
 pub mod snapshot;
 pub mod storage;
+pub mod tls;
 pub mod transport;
 
 /// Generated gRPC code (proto/raftify.proto).

@@ -1,0 +1,1 @@
+//! Client authentication: bearer tokens with roles (`--auth-file`).
