@@ -3,8 +3,10 @@
 
 use std::time::Duration;
 
-use tonic::transport::{Channel, Endpoint};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
 
+use crate::dial::{Dialer, TokenInterceptor};
 use crate::proto::client_client::ClientClient;
 use crate::proto::{
     Consistency, ProposeRequest, ProposeResponse, QueryRequest, QueryResponse, StatusRequest, StatusResponse,
@@ -52,24 +54,41 @@ impl ClientError {
     }
 }
 
+/// The generated gRPC client, with the token interceptor.
+pub type RawClient = ClientClient<InterceptedService<Channel, TokenInterceptor>>;
+
 #[derive(Clone)]
 pub struct Client {
     addr: String,
-    inner: ClientClient<Channel>,
+    inner: RawClient,
     timeout: Duration,
     max_message_bytes: usize,
+    dialer: Dialer,
 }
 
 impl Client {
+    /// A plaintext client without a token.
     pub async fn connect(addr: &str, timeout: Duration) -> Result<Client, ClientError> {
+        Client::connect_with(addr, timeout, &Dialer::default()).await
+    }
+
+    /// A client that dials (and follows the leader) through `dialer`: TLS
+    /// and a token, if it has them.
+    pub async fn connect_with(addr: &str, timeout: Duration, dialer: &Dialer) -> Result<Client, ClientError> {
         let max_message_bytes = 64 << 20;
-        let inner = connect(addr, timeout, max_message_bytes).await?;
+        let inner = connect(dialer, addr, timeout, max_message_bytes).await?;
         Ok(Client {
             addr: addr.to_string(),
             inner,
             timeout,
             max_message_bytes,
+            dialer: dialer.clone(),
         })
+    }
+
+    /// Another client like this one, for `addr`.
+    pub async fn connect_to(&self, addr: &str) -> Result<Client, ClientError> {
+        Client::connect_with(addr, self.timeout, &self.dialer).await
     }
 
     pub fn addr(&self) -> &str {
@@ -77,7 +96,7 @@ impl Client {
     }
 
     /// The raw gRPC client, for streaming calls.
-    pub fn raw(&self) -> ClientClient<Channel> {
+    pub fn raw(&self) -> RawClient {
         self.inner.clone()
     }
 
@@ -93,7 +112,7 @@ impl Client {
             return Ok(false);
         }
         let leader = leader.to_string();
-        self.inner = connect(&leader, self.timeout, self.max_message_bytes).await?;
+        self.inner = connect(&self.dialer, &leader, self.timeout, self.max_message_bytes).await?;
         self.addr = leader;
         Ok(true)
     }
@@ -197,7 +216,7 @@ impl Client {
     /// A unary call that follows leader hints, bounded by the timeout.
     async fn unary<T, F, Fut>(&mut self, call: F) -> Result<T, ClientError>
     where
-        F: Fn(ClientClient<Channel>) -> Fut,
+        F: Fn(RawClient) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         // While an election is on, nodes know no leader: wait it out (a
@@ -225,28 +244,19 @@ impl Client {
 }
 
 async fn connect(
+    dialer: &Dialer,
     addr: &str,
     timeout: Duration,
     max_message_bytes: usize,
-) -> Result<ClientClient<Channel>, ClientError> {
-    let connect_error = |reason: String| ClientError::Connect {
-        addr: addr.to_string(),
-        reason,
-    };
-    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| connect_error(e.to_string()))?
-        .connect_timeout(timeout.min(Duration::from_secs(5)))
-        .tcp_nodelay(true);
-    let channel = endpoint.connect().await.map_err(|e| {
-        let mut reason = e.to_string();
-        let mut source = std::error::Error::source(&e);
-        while let Some(inner) = source {
-            reason = inner.to_string();
-            source = inner.source();
-        }
-        connect_error(reason)
-    })?;
-    Ok(ClientClient::new(channel)
+) -> Result<RawClient, ClientError> {
+    let channel = dialer
+        .connect(addr, timeout.min(Duration::from_secs(5)))
+        .await
+        .map_err(|reason| ClientError::Connect {
+            addr: addr.to_string(),
+            reason,
+        })?;
+    Ok(ClientClient::with_interceptor(channel, dialer.interceptor())
         .max_decoding_message_size(max_message_bytes)
         .max_encoding_message_size(max_message_bytes))
 }

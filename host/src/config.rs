@@ -8,11 +8,13 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 use serde::Deserialize;
 
+use crate::listener::ConnectionConfig;
 use crate::node::RaftConfig;
 use crate::sandbox::SandboxConfig;
 use crate::server::ClientConfig;
 use crate::snapshot::SnapshotConfig;
 use crate::storage::lmdb::LmdbOptions;
+use crate::tls::TlsFiles;
 use crate::transport::TransportConfig;
 
 /// The address `run` listens on, and clients call, by default.
@@ -35,6 +37,16 @@ pub struct NodeConfig {
     /// Restart as the only member of a new cluster, keeping this node's
     /// data (disaster recovery after losing a majority for good).
     pub force_new_cluster: bool,
+    /// Serve TLS only, and dial peers over TLS with this certificate
+    /// (`cert` and `key` are always set here).
+    pub tls: Option<TlsFiles>,
+    /// Client RPCs, too, need a client certificate signed by the CA.
+    pub tls_require_client_cert: bool,
+    /// Bearer tokens with roles; every Client RPC needs one.
+    pub auth_file: Option<PathBuf>,
+    /// The token a joining node presents (`--join ... --token T`).
+    pub token: Option<String>,
+    pub connections: ConnectionConfig,
     pub raft: RaftConfig,
     pub sandbox: SandboxConfig,
     pub client: ClientConfig,
@@ -80,6 +92,37 @@ pub struct RunArgs {
     #[arg(long, env = "RAFTIFY_FORCE_NEW_CLUSTER")]
     #[serde(default)]
     pub force_new_cluster: bool,
+    /// The CA certificate (PEM) peers' and clients' certificates are signed
+    /// by. With --tls-cert and --tls-key the node serves only TLS and dials
+    /// peers over mutual TLS.
+    #[arg(long, env = "RAFTIFY_TLS_CA", requires_all = ["tls_cert", "tls_key"])]
+    pub tls_ca: Option<PathBuf>,
+    /// This node's certificate (PEM), signed by --tls-ca; used to serve and
+    /// to dial peers.
+    #[arg(long, env = "RAFTIFY_TLS_CERT", requires_all = ["tls_ca", "tls_key"])]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "RAFTIFY_TLS_KEY", requires_all = ["tls_ca", "tls_cert"])]
+    pub tls_key: Option<PathBuf>,
+    /// Clients, too, must present a certificate signed by --tls-ca (peers
+    /// always must).
+    #[arg(long, env = "RAFTIFY_TLS_REQUIRE_CLIENT_CERT")]
+    #[serde(default)]
+    pub tls_require_client_cert: bool,
+    /// TOML of [[token]] tables (name, role = read|write|admin, sha256 of
+    /// the token): every client call then needs `--token`. Needs TLS.
+    #[arg(long, env = "RAFTIFY_AUTH_FILE")]
+    pub auth_file: Option<PathBuf>,
+    /// The admin token a node joining with --join presents.
+    #[arg(long, env = "RAFTIFY_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Connections served at once [default: 512].
+    #[arg(long, env = "RAFTIFY_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Seconds a connection may stay silent before it is closed (the
+    /// server pings live ones every 10 s) [default: 60].
+    #[arg(long, env = "RAFTIFY_IDLE_TIMEOUT_SECS")]
+    pub idle_timeout_secs: Option<u64>,
 
     /// Raft clock period in milliseconds [default: 100].
     #[arg(long, env = "RAFTIFY_TICK_INTERVAL_MS")]
@@ -173,6 +216,20 @@ impl RunArgs {
             LmdbOptions::default(),
         );
         let (raft, sandbox, client, transport, lmdb) = defaults;
+        let connections = ConnectionConfig::default();
+        let tls = match (args.tls_ca, args.tls_cert, args.tls_key) {
+            (None, None, None) => None,
+            (Some(ca), Some(cert), Some(key)) => Some(TlsFiles {
+                ca,
+                cert: Some(cert),
+                key: Some(key),
+            }),
+            _ => {
+                return Err(ConfigError::Invalid(
+                    "TLS needs all three of --tls-ca, --tls-cert and --tls-key".into(),
+                ));
+            }
+        };
         let data_dir = args.data_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
         let config = NodeConfig {
             id: args.id,
@@ -184,6 +241,17 @@ impl RunArgs {
             },
             join: args.join,
             force_new_cluster: args.force_new_cluster,
+            tls,
+            tls_require_client_cert: args.tls_require_client_cert,
+            auth_file: args.auth_file,
+            token: args.token,
+            connections: ConnectionConfig {
+                max_connections: args.max_connections.unwrap_or(connections.max_connections),
+                idle_timeout_ms: args
+                    .idle_timeout_secs
+                    .map_or(connections.idle_timeout_ms, |s| s.saturating_mul(1000)),
+                ..connections
+            },
             raft: RaftConfig {
                 tick_interval_ms: args.tick_interval_ms.unwrap_or(raft.tick_interval_ms),
                 election_ticks: args.election_ticks.unwrap_or(raft.election_ticks),
@@ -239,6 +307,14 @@ impl RunArgs {
             peers: self.peers.or(other.peers),
             join: self.join.or(other.join),
             force_new_cluster: self.force_new_cluster || other.force_new_cluster,
+            tls_ca: self.tls_ca.or(other.tls_ca),
+            tls_cert: self.tls_cert.or(other.tls_cert),
+            tls_key: self.tls_key.or(other.tls_key),
+            tls_require_client_cert: self.tls_require_client_cert || other.tls_require_client_cert,
+            auth_file: self.auth_file.or(other.auth_file),
+            token: self.token.or(other.token),
+            max_connections: self.max_connections.or(other.max_connections),
+            idle_timeout_secs: self.idle_timeout_secs.or(other.idle_timeout_secs),
             tick_interval_ms: self.tick_interval_ms.or(other.tick_interval_ms),
             election_ticks: self.election_ticks.or(other.election_ticks),
             heartbeat_ticks: self.heartbeat_ticks.or(other.heartbeat_ticks),
@@ -303,14 +379,52 @@ pub fn parse_peers(text: &str) -> Result<BTreeMap<u64, String>, ConfigError> {
     Ok(peers)
 }
 
+/// `HOST:PORT`, where HOST is an IPv4 literal, a bracketed IPv6 literal or
+/// a DNS name (letters, digits, `-` and `.`; labels of 1 to 63 characters),
+/// and PORT is 1 to 65535. Addresses travel in the replicated log and into
+/// URIs, so nothing else is let in.
+///
+/// ```
+/// use raftify_host::config::check_addr;
+/// assert!(check_addr("127.0.0.1:7001").is_ok());
+/// assert!(check_addr("[::1]:7001").is_ok());
+/// assert!(check_addr("node-1.example:7001").is_ok());
+/// assert!(check_addr("[::1]:1:2").is_err());
+/// assert!(check_addr("evil host\n:1").is_err());
+/// ```
 pub fn check_addr(addr: &str) -> Result<(), String> {
-    let (host, port) = addr
-        .rsplit_once(':')
-        .ok_or_else(|| format!("{addr:?} is not HOST:PORT"))?;
-    if host.is_empty() || port.parse::<u16>().is_err() {
-        return Err(format!("{addr:?} is not HOST:PORT"));
+    let bad = || format!("{addr:?} is not HOST:PORT");
+    let (host, port) = addr.rsplit_once(':').ok_or_else(bad)?;
+    if !matches!(port.parse::<u16>(), Ok(p) if p > 0) || port.starts_with('+') {
+        return Err(bad());
+    }
+    let valid_host = if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        v6.parse::<std::net::Ipv6Addr>().is_ok()
+    } else if host.parse::<std::net::Ipv4Addr>().is_ok() {
+        true
+    } else {
+        is_dns_name(host)
+    };
+    if !valid_host {
+        return Err(format!(
+            "{addr:?} is not HOST:PORT: {host:?} is not an IP address or host name"
+        ));
     }
     Ok(())
+}
+
+fn is_dns_name(host: &str) -> bool {
+    let label_ok = |label: &str| {
+        (1..=63).contains(&label.len())
+            && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+    };
+    !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(label_ok)
+        // All-numeric dotted names are malformed IPv4, not names.
+        && !host.split('.').all(|l| l.bytes().all(|b| b.is_ascii_digit()))
 }
 
 impl NodeConfig {
@@ -333,6 +447,18 @@ impl NodeConfig {
                     "--join and --peers cannot be combined: join an existing cluster, or start a new one".into(),
                 );
             }
+        }
+        if self.auth_file.is_some() && self.tls.is_none() {
+            return bad(
+                "--auth-file needs TLS (--tls-ca, --tls-cert, --tls-key): tokens must not cross the network in clear"
+                    .into(),
+            );
+        }
+        if self.tls_require_client_cert && self.tls.is_none() {
+            return bad("--tls-require-client-cert needs TLS (--tls-ca, --tls-cert, --tls-key)".into());
+        }
+        if self.connections.max_connections == 0 {
+            return bad("max_connections must be at least 1".into());
         }
         if !self.peers.is_empty() && self.id.is_none() {
             return bad("--peers needs --id to say which of the peers this node is".into());
@@ -403,6 +529,12 @@ mod tests {
             "0=127.0.0.1:1",
             "1=nohost",
             "1=h:99999",
+            "1=h:0",
+            "1=[::1]:1:2",
+            "1=evil host:1",
+            "1=evil\nhost:1",
+            "1=-bad-:1",
+            "1=999.1.1.1:1",
             "1=a:1,1=b:2",
             "",
         ] {

@@ -10,8 +10,11 @@ use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
+use crate::auth::{AuthLayer, TokenTable};
 use crate::codec::Codec;
 use crate::config::NodeConfig;
+use crate::dial::Dialer;
+use crate::firewall::Refusals;
 use crate::fsm::{Fsm, FsmRequest};
 use crate::logging;
 use crate::node::{Node, NodeRequest};
@@ -21,7 +24,7 @@ use crate::sandbox::Sandbox;
 use crate::server::Services;
 use crate::storage::lmdb::LmdbStore;
 use crate::storage::{LogStore, NodeIdentity, WriteBatch, initial_conf_state};
-use crate::transport::Transport;
+use crate::transport::{Link, Transport};
 
 /// The kv plugin, built from plugins/kv by build.rs and embedded in the binary.
 pub const EMBEDDED_KV: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kv.wasm"));
@@ -43,6 +46,30 @@ const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// Run a node on an already-bound listener until `shutdown` resolves.
 pub async fn run(config: NodeConfig, listener: TcpListener, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    // Credentials first: a bad certificate or auth file fails the start
+    // before anything is written.
+    let (dialer, server_tls) = match &config.tls {
+        Some(files) => {
+            let (Some(cert), Some(key)) = (&files.cert, &files.key) else {
+                bail!("TLS needs --tls-cert and --tls-key");
+            };
+            let server = crate::tls::server_config(&files.ca, cert, key)?;
+            let client = crate::tls::client_config(files, None)?;
+            (Dialer::default().with_tls(client), Some(server))
+        }
+        None => (Dialer::default(), None),
+    };
+    let tokens = match &config.auth_file {
+        Some(path) => Some(Arc::new(TokenTable::load(path)?)),
+        None => None,
+    };
+    if server_tls.is_none() && !is_loopback(&config.listen) {
+        tracing::warn!(
+            listen = %config.listen,
+            "serving plaintext on a non-loopback address: anyone who can reach it can act as a peer or a client; \
+             use --tls-ca/--tls-cert/--tls-key (and --auth-file)"
+        );
+    }
     let store = LmdbStore::open(&config.data_dir.join("lmdb"), &config.lmdb)
         .with_context(|| format!("cannot open the data dir {}", config.data_dir.display()))?;
     // Validate the plugin before writing anything, so a bad plugin leaves a
@@ -53,7 +80,10 @@ pub async fn run(config: NodeConfig, listener: TcpListener, shutdown: impl Futur
         Some(wasm) => Some((sandbox.load(wasm).context("cannot load the plugin")?, wasm)),
         None => None,
     };
-    let (mut identity, cluster_plugin) = settle_identity(&store, &config).await?;
+    let (mut identity, cluster_plugin) = settle_identity(&store, &config, &dialer).await?;
+    if identity.cluster_id == 0 {
+        tracing::warn!("this data dir predates cluster ids: peer requests are not checked for their cluster");
+    }
     if config.force_new_cluster {
         identity = force_new_cluster(&store, identity)?;
     }
@@ -75,6 +105,11 @@ pub async fn run(config: NodeConfig, listener: TcpListener, shutdown: impl Futur
     let _enter = span.enter();
     tracing::info!(plugin = %active_plugin.sha256_hex(), size = active_plugin.size(), "plugin loaded");
 
+    let link = Link {
+        dialer,
+        cluster_id: identity.cluster_id,
+        self_id: id,
+    };
     let (applied_tx, applied_rx) = watch::channel(0u64);
     let (active_tx, active_rx) = watch::channel(active_plugin);
     let fsm = Fsm::new(
@@ -84,7 +119,11 @@ pub async fn run(config: NodeConfig, listener: TcpListener, shutdown: impl Futur
         config.snapshot.clone(),
         applied_tx,
         active_tx,
-        plugin_fetcher(tokio::runtime::Handle::current(), config.transport.max_message_bytes),
+        plugin_fetcher(
+            tokio::runtime::Handle::current(),
+            link.clone(),
+            config.transport.max_message_bytes,
+        ),
     )?;
     let trapped_entries = fsm.trap_counter();
     let (fsm_tx, fsm_rx) = std::sync::mpsc::channel();
@@ -95,7 +134,8 @@ pub async fn run(config: NodeConfig, listener: TcpListener, shutdown: impl Futur
         .context("cannot start the apply worker thread")?;
 
     let (node_tx, node_rx) = mpsc::channel(NODE_QUEUE);
-    let transport = Transport::new(id, config.transport.clone());
+    let refusals = Arc::new(Refusals::default());
+    let transport = Transport::new(link.clone(), config.transport.clone());
     transport.report_to(node_tx.clone());
     for (peer, addr) in &identity.members {
         transport.set_peer(*peer, addr.clone());
@@ -107,6 +147,7 @@ pub async fn run(config: NodeConfig, listener: TcpListener, shutdown: impl Futur
         transport,
         fsm_tx.clone(),
         applied_rx,
+        refusals.clone(),
         logging::raft_logger(),
     )?;
     let node_task = tokio::spawn(tracing::Instrument::instrument(node.run(node_rx), span.clone()));
@@ -125,11 +166,32 @@ pub async fn run(config: NodeConfig, listener: TcpListener, shutdown: impl Futur
         sandbox,
         plugins: Arc::new(store.clone()),
         stopping: stopping_tx.subscribe(),
+        peer: Arc::new(crate::server::PeerGuard {
+            link,
+            tls: server_tls.is_some(),
+            require_client_cert: config.tls_require_client_cert,
+            refusals,
+            incoming_dir: config.data_dir.join("incoming"),
+            snapshot_slot: Arc::new(tokio::sync::Semaphore::new(1)),
+        }),
     };
     let max = config.transport.max_message_bytes;
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    let server = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
+    let connections = &config.connections;
+    let keepalive = std::time::Duration::from_millis(connections.keepalive_interval_ms);
+    let incoming = crate::listener::incoming(listener, connections.clone());
+    let mut builder = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(keepalive))
+        .http2_keepalive_timeout(Some(keepalive * 2))
+        .max_concurrent_streams(Some(connections.max_streams_per_connection))
+        .http2_max_header_list_size(Some(64 << 10));
+    if let Some(tls) = server_tls {
+        let handshake = std::time::Duration::from_millis(connections.handshake_timeout_ms);
+        builder = builder
+            .tls_config(tls.timeout(handshake))
+            .context("cannot set up TLS")?;
+    }
+    let server = builder
+        .layer(AuthLayer::new(tokens))
         .add_service(
             ClientServer::new(services.clone())
                 .max_decoding_message_size(max)
@@ -196,6 +258,7 @@ pub async fn run(config: NodeConfig, listener: TcpListener, shutdown: impl Futur
 async fn settle_identity<S: LogStore>(
     store: &S,
     config: &NodeConfig,
+    dialer: &Dialer,
 ) -> anyhow::Result<(NodeIdentity, Option<Vec<u8>>)> {
     if let Some(mut identity) = store.identity()? {
         if let Some(id) = config.id
@@ -214,7 +277,7 @@ async fn settle_identity<S: LogStore>(
         return Ok((identity, None));
     }
     if let Some(seed) = &config.join {
-        return join(store, config, seed).await;
+        return join(store, config, seed, dialer).await;
     }
     let id = config.id.unwrap_or(1);
     let members: Vec<(u64, String)> = if config.peers.is_empty() {
@@ -267,9 +330,42 @@ fn bootstrap_batch(id: u64, members: &[(u64, String)]) -> anyhow::Result<WriteBa
             id,
             members: members.to_vec(),
             max_id: members.iter().map(|(i, _)| *i).max().unwrap_or(id),
+            cluster_id: new_cluster_id(members),
         }),
         applied_index: None,
     })
+}
+
+/// A new cluster's id. Initial members bootstrap independently, so with
+/// several they derive it from the member list they were all given (as
+/// etcd derives its cluster id from `--initial-cluster`); a one-node
+/// cluster mixes in the time and the process, so no two are alike.
+fn new_cluster_id(members: &[(u64, String)]) -> u64 {
+    let mut hash = Sha256::new();
+    hash.update(b"raftify-cluster\0");
+    let mut sorted = members.to_vec();
+    sorted.sort();
+    for (id, addr) in &sorted {
+        hash.update(format!("{id}={addr}\0").as_bytes());
+    }
+    if members.len() == 1 {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        hash.update(now.to_le_bytes());
+        hash.update(std::process::id().to_le_bytes());
+    }
+    let digest = hash.finalize();
+    let mut id = [0u8; 8];
+    id.copy_from_slice(&digest[..8]);
+    // 0 means "no cluster id" (old data dirs).
+    u64::from_le_bytes(id).max(1)
+}
+
+fn is_loopback(addr: &str) -> bool {
+    let host = addr.rsplit_once(':').map_or(addr, |(host, _)| host);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Disaster recovery: turn this node's data into a one-member cluster.
@@ -336,12 +432,17 @@ async fn join<S: LogStore>(
     store: &S,
     config: &NodeConfig,
     seed: &str,
+    dialer: &Dialer,
 ) -> anyhow::Result<(NodeIdentity, Option<Vec<u8>>)> {
+    let client_dialer = match &config.token {
+        Some(token) => dialer.clone().with_token(token).map_err(anyhow::Error::msg)?,
+        None => dialer.clone(),
+    };
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
     let timeout = std::time::Duration::from_millis(config.client.request_timeout_ms);
     let response = loop {
         let attempt = async {
-            let mut client = crate::client::Client::connect(seed, timeout).await?;
+            let mut client = crate::client::Client::connect_with(seed, timeout, &client_dialer).await?;
             client.join(&config.listen, config.id.unwrap_or(0)).await
         };
         match attempt.await {
@@ -354,10 +455,19 @@ async fn join<S: LogStore>(
         }
     };
     let members: Vec<(u64, String)> = response.members.iter().map(|m| (m.id, m.addr.clone())).collect();
+    if response.id == 0 {
+        bail!("the cluster at {seed} answered the join without an id");
+    }
     let mut identity = NodeIdentity {
         id: response.id,
         max_id: members.iter().map(|(i, _)| *i).max().unwrap_or(0).max(response.id),
         members,
+        cluster_id: response.cluster_id,
+    };
+    let link = Link {
+        dialer: dialer.clone(),
+        cluster_id: response.cluster_id,
+        self_id: response.id,
     };
     if !identity.members.iter().any(|(i, _)| *i == response.id) {
         identity.members.push((response.id, config.listen.clone()));
@@ -369,7 +479,8 @@ async fn join<S: LogStore>(
         .try_into()
         .context("the cluster did not name its first plugin")?;
     let addrs: Vec<String> = identity.members.iter().map(|(_, a)| a.clone()).collect();
-    let wasm = fetch_plugin(
+    let wasm = crate::transport::fetch_plugin(
+        &link,
         &first,
         std::iter::once(seed.to_string()).chain(addrs),
         config.transport.max_message_bytes,
@@ -384,45 +495,14 @@ async fn join<S: LogStore>(
     Ok((identity, Some(wasm)))
 }
 
-/// Fetch a plugin component from the first member at `addrs` that has it.
-async fn fetch_plugin(
-    sha256: &[u8; 32],
-    addrs: impl IntoIterator<Item = String>,
-    max_message_bytes: usize,
-) -> anyhow::Result<Vec<u8>> {
-    use crate::proto::peer_client::PeerClient;
-    let mut last_error = anyhow::anyhow!("no member to fetch it from");
-    for addr in addrs {
-        let attempt = async {
-            let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-                .connect_timeout(std::time::Duration::from_secs(2))
-                .connect()
-                .await?;
-            let mut client = PeerClient::new(channel).max_decoding_message_size(max_message_bytes);
-            let response = client
-                .fetch_plugin(crate::proto::FetchPluginRequest {
-                    sha256: sha256.to_vec(),
-                })
-                .await?;
-            anyhow::Ok(response.into_inner().wasm)
-        };
-        match attempt.await {
-            Ok(wasm) if Sha256::digest(&wasm).as_slice() == sha256 => return Ok(wasm),
-            Ok(_) => last_error = anyhow::anyhow!("{addr} sent bytes that do not match the hash"),
-            Err(error) => last_error = error.context(format!("from {addr}")),
-        }
-    }
-    Err(last_error)
-}
-
 /// The apply worker's way to fetch a plugin it lacks (it runs on a thread
 /// of its own, outside the async runtime).
-fn plugin_fetcher(runtime: tokio::runtime::Handle, max_message_bytes: usize) -> crate::fsm::PluginFetcher {
+fn plugin_fetcher(runtime: tokio::runtime::Handle, link: Link, max_message_bytes: usize) -> crate::fsm::PluginFetcher {
     Box::new(move |sha256, addrs| {
         let sha256 = *sha256;
         let addrs = addrs.to_vec();
         runtime
-            .block_on(fetch_plugin(&sha256, addrs, max_message_bytes))
+            .block_on(crate::transport::fetch_plugin(&link, &sha256, addrs, max_message_bytes))
             .map_err(|error| tracing::warn!(plugin = %hex::encode(sha256), %error, "cannot fetch plugin"))
             .ok()
     })

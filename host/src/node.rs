@@ -31,6 +31,7 @@ use raft::prelude::{ConfChange, ConfChangeType, ConfState, Entry, EntryType, Har
 use raft::{RawNode, StateRole};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 
+use crate::firewall::{self, Channel, Refusal, Refusals};
 use crate::fsm::{Applied, ApplyWaiter, FsmRequest};
 use crate::storage::persister::{Completion, Persister};
 use crate::storage::staged::Staged;
@@ -154,7 +155,17 @@ pub enum NodeRequest {
     ReadIndex {
         reply: oneshot::Sender<Result<u64, ProposeError>>,
     },
+    /// A raft message from `Peer.Stream`.
     Raft(Box<Message>),
+    /// Would the firewall let this `MsgSnapshot` (data not yet received)
+    /// through? Asked before a transfer starts.
+    CheckSnapshot {
+        message: Box<Message>,
+        reply: oneshot::Sender<Result<(), Refusal>>,
+    },
+    /// A `MsgSnapshot` from `Peer.InstallSnapshot`, its data received and
+    /// its header checked.
+    Snapshot(Box<Message>),
     Status {
         reply: oneshot::Sender<NodeStatus>,
     },
@@ -208,6 +219,8 @@ pub struct Node<S: LogStore> {
     conf_index: u64,
     /// Campaign as soon as raft allows: this node is the only voter.
     campaign_when_applied: bool,
+    /// Peer messages the firewall refused, by reason.
+    refusals: Arc<Refusals>,
 }
 
 /// A write the persister has not reported durable yet.
@@ -238,6 +251,7 @@ impl<S: LogStore> Node<S> {
         transport: Transport,
         fsm: std_mpsc::Sender<FsmRequest>,
         applied: watch::Receiver<u64>,
+        refusals: Arc<Refusals>,
         logger: slog::Logger,
     ) -> Result<Node<S>, NodeError> {
         let id = identity.id;
@@ -290,6 +304,7 @@ impl<S: LogStore> Node<S> {
             identity,
             conf_index,
             campaign_when_applied,
+            refusals,
         })
     }
 
@@ -388,16 +403,43 @@ impl<S: LogStore> Node<S> {
                 self.raw.report_snapshot(to, status);
             }
             NodeRequest::ReadIndex { reply } => self.read_index(reply),
-            NodeRequest::Raft(message) => {
-                if let Err(error) = self.raw.step(*message) {
-                    tracing::debug!(%error, "dropped a raft message");
-                }
+            NodeRequest::Raft(message) => self.step_peer(*message, Channel::Stream),
+            NodeRequest::Snapshot(message) => self.step_peer(*message, Channel::InstallSnapshot),
+            NodeRequest::CheckSnapshot { message, reply } => {
+                let _ = reply.send(firewall::check(&message, Channel::InstallSnapshot, &self.view()));
             }
             // `run` stops before handing this over.
             NodeRequest::Shutdown => {}
             NodeRequest::Status { reply } => {
                 let _ = reply.send(self.status());
             }
+        }
+    }
+
+    /// Step a message from a peer, if the firewall lets it through.
+    fn step_peer(&mut self, message: Message, channel: Channel) {
+        if let Err(reason) = firewall::check(&message, channel, &self.view()) {
+            self.refusals.record(reason, &message);
+            return;
+        }
+        if let Err(error) = self.raw.step(message) {
+            tracing::debug!(%error, "dropped a raft message");
+        }
+    }
+
+    /// What the firewall needs to know of this node.
+    fn view(&self) -> firewall::View {
+        let raft = &self.raw.raft;
+        let mut members = self.voters();
+        members.extend(self.learners());
+        firewall::View {
+            id: raft.id,
+            term: raft.term,
+            leader_id: raft.leader_id,
+            last_index: raft.raft_log.last_index(),
+            committed: raft.raft_log.committed,
+            members,
+            max_id: self.identity.max_id,
         }
     }
 
@@ -507,19 +549,12 @@ impl<S: LogStore> Node<S> {
             }));
             return;
         }
-        if requested_id != 0
-            && let Some(existing) = self.addr_of(requested_id)
-            && self.is_member(requested_id)
-        {
-            let _ = reply.send(Err(ProposeError::Invalid(format!(
-                "node id {requested_id} is already a member, at {existing}"
-            ))));
-            return;
-        }
-        let id = if requested_id != 0 {
-            requested_id
-        } else {
-            self.identity.max_id + 1
+        let id = match self.join_id(requested_id) {
+            Ok(id) => id,
+            Err(error) => {
+                let _ = reply.send(Err(error));
+                return;
+            }
         };
         let change = ConfChange {
             change_type: ConfChangeType::AddLearnerNode,
@@ -528,6 +563,36 @@ impl<S: LogStore> Node<S> {
             ..Default::default()
         };
         self.propose_conf_change(change, Some(reply));
+    }
+
+    /// The id a joining node gets: the one it asked for, if that was never
+    /// used and is not far off (see `firewall::MAX_UNKNOWN_ID_GAP`), or the
+    /// next unused one. Never 0, never a removed node's.
+    fn join_id(&self, requested_id: u64) -> Result<u64, ProposeError> {
+        let max_id = self.identity.max_id;
+        let highest = max_id.saturating_add(firewall::MAX_UNKNOWN_ID_GAP);
+        if requested_id == 0 {
+            return max_id
+                .checked_add(1)
+                .ok_or_else(|| ProposeError::Invalid("this cluster has used every node id".into()));
+        }
+        if self.is_member(requested_id) {
+            let at = self.addr_of(requested_id).unwrap_or_default();
+            return Err(ProposeError::Invalid(format!(
+                "node id {requested_id} is already a member, at {at}"
+            )));
+        }
+        if requested_id <= max_id {
+            return Err(ProposeError::Invalid(format!(
+                "node id {requested_id} was used before; ids are never reused (ask for none, or one above {max_id})"
+            )));
+        }
+        if requested_id > highest {
+            return Err(ProposeError::Invalid(format!(
+                "node id {requested_id} is too far above the highest id used ({max_id}); ask for one up to {highest}"
+            )));
+        }
+        Ok(requested_id)
     }
 
     fn remove_member(&mut self, id: u64, reply: ApplyWaiter) {
@@ -593,12 +658,14 @@ impl<S: LogStore> Node<S> {
         }
         let last = self.raw.raft.raft_log.last_index();
         let lag = self.config.promote_lag_entries;
+        // A learner that never acknowledged an entry (a dead address: the
+        // log may be shorter than `lag`) or went quiet is not caught up.
         let caught_up = self.learners().into_iter().find(|learner| {
             self.raw
                 .raft
                 .prs()
                 .get(*learner)
-                .is_some_and(|p| p.matched + lag >= last)
+                .is_some_and(|p| p.matched > 0 && p.recent_active && p.matched.saturating_add(lag) >= last)
         });
         if let Some(learner) = caught_up {
             tracing::info!(node = learner, "promoting a caught-up learner to voter");

@@ -16,6 +16,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::codec::{Codec, CodecError};
 use crate::envelope;
+use crate::firewall::{Refusal, Refusals};
 use crate::fsm::{Answered, Applied, FsmRequest};
 use crate::node::{NodeRequest, ProposeError};
 use crate::proto;
@@ -65,6 +66,69 @@ pub struct Services {
     pub plugins: Arc<dyn crate::storage::PluginRegistry>,
     /// Turns true when the node starts shutting down.
     pub stopping: watch::Receiver<bool>,
+    pub peer: Arc<PeerGuard>,
+}
+
+/// What the Peer service checks before anything reaches the raft loop.
+pub struct PeerGuard {
+    /// This node's cluster, id and dialer (to fetch a snapshot's plugin).
+    pub link: crate::transport::Link,
+    /// Connections are TLS; peers must present a client certificate.
+    pub tls: bool,
+    /// Client RPCs must present one too.
+    pub require_client_cert: bool,
+    pub refusals: Arc<Refusals>,
+    /// Where snapshots being received are written, chunk by chunk.
+    pub incoming_dir: std::path::PathBuf,
+    /// One snapshot is received at a time.
+    pub snapshot_slot: Arc<tokio::sync::Semaphore>,
+}
+
+impl PeerGuard {
+    /// A peer RPC must come over mutual TLS (when TLS is on) from this
+    /// cluster (when this node has a cluster id).
+    fn admit<T>(&self, request: &Request<T>, cluster_id: Option<u64>) -> Result<(), Status> {
+        if self.tls && !crate::tls::has_client_cert(request) {
+            self.refusals
+                .record_rpc(Refusal::NoClientCert, "a peer connection without a client certificate");
+            return Err(Status::unauthenticated(
+                "peer requests need a client certificate signed by the cluster's CA",
+            ));
+        }
+        if let Some(theirs) = cluster_id {
+            self.same_cluster(theirs)?;
+        }
+        Ok(())
+    }
+
+    fn same_cluster(&self, theirs: u64) -> Result<(), Status> {
+        let ours = self.link.cluster_id;
+        if ours != 0 && theirs != ours {
+            self.refusals.record_rpc(
+                Refusal::OtherCluster,
+                &format!("cluster {theirs:016x}, not this node's {ours:016x}"),
+            );
+            return Err(Status::permission_denied(format!(
+                "this node belongs to cluster {ours:016x}, not {theirs:016x}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Client RPCs: a client certificate only if the node asks for one.
+    fn admit_client<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        if self.require_client_cert && !crate::tls::has_client_cert(request) {
+            return Err(Status::unauthenticated(
+                "this node requires a client certificate signed by its CA (--tls-cert/--tls-key)",
+            ));
+        }
+        Ok(())
+    }
+
+    fn bad_snapshot(&self, why: String) -> Status {
+        self.refusals.record_rpc(Refusal::BadSnapshot, &why);
+        Status::invalid_argument(format!("snapshot refused: {why}"))
+    }
 }
 
 type Pending = oneshot::Receiver<Result<Applied, ProposeError>>;
@@ -290,6 +354,7 @@ impl Services {
 #[tonic::async_trait]
 impl proto::client_server::Client for Services {
     async fn join(&self, request: Request<proto::JoinRequest>) -> Result<Response<proto::JoinResponse>, Status> {
+        self.peer.admit_client(&request)?;
         let request = request.into_inner();
         if crate::config::check_addr(&request.addr).is_err() {
             return Err(Status::invalid_argument(format!("{:?} is not HOST:PORT", request.addr)));
@@ -318,6 +383,7 @@ impl proto::client_server::Client for Services {
             id,
             members: self.members().await?,
             first_plugin_sha256,
+            cluster_id: self.peer.link.cluster_id,
         }))
     }
 
@@ -325,6 +391,7 @@ impl proto::client_server::Client for Services {
         &self,
         request: Request<proto::SwapPluginRequest>,
     ) -> Result<Response<proto::SwapPluginResponse>, Status> {
+        self.peer.admit_client(&request)?;
         let wasm = request.into_inner().wasm;
         if wasm.len() > self.config.max_plugin_bytes {
             return Err(Status::invalid_argument(format!(
@@ -391,6 +458,7 @@ impl proto::client_server::Client for Services {
         &self,
         _request: Request<proto::ListPluginsRequest>,
     ) -> Result<Response<proto::ListPluginsResponse>, Status> {
+        self.peer.admit_client(&_request)?;
         let history = self.plugins.history().map_err(|e| Status::internal(e.to_string()))?;
         let current = self.codec.plugin().sha256();
         let mut plugins = Vec::with_capacity(history.len());
@@ -417,6 +485,7 @@ impl proto::client_server::Client for Services {
         &self,
         _request: Request<proto::SnapshotRequest>,
     ) -> Result<Response<proto::SnapshotResponse>, Status> {
+        self.peer.admit_client(&_request)?;
         let (reply, answer) = oneshot::channel();
         self.fsm
             .send(FsmRequest::Snapshot { reply })
@@ -434,6 +503,7 @@ impl proto::client_server::Client for Services {
         &self,
         request: Request<proto::RemoveMemberRequest>,
     ) -> Result<Response<proto::MembersResponse>, Status> {
+        self.peer.admit_client(&request)?;
         let id = request.into_inner().id;
         self.ask(|reply| NodeRequest::RemoveMember { id, reply }).await?;
         Ok(Response::new(proto::MembersResponse {
@@ -445,6 +515,7 @@ impl proto::client_server::Client for Services {
         &self,
         request: Request<proto::TransferLeaderRequest>,
     ) -> Result<Response<proto::TransferLeaderResponse>, Status> {
+        self.peer.admit_client(&request)?;
         let id = request.into_inner().id;
         self.ask(|reply| NodeRequest::TransferLeader { id, reply }).await?;
         // Leadership moves within an election timeout or not at all.
@@ -465,6 +536,7 @@ impl proto::client_server::Client for Services {
     }
 
     async fn propose(&self, request: Request<ProposeRequest>) -> Result<Response<ProposeResponse>, Status> {
+        self.peer.admit_client(&request)?;
         let pending = self.submit(request.into_inner()).await?;
         self.finish(pending).await.map(Response::new)
     }
@@ -475,6 +547,7 @@ impl proto::client_server::Client for Services {
         &self,
         request: Request<Streaming<ProposeRequest>>,
     ) -> Result<Response<Self::ProposeStreamStream>, Status> {
+        self.peer.admit_client(&request)?;
         let submitter = self.clone();
         let finisher = self.clone();
         let window = self.config.stream_window.max(1);
@@ -507,6 +580,7 @@ impl proto::client_server::Client for Services {
     }
 
     async fn query(&self, request: Request<QueryRequest>) -> Result<Response<QueryResponse>, Status> {
+        self.peer.admit_client(&request)?;
         let request = request.into_inner();
         let bytes = match request.request {
             Some(proto::query_request::Request::Bytes(bytes)) => bytes,
@@ -554,6 +628,7 @@ impl proto::client_server::Client for Services {
     }
 
     async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        self.peer.admit_client(&_request)?;
         let status = self.node_status().await?;
         let leader_addr = status
             .members
@@ -582,6 +657,18 @@ impl proto::client_server::Client for Services {
             trapped_entries: self.trapped_entries.load(std::sync::atomic::Ordering::Relaxed),
             listen: self.listen.clone(),
             snapshot_index: status.snapshot_index,
+            cluster_id: self.peer.link.cluster_id,
+            refused: self
+                .peer
+                .refusals
+                .counts()
+                .into_iter()
+                .filter(|(_, count)| *count > 0)
+                .map(|(reason, count)| proto::RefusalCount {
+                    reason: reason.to_string(),
+                    count,
+                })
+                .collect(),
             progress: status
                 .progress
                 .into_iter()
@@ -600,6 +687,7 @@ impl proto::client_server::Client for Services {
 #[tonic::async_trait]
 impl proto::peer_server::Peer for Services {
     async fn stream(&self, request: Request<Streaming<RaftBatch>>) -> Result<Response<StreamSummary>, Status> {
+        self.peer.admit(&request, None)?;
         let mut batches = request.into_inner();
         let mut received = 0u64;
         let mut stopping = self.stopping.clone();
@@ -611,10 +699,16 @@ impl proto::peer_server::Peer for Services {
                 _ = stopping.wait_for(|stopping| *stopping) => None,
             };
             let Some(batch) = batch else { break };
+            self.peer.same_cluster(batch.cluster_id)?;
             for bytes in batch.messages {
                 let message = Message::parse_from_bytes(&bytes)
                     .map_err(|e| Status::invalid_argument(format!("malformed raft message: {e}")))?;
                 received += 1;
+                if message.from != batch.from {
+                    // A batch speaks for one sender.
+                    self.peer.refusals.record(Refusal::Addressing, &message);
+                    continue;
+                }
                 if self.node.send(NodeRequest::Raft(Box::new(message))).await.is_err() {
                     return Err(propose_status(ProposeError::Shutdown));
                 }
@@ -627,6 +721,8 @@ impl proto::peer_server::Peer for Services {
         &self,
         request: Request<proto::FetchPluginRequest>,
     ) -> Result<Response<proto::FetchPluginResponse>, Status> {
+        let cluster_id = request.get_ref().cluster_id;
+        self.peer.admit(&request, Some(cluster_id))?;
         let sha: [u8; 32] = request
             .into_inner()
             .sha256
@@ -641,49 +737,178 @@ impl proto::peer_server::Peer for Services {
         }
     }
 
+    /// Receive a snapshot: one at a time, only from a sender the firewall
+    /// would take it from, written to a file as it arrives (memory holds one
+    /// chunk, whatever size the sender announces), then checked (layout,
+    /// plugin) before raft sees it. Anything wrong is an error to the
+    /// sender, which raft retries later; nothing here stops the node.
     async fn install_snapshot(
         &self,
         request: Request<Streaming<proto::SnapshotChunk>>,
     ) -> Result<Response<proto::SnapshotAck>, Status> {
+        self.peer.admit(&request, None)?;
+        let _slot = self
+            .peer
+            .snapshot_slot
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Status::resource_exhausted("another snapshot is being received; retry later"))?;
         let mut chunks = request.into_inner();
         let first = chunks
             .message()
             .await?
-            .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
+            .ok_or_else(|| self.peer.bad_snapshot("empty snapshot stream".into()))?;
+        self.peer.same_cluster(first.cluster_id)?;
         let mut message = Message::parse_from_bytes(&first.message)
-            .map_err(|e| Status::invalid_argument(format!("malformed raft message: {e}")))?;
+            .map_err(|e| self.peer.bad_snapshot(format!("malformed raft message: {e}")))?;
         if message.get_msg_type() != raft::prelude::MessageType::MsgSnapshot {
-            return Err(Status::invalid_argument(
-                "the first chunk is not a raft snapshot message",
-            ));
+            return Err(self
+                .peer
+                .bad_snapshot("the first chunk is not a raft snapshot message".into()));
         }
         let total = first.total_bytes;
         if total > self.max_snapshot_bytes {
-            return Err(Status::resource_exhausted(format!(
+            return Err(self.peer.bad_snapshot(format!(
                 "the snapshot is {total} bytes; this node accepts at most {} (max_snapshot_bytes)",
                 self.max_snapshot_bytes
             )));
         }
-        let mut data = Vec::with_capacity(total as usize);
-        data.extend_from_slice(&first.data);
-        while let Some(chunk) = chunks.message().await? {
-            if data.len() as u64 + chunk.data.len() as u64 > total {
-                return Err(Status::invalid_argument("the snapshot is longer than announced"));
-            }
-            data.extend_from_slice(&chunk.data);
-        }
-        if data.len() as u64 != total {
-            // A transfer cut short: nothing of it is used.
-            return Err(Status::invalid_argument(format!(
-                "the snapshot stream ended after {} of {total} bytes",
-                data.len()
+        // Would raft take a snapshot from this sender now? Ask before
+        // receiving a byte of it.
+        let (reply, answer) = oneshot::channel();
+        let check = NodeRequest::CheckSnapshot {
+            message: Box::new(message.clone()),
+            reply,
+        };
+        self.node
+            .send(check)
+            .await
+            .map_err(|_| propose_status(ProposeError::Shutdown))?;
+        if let Err(reason) = answer.await.map_err(|_| propose_status(ProposeError::Shutdown))? {
+            self.peer.refusals.record(reason, &message);
+            return Err(Status::failed_precondition(format!(
+                "snapshot refused: {}",
+                reason.name()
             )));
         }
+        let file = IncomingFile::create(&self.peer.incoming_dir)
+            .await
+            .map_err(|e| Status::internal(format!("cannot store an incoming snapshot: {e}")))?;
+        let mut received = 0u64;
+        let mut pending = Some(first.data);
+        loop {
+            let data = match pending.take() {
+                Some(data) => data,
+                None => match chunks.message().await? {
+                    Some(chunk) => chunk.data,
+                    None => break,
+                },
+            };
+            received = received.saturating_add(data.len() as u64);
+            if received > total {
+                return Err(self
+                    .peer
+                    .bad_snapshot(format!("longer than the {total} bytes announced")));
+            }
+            file.append(&data)
+                .await
+                .map_err(|e| Status::internal(format!("cannot store an incoming snapshot: {e}")))?;
+        }
+        if received != total {
+            // A transfer cut short: nothing of it is used.
+            return Err(self
+                .peer
+                .bad_snapshot(format!("the stream ended after {received} of {total} bytes")));
+        }
+        let data = file
+            .read_all()
+            .await
+            .map_err(|e| Status::internal(format!("cannot read back an incoming snapshot: {e}")))?;
+        self.check_snapshot_data(&data).await?;
         message.mut_snapshot().data = data.into();
         self.node
-            .send(NodeRequest::Raft(Box::new(message)))
+            .send(NodeRequest::Snapshot(Box::new(message)))
             .await
             .map_err(|_| propose_status(ProposeError::Shutdown))?;
         Ok(Response::new(proto::SnapshotAck { received_bytes: total }))
+    }
+}
+
+impl Services {
+    /// The snapshot's layout must decode and its plugin must be at hand
+    /// (stored, or fetched now from the members it names), so installing
+    /// it cannot fail for either reason later.
+    async fn check_snapshot_data(&self, data: &[u8]) -> Result<(), Status> {
+        let (header, _) = crate::snapshot::decode(data).map_err(|e| self.peer.bad_snapshot(e.to_string()))?;
+        let sha = header.plugin_sha256;
+        if self
+            .plugins
+            .blob(&sha)
+            .map_err(|e| Status::internal(e.to_string()))?
+            .is_some()
+        {
+            return Ok(());
+        }
+        let own = self.peer.link.self_id;
+        let addrs: Vec<String> = header
+            .members
+            .iter()
+            .filter(|(id, _)| *id != own)
+            .map(|(_, a)| a.clone())
+            .collect();
+        let wasm = crate::transport::fetch_plugin(
+            &self.peer.link,
+            &sha,
+            addrs,
+            self.config.max_plugin_bytes.saturating_add(1 << 20),
+        )
+        .await
+        .map_err(|e| {
+            self.peer.bad_snapshot(format!(
+                "it was made by plugin {}, which this node cannot get: {e:#}",
+                hex::encode(sha)
+            ))
+        })?;
+        // A plugin that does not even compile fails the same way on every
+        // node; storing its bytes is harmless (the apply worker reports it).
+        self.plugins
+            .put_blob(&sha, &wasm)
+            .map_err(|e| Status::internal(e.to_string()))
+    }
+}
+
+/// A snapshot being received, in a file of its own under the data dir;
+/// removed when dropped, whatever happened.
+struct IncomingFile {
+    path: std::path::PathBuf,
+    file: tokio::sync::Mutex<tokio::fs::File>,
+}
+
+impl IncomingFile {
+    async fn create(dir: &std::path::Path) -> std::io::Result<IncomingFile> {
+        tokio::fs::create_dir_all(dir).await?;
+        let path = dir.join("snapshot.partial");
+        let file = tokio::fs::File::create(&path).await?;
+        Ok(IncomingFile {
+            path,
+            file: tokio::sync::Mutex::new(file),
+        })
+    }
+
+    async fn append(&self, data: &[u8]) -> std::io::Result<()> {
+        use tokio::io::AsyncWriteExt as _;
+        self.file.lock().await.write_all(data).await
+    }
+
+    async fn read_all(&self) -> std::io::Result<Vec<u8>> {
+        use tokio::io::AsyncWriteExt as _;
+        self.file.lock().await.flush().await?;
+        tokio::fs::read(&self.path).await
+    }
+}
+
+impl Drop for IncomingFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
     }
 }

@@ -25,6 +25,9 @@ use protobuf::Message as _;
 use raft::prelude::{Message, MessageType};
 use tokio::sync::mpsc;
 
+use sha2::{Digest, Sha256};
+
+use crate::dial::Dialer;
 use crate::node::NodeRequest;
 use crate::proto::peer_client::PeerClient;
 use crate::proto::{RaftBatch, SnapshotChunk};
@@ -60,6 +63,16 @@ impl Default for TransportConfig {
 pub struct Transport {
     inner: Arc<Mutex<Inner>>,
     config: TransportConfig,
+    link: Link,
+}
+
+/// What every peer RPC this node makes shares: how to dial, and who is
+/// calling (peers refuse batches from another cluster or another sender).
+#[derive(Clone, Debug)]
+pub struct Link {
+    pub dialer: Dialer,
+    pub cluster_id: u64,
+    pub self_id: u64,
 }
 
 struct Inner {
@@ -84,14 +97,15 @@ fn is_data(message: &Message) -> bool {
 }
 
 impl Transport {
-    pub fn new(self_id: u64, config: TransportConfig) -> Transport {
+    pub fn new(link: Link, config: TransportConfig) -> Transport {
         Transport {
             inner: Arc::new(Mutex::new(Inner {
-                self_id,
+                self_id: link.self_id,
                 peers: HashMap::new(),
                 reports: None,
             })),
             config,
+            link,
         }
     }
 
@@ -113,8 +127,20 @@ impl Transport {
         }
         let (data, data_batches) = mpsc::channel(self.config.peer_queue_batches);
         let (control, control_batches) = mpsc::channel(self.config.peer_queue_batches);
-        tokio::spawn(peer_task(id, addr.clone(), data_batches, self.config.clone()));
-        tokio::spawn(peer_task(id, addr.clone(), control_batches, self.config.clone()));
+        tokio::spawn(peer_task(
+            id,
+            addr.clone(),
+            data_batches,
+            self.config.clone(),
+            self.link.clone(),
+        ));
+        tokio::spawn(peer_task(
+            id,
+            addr.clone(),
+            control_batches,
+            self.config.clone(),
+            self.link.clone(),
+        ));
         // Replacing the entry drops the old queues, which ends the old tasks.
         inner.peers.insert(id, Peer { addr, data, control });
     }
@@ -140,6 +166,7 @@ impl Transport {
                             peer.addr.clone(),
                             message,
                             self.config.clone(),
+                            self.link.clone(),
                             reports.clone(),
                         ));
                     }
@@ -165,19 +192,18 @@ impl Transport {
     }
 }
 
-async fn peer_task(id: u64, addr: String, mut batches: mpsc::Receiver<Vec<Message>>, config: TransportConfig) {
+async fn peer_task(
+    id: u64,
+    addr: String,
+    mut batches: mpsc::Receiver<Vec<Message>>,
+    config: TransportConfig,
+    link: Link,
+) {
     let mut backoff = Duration::from_millis(config.min_backoff_ms);
     let max_backoff = Duration::from_millis(config.max_backoff_ms);
-    let endpoint = format!("http://{addr}");
     'connect: loop {
-        let client = match tonic::transport::Endpoint::from_shared(endpoint.clone()) {
-            Ok(endpoint) => {
-                endpoint
-                    .connect_timeout(Duration::from_secs(1))
-                    .tcp_nodelay(true)
-                    .connect()
-                    .await
-            }
+        let client = match link.dialer.endpoint(&addr, Duration::from_secs(1)) {
+            Ok(endpoint) => endpoint.connect().await,
             Err(error) => {
                 tracing::error!(peer = id, %addr, %error, "bad peer address; not sending to it");
                 return;
@@ -186,6 +212,7 @@ async fn peer_task(id: u64, addr: String, mut batches: mpsc::Receiver<Vec<Messag
         let channel = match client {
             Ok(channel) => channel,
             Err(error) => {
+                let error = crate::dial::innermost(&error);
                 tracing::debug!(peer = id, %addr, %error, "cannot connect to peer; retrying");
                 // Drop what queued up meanwhile: raft resends what matters,
                 // and stale heartbeats only confuse a recovering peer.
@@ -212,7 +239,12 @@ async fn peer_task(id: u64, addr: String, mut batches: mpsc::Receiver<Vec<Messag
                 return;
             };
             let messages = batch.iter().filter_map(|m| m.write_to_bytes().ok()).collect();
-            if stream_tx.send(RaftBatch { messages }).await.is_err() {
+            let batch = RaftBatch {
+                messages,
+                cluster_id: link.cluster_id,
+                from: link.self_id,
+            };
+            if stream_tx.send(batch).await.is_err() {
                 let result = call.await;
                 tracing::debug!(peer = id, %addr, ?result, "peer stream ended; reconnecting");
                 continue 'connect;
@@ -237,6 +269,7 @@ async fn send_snapshot(
     addr: String,
     mut message: Message,
     config: TransportConfig,
+    link: Link,
     reports: mpsc::Sender<NodeRequest>,
 ) {
     let to = message.to;
@@ -245,13 +278,7 @@ async fn send_snapshot(
     let started = std::time::Instant::now();
     let result = async {
         let header = message.write_to_bytes().map_err(|e| e.to_string())?;
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| e.to_string())?
-            .connect_timeout(Duration::from_secs(2))
-            .tcp_nodelay(true)
-            .connect()
-            .await
-            .map_err(|e| e.to_string())?;
+        let channel = link.dialer.connect(&addr, Duration::from_secs(2)).await?;
         let mut client = PeerClient::new(channel)
             .max_encoding_message_size(config.max_message_bytes)
             .max_decoding_message_size(config.max_message_bytes);
@@ -261,6 +288,7 @@ async fn send_snapshot(
             message: header,
             total_bytes: total as u64,
             data: Vec::new(),
+            cluster_id: link.cluster_id,
         };
         // One chunk is copied out of the shared buffer at a time, as the
         // stream is polled, so memory stays at the snapshot plus a chunk.
@@ -268,6 +296,7 @@ async fn send_snapshot(
             message: Vec::new(),
             total_bytes: 0,
             data: data.slice(at..(at + chunk).min(total)).to_vec(),
+            cluster_id: 0,
         });
         let stream = futures::stream::iter(std::iter::once(first).chain(pieces));
         client
@@ -287,4 +316,39 @@ async fn send_snapshot(
         Err(error) => tracing::warn!(peer = to, index, %error, "sending a snapshot failed; raft will retry"),
     }
     let _ = reports.send(NodeRequest::SnapshotSent { to, ok }).await;
+}
+
+/// Fetch a plugin component by hash from the first member at `addrs` that
+/// has it, checking the bytes against the hash.
+pub async fn fetch_plugin(
+    link: &Link,
+    sha256: &[u8; 32],
+    addrs: impl IntoIterator<Item = String>,
+    max_message_bytes: usize,
+) -> anyhow::Result<Vec<u8>> {
+    let mut last_error = anyhow::anyhow!("no member to fetch it from");
+    for addr in addrs {
+        let attempt = async {
+            let channel = link
+                .dialer
+                .connect(&addr, Duration::from_secs(2))
+                .await
+                .map_err(anyhow::Error::msg)?;
+            let mut client = PeerClient::new(channel).max_decoding_message_size(max_message_bytes);
+            let response = client
+                .fetch_plugin(crate::proto::FetchPluginRequest {
+                    sha256: sha256.to_vec(),
+                    cluster_id: link.cluster_id,
+                })
+                .await
+                .map_err(|status| anyhow::anyhow!("{}", status.message()))?;
+            anyhow::Ok(response.into_inner().wasm)
+        };
+        match attempt.await {
+            Ok(wasm) if Sha256::digest(&wasm).as_slice() == sha256 => return Ok(wasm),
+            Ok(_) => last_error = anyhow::anyhow!("{addr} sent bytes that do not match the hash"),
+            Err(error) => last_error = error.context(format!("from {addr}")),
+        }
+    }
+    Err(last_error)
 }

@@ -98,6 +98,11 @@ pub struct NodeIdentity {
     /// handed out again.
     #[serde(default)]
     pub max_id: u64,
+    /// The cluster this node belongs to, made when the cluster was
+    /// bootstrapped; every peer RPC carries it. 0 in data dirs made before
+    /// cluster ids existed (then peers' ids are not checked).
+    #[serde(default)]
+    pub cluster_id: u64,
 }
 
 /// A plugin component as stored: its SHA-256 and its bytes.

@@ -149,6 +149,7 @@ fn traps_and_identity_are_recorded<S: LogStore>(store: S) {
         id: 2,
         members: vec![(1, "127.0.0.1:1".into()), (2, "127.0.0.1:2".into())],
         max_id: 2,
+        cluster_id: 0x5eed,
     };
     store.set_identity(&identity).unwrap();
     assert_eq!(store.identity().unwrap(), Some(identity.clone()));
