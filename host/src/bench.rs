@@ -52,6 +52,8 @@ pub struct BenchArgs {
     /// Per-request timeout, in milliseconds.
     #[arg(long, default_value_t = 15_000)]
     pub timeout_ms: u64,
+    #[command(flatten)]
+    pub security: crate::cli::SecurityArgs,
 }
 
 struct Totals {
@@ -77,8 +79,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<i32> {
     let value = "x".repeat(args.value_size);
     let timeout = Duration::from_millis(args.timeout_ms);
     let mut clients = Vec::with_capacity(args.addr.len());
+    let dialer = args.security.dialer()?;
     for addr in &args.addr {
-        clients.push(Client::connect(addr, timeout).await?);
+        clients.push(Client::connect_with(addr, timeout, &dialer).await?);
     }
     if args.stream {
         // Streams do not follow leader hints: open them on the leader.
@@ -86,7 +89,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<i32> {
         if status.leader_id == 0 || status.leader_addr.is_empty() {
             bail!("no leader is known yet; --stream needs one");
         }
-        clients = vec![Client::connect(&status.leader_addr, timeout).await?];
+        clients = vec![clients[0].connect_to(&status.leader_addr).await?];
     }
     let next = Arc::new(AtomicU64::new(0));
     let done = Arc::new(AtomicU64::new(0));

@@ -54,6 +54,25 @@ pub enum Command {
     Debug(DebugCommand),
     /// Measure throughput and latency with concurrent clients.
     Bench(crate::bench::BenchArgs),
+    /// Certificates for a test cluster.
+    #[command(subcommand)]
+    Tls(TlsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TlsCommand {
+    /// Make a certificate authority: DIR/ca.pem and DIR/ca-key.pem.
+    Init { dir: PathBuf },
+    /// Make a certificate for NAME signed by DIR's CA: DIR/NAME.pem and
+    /// DIR/NAME-key.pem, for serving and for dialing (client auth) alike.
+    Issue {
+        dir: PathBuf,
+        name: String,
+        /// A host name or IP address the certificate is valid for
+        /// (repeat for several).
+        #[arg(long = "san", required = true)]
+        sans: Vec<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -142,6 +161,43 @@ pub struct ClientArgs {
     /// How long to wait for an answer, in milliseconds.
     #[arg(long, env = "RAFTIFY_TIMEOUT_MS", default_value_t = 15_000)]
     pub timeout_ms: u64,
+    #[command(flatten)]
+    pub security: SecurityArgs,
+}
+
+/// How a client proves itself and checks the node: TLS and a token.
+#[derive(Debug, Clone, Default, Args)]
+pub struct SecurityArgs {
+    /// Dial over TLS, trusting nodes whose certificate this CA (PEM) signed.
+    #[arg(long, env = "RAFTIFY_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// A client certificate (PEM) to present, signed by the node's CA.
+    #[arg(long, env = "RAFTIFY_TLS_CERT", requires_all = ["tls_ca", "tls_key"])]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "RAFTIFY_TLS_KEY", requires_all = ["tls_ca", "tls_cert"])]
+    pub tls_key: Option<PathBuf>,
+    /// The bearer token for a node run with --auth-file.
+    #[arg(long, env = "RAFTIFY_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+impl SecurityArgs {
+    pub fn dialer(&self) -> anyhow::Result<crate::dial::Dialer> {
+        let mut dialer = crate::dial::Dialer::default();
+        if let Some(ca) = &self.tls_ca {
+            let files = crate::tls::TlsFiles {
+                ca: ca.clone(),
+                cert: self.tls_cert.clone(),
+                key: self.tls_key.clone(),
+            };
+            dialer = dialer.with_tls(crate::tls::client_config(&files, None)?);
+        }
+        if let Some(token) = &self.token {
+            dialer = dialer.with_token(token).map_err(|e| anyhow::anyhow!("--token: {e}"))?;
+        }
+        Ok(dialer)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -182,7 +238,8 @@ pub enum Consistency {
 }
 
 async fn connect(args: &ClientArgs) -> anyhow::Result<Client> {
-    Ok(Client::connect(&args.addr, Duration::from_millis(args.timeout_ms)).await?)
+    let dialer = args.security.dialer()?;
+    Ok(Client::connect_with(&args.addr, Duration::from_millis(args.timeout_ms), &dialer).await?)
 }
 
 /// What one proposal or query came to, for printing.
@@ -295,6 +352,20 @@ pub async fn run_client(command: Command) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Bench(args) => crate::bench::run(args).await,
+        Command::Tls(TlsCommand::Init { dir }) => {
+            crate::tls::init(&dir)?;
+            println!(
+                "wrote {} and {}",
+                dir.join(crate::tls::CA_CERT).display(),
+                dir.join(crate::tls::CA_KEY).display()
+            );
+            Ok(0)
+        }
+        Command::Tls(TlsCommand::Issue { dir, name, sans }) => {
+            let (cert, key) = crate::tls::issue(&dir, &name, &sans)?;
+            println!("wrote {} and {}", cert.display(), key.display());
+            Ok(0)
+        }
         Command::Plugin(PluginCommand::Swap { file, client: args }) => {
             let wasm = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
             let mut client = connect(&args).await?;
@@ -485,9 +556,7 @@ async fn propose(args: ProposeArgs) -> anyhow::Result<i32> {
     // entries are not all refused by a follower.
     let status = client.status().await?;
     let mut raw = if status.leader_id != 0 && status.leader_id != status.id && !status.leader_addr.is_empty() {
-        Client::connect(&status.leader_addr, Duration::from_millis(args.client.timeout_ms))
-            .await?
-            .raw()
+        client.connect_to(&status.leader_addr).await?.raw()
     } else {
         client.raw()
     };
@@ -553,6 +622,8 @@ fn print_status(status: &proto::StatusResponse, output: Output) {
         "listen": status.listen,
         "members": members,
         "snapshot_index": status.snapshot_index,
+        "cluster_id": format!("{:016x}", status.cluster_id),
+        "refused": status.refused.iter().map(|r| (r.reason.clone(), r.count)).collect::<std::collections::BTreeMap<_, _>>(),
         "progress": status.progress.iter().map(|p| json!({
             "id": p.id, "matched": p.matched, "next_index": p.next_index,
             "state": p.state, "recent_active": p.recent_active,
@@ -574,6 +645,10 @@ fn print_status(status: &proto::StatusResponse, output: Output) {
                 status.plugin_sha256, status.plugin_size
             );
             println!("trapped entries: {}", status.trapped_entries);
+            println!("cluster id:      {:016x}", status.cluster_id);
+            for r in &status.refused {
+                println!("refused:         {} {}", r.reason, r.count);
+            }
             for m in &status.members {
                 let role = if m.voter { "voter" } else { "learner" };
                 println!("member:          {} {} {}", m.id, m.addr, role);

@@ -40,7 +40,8 @@ pub struct View {
     pub leader_id: u64,
     pub last_index: u64,
     pub committed: u64,
-    /// Voters and learners of the current configuration.
+    /// Voters and learners of the current configuration, and the members
+    /// this node was told of when it joined.
     pub members: Vec<u64>,
     /// The highest node id ever added to the cluster, as this node knows it.
     pub max_id: u64,

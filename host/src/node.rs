@@ -430,8 +430,12 @@ impl<S: LogStore> Node<S> {
     /// What the firewall needs to know of this node.
     fn view(&self) -> firewall::View {
         let raft = &self.raw.raft;
+        // The configuration raft has applied, and the members this node was
+        // told of (a joiner knows them from its join before it has replayed
+        // a single conf change).
         let mut members = self.voters();
         members.extend(self.learners());
+        members.extend(self.identity.members.iter().map(|(id, _)| *id));
         firewall::View {
             id: raft.id,
             term: raft.term,

@@ -1,0 +1,469 @@
+//! The trust boundary, tried as an outsider who can reach a node's port and
+//! speaks `proto/raftify.proto` and raft-rs's messages: every forged input
+//! is refused, no node stops, the replicas stay identical and the cluster
+//! stays writable.
+
+mod support;
+
+use std::time::Duration;
+
+use protobuf::Message as _;
+use raft::prelude::{Entry, Message, MessageType};
+use raftify_host::proto::peer_client::PeerClient;
+use raftify_host::proto::{RaftBatch, SnapshotChunk};
+use support::*;
+
+/// What a forger reads off `status`: the cluster id, the leader, its term
+/// and log.
+struct Target {
+    cluster_id: u64,
+    leader: u64,
+    term: u64,
+    last_index: u64,
+}
+
+fn target(node: &Node) -> Target {
+    let status = node.status();
+    Target {
+        cluster_id: u64::from_str_radix(status["cluster_id"].as_str().unwrap(), 16).unwrap(),
+        leader: status["leader_id"].as_u64().unwrap(),
+        term: status["term"].as_u64().unwrap(),
+        last_index: status["last_index"].as_u64().unwrap(),
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+async fn peer(addr: &str) -> PeerClient<tonic::transport::Channel> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .expect("connect to the node's peer service");
+    PeerClient::new(channel)
+}
+
+/// Send one batch over `Peer.Stream`; the node's answer once the stream ends.
+fn send(addr: &str, cluster_id: u64, from: u64, messages: &[Message]) -> Result<u64, tonic::Status> {
+    let batch = RaftBatch {
+        messages: messages.iter().map(|m| m.write_to_bytes().unwrap()).collect(),
+        cluster_id,
+        from,
+    };
+    runtime().block_on(async {
+        let mut client = peer(addr).await;
+        let call = client.stream(tokio_stream::iter(vec![batch]));
+        match tokio::time::timeout(Duration::from_secs(10), call).await {
+            Ok(answer) => answer.map(|r| r.into_inner().received),
+            Err(_) => Err(tonic::Status::deadline_exceeded("no answer within 10 s")),
+        }
+    })
+}
+
+fn message(kind: MessageType, from: u64, to: u64, term: u64) -> Message {
+    let mut m = Message::default();
+    m.set_msg_type(kind);
+    m.from = from;
+    m.to = to;
+    m.term = term;
+    m
+}
+
+fn entry(index: u64, term: u64, data: &[u8]) -> Entry {
+    Entry {
+        index,
+        term,
+        data: data.to_vec().into(),
+        ..Default::default()
+    }
+}
+
+/// The refusal counters a node reports, by reason.
+fn refused(node: &Node) -> std::collections::BTreeMap<String, u64> {
+    let status = node.status();
+    status["refused"]
+        .as_object()
+        .map(|o| o.iter().map(|(k, v)| (k.clone(), v.as_u64().unwrap())).collect())
+        .unwrap_or_default()
+}
+
+/// Every node answers, agrees on the leader, and holds the same value for
+/// each key (stale reads: each node's own state).
+fn assert_consistent(cluster: &Cluster, keys: &[&str]) {
+    let leader = cluster.leader();
+    for key in keys {
+        let values: Vec<String> = cluster
+            .nodes
+            .keys()
+            .map(|id| cluster.stale(*id, &format!("get {key}")))
+            .collect();
+        assert!(
+            values.iter().all(|v| *v == values[0]),
+            "replicas differ on {key}: {values:?} (leader {leader})"
+        );
+    }
+}
+
+#[test]
+fn forged_raft_messages_are_refused_and_no_node_stops() {
+    let cluster = Cluster::start(3, &[]);
+    let leader_id = cluster.leader();
+    let leader = cluster.node(leader_id);
+    leader.propose("set before 1").unwrap();
+    let follower_id = cluster.followers()[0];
+    let follower = cluster.node(follower_id);
+    cluster.wait_applied(follower_id, target(leader).last_index);
+    let t = target(follower);
+    let other = (1..=3).find(|id| *id != leader_id && *id != follower_id).unwrap();
+
+    let injected = raftify_host::envelope::command(b"set injected evil");
+    let mut forgeries: Vec<(&str, Message)> = Vec::new();
+    // A term that would overflow at the next election: raft-rs panicked on
+    // it and on every restart after.
+    let mut m = message(MessageType::MsgHeartbeat, t.leader, follower_id, u64::MAX);
+    m.commit = 1;
+    forgeries.push(("term u64::MAX", m));
+    // A commit index past the follower's log.
+    let mut m = message(MessageType::MsgHeartbeat, t.leader, follower_id, t.term);
+    m.commit = t.last_index + 1_000;
+    forgeries.push(("commit beyond the log", m));
+    // An append from a node that is not the term's leader.
+    let mut m = message(MessageType::MsgAppend, other, follower_id, t.term);
+    m.index = t.last_index;
+    m.log_term = t.term;
+    m.set_entries(vec![entry(t.last_index + 1, t.term, &injected)].into());
+    forgeries.push(("append from a non-leader", m));
+    // Entries that are not contiguous.
+    let mut m = message(MessageType::MsgAppend, t.leader, follower_id, t.term);
+    m.index = t.last_index;
+    m.log_term = t.term;
+    m.set_entries(
+        vec![
+            entry(t.last_index + 1, t.term, b""),
+            entry(t.last_index + 3, t.term, b""),
+        ]
+        .into(),
+    );
+    forgeries.push(("non-contiguous append", m));
+    // Entries whose term goes past the message's.
+    let mut m = message(MessageType::MsgAppend, t.leader, follower_id, t.term);
+    m.index = t.last_index;
+    m.log_term = t.term;
+    m.set_entries(vec![entry(t.last_index + 1, t.term + 5, &injected)].into());
+    forgeries.push(("entries from a future term", m));
+    // A made-up node campaigning and heartbeating at a higher term.
+    forgeries.push((
+        "heartbeat from node 99",
+        message(MessageType::MsgHeartbeat, 99, follower_id, t.term + 10),
+    ));
+    forgeries.push((
+        "vote request from node 99",
+        message(MessageType::MsgRequestVote, 99, follower_id, t.term + 10),
+    ));
+    // A snapshot on the message stream.
+    forgeries.push((
+        "snapshot on the stream",
+        message(MessageType::MsgSnapshot, t.leader, follower_id, t.term),
+    ));
+    // Local-only messages: a forced election, a remote proposal.
+    forgeries.push((
+        "remote MsgHup",
+        message(MessageType::MsgHup, t.leader, follower_id, t.term),
+    ));
+    let mut m = message(MessageType::MsgPropose, t.leader, follower_id, t.term);
+    m.set_entries(vec![entry(0, 0, &injected)].into());
+    forgeries.push(("remote MsgPropose", m));
+    // Addressed to someone else.
+    forgeries.push((
+        "addressed to another node",
+        message(MessageType::MsgHeartbeat, t.leader, other, t.term),
+    ));
+    for (what, forged) in &forgeries {
+        let sent = send(&follower.addr, t.cluster_id, forged.from, std::slice::from_ref(forged));
+        assert!(sent.is_ok(), "{what}: the stream itself should be taken: {sent:?}");
+        assert!(
+            follower.try_status().is_some(),
+            "{what} stopped the follower; log:\n{}",
+            follower.log_text()
+        );
+    }
+    // A read-index request without its context entry panicked the leader.
+    let lt = target(leader);
+    let forged = message(MessageType::MsgReadIndex, follower_id, leader_id, lt.term);
+    send(&leader.addr, lt.cluster_id, follower_id, &[forged]).unwrap();
+    // A leader-transfer order from outside.
+    let forged = message(MessageType::MsgTransferLeader, follower_id, leader_id, lt.term);
+    send(&leader.addr, lt.cluster_id, follower_id, &[forged]).unwrap();
+    // A batch whose messages claim another sender than the batch.
+    let forged = message(MessageType::MsgHeartbeat, t.leader, follower_id, t.term);
+    send(&follower.addr, t.cluster_id, other, &[forged]).unwrap();
+
+    // Another cluster's batches are refused whole.
+    let wrong = send(
+        &follower.addr,
+        t.cluster_id ^ 1,
+        t.leader,
+        &[message(MessageType::MsgHeartbeat, t.leader, follower_id, t.term)],
+    );
+    assert_eq!(wrong.unwrap_err().code(), tonic::Code::PermissionDenied);
+
+    // Nothing got through: every node is up, the term did not jump, the
+    // forged write is nowhere, and the refusals are counted by reason.
+    for (id, node) in &cluster.nodes {
+        assert!(
+            node.try_status().is_some(),
+            "node {id} stopped; log:\n{}",
+            node.log_text()
+        );
+    }
+    let after = target(follower);
+    assert!(
+        after.term < t.term + 10,
+        "the term jumped from {} to {}",
+        t.term,
+        after.term
+    );
+    let counts = refused(follower);
+    for reason in [
+        "overflow",
+        "beyond_log",
+        "not_the_leader",
+        "bad_entries",
+        "not_a_member",
+        "snapshot_out_of_band",
+        "local_only",
+        "addressing",
+        "other_cluster",
+    ] {
+        assert!(
+            counts.get(reason).copied().unwrap_or(0) > 0,
+            "no {reason} refusal counted: {counts:?}"
+        );
+    }
+    let counts = refused(leader);
+    assert!(counts.get("bad_read_index").copied().unwrap_or(0) > 0, "{counts:?}");
+    assert!(counts.get("local_only").copied().unwrap_or(0) > 0, "{counts:?}");
+
+    // The cluster is writable and its replicas agree.
+    for i in 0..20 {
+        cluster
+            .node(cluster.leader())
+            .propose(&format!("set after{i} {i}"))
+            .unwrap();
+    }
+    let last = target(cluster.node(cluster.leader())).last_index;
+    for id in [1, 2, 3] {
+        cluster.wait_applied(id, last);
+    }
+    assert_eq!(cluster.stale(follower_id, "get injected"), "(nil)");
+    assert_consistent(&cluster, &["before", "after0", "after19", "injected"]);
+}
+
+/// Stream a snapshot to `addr`: a header message, an announced size and
+/// the chunks given. The node's answer.
+async fn push_snapshot(
+    addr: &str,
+    header: Message,
+    cluster_id: u64,
+    total: u64,
+    chunks: Vec<Vec<u8>>,
+) -> Result<(), tonic::Status> {
+    let mut client = peer(addr).await;
+    let first = SnapshotChunk {
+        message: header.write_to_bytes().unwrap(),
+        total_bytes: total,
+        data: Vec::new(),
+        cluster_id,
+    };
+    let rest = chunks.into_iter().map(|data| SnapshotChunk {
+        data,
+        ..Default::default()
+    });
+    let stream = tokio_stream::iter(std::iter::once(first).chain(rest));
+    client.install_snapshot(stream).await.map(|_| ())
+}
+
+fn snapshot_message(t: &Target, from: u64, to: u64) -> Message {
+    let mut m = message(MessageType::MsgSnapshot, from, to, t.term);
+    let meta = m.mut_snapshot().mut_metadata();
+    meta.index = t.last_index + 10;
+    meta.term = t.term;
+    meta.mut_conf_state().voters = vec![1, 2, 3];
+    m
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn forged_and_oversized_snapshots_are_refused_with_memory_held_to_a_chunk() {
+    let cluster = Cluster::start(3, &[]);
+    let leader_id = cluster.leader();
+    cluster.node(leader_id).propose("set before 1").unwrap();
+    let follower_id = cluster.followers()[0];
+    let follower = cluster.node(follower_id);
+    let t = target(follower);
+    let other = (1..=3).find(|id| *id != leader_id && *id != follower_id).unwrap();
+    let rt = runtime();
+
+    // Garbage data "from the leader": refused after the transfer, the node stays.
+    let garbage = vec![0xAB; 64 << 10];
+    let header = snapshot_message(&t, leader_id, follower_id);
+    let refused_garbage = rt.block_on(push_snapshot(
+        &follower.addr,
+        header,
+        t.cluster_id,
+        garbage.len() as u64,
+        vec![garbage],
+    ));
+    let error = refused_garbage.unwrap_err();
+    assert!(error.message().contains("not a raftify snapshot"), "{error:?}");
+    // From a node that is not the leader: refused before any data.
+    let header = snapshot_message(&t, other, follower_id);
+    let error = rt
+        .block_on(push_snapshot(
+            &follower.addr,
+            header,
+            t.cluster_id,
+            10,
+            vec![vec![0; 10]],
+        ))
+        .unwrap_err();
+    assert!(error.message().contains("not_the_leader"), "{error:?}");
+    // Another cluster: refused.
+    let header = snapshot_message(&t, leader_id, follower_id);
+    let error = rt
+        .block_on(push_snapshot(&follower.addr, header, t.cluster_id ^ 1, 10, vec![]))
+        .unwrap_err();
+    assert_eq!(error.code(), tonic::Code::PermissionDenied);
+    // Longer than announced, and cut short: refused.
+    let header = snapshot_message(&t, leader_id, follower_id);
+    let error = rt
+        .block_on(push_snapshot(
+            &follower.addr,
+            header.clone(),
+            t.cluster_id,
+            4,
+            vec![vec![0; 8]],
+        ))
+        .unwrap_err();
+    assert!(error.message().contains("longer than"), "{error:?}");
+    let error = rt
+        .block_on(push_snapshot(
+            &follower.addr,
+            header,
+            t.cluster_id,
+            100,
+            vec![vec![0; 8]],
+        ))
+        .unwrap_err();
+    assert!(error.message().contains("ended after 8 of 100"), "{error:?}");
+
+    // Three pushes announcing 8 GiB each, held open while sending 1 MiB
+    // chunks: one is taken at a time, and memory stays near where it was.
+    let before = rss_kib(follower.pid());
+    let (addr, cluster_id) = (follower.addr.clone(), t.cluster_id);
+    let header = snapshot_message(&t, leader_id, follower_id);
+    let outcomes = rt.block_on(async move {
+        let pushes = (0..3).map(|_| {
+            let (addr, header) = (addr.clone(), header.clone());
+            async move {
+                let mut client = peer(&addr).await;
+                let first = SnapshotChunk {
+                    message: header.write_to_bytes().unwrap(),
+                    total_bytes: 8 << 30,
+                    data: Vec::new(),
+                    cluster_id,
+                };
+                // 64 MiB in 1 MiB chunks, then the stream is cut.
+                let rest = (0..64).map(|_| SnapshotChunk {
+                    data: vec![7; 1 << 20],
+                    ..Default::default()
+                });
+                let stream = tokio_stream::iter(std::iter::once(first).chain(rest));
+                client.install_snapshot(stream).await.map(|_| ()).unwrap_err()
+            }
+        });
+        futures::future::join_all(pushes).await
+    });
+    let busy = outcomes
+        .iter()
+        .filter(|s| s.code() == tonic::Code::ResourceExhausted)
+        .count();
+    assert!(
+        busy >= 1,
+        "no push was turned away while another was received: {outcomes:?}"
+    );
+    let after = rss_kib(follower.pid());
+    eprintln!("follower RSS before {before} KiB, after three 8 GiB pushes {after} KiB");
+    assert!(after < before + 48 * 1024, "RSS grew from {before} KiB to {after} KiB");
+    assert!(!follower.data_dir.join("incoming/snapshot.partial").exists());
+
+    // Everyone is up, the cluster is writable and consistent.
+    for (id, node) in &cluster.nodes {
+        assert!(
+            node.try_status().is_some(),
+            "node {id} stopped; log:\n{}",
+            node.log_text()
+        );
+    }
+    assert!(refused(follower).get("bad_snapshot").copied().unwrap_or(0) >= 3);
+    cluster.node(cluster.leader()).propose("set after 1").unwrap();
+    let last = target(cluster.node(cluster.leader())).last_index;
+    for id in [1, 2, 3] {
+        cluster.wait_applied(id, last);
+    }
+    assert_consistent(&cluster, &["before", "after"]);
+}
+
+#[test]
+fn joins_at_dead_or_bad_addresses_cannot_cost_the_quorum() {
+    let mut cluster = Cluster::start(3, &[]);
+    let leader_id = cluster.leader();
+    let addr = cluster.node(leader_id).addr.clone();
+    // Bad addresses and ids are refused outright.
+    for bad in ["[::1]:1:2", "evil host:1", "evil\nhost:1", "h:0"] {
+        let out = cli(&["member", "add", bad, "--addr", &addr]);
+        assert!(!out.status.success(), "{bad:?} was accepted");
+    }
+    for bad_id in [u64::MAX.to_string(), "1000".to_string(), "2".to_string()] {
+        let out = cli(&["member", "add", &free_addr(), "--id", &bad_id, "--addr", &addr]);
+        assert!(!out.status.success(), "id {bad_id} was accepted: {}", stdout(&out));
+    }
+    // Three joins at addresses where nothing listens, on a young cluster
+    // whose log is shorter than the promotion lag.
+    let mut dead = Vec::new();
+    for _ in 0..3 {
+        let out = cli(&["member", "add", &free_addr(), "--addr", &addr]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let id: u64 = stdout(&out).parse().unwrap();
+        assert!(id >= 4, "got id {id}");
+        dead.push(id);
+    }
+    // Well past an election timeout, they are still learners.
+    std::thread::sleep(Duration::from_secs(3));
+    let members = cluster.node(cluster.leader()).status()["members"].clone();
+    for member in members.as_array().unwrap() {
+        let id = member["id"].as_u64().unwrap();
+        if dead.contains(&id) {
+            assert_eq!(member["role"], "learner", "dead node {id} was promoted: {members}");
+        }
+    }
+    // Losing one real voter leaves a quorum.
+    let victim = cluster.followers()[0];
+    cluster.kill(victim);
+    let leader = cluster.leader();
+    cluster.node(leader).propose("set still 1").unwrap();
+}
