@@ -467,3 +467,273 @@ fn joins_at_dead_or_bad_addresses_cannot_cost_the_quorum() {
     let leader = cluster.leader();
     cluster.node(leader).propose("set still 1").unwrap();
 }
+
+/// A CA in `dir` with a certificate for each name, valid for 127.0.0.1.
+fn certificates(dir: &std::path::Path, names: &[&str]) {
+    let d = dir.to_str().unwrap();
+    let out = cli(&["tls", "init", d]);
+    assert!(out.status.success(), "tls init: {}", stderr(&out));
+    for name in names {
+        let out = cli(&["tls", "issue", d, name, "--san", "127.0.0.1", "--san", "localhost"]);
+        assert!(out.status.success(), "tls issue {name}: {}", stderr(&out));
+    }
+}
+
+fn path(dir: &std::path::Path, file: &str) -> String {
+    dir.join(file).to_str().unwrap().to_string()
+}
+
+/// Start `n` nodes serving mutual TLS with their own certificates (and
+/// `extra` flags); CLI calls reach them with `client_flags`.
+fn tls_cluster(
+    dir: &std::path::Path,
+    certs: &std::path::Path,
+    n: u64,
+    extra: &[&str],
+    client_flags: &[String],
+) -> Vec<Node> {
+    let addrs: Vec<String> = (1..=n).map(|_| free_addr()).collect();
+    let peers = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, a)| format!("{}={a}", i + 1))
+        .collect::<Vec<_>>()
+        .join(",");
+    let nodes: Vec<Node> = (1..=n)
+        .map(|id| {
+            let (cert, key) = (
+                path(certs, &format!("n{id}.pem")),
+                path(certs, &format!("n{id}-key.pem")),
+            );
+            let id_text = id.to_string();
+            let ca = path(certs, "ca.pem");
+            let mut flags = vec![
+                "--id",
+                &id_text,
+                "--peers",
+                &peers,
+                "--tls-ca",
+                &ca,
+                "--tls-cert",
+                &cert,
+                "--tls-key",
+                &key,
+            ];
+            flags.extend(extra);
+            let mut node = Node::spawn(&dir.join(format!("n{id}")), &addrs[id as usize - 1], &flags);
+            node.client_flags = client_flags.to_vec();
+            node
+        })
+        .collect();
+    for node in &nodes {
+        node.wait_ready();
+    }
+    nodes
+}
+
+#[test]
+fn a_tls_cluster_takes_only_mutual_tls_peers_and_tls_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    let rogue = dir.path().join("rogue");
+    certificates(&certs, &["n1", "n2", "n3", "n4"]);
+    certificates(&rogue, &["r1"]);
+    let ca = path(&certs, "ca.pem");
+    let client = vec!["--tls-ca".to_string(), ca.clone()];
+    let nodes = tls_cluster(dir.path(), &certs, 3, &[], &client);
+
+    // Over TLS the cluster replicates, follows the leader and answers.
+    nodes[1].propose("set secure 1").unwrap();
+    assert_eq!(nodes[2].query("get secure").unwrap(), "1");
+    let status = nodes[0].status();
+    assert_eq!(status["members"].as_array().unwrap().len(), 3);
+
+    // Plaintext against a TLS node: one clear line, non-zero exit.
+    let out = cli(&["status", "--addr", &nodes[0].addr, "--timeout-ms", "3000"]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    // A client trusting another CA refuses the node's certificate.
+    let out = cli(&["status", "--addr", &nodes[0].addr, "--tls-ca", &path(&rogue, "ca.pem")]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).to_lowercase().contains("certificate"), "{}", stderr(&out));
+    // TLS against a plaintext node: refused with a hint.
+    let plain = Node::start(&dir.path().join("plain"), &free_addr(), &[]);
+    let out = cli(&["status", "--addr", &plain.addr, "--tls-ca", &ca]);
+    assert!(!out.status.success());
+    assert_eq!(stderr(&out).lines().count(), 1, "{}", stderr(&out));
+
+    // The peer service wants a client certificate from this CA.
+    let rt = runtime();
+    let addr = nodes[0].addr.clone();
+    let fetch = |identity: Option<(&std::path::Path, &str)>| {
+        let mut tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(std::fs::read(&ca).unwrap()));
+        if let Some((dir, name)) = identity {
+            let cert = std::fs::read(path(dir, &format!("{name}.pem"))).unwrap();
+            let key = std::fs::read(path(dir, &format!("{name}-key.pem"))).unwrap();
+            tls = tls.identity(tonic::transport::Identity::from_pem(cert, key));
+        }
+        let addr = addr.clone();
+        rt.block_on(async move {
+            let channel = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
+                .unwrap()
+                .tls_config(tls)
+                .unwrap()
+                .connect()
+                .await
+                .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+            PeerClient::new(channel)
+                .fetch_plugin(raftify_host::proto::FetchPluginRequest {
+                    sha256: vec![0; 32],
+                    cluster_id: 0,
+                })
+                .await
+                .map(|_| ())
+        })
+    };
+    assert_eq!(fetch(None).unwrap_err().code(), tonic::Code::Unauthenticated);
+    // A certificate from another CA does not get through the handshake.
+    assert!(fetch(Some((&rogue, "r1"))).is_err());
+    // A member's certificate does (and the plugin is not there: NOT_FOUND
+    // means the request got in... and the cluster id 0 is another cluster's).
+    assert_eq!(
+        fetch(Some((&certs, "n4"))).unwrap_err().code(),
+        tonic::Code::PermissionDenied
+    );
+
+    // A fourth node joins over mutual TLS.
+    let joiner_addr = free_addr();
+    let (cert, key) = (path(&certs, "n4.pem"), path(&certs, "n4-key.pem"));
+    let mut joiner = Node::spawn(
+        &dir.path().join("n4"),
+        &joiner_addr,
+        &[
+            "--join",
+            &nodes[0].addr,
+            "--tls-ca",
+            &ca,
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+        ],
+    );
+    joiner.client_flags = client.clone();
+    joiner.wait_ready();
+    wait_until(START_DEADLINE, "the joiner to catch up", || {
+        joiner
+            .cli(&["query", "get secure", "--consistency", "stale", "--addr", &joiner_addr])
+            .stdout
+            .starts_with(b"1")
+    });
+}
+
+#[test]
+fn tokens_with_roles_gate_every_client_rpc_and_never_show() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    certificates(&certs, &["n1", "n2"]);
+    let ca = path(&certs, "ca.pem");
+    let (reader, writer, admin) = ("read-token-8f3a", "write-token-2c9d", "admin-token-71be");
+    let auth = dir.path().join("auth.toml");
+    let mut text = String::new();
+    for (name, role, token) in [
+        ("dash", "read", reader),
+        ("app", "write", writer),
+        ("ops", "admin", admin),
+    ] {
+        text += &format!(
+            "[[token]]\nname = \"{name}\"\nrole = \"{role}\"\nsha256 = \"{}\"\n\n",
+            raftify_host::auth::sha256_hex(token)
+        );
+    }
+    std::fs::write(&auth, text).unwrap();
+    let auth_path = auth.to_str().unwrap().to_string();
+
+    // Without TLS, --auth-file is refused at start.
+    let mut refused = Node::spawn(&dir.path().join("plain"), &free_addr(), &["--auth-file", &auth_path]);
+    let status = refused.wait_exit(Duration::from_secs(30));
+    assert!(!status.success());
+    assert!(
+        refused.log_text().contains("--auth-file needs TLS"),
+        "{}",
+        refused.log_text()
+    );
+
+    let client = vec![
+        "--tls-ca".to_string(),
+        ca.clone(),
+        "--token".to_string(),
+        reader.to_string(),
+    ];
+    let nodes = tls_cluster(dir.path(), &certs, 1, &["--auth-file", &auth_path], &client);
+    let node = &nodes[0];
+    let addr = node.addr.clone();
+    let wasm = dir.path().join("kv.wasm");
+    std::fs::write(&wasm, raftify_host::daemon::EMBEDDED_KV).unwrap();
+    let wasm = wasm.to_str().unwrap().to_string();
+    let spare = free_addr();
+    // Every client command, the role it needs, and its arguments.
+    let commands: Vec<(&str, Vec<&str>)> = vec![
+        ("read", vec!["query", "get a"]),
+        ("read", vec!["status"]),
+        ("read", vec!["members"]),
+        ("read", vec!["plugin", "list"]),
+        ("write", vec!["propose", "set a 1"]),
+        ("admin", vec!["snapshot"]),
+        ("admin", vec!["leader", "transfer", "1"]),
+        ("admin", vec!["member", "add", &spare]),
+        ("admin", vec!["plugin", "swap", &wasm]),
+    ];
+    let run = |token: Option<&str>, args: &[&str]| {
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["--addr", &addr, "--tls-ca", &ca]);
+        if let Some(token) = token {
+            all.extend(["--token", token]);
+        }
+        cli(&all)
+    };
+    let rank = |role: &str| ["read", "write", "admin"].iter().position(|r| *r == role).unwrap();
+    for (needed, args) in &commands {
+        for (held, token) in [("read", reader), ("write", writer), ("admin", admin)] {
+            let out = run(Some(token), args);
+            if rank(held) >= rank(needed) {
+                assert!(out.status.success(), "{held} token, {args:?}: {}", stderr(&out));
+            } else {
+                assert!(!out.status.success(), "{held} token was let through {args:?}");
+                let err = stderr(&out);
+                assert!(err.contains(&format!("needs {needed}")), "{args:?}: {err}");
+                assert!(err.contains(&format!("has role {held}")), "{args:?}: {err}");
+            }
+        }
+        let none = run(None, args);
+        assert!(!none.status.success(), "no token was let through {args:?}");
+        assert!(stderr(&none).contains("token is required"), "{}", stderr(&none));
+        let wrong = run(Some("not-a-real-token"), args);
+        assert!(!wrong.status.success());
+        assert!(stderr(&wrong).contains("not valid"), "{}", stderr(&wrong));
+    }
+    // A refused write changed nothing: `a` holds the admin-era value only.
+    assert_eq!(node.query("get a").unwrap(), "1");
+
+    // Joining needs an admin token.
+    let (cert, key) = (path(&certs, "n2.pem"), path(&certs, "n2-key.pem"));
+    let join_flags = ["--join", &addr, "--tls-ca", &ca, "--tls-cert", &cert, "--tls-key", &key];
+    let mut denied = Node::spawn(&dir.path().join("j1"), &free_addr(), &join_flags);
+    let status = denied.wait_exit(Duration::from_secs(60));
+    assert!(!status.success());
+    assert!(denied.log_text().contains("token is required"), "{}", denied.log_text());
+    let mut flags = join_flags.to_vec();
+    flags.extend(["--token", admin]);
+    let mut joined = Node::spawn(&dir.path().join("j2"), &free_addr(), &flags);
+    joined.client_flags = client.clone();
+    joined.wait_ready();
+
+    // No token appears in any log.
+    for log in [node.log_text(), joined.log_text(), denied.log_text()] {
+        for token in [reader, writer, admin] {
+            assert!(!log.contains(token), "a token is in a log line");
+        }
+    }
+}

@@ -131,7 +131,7 @@ impl Client {
         call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     ) -> Result<Result<T, tonic::Status>, ClientError> {
         match tokio::time::timeout(self.timeout, call).await {
-            Ok(result) => Ok(result.map(tonic::Response::into_inner)),
+            Ok(result) => Ok(result.map(tonic::Response::into_inner).map_err(|s| self.explain(s))),
             Err(_) => Err(ClientError::Timeout {
                 addr: self.addr.clone(),
                 timeout_ms: self.timeout.as_millis() as u64,
@@ -211,6 +211,26 @@ impl Client {
         self.bounded(inner.list_plugins(crate::proto::ListPluginsRequest {}))
             .await?
             .map_err(ClientError::Rpc)
+    }
+
+    /// A hint for a plaintext client whose connection a TLS node closed.
+    fn explain(&self, status: tonic::Status) -> tonic::Status {
+        let dropped = [
+            "operation was canceled",
+            "connection closed",
+            "h2 protocol error",
+            "connection reset",
+        ];
+        let transport = status.code() != tonic::Code::Ok && dropped.iter().any(|d| status.message().contains(d));
+        if transport && !self.dialer.is_tls() {
+            tonic::Status::unavailable(format!(
+                "{} closed the connection: {} (is it serving TLS? then pass --tls-ca)",
+                self.addr,
+                status.message()
+            ))
+        } else {
+            status
+        }
     }
 
     /// A unary call that follows leader hints, bounded by the timeout.

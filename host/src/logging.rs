@@ -11,8 +11,9 @@ use slog::{Drain, KV};
 pub const RAFT_TARGET: &str = "raft_rs";
 
 /// The node's default filter: our own info lines, raft-rs's and the HTTP/2
-/// stack's warnings.
-pub const DEFAULT_FILTER: &str = "info,raft_rs=warn,h2=warn,tower=warn";
+/// stack's warnings, and tonic's failed TLS handshakes (a plaintext client,
+/// a certificate from another CA), which it logs at debug.
+pub const DEFAULT_FILTER: &str = "info,raft_rs=warn,h2=warn,tower=warn,tonic::transport::server::io_stream=debug";
 
 /// Install the process-wide subscriber. `filter` is an `EnvFilter` directive
 /// (e.g. [`DEFAULT_FILTER`]); `RAFTIFY_LOG` overrides it.

@@ -58,6 +58,8 @@ pub struct Node {
     pub addr: String,
     pub data_dir: PathBuf,
     pub log: PathBuf,
+    /// Flags every CLI call to this node gets (TLS, a token).
+    pub client_flags: Vec<String>,
     child: Option<Child>,
 }
 
@@ -94,8 +96,24 @@ impl Node {
             addr: addr.to_string(),
             data_dir: data_dir.to_path_buf(),
             log,
+            client_flags: Vec::new(),
             child: Some(child),
         }
+    }
+
+    /// Start a node that CLI calls reach with `client_flags` (TLS, a token).
+    pub fn start_secured(data_dir: &Path, addr: &str, extra: &[&str], client_flags: &[&str]) -> Node {
+        let mut node = Node::spawn(data_dir, addr, extra);
+        node.client_flags = client_flags.iter().map(|s| s.to_string()).collect();
+        node.wait_ready();
+        node
+    }
+
+    /// A CLI call with this node's client flags.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(self.client_flags.iter().map(String::as_str));
+        cli(&all)
     }
 
     pub fn pid(&self) -> u32 {
@@ -105,7 +123,7 @@ impl Node {
     pub fn wait_ready(&self) {
         let deadline = Instant::now() + START_DEADLINE;
         loop {
-            let status = cli(&["status", "-o", "json", "--addr", &self.addr, "--timeout-ms", "2000"]);
+            let status = self.cli(&["status", "-o", "json", "--addr", &self.addr, "--timeout-ms", "2000"]);
             if status.status.success() {
                 let json: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
                 if json["leader_id"].as_u64().unwrap_or(0) != 0 {
@@ -160,7 +178,7 @@ impl Node {
 
     /// `status`, or `None` while the node is not answering (starting up).
     pub fn try_status(&self) -> Option<serde_json::Value> {
-        let out = cli(&["status", "-o", "json", "--addr", &self.addr, "--timeout-ms", "2000"]);
+        let out = self.cli(&["status", "-o", "json", "--addr", &self.addr, "--timeout-ms", "2000"]);
         if !out.status.success() {
             return None;
         }
@@ -168,18 +186,18 @@ impl Node {
     }
 
     pub fn status(&self) -> serde_json::Value {
-        let out = cli(&["status", "-o", "json", "--addr", &self.addr]);
+        let out = self.cli(&["status", "-o", "json", "--addr", &self.addr]);
         assert!(out.status.success(), "status failed: {}", stderr(&out));
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
     /// `propose TEXT` against this node; the trimmed stdout on success.
     pub fn propose(&self, text: &str) -> Result<String, String> {
-        outcome(cli(&["propose", text, "--addr", &self.addr]))
+        outcome(self.cli(&["propose", text, "--addr", &self.addr]))
     }
 
     pub fn query(&self, text: &str) -> Result<String, String> {
-        outcome(cli(&["query", text, "--addr", &self.addr]))
+        outcome(self.cli(&["query", text, "--addr", &self.addr]))
     }
 }
 
@@ -312,7 +330,7 @@ impl Cluster {
                 .nodes
                 .values()
                 .map(|node| {
-                    let out = cli(&["status", "-o", "json", "--addr", &node.addr, "--timeout-ms", "2000"]);
+                    let out = node.cli(&["status", "-o", "json", "--addr", &node.addr, "--timeout-ms", "2000"]);
                     if !out.status.success() {
                         return 0;
                     }
@@ -367,14 +385,7 @@ impl Cluster {
     }
 
     pub fn stale(&self, id: u64, text: &str) -> String {
-        outcome(cli(&[
-            "query",
-            text,
-            "--consistency",
-            "stale",
-            "--addr",
-            &self.nodes[&id].addr,
-        ]))
-        .unwrap()
+        let node = &self.nodes[&id];
+        outcome(node.cli(&["query", text, "--consistency", "stale", "--addr", &node.addr])).unwrap()
     }
 }
