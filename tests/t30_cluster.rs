@@ -371,3 +371,59 @@ fn without_a_quorum_a_proposal_fails_clearly_within_its_deadline() {
     );
     assert!(took < Duration::from_secs(10), "took {took:?}");
 }
+
+/// Linearizable reads through a follower across a leader's SIGKILL: a read
+/// forwarded to the dead leader, or dropped by the new one before it
+/// committed an entry of its term, is asked again, so no read fails or
+/// waits for its deadline while a quorum is up (issue 18: every such read
+/// failed after 4 s with "the proposal may or may not have been committed").
+#[test]
+fn linearizable_reads_through_a_follower_survive_the_leaders_death() {
+    let mut cluster = Cluster::start(3, &["--request-timeout-ms", "20000"]);
+    let old = cluster.leader();
+    cluster.node(old).propose("set k before").unwrap();
+    let reader = cluster.followers()[0];
+    let addr = cluster.node(reader).addr.clone();
+    let killed_at = std::sync::Arc::new(std::sync::Mutex::new(None::<Instant>));
+    let killed = killed_at.clone();
+    let reads = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let mut client = Client::connect(&addr, Duration::from_secs(30)).await.unwrap();
+            let mut results = Vec::new();
+            let deadline = Instant::now() + Duration::from_secs(60);
+            // Read until 2 s of reads succeeded after the kill.
+            let mut served_after_kill = None::<Instant>;
+            while Instant::now() < deadline && served_after_kill.is_none_or(|at| at.elapsed() < Duration::from_secs(2))
+            {
+                let started = Instant::now();
+                let result = client
+                    .query_text("get k", raftify_host::proto::Consistency::Linearizable)
+                    .await
+                    .map(|r| r.text);
+                let after_kill = killed.lock().unwrap().is_some_and(|k| started > k);
+                if after_kill && result.is_ok() && served_after_kill.is_none() {
+                    served_after_kill = Some(Instant::now());
+                }
+                results.push((started.elapsed(), after_kill, result));
+            }
+            results
+        })
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    cluster.kill(old);
+    *killed_at.lock().unwrap() = Some(Instant::now());
+    let results = reads.join().unwrap();
+    let failed: Vec<_> = results.iter().filter(|(_, _, r)| r.is_err()).collect();
+    assert!(failed.is_empty(), "reads failed: {failed:?}");
+    assert!(
+        results.iter().any(|(_, after, _)| *after),
+        "no read was made after the kill"
+    );
+    assert!(results.iter().all(|(_, _, r)| r.as_ref().is_ok_and(|t| t == "before")));
+    let longest = results.iter().map(|(d, _, _)| *d).max().unwrap();
+    eprintln!("{} reads; the longest took {longest:?}", results.len());
+}

@@ -89,6 +89,12 @@ pub enum ProposeError {
     Overwritten(u64),
     #[error("no result within {0} ms; the proposal may or may not have been committed")]
     Timeout(u64),
+    /// A read (never a write) that could not be served in time: no leader,
+    /// no quorum, or this node is behind the read index.
+    #[error(
+        "the read was not served within {0} ms (no leader or quorum confirmed it yet); it wrote nothing, so retrying is safe"
+    )]
+    ReadTimeout(u64),
     #[error("the node is shutting down")]
     Shutdown,
     /// Not now, but retrying soon may work (e.g. a membership change is in
@@ -184,10 +190,18 @@ pub enum NodeError {
     FsmGone,
 }
 
+/// A linearizable read waiting for its read index.
 struct PendingRead {
     reply: oneshot::Sender<Result<u64, ProposeError>>,
-    since: Instant,
+    /// When its ReadIndex request last went to raft.
+    sent: Instant,
 }
+
+/// How often an unanswered ReadIndex request is sent again (etcd: 500 ms).
+/// A request can be lost on the way to a leader that died, dropped by a
+/// leader that has not committed an entry of its term yet, or lost with a
+/// broken peer stream; raft never answers those, so the loop asks again.
+const READ_RETRY: Duration = Duration::from_millis(500);
 
 pub struct Node<S: LogStore> {
     raw: RawNode<Staged<S>>,
@@ -207,6 +221,15 @@ pub struct Node<S: LogStore> {
     proposals: BTreeMap<u64, Proposal>,
     reads: HashMap<Vec<u8>, PendingRead>,
     next_read_id: u64,
+    /// Read contexts are (node id, this run's nonce, counter): raft-rs keys
+    /// pending reads by context, so two nodes (or two runs of one) must
+    /// never send the same one.
+    read_nonce: u64,
+    /// (term, leader, whether an entry of the term is known committed) when
+    /// pending reads were last sent: a change sends them again at once. A
+    /// new leader drops read requests until it committed an entry of its
+    /// term, so that moment matters too.
+    read_leader: (u64, u64, bool),
     applied: watch::Receiver<u64>,
     /// The hard state last written, to persist commit-index advances.
     hard_state: HardState,
@@ -297,6 +320,11 @@ impl<S: LogStore> Node<S> {
             proposals: BTreeMap::new(),
             reads: HashMap::new(),
             next_read_id: 0,
+            read_nonce: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64)
+                ^ u64::from(std::process::id()).rotate_left(32),
+            read_leader: (0, 0, false),
             applied,
             hard_state,
             hard_state_dirty: false,
@@ -366,15 +394,7 @@ impl<S: LogStore> Node<S> {
                 .send(FsmRequest::Snapshot { reply })
                 .map_err(|_| NodeError::FsmGone)?;
         }
-        let timeout = Duration::from_millis(self.config.tick_interval_ms * self.config.election_ticks as u64 * 4);
-        self.reads.retain(|_, read| {
-            if read.since.elapsed() > timeout || read.reply.is_closed() {
-                let _ = std::mem::replace(&mut read.reply, oneshot::channel().0)
-                    .send(Err(ProposeError::Timeout(timeout.as_millis() as u64)));
-                return false;
-            }
-            true
-        });
+        self.retry_reads();
         // Commit-index and applied-index advances are persisted lazily, at
         // most once per tick: they can be relearned, so they need no fsync
         // of their own on the hot path.
@@ -688,15 +708,51 @@ impl<S: LogStore> Node<S> {
             return;
         }
         self.next_read_id += 1;
-        let ctx = self.next_read_id.to_be_bytes().to_vec();
+        let mut ctx = Vec::with_capacity(24);
+        ctx.extend_from_slice(&self.raw.raft.id.to_be_bytes());
+        ctx.extend_from_slice(&self.read_nonce.to_be_bytes());
+        ctx.extend_from_slice(&self.next_read_id.to_be_bytes());
         self.raw.read_index(ctx.clone());
         self.reads.insert(
             ctx,
             PendingRead {
                 reply,
-                since: Instant::now(),
+                sent: Instant::now(),
             },
         );
+    }
+
+    /// Each tick: forget reads whose caller gave up (its deadline passed),
+    /// and send again those unanswered for `READ_RETRY`, or all of them
+    /// when the leader or term changed. A retry with the same context is
+    /// harmless: the leader keeps one pending read per context, and the
+    /// first answer serves the read.
+    fn retry_reads(&mut self) {
+        self.reads.retain(|_, read| !read.reply.is_closed());
+        let raft = &self.raw.raft;
+        let committed_in_term = raft
+            .raft_log
+            .term(raft.raft_log.committed)
+            .is_ok_and(|t| t == raft.term);
+        let leader = (raft.term, raft.leader_id, committed_in_term);
+        let changed = leader != self.read_leader;
+        self.read_leader = leader;
+        if leader.1 == raft::INVALID_ID || self.reads.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let due: Vec<Vec<u8>> = self
+            .reads
+            .iter_mut()
+            .filter(|(_, read)| changed || now.duration_since(read.sent) >= READ_RETRY)
+            .map(|(ctx, read)| {
+                read.sent = now;
+                ctx.clone()
+            })
+            .collect();
+        for ctx in due {
+            self.raw.read_index(ctx);
+        }
     }
 
     fn status(&self) -> NodeStatus {

@@ -236,8 +236,18 @@ impl Services {
         }
     }
 
-    async fn read_index(&self) -> Result<u64, Status> {
-        self.ask(|reply| NodeRequest::ReadIndex { reply }).await
+    async fn read_index(&self, deadline: tokio::time::Instant) -> Result<u64, Status> {
+        let (reply, answer) = oneshot::channel();
+        self.node
+            .try_send(NodeRequest::ReadIndex { reply })
+            .map_err(|_| Status::resource_exhausted("busy: the node's request queue is full; retry later"))?;
+        match tokio::time::timeout_at(deadline, answer).await {
+            Err(_) => Err(propose_status(ProposeError::ReadTimeout(
+                self.config.request_timeout_ms,
+            ))),
+            Ok(Err(_)) => Err(propose_status(ProposeError::Shutdown)),
+            Ok(Ok(result)) => result.map_err(propose_status),
+        }
     }
 }
 
@@ -290,6 +300,7 @@ fn propose_status(error: ProposeError) -> Status {
         ProposeError::Dropped(_) | ProposeError::Shutdown => Status::unavailable(message),
         ProposeError::Overwritten(_) => Status::aborted(message),
         ProposeError::Timeout(_) => Status::deadline_exceeded(message),
+        ProposeError::ReadTimeout(_) => Status::unavailable(message),
         ProposeError::Retry(_) => Status::unavailable(message),
         ProposeError::Invalid(_) => Status::invalid_argument(message),
     }
@@ -598,8 +609,10 @@ impl proto::client_server::Client for Services {
                 self.config.max_proposal_bytes
             )));
         }
+        // One deadline for the whole read: the read index, then applying up to it.
+        let deadline = tokio::time::Instant::now() + self.timeout();
         let read_index = match proto::Consistency::try_from(request.consistency) {
-            Ok(proto::Consistency::Linearizable) => self.read_index().await?,
+            Ok(proto::Consistency::Linearizable) => self.read_index(deadline).await?,
             Ok(proto::Consistency::Stale) => 0,
             Err(_) => return Err(Status::invalid_argument("unknown consistency level")),
         };
@@ -611,9 +624,11 @@ impl proto::client_server::Client for Services {
                 reply,
             })
             .map_err(|_| propose_status(ProposeError::Shutdown))?;
-        let Answered { index, result } = match tokio::time::timeout(self.timeout(), answer).await {
+        let Answered { index, result } = match tokio::time::timeout_at(deadline, answer).await {
             Err(_) => {
-                return Err(propose_status(ProposeError::Timeout(self.config.request_timeout_ms)));
+                return Err(propose_status(ProposeError::ReadTimeout(
+                    self.config.request_timeout_ms,
+                )));
             }
             Ok(Err(_)) => return Err(propose_status(ProposeError::Shutdown)),
             Ok(Ok(answered)) => answered,
