@@ -67,6 +67,27 @@ fn hostile_entries_fail_alone_and_the_node_keeps_serving_its_state() {
     assert_eq!(node.status()["trapped_entries"], 4);
 }
 
+/// A plugin whose restore() writes to stderr (as a panic message does):
+/// the restart that restores its snapshot used to panic the host
+/// ("Cannot start a runtime from within a runtime") at every start, since
+/// the restore ran on an async runtime thread.
+#[test]
+fn a_plugin_that_prints_while_restoring_does_not_stop_the_node_from_starting() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = chaos_plugin(dir.path());
+    let data = dir.path().join("n1");
+    let addr = free_addr();
+    let mut node = Node::start(&data, &addr, &["--plugin", plugin.as_str()]);
+    assert_eq!(node.propose("set a 1").unwrap(), "OK");
+    assert_eq!(node.propose("print-on-restore").unwrap(), "OK");
+    let out = node.cli(&["snapshot", "--addr", &addr]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    node.kill();
+    let node = Node::start(&data, &addr, &[]);
+    assert_eq!(node.query("get a").unwrap(), "1");
+    assert!(node.log_text().contains("chaos: restoring"), "{}", node.log_text());
+}
+
 #[test]
 fn plugin_check_vets_a_component_offline_and_fills_the_compile_cache() {
     let dir = tempfile::tempdir().unwrap();

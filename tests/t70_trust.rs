@@ -633,7 +633,7 @@ fn a_tls_cluster_takes_only_mutual_tls_peers_and_tls_clients() {
 fn tokens_with_roles_gate_every_client_rpc_and_never_show() {
     let dir = tempfile::tempdir().unwrap();
     let certs = dir.path().join("certs");
-    certificates(&certs, &["n1", "n2"]);
+    certificates(&certs, &["n1", "n2", "ops"]);
     let ca = path(&certs, "ca.pem");
     let (reader, writer, admin) = ("read-token-8f3a", "write-token-2c9d", "admin-token-71be");
     let auth = dir.path().join("auth.toml");
@@ -669,6 +669,20 @@ fn tokens_with_roles_gate_every_client_rpc_and_never_show() {
     ];
     let nodes = tls_cluster(dir.path(), &certs, 1, &["--auth-file", &auth_path], &client);
     let node = &nodes[0];
+    // Without a certificate, even an admin cannot join a node.
+    let out = cli(&[
+        "member",
+        "add",
+        &free_addr(),
+        "--addr",
+        &node.addr,
+        "--tls-ca",
+        &ca,
+        "--token",
+        admin,
+    ]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("client certificate"), "{}", stderr(&out));
     let addr = node.addr.clone();
     let wasm = dir.path().join("kv.wasm");
     std::fs::write(&wasm, raftify_host::daemon::EMBEDDED_KV).unwrap();
@@ -686,9 +700,20 @@ fn tokens_with_roles_gate_every_client_rpc_and_never_show() {
         ("admin", vec!["member", "add", &spare]),
         ("admin", vec!["plugin", "swap", &wasm]),
     ];
+    let (ops_cert, ops_key) = (path(&certs, "ops.pem"), path(&certs, "ops-key.pem"));
     let run = |token: Option<&str>, args: &[&str]| {
         let mut all: Vec<&str> = args.to_vec();
-        all.extend(["--addr", &addr, "--tls-ca", &ca]);
+        // Joining (`member add`) over TLS takes a member's certificate too.
+        all.extend([
+            "--addr",
+            &addr,
+            "--tls-ca",
+            &ca,
+            "--tls-cert",
+            &ops_cert,
+            "--tls-key",
+            &ops_key,
+        ]);
         if let Some(token) = token {
             all.extend(["--token", token]);
         }

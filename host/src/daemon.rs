@@ -112,26 +112,50 @@ pub async fn run(config: NodeConfig, listener: TcpListener, shutdown: impl Futur
     };
     let (applied_tx, applied_rx) = watch::channel(0u64);
     let (active_tx, active_rx) = watch::channel(active_plugin);
-    let fsm = Fsm::new(
-        store.clone(),
-        sandbox.clone(),
-        first_plugin,
-        config.snapshot.clone(),
-        applied_tx,
-        active_tx,
-        plugin_fetcher(
-            tokio::runtime::Handle::current(),
-            link.clone(),
-            config.transport.max_message_bytes,
-        ),
-    )?;
-    let trapped_entries = fsm.trap_counter();
     let (fsm_tx, fsm_rx) = std::sync::mpsc::channel();
+    let (started_tx, started_rx) = std::sync::mpsc::sync_channel(1);
+    let fetcher = plugin_fetcher(
+        tokio::runtime::Handle::current(),
+        link.clone(),
+        config.transport.max_message_bytes,
+    );
+    let (fsm_store, fsm_sandbox, snapshot_config) = (store.clone(), sandbox.clone(), config.snapshot.clone());
     let fsm_span = span.clone();
+    // The worker is built on its own thread too, not here: building it
+    // restores the stored snapshot through the plugin, and no plugin call
+    // may run on an async runtime thread (wasmtime-wasi's synchronous WASI
+    // calls, such as a guest printing a panic message, `block_on` the
+    // runtime, which panics there).
     let fsm_thread = std::thread::Builder::new()
         .name(format!("apply-{id}"))
-        .spawn(move || fsm_span.in_scope(|| fsm.run(fsm_rx)))
+        .spawn(move || {
+            fsm_span.in_scope(|| {
+                let fsm = Fsm::new(
+                    fsm_store,
+                    fsm_sandbox,
+                    first_plugin,
+                    snapshot_config,
+                    applied_tx,
+                    active_tx,
+                    fetcher,
+                );
+                match fsm {
+                    Ok(fsm) => {
+                        let _ = started_tx.send(Ok(fsm.trap_counter()));
+                        fsm.run(fsm_rx)
+                    }
+                    Err(error) => {
+                        let _ = started_tx.send(Err(error));
+                        Ok(())
+                    }
+                }
+            })
+        })
         .context("cannot start the apply worker thread")?;
+    let trapped_entries = tokio::task::spawn_blocking(move || started_rx.recv())
+        .await
+        .context("waiting for the apply worker")?
+        .context("the apply worker thread stopped while starting")??;
 
     let (node_tx, node_rx) = mpsc::channel(NODE_QUEUE);
     let refusals = Arc::new(Refusals::default());

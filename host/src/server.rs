@@ -365,6 +365,11 @@ impl Services {
 #[tonic::async_trait]
 impl proto::client_server::Client for Services {
     async fn join(&self, request: Request<proto::JoinRequest>) -> Result<Response<proto::JoinResponse>, Status> {
+        // A joiner becomes a peer: over TLS it must show a certificate of
+        // the cluster's CA, as peers do (so must `member add`).
+        if self.peer.tls {
+            self.peer.admit(&request, None)?;
+        }
         self.peer.admit_client(&request)?;
         let request = request.into_inner();
         if crate::config::check_addr(&request.addr).is_err() {

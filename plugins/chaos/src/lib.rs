@@ -88,6 +88,10 @@ impl Plugin for Chaos {
                 self.map.insert("!bad-restore".to_string(), "1".to_string());
                 Ok(b"OK".to_vec())
             }
+            ["print-on-restore"] => {
+                self.map.insert("!print-on-restore".to_string(), "1".to_string());
+                Ok(b"OK".to_vec())
+            }
             other => Err(format!("chaos: unknown entry {other:?}")),
         }
     }
@@ -119,6 +123,10 @@ impl Plugin for Chaos {
         for line in text.lines() {
             let (k, v) = line.split_once(' ').ok_or("chaos: bad snapshot line")?;
             map.insert(k.to_string(), v.to_string());
+        }
+        if map.contains_key("!print-on-restore") {
+            // What a panic message or a debug print does: WASI output.
+            eprintln!("chaos: restoring {} keys", map.len());
         }
         if map.contains_key("!bad-restore") {
             return Err("chaos: restore refused on purpose".to_string());
