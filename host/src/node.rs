@@ -426,7 +426,8 @@ impl<S: LogStore> Node<S> {
             NodeRequest::Raft(message) => self.step_peer(*message, Channel::Stream),
             NodeRequest::Snapshot(message) => self.step_peer(*message, Channel::InstallSnapshot),
             NodeRequest::CheckSnapshot { message, reply } => {
-                let _ = reply.send(firewall::check(&message, Channel::InstallSnapshot, &self.view()));
+                let view = self.view(message.from);
+                let _ = reply.send(firewall::check(&message, Channel::InstallSnapshot, &view));
             }
             // `run` stops before handing this over.
             NodeRequest::Shutdown => {}
@@ -438,7 +439,7 @@ impl<S: LogStore> Node<S> {
 
     /// Step a message from a peer, if the firewall lets it through.
     fn step_peer(&mut self, message: Message, channel: Channel) {
-        if let Err(reason) = firewall::check(&message, channel, &self.view()) {
+        if let Err(reason) = firewall::check(&message, channel, &self.view(message.from)) {
             self.refusals.record(reason, &message);
             return;
         }
@@ -447,22 +448,24 @@ impl<S: LogStore> Node<S> {
         }
     }
 
-    /// What the firewall needs to know of this node.
-    fn view(&self) -> firewall::View {
+    /// What the firewall needs to know of this node, for a message from
+    /// `sender`. (Built per message, without allocating.)
+    fn view(&self, sender: u64) -> firewall::View {
         let raft = &self.raw.raft;
+        let conf = raft.prs().conf();
         // The configuration raft has applied, and the members this node was
         // told of (a joiner knows them from its join before it has replayed
         // a single conf change).
-        let mut members = self.voters();
-        members.extend(self.learners());
-        members.extend(self.identity.members.iter().map(|(id, _)| *id));
+        let sender_is_member = conf.voters().contains(sender)
+            || conf.learners().contains(&sender)
+            || self.identity.members.iter().any(|(id, _)| *id == sender);
         firewall::View {
             id: raft.id,
             term: raft.term,
             leader_id: raft.leader_id,
             last_index: raft.raft_log.last_index(),
             committed: raft.raft_log.committed,
-            members,
+            sender_is_member,
             max_id: self.identity.max_id,
         }
     }
