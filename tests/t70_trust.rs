@@ -193,10 +193,22 @@ fn forged_raft_messages_are_refused_and_no_node_stops() {
             follower.log_text()
         );
     }
-    // A read-index request without its context entry panicked the leader.
+    // A read-index request without its context entry panicked the leader
+    // (a follower forwards them with term 0).
     let lt = target(leader);
-    let forged = message(MessageType::MsgReadIndex, follower_id, leader_id, lt.term);
+    let forged = message(MessageType::MsgReadIndex, follower_id, leader_id, 0);
     send(&leader.addr, lt.cluster_id, follower_id, &[forged]).unwrap();
+    // A vote request at term 0 skips raft-rs's term checks; granting it
+    // hit `fatal!` ("term should be set").
+    let mut forged = message(MessageType::MsgRequestVote, leader_id, follower_id, 0);
+    forged.index = 1 << 40;
+    forged.log_term = 1 << 40;
+    send(&follower.addr, t.cluster_id, leader_id, &[forged]).unwrap();
+    // An append with log_term 0 past the log made raft-rs commit past it.
+    let mut forged = message(MessageType::MsgAppend, t.leader, follower_id, t.term + 1);
+    forged.index = t.last_index + 1;
+    forged.commit = t.last_index + 1;
+    send(&follower.addr, t.cluster_id, t.leader, &[forged]).unwrap();
     // A leader-transfer order from outside.
     let forged = message(MessageType::MsgTransferLeader, follower_id, leader_id, lt.term);
     send(&leader.addr, lt.cluster_id, follower_id, &[forged]).unwrap();
@@ -240,6 +252,7 @@ fn forged_raft_messages_are_refused_and_no_node_stops() {
         "local_only",
         "addressing",
         "other_cluster",
+        "bad_term",
     ] {
         assert!(
             counts.get(reason).copied().unwrap_or(0) > 0,
@@ -407,9 +420,49 @@ fn forged_and_oversized_snapshots_are_refused_with_memory_held_to_a_chunk() {
         "no push was turned away while another was received: {outcomes:?}"
     );
     let after = rss_kib(follower.pid());
-    eprintln!("follower RSS before {before} KiB, after three 8 GiB pushes {after} KiB");
+    println!("follower RSS before {before} KiB, after three 8 GiB pushes {after} KiB");
     assert!(after < before + 48 * 1024, "RSS grew from {before} KiB to {after} KiB");
     assert!(!follower.data_dir.join("incoming/snapshot.partial").exists());
+
+    // Well-formed snapshots that do not check out: metadata raft-rs cannot
+    // restore, members that are not the configuration, a plugin nobody has.
+    let mut no_voters = snapshot_message(&t, leader_id, follower_id);
+    no_voters.mut_snapshot().mut_metadata().mut_conf_state().voters.clear();
+    no_voters.mut_snapshot().mut_metadata().mut_conf_state().learners = vec![follower_id];
+    let error = rt
+        .block_on(push_snapshot(&follower.addr, no_voters, t.cluster_id, 1, vec![vec![0]]))
+        .unwrap_err();
+    assert!(error.message().contains("snapshot_out_of_band"), "{error:?}");
+    let members: Vec<(u64, String)> = cluster.addrs.iter().map(|(id, a)| (*id, a.clone())).collect();
+    for (what, header) in [
+        (
+            "are not its configuration",
+            raftify_host::snapshot::SnapshotHeader {
+                plugin_sha256: [1; 32],
+                members: vec![(u64::MAX, "127.0.0.1:1".into())],
+            },
+        ),
+        (
+            "cannot get",
+            raftify_host::snapshot::SnapshotHeader {
+                plugin_sha256: [1; 32],
+                members: members.clone(),
+            },
+        ),
+    ] {
+        let data = raftify_host::snapshot::encode(&header, b"state");
+        let message = snapshot_message(&t, leader_id, follower_id);
+        let error = rt
+            .block_on(push_snapshot(
+                &follower.addr,
+                message,
+                t.cluster_id,
+                data.len() as u64,
+                vec![data],
+            ))
+            .unwrap_err();
+        assert!(error.message().contains(what), "{what}: {error:?}");
+    }
 
     // Everyone is up, the cluster is writable and consistent.
     for (id, node) in &cluster.nodes {

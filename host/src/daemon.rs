@@ -199,6 +199,8 @@ pub async fn run(config: NodeConfig, listener: TcpListener, shutdown: impl Futur
             snapshot_slot: Arc::new(tokio::sync::Semaphore::new(1)),
         }),
     };
+    // A transfer cut by a crash left its partial file behind.
+    let _ = std::fs::remove_file(config.data_dir.join("incoming").join("snapshot.partial"));
     let max = config.transport.max_message_bytes;
     let connections = &config.connections;
     let keepalive = std::time::Duration::from_millis(connections.keepalive_interval_ms);

@@ -114,8 +114,9 @@ pub fn open(data: &[u8]) -> Result<Payload<'_>, EnvelopeError> {
         None => Ok(Payload::Empty),
         Some((&COMMAND, rest)) => Ok(Payload::Command(rest)),
         Some((&HOST, rest)) => {
-            let (entry, used) = bincode::serde::decode_from_slice(rest, bincode::config::standard())
-                .map_err(|e| EnvelopeError::BadHostEntry(e.to_string()))?;
+            let (entry, used) =
+                bincode::serde::decode_from_slice(rest, bincode::config::standard().with_limit::<{ 1 << 20 }>())
+                    .map_err(|e| EnvelopeError::BadHostEntry(e.to_string()))?;
             if used != rest.len() {
                 return Err(EnvelopeError::BadHostEntry("trailing bytes".into()));
             }

@@ -29,7 +29,12 @@ pub const MAX_TERM_OR_INDEX: u64 = 1 << 62;
 /// A node that lags behind recent joins still hears the newcomers (one of
 /// them may be the leader), while made-up ids far off are refused. Join
 /// ids are held to the same window (see `node.rs`).
-pub const MAX_UNKNOWN_ID_GAP: u64 = 16;
+pub const MAX_UNKNOWN_ID_GAP: u64 = 64;
+
+/// The ids a node may have: never 0, and small enough for any arithmetic.
+fn valid_id(id: u64) -> bool {
+    id != 0 && id <= MAX_TERM_OR_INDEX
+}
 
 /// What the rules need to know about the receiving node.
 #[derive(Debug, Clone, Default)]
@@ -58,6 +63,11 @@ pub enum Refusal {
     LocalOnly,
     /// A term or index near the top of `u64`.
     Overflow,
+    /// Term 0 on anything but a forwarded `MsgReadIndex` (raft-rs treats
+    /// term 0 as local and skips its term checks), or a term on one.
+    BadTerm,
+    /// A field this host never sets (`request_snapshot`).
+    Unexpected,
     /// An append, heartbeat or snapshot for the current term from a node
     /// that is not that term's leader.
     NotTheLeader,
@@ -70,7 +80,10 @@ pub enum Refusal {
     BeyondLog,
     /// A read-index message without exactly one context entry.
     BadReadIndex,
-    /// A snapshot that did not come through `InstallSnapshot`.
+    /// A snapshot that did not come through `InstallSnapshot`, or whose
+    /// metadata raft-rs could not restore (term or index 0, a term above
+    /// the message's, a configuration without voters, with id 0, with
+    /// duplicates, joint, or without this node).
     SnapshotOutOfBand,
     /// A conf change entry raft could not decode, or a joint one (this
     /// host never proposes those).
@@ -85,11 +98,13 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 13] = [
+    pub const ALL: [Refusal; 15] = [
         Refusal::Addressing,
         Refusal::NotAMember,
         Refusal::LocalOnly,
         Refusal::Overflow,
+        Refusal::BadTerm,
+        Refusal::Unexpected,
         Refusal::NotTheLeader,
         Refusal::BadEntries,
         Refusal::BeyondLog,
@@ -108,6 +123,8 @@ impl Refusal {
             Refusal::NotAMember => "not_a_member",
             Refusal::LocalOnly => "local_only",
             Refusal::Overflow => "overflow",
+            Refusal::BadTerm => "bad_term",
+            Refusal::Unexpected => "unexpected",
             Refusal::NotTheLeader => "not_the_leader",
             Refusal::BadEntries => "bad_entries",
             Refusal::BeyondLog => "beyond_log",
@@ -168,6 +185,14 @@ pub fn check(message: &Message, channel: Channel, view: &View) -> Result<(), Ref
     if numbers.into_iter().chain(entry_numbers).any(|n| n > MAX_TERM_OR_INDEX) {
         return Err(Refusal::Overflow);
     }
+    // raft-rs sends term 0 only on MsgPropose (refused above) and on a
+    // follower's forwarded MsgReadIndex, which must not carry a term.
+    if (kind == MsgReadIndex) != (message.term == 0) {
+        return Err(Refusal::BadTerm);
+    }
+    if message.request_snapshot != 0 {
+        return Err(Refusal::Unexpected);
+    }
     let leader_only = matches!(
         kind,
         MsgAppend | MsgHeartbeat | MsgSnapshot | MsgTimeoutNow | MsgReadIndexResp
@@ -184,7 +209,9 @@ pub fn check(message: &Message, channel: Channel, view: &View) -> Result<(), Ref
         MsgReadIndex | MsgReadIndexResp if message.get_entries().len() != 1 => {
             return Err(Refusal::BadReadIndex);
         }
-        MsgSnapshot if channel != Channel::InstallSnapshot => return Err(Refusal::SnapshotOutOfBand),
+        MsgSnapshot if channel != Channel::InstallSnapshot || !restorable(message, view.id) => {
+            return Err(Refusal::SnapshotOutOfBand);
+        }
         _ => {}
     }
     if kind != MsgAppend && !message.get_entries().is_empty() && !matches!(kind, MsgReadIndex | MsgReadIndexResp) {
@@ -197,13 +224,15 @@ pub fn check(message: &Message, channel: Channel, view: &View) -> Result<(), Ref
 /// down, none above the message's term or below `log_term`, and conf
 /// changes this host can decode.
 fn check_entries(message: &Message) -> Result<(), Refusal> {
-    if message.log_term > message.term {
+    // Term 0 means "no entry": only index 0 has it, and no entry has it
+    // (bootstrap entries are at term 1).
+    if message.log_term > message.term || (message.log_term == 0) != (message.index == 0) {
         return Err(Refusal::BadEntries);
     }
     let mut previous_term = message.log_term;
     for (offset, entry) in message.get_entries().iter().enumerate() {
         let expected = message.index.checked_add(offset as u64 + 1).ok_or(Refusal::Overflow)?;
-        if entry.index != expected || entry.term < previous_term || entry.term > message.term {
+        if entry.index != expected || entry.term == 0 || entry.term < previous_term || entry.term > message.term {
             return Err(Refusal::BadEntries);
         }
         previous_term = entry.term;
@@ -216,6 +245,28 @@ fn check_entries(message: &Message) -> Result<(), Refusal> {
         }
     }
     Ok(())
+}
+
+/// A snapshot's metadata as raft-rs can restore it: index and term from
+/// 1, the term no higher than the message's, and a simple configuration
+/// (voters, no joint part) with valid, distinct ids that names `own`.
+fn restorable(message: &Message, own: u64) -> bool {
+    let meta = message.get_snapshot().get_metadata();
+    let conf = meta.get_conf_state();
+    let mut ids: Vec<u64> = conf.voters.iter().chain(&conf.learners).copied().collect();
+    let all_valid = ids.iter().all(|id| valid_id(*id));
+    ids.sort_unstable();
+    let distinct = ids.windows(2).all(|pair| pair[0] != pair[1]);
+    meta.index >= 1
+        && meta.term >= 1
+        && meta.term <= message.term
+        && !conf.voters.is_empty()
+        && all_valid
+        && distinct
+        && ids.binary_search(&own).is_ok()
+        && conf.voters_outgoing.is_empty()
+        && conf.learners_next.is_empty()
+        && !conf.auto_leave
 }
 
 /// Refusal counters, and a log line per reason at most every ten seconds.
@@ -472,19 +523,25 @@ mod tests {
 
     #[test]
     fn read_index_messages_carry_one_context() {
-        let empty = message(MessageType::MsgReadIndex, 3);
+        let mut empty = message(MessageType::MsgReadIndex, 3);
+        empty.term = 0;
         assert_eq!(stream(&empty), Err(Refusal::BadReadIndex));
         let mut resp = message(MessageType::MsgReadIndexResp, 1);
         resp.set_entries(vec![entry(0, 0), entry(0, 0)].into());
         assert_eq!(stream(&resp), Err(Refusal::BadReadIndex));
         let mut ok = message(MessageType::MsgReadIndex, 3);
+        ok.term = 0;
         ok.set_entries(vec![entry(0, 0)].into());
         assert_eq!(stream(&ok), Ok(()));
     }
 
     #[test]
     fn snapshots_come_only_through_install_snapshot() {
-        let snapshot = message(MessageType::MsgSnapshot, 1);
+        let mut snapshot = message(MessageType::MsgSnapshot, 1);
+        let meta = snapshot.mut_snapshot().mut_metadata();
+        meta.index = 20;
+        meta.term = 5;
+        meta.mut_conf_state().voters = vec![1, 2, 3];
         assert_eq!(stream(&snapshot), Err(Refusal::SnapshotOutOfBand));
         assert_eq!(check(&snapshot, Channel::InstallSnapshot, &view()), Ok(()));
         let mut forged = snapshot.clone();
@@ -493,6 +550,73 @@ mod tests {
             check(&forged, Channel::InstallSnapshot, &view()),
             Err(Refusal::NotTheLeader)
         );
+    }
+
+    #[test]
+    fn snapshot_metadata_must_be_restorable() {
+        let mut good = message(MessageType::MsgSnapshot, 1);
+        let meta = good.mut_snapshot().mut_metadata();
+        meta.index = 20;
+        meta.term = 5;
+        meta.mut_conf_state().voters = vec![1, 3];
+        meta.mut_conf_state().learners = vec![2];
+        assert_eq!(check(&good, Channel::InstallSnapshot, &view()), Ok(()));
+        let variants: [fn(&mut raft::prelude::SnapshotMetadata); 9] = [
+            |m| m.index = 0,
+            |m| m.term = 0,
+            |m| m.term = 6,
+            |m| m.mut_conf_state().voters.clear(),
+            |m| m.mut_conf_state().voters.push(0),
+            |m| m.mut_conf_state().voters.push(2),
+            |m| m.mut_conf_state().learners.clear(),
+            |m| m.mut_conf_state().voters_outgoing = vec![1],
+            |m| m.mut_conf_state().auto_leave = true,
+        ];
+        for (i, change) in variants.iter().enumerate() {
+            let mut bad = good.clone();
+            change(bad.mut_snapshot().mut_metadata());
+            assert_eq!(
+                check(&bad, Channel::InstallSnapshot, &view()),
+                Err(Refusal::SnapshotOutOfBand),
+                "variant {i}"
+            );
+        }
+    }
+
+    #[test]
+    fn term_zero_is_only_for_forwarded_read_index() {
+        // raft-rs skips its term checks for term 0; a granted vote at term
+        // 0 hits `fatal!` when it answers.
+        let mut vote = message(MessageType::MsgRequestVote, 1);
+        vote.term = 0;
+        assert_eq!(stream(&vote), Err(Refusal::BadTerm));
+        let mut resp = message(MessageType::MsgReadIndexResp, 1);
+        resp.term = 0;
+        resp.set_entries(vec![entry(0, 0)].into());
+        assert_eq!(stream(&resp), Err(Refusal::BadTerm));
+        let mut read = message(MessageType::MsgReadIndex, 3);
+        read.set_entries(vec![entry(0, 0)].into());
+        assert_eq!(stream(&read), Err(Refusal::BadTerm), "a forwarded read has no term");
+        read.term = 0;
+        assert_eq!(stream(&read), Ok(()));
+    }
+
+    #[test]
+    fn no_entry_has_term_zero_and_only_index_zero_has_log_term_zero() {
+        let past_the_log = append(11, 0, vec![]);
+        assert_eq!(stream(&past_the_log), Err(Refusal::BadEntries));
+        let zero_term_entry = append(0, 0, vec![entry(1, 0)]);
+        assert_eq!(stream(&zero_term_entry), Err(Refusal::BadEntries));
+        assert_eq!(stream(&append(0, 0, vec![entry(1, 1)])), Ok(()));
+    }
+
+    #[test]
+    fn requests_for_a_snapshot_are_refused() {
+        let mut ack = message(MessageType::MsgAppendResponse, 3);
+        ack.reject = true;
+        ack.index = 9;
+        ack.request_snapshot = 1 << 40;
+        assert_eq!(stream(&ack), Err(Refusal::Unexpected));
     }
 
     #[test]

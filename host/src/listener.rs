@@ -23,7 +23,9 @@ use tonic::transport::server::{Connected, TcpConnectInfo};
 pub struct ConnectionConfig {
     /// Connections served at once; more are closed on accept.
     pub max_connections: usize,
-    /// A new connection must send its first bytes within this time.
+    /// A new connection must send its first bytes (the 24-byte HTTP/2
+    /// preface, or the TLS handshake) within this time, however slowly
+    /// they trickle in.
     pub handshake_timeout_ms: u64,
     /// A connection that sends nothing for this long is closed. The server
     /// pings every `keepalive_interval_ms`, so a live client always answers
@@ -91,6 +93,7 @@ async fn accept_loop(listener: TcpListener, config: ConnectionConfig, tx: mpsc::
         let conn = Conn {
             stream,
             _permit: permit,
+            preface_left: PREFACE_BYTES,
             idle: Duration::from_millis(config.idle_timeout_ms),
             deadline: Box::pin(tokio::time::sleep(Duration::from_millis(config.handshake_timeout_ms))),
         };
@@ -100,11 +103,16 @@ async fn accept_loop(listener: TcpListener, config: ConnectionConfig, tx: mpsc::
     }
 }
 
+/// The HTTP/2 client preface; a TLS ClientHello is longer.
+const PREFACE_BYTES: usize = 24;
+
 /// An accepted connection: holds its slot until dropped, and fails reads
-/// once the peer has been silent past its deadline.
+/// once the peer has been silent past its deadline (before its first
+/// `PREFACE_BYTES`, a fixed deadline from the accept).
 pub struct Conn {
     stream: TcpStream,
     _permit: OwnedSemaphorePermit,
+    preface_left: usize,
     idle: Duration,
     deadline: Pin<Box<Sleep>>,
 }
@@ -121,10 +129,19 @@ impl Connected for Conn {
 
 impl AsyncRead for Conn {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        if self.preface_left > 0 && self.deadline.is_elapsed() {
+            // Bytes trickling in just before each read do not buy time.
+            return Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the connection did not finish its handshake in time",
+            )));
+        }
         let before = buf.filled().len();
         match Pin::new(&mut self.stream).poll_read(cx, buf) {
             Poll::Ready(result) => {
-                if buf.filled().len() > before {
+                let read = buf.filled().len() - before;
+                self.preface_left = self.preface_left.saturating_sub(read);
+                if read > 0 && self.preface_left == 0 {
                     let next = Instant::now() + self.idle;
                     self.deadline.as_mut().reset(next);
                 }
@@ -227,8 +244,31 @@ mod tests {
         assert_eq!(error.kind(), std::io::ErrorKind::TimedOut);
         assert!(started.elapsed() >= Duration::from_millis(150));
 
+        // A byte at a time does not stretch the deadline for the preface.
+        let mut trickle = TcpStream::connect(&addr).await.unwrap();
+        let mut conn = incoming.next().await.unwrap().unwrap();
+        let started = std::time::Instant::now();
+        let outcome = loop {
+            tokio::io::AsyncWriteExt::write_all(&mut trickle, b"x").await.unwrap();
+            match tokio::time::timeout(Duration::from_millis(100), conn.read(&mut buf)).await {
+                Ok(Ok(_)) => tokio::time::sleep(Duration::from_millis(50)).await,
+                Ok(Err(error)) => break error,
+                Err(_) => {}
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "the trickle was never cut off"
+            );
+        };
+        assert_eq!(outcome.kind(), std::io::ErrorKind::TimedOut);
+
         let mut talker = TcpStream::connect(&addr).await.unwrap();
         let mut conn = incoming.next().await.unwrap().unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut talker, &[b'P'; PREFACE_BYTES])
+            .await
+            .unwrap();
+        let mut preface = [0u8; PREFACE_BYTES];
+        conn.read_exact(&mut preface).await.unwrap();
         for _ in 0..4 {
             // Each write lands within the idle timeout: reads keep working.
             tokio::time::sleep(Duration::from_millis(150)).await;

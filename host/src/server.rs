@@ -724,8 +724,9 @@ impl proto::peer_server::Peer for Services {
                 let message = Message::parse_from_bytes(&bytes)
                     .map_err(|e| Status::invalid_argument(format!("malformed raft message: {e}")))?;
                 received += 1;
-                if message.from != batch.from {
-                    // A batch speaks for one sender.
+                // A batch speaks for one sender, except for read requests a
+                // follower relays to its leader (raft keeps their origin).
+                if message.from != batch.from && message.get_msg_type() != raft::prelude::MessageType::MsgReadIndex {
                     self.peer.refusals.record(Refusal::Addressing, &message);
                     continue;
                 }
@@ -758,10 +759,13 @@ impl proto::peer_server::Peer for Services {
     }
 
     /// Receive a snapshot: one at a time, only from a sender the firewall
-    /// would take it from, written to a file as it arrives (memory holds one
-    /// chunk, whatever size the sender announces), then checked (layout,
-    /// plugin) before raft sees it. Anything wrong is an error to the
-    /// sender, which raft retries later; nothing here stops the node.
+    /// would take it from, written to a file as it arrives (while it
+    /// arrives, memory holds one chunk, whatever size the sender
+    /// announces; once complete it is read back whole, as raft steps it),
+    /// then checked (layout, members, plugin) before raft sees it. A sender
+    /// that goes quiet for `SNAPSHOT_CHUNK_WAIT` loses the slot. Anything
+    /// wrong is an error to the sender, which raft retries later; nothing
+    /// here stops the node.
     async fn install_snapshot(
         &self,
         request: Request<Streaming<proto::SnapshotChunk>>,
@@ -819,9 +823,17 @@ impl proto::peer_server::Peer for Services {
         loop {
             let data = match pending.take() {
                 Some(data) => data,
-                None => match chunks.message().await? {
-                    Some(chunk) => chunk.data,
-                    None => break,
+                None => match tokio::time::timeout(SNAPSHOT_CHUNK_WAIT, chunks.message()).await {
+                    Ok(chunk) => match chunk? {
+                        Some(chunk) => chunk.data,
+                        None => break,
+                    },
+                    Err(_) => {
+                        return Err(self.peer.bad_snapshot(format!(
+                            "no data for {} s after {received} of {total} bytes",
+                            SNAPSHOT_CHUNK_WAIT.as_secs()
+                        )));
+                    }
                 },
             };
             received = received.saturating_add(data.len() as u64);
@@ -844,7 +856,7 @@ impl proto::peer_server::Peer for Services {
             .read_all()
             .await
             .map_err(|e| Status::internal(format!("cannot read back an incoming snapshot: {e}")))?;
-        self.check_snapshot_data(&data).await?;
+        self.check_snapshot_data(&message, &data).await?;
         message.mut_snapshot().data = data.into();
         self.node
             .send(NodeRequest::Snapshot(Box::new(message)))
@@ -858,8 +870,28 @@ impl Services {
     /// The snapshot's layout must decode and its plugin must be at hand
     /// (stored, or fetched now from the members it names), so installing
     /// it cannot fail for either reason later.
-    async fn check_snapshot_data(&self, data: &[u8]) -> Result<(), Status> {
+    async fn check_snapshot_data(&self, message: &Message, data: &[u8]) -> Result<(), Status> {
         let (header, _) = crate::snapshot::decode(data).map_err(|e| self.peer.bad_snapshot(e.to_string()))?;
+        // The addresses must be those of the configuration raft will adopt.
+        let conf = message.get_snapshot().get_metadata().get_conf_state();
+        let mut conf_ids: Vec<u64> = conf.voters.iter().chain(&conf.learners).copied().collect();
+        conf_ids.sort_unstable();
+        let mut header_ids: Vec<u64> = header.members.iter().map(|(id, _)| *id).collect();
+        header_ids.sort_unstable();
+        if header_ids != conf_ids {
+            return Err(self.peer.bad_snapshot(format!(
+                "its members {header_ids:?} are not its configuration {conf_ids:?}"
+            )));
+        }
+        if let Some((id, addr)) = header
+            .members
+            .iter()
+            .find(|(_, addr)| crate::config::check_addr(addr).is_err())
+        {
+            return Err(self
+                .peer
+                .bad_snapshot(format!("member {id} has a bad address {addr:?}")));
+        }
         let sha = header.plugin_sha256;
         if self
             .plugins
@@ -876,26 +908,44 @@ impl Services {
             .filter(|(id, _)| *id != own)
             .map(|(_, a)| a.clone())
             .collect();
-        let wasm = crate::transport::fetch_plugin(
-            &self.peer.link,
-            &sha,
-            addrs,
-            self.config.max_plugin_bytes.saturating_add(1 << 20),
-        )
+        let max = self.config.max_plugin_bytes.saturating_add(1 << 20);
+        let fetch = crate::transport::fetch_plugin(&self.peer.link, &sha, addrs, max);
+        let wasm = tokio::time::timeout(SNAPSHOT_CHUNK_WAIT, fetch)
+            .await
+            .unwrap_or_else(|_| {
+                Err(anyhow::anyhow!(
+                    "no member sent it within {} s",
+                    SNAPSHOT_CHUNK_WAIT.as_secs()
+                ))
+            })
+            .map_err(|e| {
+                self.peer.bad_snapshot(format!(
+                    "it was made by plugin {}, which this node cannot get: {e:#}",
+                    hex::encode(sha)
+                ))
+            })?;
+        // It must at least be a plugin: compile it (cached for the restore).
+        let sandbox = self.sandbox.clone();
+        let (wasm, loaded) = tokio::task::spawn_blocking(move || {
+            let loaded = sandbox.load(&wasm).map(|_| ());
+            (wasm, loaded)
+        })
         .await
-        .map_err(|e| {
-            self.peer.bad_snapshot(format!(
-                "it was made by plugin {}, which this node cannot get: {e:#}",
-                hex::encode(sha)
-            ))
+        .map_err(|e| Status::internal(format!("validation task failed: {e}")))?;
+        loaded.map_err(|e| {
+            self.peer
+                .bad_snapshot(format!("its plugin {} does not load: {e}", hex::encode(sha)))
         })?;
-        // A plugin that does not even compile fails the same way on every
-        // node; storing its bytes is harmless (the apply worker reports it).
         self.plugins
             .put_blob(&sha, &wasm)
             .map_err(|e| Status::internal(e.to_string()))
     }
 }
+
+/// How long a snapshot sender may go without sending the next chunk (or a
+/// member without sending the snapshot's plugin) before the transfer is
+/// dropped and the slot freed.
+const SNAPSHOT_CHUNK_WAIT: Duration = Duration::from_secs(30);
 
 /// A snapshot being received, in a file of its own under the data dir;
 /// removed when dropped, whatever happened.

@@ -78,7 +78,9 @@ pub fn decode(data: &[u8]) -> Result<(SnapshotHeader, &[u8]), SnapshotError> {
     if body.len() < len {
         return Err(malformed("truncated header"));
     }
-    let (header, used) = bincode::serde::decode_from_slice(&body[..len], bincode::config::standard())
+    // A length prefix in the header cannot make bincode allocate more than this.
+    let limit = bincode::config::standard().with_limit::<{ 1 << 20 }>();
+    let (header, used) = bincode::serde::decode_from_slice(&body[..len], limit)
         .map_err(|e| SnapshotError::Malformed(format!("bad header: {e}")))?;
     if used != len {
         return Err(malformed("header has trailing bytes"));
