@@ -196,6 +196,11 @@ impl Plugin {
         };
         let mut store = Store::new(&self.inner.sandbox.engine, state);
         store.limiter(|state| &mut state.limiter);
+        // What one call may hand back to the host (a snapshot() of the whole
+        // state among them): wasmtime's default is 128 MiB, which a kv
+        // state of ~1.3 million keys outgrows while memory has room to
+        // spare. The memory cap already bounds what a guest can return.
+        store.set_hostcall_fuel(config.max_memory_bytes.saturating_add(1 << 20));
         store
             .set_fuel(config.fuel_per_call)
             .map_err(|e| LoadError::Engine(format!("{e:#}")))?;

@@ -152,3 +152,28 @@ fn compiled_components_are_cached_and_a_corrupt_cache_is_recompiled() {
         "the cache file was rewritten"
     );
 }
+
+/// wasmtime lets a call hand back at most 128 MiB to the host by default:
+/// `snapshot()` of a state past that trapped on every replica alike
+/// (issue 21's cliff at ~1.3 million kv keys). The budget follows the
+/// memory cap now.
+#[test]
+fn a_snapshot_larger_than_128_mib_round_trips() {
+    let sandbox = Sandbox::new(SandboxConfig {
+        max_memory_bytes: 1 << 30,
+        ..SandboxConfig::default()
+    })
+    .unwrap();
+    let plugin = sandbox.load(EMBEDDED_CHAOS).unwrap();
+    let mut chaos = plugin.instantiate().unwrap();
+    let size = 140 << 20;
+    assert_eq!(
+        text(chaos.apply(1, format!("fill big {size}").as_bytes()).unwrap()),
+        "OK"
+    );
+    let snapshot = chaos.snapshot(1).unwrap();
+    assert!(snapshot.len() > size, "{} bytes", snapshot.len());
+    let mut restored = plugin.instantiate().unwrap();
+    restored.restore(1, &snapshot).unwrap();
+    assert_eq!(restored.query(1, b"get big").unwrap().len(), size);
+}

@@ -88,6 +88,12 @@ impl Plugin for Chaos {
                 self.map.insert("!bad-restore".to_string(), "1".to_string());
                 Ok(b"OK".to_vec())
             }
+            ["fill", k, n] => {
+                // A value of N bytes: a large state without a million entries.
+                let n: usize = n.parse().map_err(|_| "chaos: fill K N".to_string())?;
+                self.map.insert(k.to_string(), "x".repeat(n));
+                Ok(b"OK".to_vec())
+            }
             ["print-on-restore"] => {
                 self.map.insert("!print-on-restore".to_string(), "1".to_string());
                 Ok(b"OK".to_vec())
