@@ -53,6 +53,17 @@ pub fn precompile(plugin: &Path) {
     );
 }
 
+/// The binary with an environment of only what a test sets: a `RAFTIFY_*`
+/// variable in the shell that runs the tests must not change them.
+fn clean_command() -> Command {
+    let mut command = Command::new(BIN);
+    command.env_clear();
+    if let Some(backtrace) = std::env::var_os("RUST_BACKTRACE") {
+        command.env("RUST_BACKTRACE", backtrace);
+    }
+    command
+}
+
 /// A running node. Killed with SIGKILL when dropped.
 pub struct Node {
     pub addr: String,
@@ -80,7 +91,7 @@ impl Node {
             .append(true)
             .open(&log)
             .expect("open node log");
-        let child = Command::new(BIN)
+        let child = clean_command()
             .args(["run", "--listen", addr, "--data-dir"])
             .arg(data_dir)
             .args(extra)
@@ -218,7 +229,7 @@ pub fn cli_with_stdin(args: &[&str], stdin: Option<&[u8]>) -> Output {
 
 /// Run a CLI command that may take longer than usual (compiling a plugin).
 pub fn cli_within(deadline: Duration, args: &[&str], stdin: Option<&[u8]>) -> Output {
-    let mut child = Command::new(BIN)
+    let mut child = clean_command()
         .args(args)
         .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
