@@ -130,3 +130,35 @@ fn plugin_check_vets_a_component_offline_and_fills_the_compile_cache() {
         assert_eq!(err.trim().lines().count(), 1, "{err}");
     }
 }
+
+/// A node that must install a snapshot its plugin's restore() refuses
+/// stops, and says why: the restore error, not only "the apply worker
+/// stopped" (the raft loop's symptom used to be reported first).
+#[test]
+fn a_joiner_whose_restore_fails_stops_with_the_restore_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = chaos_plugin(dir.path());
+    let seed_addr = free_addr();
+    let flags = [
+        "--plugin",
+        plugin.as_str(),
+        "--snapshot-every-entries",
+        "50",
+        "--snapshot-keep-entries",
+        "5",
+    ];
+    let seed = Node::start(&dir.path().join("n1"), &seed_addr, &flags);
+    assert_eq!(seed.propose("bad-restore").unwrap(), "OK");
+    for i in 0..120 {
+        seed.propose(&format!("set k{i} v")).unwrap();
+    }
+    wait_until(START_DEADLINE, "the seed to compact its log", || {
+        seed.status()["first_index"].as_u64().unwrap_or(0) > 1
+    });
+    let mut joiner = Node::spawn(&dir.path().join("n2"), &free_addr(), &["--join", &seed_addr]);
+    let status = joiner.wait_exit(START_DEADLINE);
+    assert!(!status.success());
+    let log = joiner.log_text();
+    assert!(log.contains("restore refused on purpose"), "{log}");
+    assert!(seed.try_status().is_some(), "the seed stopped too");
+}

@@ -17,7 +17,7 @@ use crate::dial::Dialer;
 use crate::firewall::Refusals;
 use crate::fsm::{Fsm, FsmRequest};
 use crate::logging;
-use crate::node::{Node, NodeRequest};
+use crate::node::{Node, NodeError, NodeRequest};
 use crate::proto::client_server::ClientServer;
 use crate::proto::peer_server::PeerServer;
 use crate::sandbox::Sandbox;
@@ -270,10 +270,16 @@ pub async fn run(config: NodeConfig, listener: TcpListener, shutdown: impl Futur
     let fsm_result = tokio::task::spawn_blocking(move || fsm_thread.join())
         .await
         .context("joining the apply worker")?;
-    node_result.context("the raft loop stopped")?;
-    match fsm_result {
-        Ok(result) => result.context("the apply worker stopped")?,
-        Err(_) => bail!("the apply worker panicked"),
+    // When the apply worker failed, the raft loop stops only because it
+    // went away: report the worker's own error, the cause.
+    let fsm_result = match fsm_result {
+        Ok(result) => result.context("the apply worker stopped"),
+        Err(_) => Err(anyhow::anyhow!("the apply worker panicked")),
+    };
+    match (node_result, fsm_result) {
+        (Err(NodeError::FsmGone), Err(cause)) => return Err(cause),
+        (Err(error), _) => return Err(anyhow::Error::new(error).context("the raft loop stopped")),
+        (Ok(()), fsm_result) => fsm_result?,
     }
     tracing::info!("stopped");
     Ok(())
