@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod linearizability;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_raftify-host");
 
 /// How long a node may take to start answering (it may compile its plugin).
