@@ -3,7 +3,7 @@
 //! - [`Sandbox`]: the wasmtime engine with the deterministic configuration
 //!   (NaN canonicalization, no threads, no relaxed SIMD, fuel metering, never
 //!   wall-clock interruption) and a linker holding only the deterministic
-//!   WASI shim ([`wasi`]).
+//!   WASI shim ([`wasi`]), whose clocks and sleeps are virtual.
 //! - [`Plugin`]: a validated, compiled component (content-addressed by
 //!   SHA-256, compiled once and cached on disk by [`cache`]).
 //! - [`Instance`]: one live instance with its own store. Every call gets a
@@ -104,7 +104,10 @@ impl Sandbox {
     pub fn new(config: SandboxConfig) -> Result<Sandbox, LoadError> {
         let engine = Engine::new(&engine_config()).map_err(|e| LoadError::Engine(format!("{e:#}")))?;
         let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| LoadError::Engine(format!("{e:#}")))?;
+        wasi::add_to_linker(&mut linker, |state: &mut GuestState| {
+            wasi::VirtualTime::new(&state.determinism, &mut state.table)
+        })
+        .map_err(|e| LoadError::Engine(format!("{e:#}")))?;
         Ok(Sandbox {
             engine,
             linker: Arc::new(linker),
@@ -188,6 +191,7 @@ impl Plugin {
         let determinism = Determinism::new(config.max_output_bytes_per_call);
         let state = GuestState {
             wasi: determinism.wasi_ctx(),
+            determinism: determinism.clone(),
             table: ResourceTable::new(),
             limiter: MemoryCap {
                 max_bytes: config.max_memory_bytes,
@@ -222,6 +226,9 @@ impl Plugin {
 
 struct GuestState {
     wasi: WasiCtx,
+    /// The same handle as [`Instance::determinism`], for the virtual
+    /// monotonic clock (which wasmtime-wasi's context cannot reach).
+    determinism: Determinism,
     table: ResourceTable,
     limiter: MemoryCap,
 }

@@ -177,3 +177,53 @@ fn a_snapshot_larger_than_128_mib_round_trips() {
     restored.restore(1, &snapshot).unwrap();
     assert_eq!(restored.query(1, b"get big").unwrap().len(), size);
 }
+
+/// Issue 13: a guest's sleep on a WASI clock pollable slept for real on
+/// every replica's apply thread. Time is virtual now: the sleep ends at once,
+/// and the instance lives on.
+#[test]
+fn a_sleep_ends_at_once_in_virtual_time() {
+    let mut chaos = sandbox().load(EMBEDDED_CHAOS).unwrap().instantiate().unwrap();
+    let started = std::time::Instant::now();
+    assert_eq!(text(chaos.apply(1, b"sleep 30000").unwrap()), "OK");
+    // A bound on a hang, not a speed claim.
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(!chaos.is_poisoned());
+    assert_eq!(text(chaos.apply(2, b"set a 1").unwrap()), "OK");
+    assert_eq!(text(chaos.query(2, b"get a").unwrap()), "1");
+}
+
+/// After a sleep the clock reads at least the deadline, the same on every
+/// replica, and the next call starts again from its index.
+#[test]
+fn a_sleep_moves_the_virtual_clock_deterministically() {
+    let plugin = sandbox().load(EMBEDDED_CHAOS).unwrap();
+    let elapsed = |calls_before: u64| {
+        let mut chaos = plugin.instantiate().unwrap();
+        for i in 0..calls_before {
+            chaos.apply(i + 1, b"sleep-elapsed 1000").unwrap();
+        }
+        text(chaos.apply(9, b"sleep-elapsed 30000").unwrap())
+    };
+    let first = elapsed(0);
+    let nanos: u64 = first.parse().unwrap();
+    assert!((30_000_000_000..30_000_001_000).contains(&nanos), "{nanos} ns");
+    assert_eq!(first, elapsed(3));
+}
+
+/// A busy wait on the clock alone: time moves one nanosecond per reading,
+/// and every reading costs fuel, so a budget of F fuel covers less than F ns
+/// of waiting: this one runs out of fuel (deterministically), at once.
+#[test]
+fn a_busy_wait_on_the_clock_runs_out_of_fuel() {
+    let mut chaos = sandbox().load(EMBEDDED_CHAOS).unwrap().instantiate().unwrap();
+    let error = chaos.apply(1, b"sleep-until-later 30000").unwrap_err();
+    assert!(
+        matches!(&error, CallError::Trap(m) if m.starts_with("out of fuel")),
+        "{error:?}"
+    );
+}

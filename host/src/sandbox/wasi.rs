@@ -10,8 +10,20 @@
 //!   empty stdin;
 //! - clocks that start at a fixed point for every call, derived from the log
 //!   index being applied, and advance by one nanosecond per reading;
+//! - virtual time for sleeps: a `wasi:clocks/monotonic-clock` pollable
+//!   (`subscribe-duration`, `subscribe-instant`) is ready at once, and when
+//!   the guest sees it ready both clocks jump to its deadline (if they are
+//!   not past it already). A guest that sleeps 25 s, or loops until
+//!   `now() >= deadline` around a sleep, finishes at once on every replica,
+//!   with the same readings everywhere; no call ever waits on real time
+//!   ([`add_to_linker`]);
 //! - randomness from a generator reseeded for every call from the same index;
 //! - stdout and stderr captured (up to a limit) and written to the node's log.
+//!
+//! No other pollable a guest can get waits either: stdin is closed (its
+//! pollable is ready and reads report end of stream), stdout and stderr are
+//! always writable, there are no files, and sockets and name lookups are
+//! refused before any socket or lookup exists.
 //!
 //! Reseeding per call (rather than per instance) matters: a replica that
 //! restarted, or rebuilt its instance after a trap, has made fewer calls than
@@ -22,10 +34,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::clocks::{HostMonotonicClock, HostWallClock};
-use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
-use wasmtime_wasi::{WasiCtx, WasiCtxBuilder};
+use wasmtime_wasi::p2::bindings::clocks::monotonic_clock;
+use wasmtime_wasi::p2::{DynPollable, OutputStream, Pollable, StreamResult, subscribe};
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiView};
 
 /// The wall clock every guest sees at index 0: 2024-01-01T00:00:00Z.
 const EPOCH_SECS: u64 = 1_704_067_200;
@@ -37,6 +51,8 @@ struct CallSeed {
     base_ns: u64,
     /// Readings taken so far in this call.
     clock_readings: u64,
+    /// Virtual nanoseconds the guest slept in this call.
+    slept_ns: u64,
     /// SplitMix64 state.
     rng_state: u64,
 }
@@ -70,6 +86,7 @@ impl Determinism {
         // the log, identically on every replica.
         seed.base_ns = EPOCH_SECS * 1_000_000_000 + index.saturating_mul(1_000_000);
         seed.clock_readings = 0;
+        seed.slept_ns = 0;
         seed.rng_state = index ^ 0x5241_4654_4946_5921; // "RAFTIFY!"
     }
 
@@ -99,6 +116,113 @@ impl Determinism {
     }
 }
 
+/// Adds the WASI imports to `linker`: wasmtime-wasi's synchronous WASIp2
+/// set, with `wasi:clocks/monotonic-clock` replaced by virtual time.
+///
+/// wasmtime-wasi's own `subscribe-duration` sleeps on tokio's real clock
+/// whatever the context's [`HostMonotonicClock`] says (and
+/// `subscribe-instant` sleeps for the deadline minus that clock's reading),
+/// so a guest's sleep blocked the apply thread of every replica for real.
+/// Here the interface is defined a second time over wasmtime-wasi's (name
+/// shadowing, for this interface only), by [`VirtualTime`]: its pollables are
+/// ready at once and, when seen ready, move the call's clocks to their
+/// deadline. `view` gives the instance's [`Determinism`] and resource table.
+pub fn add_to_linker<T: WasiView + 'static>(
+    linker: &mut Linker<T>,
+    view: fn(&mut T) -> VirtualTime<'_>,
+) -> wasmtime::Result<()> {
+    wasmtime_wasi::p2::add_to_linker_sync(linker)?;
+    linker.allow_shadowing(true);
+    let added = monotonic_clock::add_to_linker::<T, HasVirtualTime>(linker, view);
+    linker.allow_shadowing(false);
+    added
+}
+
+/// The host side of `wasi:clocks/monotonic-clock` for one instance.
+pub struct VirtualTime<'a> {
+    seed: &'a Arc<Mutex<CallSeed>>,
+    table: &'a mut ResourceTable,
+}
+
+impl<'a> VirtualTime<'a> {
+    pub fn new(determinism: &'a Determinism, table: &'a mut ResourceTable) -> VirtualTime<'a> {
+        VirtualTime {
+            seed: &determinism.seed,
+            table,
+        }
+    }
+
+    fn deadline(&mut self, deadline_ns: u64) -> wasmtime::Result<Resource<DynPollable>> {
+        let deadline = self.table.push(Deadline {
+            seed: self.seed.clone(),
+            deadline_ns,
+        })?;
+        subscribe(self.table, deadline)
+    }
+}
+
+struct HasVirtualTime;
+
+impl HasData for HasVirtualTime {
+    type Data<'a> = VirtualTime<'a>;
+}
+
+impl monotonic_clock::Host for VirtualTime<'_> {
+    fn now(&mut self) -> wasmtime::Result<monotonic_clock::Instant> {
+        Ok(lock(self.seed).tick())
+    }
+
+    fn resolution(&mut self) -> wasmtime::Result<monotonic_clock::Duration> {
+        Ok(1)
+    }
+
+    fn subscribe_instant(&mut self, when: monotonic_clock::Instant) -> wasmtime::Result<Resource<DynPollable>> {
+        self.deadline(when)
+    }
+
+    fn subscribe_duration(&mut self, duration: monotonic_clock::Duration) -> wasmtime::Result<Resource<DynPollable>> {
+        // Reading the time to subscribe is not one of the guest's readings.
+        let now = lock(self.seed).now_ns();
+        self.deadline(now.saturating_add(duration))
+    }
+}
+
+/// A virtual sleep's pollable: ready at once. Being seen ready (`poll`,
+/// `block` or `ready`) is when the sleep ends, so the clocks move to the
+/// deadline then; a deadline already past changes nothing. Several sleeps
+/// polled together all end, and time moves to the latest deadline; a sleep
+/// "forever" ends too, leaving the clocks at their last value. Only the
+/// guest's own calls move time, so it moves alike on every replica.
+struct Deadline {
+    seed: Arc<Mutex<CallSeed>>,
+    deadline_ns: u64,
+}
+
+#[wasmtime_wasi::async_trait]
+impl Pollable for Deadline {
+    async fn ready(&mut self) {
+        let mut seed = lock(&self.seed);
+        let behind = self.deadline_ns.saturating_sub(seed.now_ns());
+        seed.slept_ns = seed.slept_ns.saturating_add(behind);
+    }
+}
+
+impl CallSeed {
+    /// The call's current virtual time: what the last reading returned (or
+    /// the start), plus any sleeps since.
+    fn now_ns(&self) -> u64 {
+        self.base_ns
+            .saturating_add(self.slept_ns)
+            .saturating_add(self.clock_readings)
+    }
+
+    /// One reading of either clock.
+    fn tick(&mut self) -> u64 {
+        self.clock_readings += 1;
+        self.now_ns()
+    }
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // The data is plain numbers and bytes; a panic elsewhere cannot leave it
     // inconsistent, so a poisoned lock is still usable.
@@ -109,9 +233,7 @@ struct Clock(Arc<Mutex<CallSeed>>);
 
 impl Clock {
     fn tick(&self) -> u64 {
-        let mut seed = lock(&self.0);
-        seed.clock_readings += 1;
-        seed.base_ns + seed.clock_readings
+        lock(&self.0).tick()
     }
 }
 

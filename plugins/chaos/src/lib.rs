@@ -15,13 +15,20 @@
 //! | `print`        | writes to stdout and stderr (captured into the host log) |
 //! | `bad-restore`  | makes the next `restore` fail                            |
 //! | `binary`       | returns bytes that are not UTF-8, so `render` fails      |
+//! | `sleep MS`     | `std::thread::sleep`s MS ms (a WASI clock pollable): the |
+//! |                | host's virtual time must end it at once                  |
+//! | `sleep-elapsed MS` | sleeps MS ms and returns the nanoseconds `Instant`   |
+//! |                | measured across the sleep                                |
+//! | `sleep-until-later MS` | busy-reads `Instant::now()` until MS ms passed:  |
+//! |                | with one virtual nanosecond per reading, fuel runs out   |
+//! |                | first unless MS is tiny                                  |
 //!
 //! It only exists as a Wasm component; on other targets the crate is empty.
 
 #![cfg(target_arch = "wasm32")]
 
 use std::collections::BTreeMap;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use raftify_guest::Plugin;
 
@@ -41,6 +48,12 @@ fn spin() -> ! {
     loop {
         n = std::hint::black_box(n.wrapping_add(1));
     }
+}
+
+fn millis(ms: &str) -> Result<Duration, String> {
+    ms.parse()
+        .map(Duration::from_millis)
+        .map_err(|_| format!("chaos: bad milliseconds {ms:?}"))
 }
 
 fn hog() -> ! {
@@ -67,6 +80,20 @@ impl Plugin for Chaos {
             ["panic"] => panic!("chaos: asked to panic"),
             ["fail"] => Err("chaos: asked to fail".to_string()),
             ["binary"] => Ok(vec![0xff, 0xfe, b'!']),
+            ["sleep", ms] => {
+                std::thread::sleep(millis(ms)?);
+                Ok(b"OK".to_vec())
+            }
+            ["sleep-elapsed", ms] => {
+                let start = Instant::now();
+                std::thread::sleep(millis(ms)?);
+                Ok(start.elapsed().as_nanos().to_string().into_bytes())
+            }
+            ["sleep-until-later", ms] => {
+                let (start, wait) = (Instant::now(), millis(ms)?);
+                while start.elapsed() < wait {}
+                Ok(b"OK".to_vec())
+            }
             ["stamp", k] => {
                 let now = SystemTime::now()
                     .duration_since(UNIX_EPOCH)
