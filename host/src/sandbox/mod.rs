@@ -370,11 +370,27 @@ impl Instance {
                 format!("out of fuel: the call used up its budget of {fuel} fuel")
             }
             Some(Trap::UnreachableCodeReached) => "the plugin panicked (wasm `unreachable` reached)".to_string(),
-            Some(Trap::StackOverflow) => "stack overflow".to_string(),
-            Some(trap) => format!("wasm trap: {trap}"),
+            Some(Trap::StackOverflow) => "stack overflow: the plugin recursed too deep".to_string(),
+            // Rust and C keep their stack in linear memory: overflowing it
+            // shows as an access below address 0.
+            Some(Trap::MemoryOutOfBounds) => {
+                "out-of-bounds memory access (for a Rust or C plugin, most often a stack overflow: \
+                 deep recursion or large locals)"
+                    .to_string()
+            }
+            Some(trap) => {
+                let text = trap.to_string();
+                text.strip_prefix("wasm trap: ").unwrap_or(&text).to_string()
+            }
             None => {
-                let text = format!("{error}");
-                text.lines().next().unwrap_or("unknown error").to_string()
+                let text = format!("{error:#}");
+                if text.contains("fuel allocated for hostcalls has been exhausted") {
+                    return format!(
+                        "the result is too large: a call may hand the host at most {} bytes (max_memory_bytes + 1 MiB)",
+                        config.max_memory_bytes.saturating_add(1 << 20)
+                    );
+                }
+                format!("{error}").lines().next().unwrap_or("unknown error").to_string()
             }
         }
     }

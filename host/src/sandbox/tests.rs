@@ -227,3 +227,14 @@ fn a_busy_wait_on_the_clock_runs_out_of_fuel() {
         "{error:?}"
     );
 }
+
+#[test]
+fn a_stack_overflow_is_named_as_such_and_only_once() {
+    let mut chaos = sandbox().load(EMBEDDED_CHAOS).unwrap().instantiate().unwrap();
+    let error = chaos.apply(1, b"recurse").unwrap_err();
+    let CallError::Trap(message) = &error else {
+        panic!("{error:?}")
+    };
+    assert!(message.contains("stack overflow"), "{message}");
+    assert!(!message.contains("wasm trap: wasm trap"), "{message}");
+}

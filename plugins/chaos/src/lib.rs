@@ -64,6 +64,17 @@ fn hog() -> ! {
     }
 }
 
+/// Recursion with a large frame: overflows the guest's shadow stack (in
+/// linear memory), which wasm reports as an out-of-bounds access.
+#[inline(never)]
+fn recurse(depth: u64) -> u64 {
+    let frame = std::hint::black_box([depth as u8; 4096]);
+    if depth == 0 {
+        return frame[7] as u64;
+    }
+    recurse(depth - 1).wrapping_add(frame[depth as usize % 4096] as u64)
+}
+
 impl Plugin for Chaos {
     fn apply(&mut self, _index: u64, entry: &[u8]) -> Result<Vec<u8>, String> {
         match words(entry)?.as_slice() {
@@ -77,6 +88,7 @@ impl Plugin for Chaos {
             }
             ["spin"] => spin(),
             ["hog"] => hog(),
+            ["recurse"] => Ok(recurse(1 << 20).to_string().into_bytes()),
             ["panic"] => panic!("chaos: asked to panic"),
             ["fail"] => Err("chaos: asked to fail".to_string()),
             ["binary"] => Ok(vec![0xff, 0xfe, b'!']),
