@@ -331,57 +331,32 @@ fn forged_and_oversized_snapshots_are_refused_with_memory_held_to_a_chunk() {
     let other = (1..=3).find(|id| *id != leader_id && *id != follower_id).unwrap();
     let rt = runtime();
 
+    // Push a snapshot that must be refused; the node's answer.
+    let refusal = |header: Message, cluster_id: u64, total: u64, chunks: Vec<Vec<u8>>| {
+        rt.block_on(push_snapshot(&follower.addr, header, cluster_id, total, chunks))
+            .unwrap_err()
+    };
     // Garbage data "from the leader": refused after the transfer, the node stays.
     let garbage = vec![0xAB; 64 << 10];
     let header = snapshot_message(&t, leader_id, follower_id);
-    let refused_garbage = rt.block_on(push_snapshot(
-        &follower.addr,
-        header,
-        t.cluster_id,
-        garbage.len() as u64,
-        vec![garbage],
-    ));
-    let error = refused_garbage.unwrap_err();
+    let error = refusal(header, t.cluster_id, garbage.len() as u64, vec![garbage]);
     assert!(error.message().contains("not a raftify snapshot"), "{error:?}");
     // From a node that is not the leader: refused before any data.
-    let header = snapshot_message(&t, other, follower_id);
-    let error = rt
-        .block_on(push_snapshot(
-            &follower.addr,
-            header,
-            t.cluster_id,
-            10,
-            vec![vec![0; 10]],
-        ))
-        .unwrap_err();
+    let error = refusal(
+        snapshot_message(&t, other, follower_id),
+        t.cluster_id,
+        10,
+        vec![vec![0; 10]],
+    );
     assert!(error.message().contains("not_the_leader"), "{error:?}");
     // Another cluster: refused.
     let header = snapshot_message(&t, leader_id, follower_id);
-    let error = rt
-        .block_on(push_snapshot(&follower.addr, header, t.cluster_id ^ 1, 10, vec![]))
-        .unwrap_err();
+    let error = refusal(header.clone(), t.cluster_id ^ 1, 10, vec![]);
     assert_eq!(error.code(), tonic::Code::PermissionDenied);
     // Longer than announced, and cut short: refused.
-    let header = snapshot_message(&t, leader_id, follower_id);
-    let error = rt
-        .block_on(push_snapshot(
-            &follower.addr,
-            header.clone(),
-            t.cluster_id,
-            4,
-            vec![vec![0; 8]],
-        ))
-        .unwrap_err();
+    let error = refusal(header.clone(), t.cluster_id, 4, vec![vec![0; 8]]);
     assert!(error.message().contains("longer than"), "{error:?}");
-    let error = rt
-        .block_on(push_snapshot(
-            &follower.addr,
-            header,
-            t.cluster_id,
-            100,
-            vec![vec![0; 8]],
-        ))
-        .unwrap_err();
+    let error = refusal(header, t.cluster_id, 100, vec![vec![0; 8]]);
     assert!(error.message().contains("ended after 8 of 100"), "{error:?}");
 
     // Three pushes announcing 8 GiB each, held open while sending 1 MiB
@@ -429,9 +404,7 @@ fn forged_and_oversized_snapshots_are_refused_with_memory_held_to_a_chunk() {
     let mut no_voters = snapshot_message(&t, leader_id, follower_id);
     no_voters.mut_snapshot().mut_metadata().mut_conf_state().voters.clear();
     no_voters.mut_snapshot().mut_metadata().mut_conf_state().learners = vec![follower_id];
-    let error = rt
-        .block_on(push_snapshot(&follower.addr, no_voters, t.cluster_id, 1, vec![vec![0]]))
-        .unwrap_err();
+    let error = refusal(no_voters, t.cluster_id, 1, vec![vec![0]]);
     assert!(error.message().contains("snapshot_out_of_band"), "{error:?}");
     let members: Vec<(u64, String)> = cluster.addrs.iter().map(|(id, a)| (*id, a.clone())).collect();
     for (what, header) in [
@@ -452,15 +425,7 @@ fn forged_and_oversized_snapshots_are_refused_with_memory_held_to_a_chunk() {
     ] {
         let data = raftify_host::snapshot::encode(&header, b"state");
         let message = snapshot_message(&t, leader_id, follower_id);
-        let error = rt
-            .block_on(push_snapshot(
-                &follower.addr,
-                message,
-                t.cluster_id,
-                data.len() as u64,
-                vec![data],
-            ))
-            .unwrap_err();
+        let error = refusal(message, t.cluster_id, data.len() as u64, vec![data]);
         assert!(error.message().contains(what), "{what}: {error:?}");
     }
 
