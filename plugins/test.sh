@@ -9,9 +9,20 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 echo "== kv-ts (node --test)"
 (cd "$here/kv-ts" && npm test --silent)
+# `unittest discover` exits 0 when it finds no test (before Python 3.12):
+# insist that it ran some.
+unittests() {
+  local out
+  out="$(cd "$1" && python3 -m unittest discover -s tests 2>&1)" || { echo "$out"; return 1; }
+  echo "$out" | tail -n 3
+  if ! echo "$out" | grep -Eq '^Ran [1-9][0-9]* tests?'; then
+    echo "$1: unittest found no tests" >&2
+    return 1
+  fi
+}
 echo "== kv-py (python3 -m unittest)"
-(cd "$here/kv-py" && python3 -m unittest discover -s tests)
+unittests "$here/kv-py"
 echo "== stamp-py (python3 -m unittest)"
-(cd "$here/stamp-py" && python3 -m unittest discover -s tests)
+unittests "$here/stamp-py"
 echo "== kv-c (gcc, ASan + UBSan)"
 bash "$here/kv-c/test.sh"

@@ -24,7 +24,12 @@ flags=(-std=c11 -O1 -g -Wall -Wextra -Werror -I "$here/src")
 sources=("$here/src/kv.c" "$here/src/map.c" "$here/src/text.c" "$here/test/kv_test.c")
 sanitize=(-fsanitize=address,undefined -fno-sanitize-recover=all)
 if ! echo 'int main(void){return 0;}' | "$cc" "${sanitize[@]}" -x c - -o "$bin/probe" 2>/dev/null; then
-  echo "kv-c test: $cc has no sanitizers; testing without them" >&2
+  # Without them the test would pass over memory errors: refuse, unless asked.
+  if [ "${KV_C_NO_SANITIZERS:-0}" != 1 ]; then
+    echo "kv-c test: $cc has no ASan/UBSan (apt-get install gcc, or set KV_C_NO_SANITIZERS=1 to test without)" >&2
+    exit 1
+  fi
+  echo "kv-c test: KV_C_NO_SANITIZERS=1: testing without sanitizers" >&2
   sanitize=()
 fi
 "$cc" "${flags[@]}" "${sanitize[@]}" "${sources[@]}" -o "$bin/kv_test"
