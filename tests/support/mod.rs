@@ -56,10 +56,24 @@ pub fn precompile(plugin: &Path) {
 }
 
 /// The binary with an environment of only what a test sets: a `RAFTIFY_*`
-/// variable in the shell that runs the tests must not change them.
+/// variable in the shell that runs the tests must not change them. It dies
+/// with the thread that started it (`PR_SET_PDEATHSIG`), so a test binary
+/// killed outright leaves no node behind; each test's thread outlives its
+/// nodes, which `Drop` kills first.
 fn clean_command() -> Command {
+    use std::os::unix::process::CommandExt as _;
     let mut command = Command::new(BIN);
     command.env_clear();
+    // SAFETY: prctl is async-signal-safe and touches only the child.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
     if let Some(backtrace) = std::env::var_os("RUST_BACKTRACE") {
         command.env("RUST_BACKTRACE", backtrace);
     }
