@@ -24,14 +24,38 @@ use raft::prelude::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
 /// node loop stops rather than run on with state it could not persist.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("LMDB: {0}")]
+    #[error("LMDB: {}", describe_lmdb(.0))]
     Lmdb(#[from] heed::Error),
     #[error("corrupt data in the store: {0}")]
     Corrupt(String),
     #[error("cannot write: {0}")]
     Invalid(String),
-    #[error("I/O: {0}")]
+    #[error("I/O: {}", describe_io(.0))]
     Io(#[from] std::io::Error),
+}
+
+/// LMDB's errors, with what a full disk or a full map means for the
+/// operator (a bare "Input/output error" does not say the disk is full).
+fn describe_lmdb(error: &heed::Error) -> String {
+    match error {
+        heed::Error::Mdb(heed::MdbError::MapFull) => {
+            "the LMDB map is full: raise lmdb_map_size_bytes (--lmdb-map-size-bytes) and restart".to_string()
+        }
+        heed::Error::Mdb(heed::MdbError::Other(code)) => describe_io(&std::io::Error::from_raw_os_error(*code)),
+        heed::Error::Io(io) => describe_io(io),
+        other => other.to_string(),
+    }
+}
+
+fn describe_io(error: &std::io::Error) -> String {
+    const ENOSPC: i32 = 28;
+    const EDQUOT: i32 = 122;
+    const EIO: i32 = 5;
+    match error.raw_os_error() {
+        Some(ENOSPC | EDQUOT) => format!("{error}: the data dir's disk (or quota) is full; free space and restart"),
+        Some(EIO) => format!("{error}: a write or fsync failed; when the data dir's disk is full, LMDB reports this"),
+        _ => error.to_string(),
+    }
 }
 
 /// Everything one `Ready` persists, written in one atomic, durable step.
@@ -239,5 +263,20 @@ pub fn initial_conf_state(voters: Vec<u64>) -> ConfState {
     ConfState {
         voters,
         ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod error_tests {
+    use super::*;
+
+    #[test]
+    fn a_full_disk_or_map_is_named() {
+        let full = StoreError::Io(std::io::Error::from_raw_os_error(28));
+        assert!(full.to_string().contains("disk (or quota) is full"), "{full}");
+        let map = StoreError::Lmdb(heed::Error::Mdb(heed::MdbError::MapFull));
+        assert!(map.to_string().contains("raise lmdb_map_size_bytes"), "{map}");
+        let eio = StoreError::Lmdb(heed::Error::Io(std::io::Error::from_raw_os_error(5)));
+        assert!(eio.to_string().contains("disk is full"), "{eio}");
     }
 }
