@@ -445,3 +445,59 @@ fn linearizable_reads_through_a_follower_survive_the_leaders_death() {
     let longest = results.iter().map(|(d, _, _)| *d).max().unwrap();
     eprintln!("{} reads; the longest took {longest:?}", results.len());
 }
+
+/// SIGTERM on the leader under writes hands leadership over before it
+/// stops: the successor is elected by transfer (MsgTimeoutNow), not after
+/// an election timeout.
+#[test]
+fn a_leader_stopped_by_sigterm_hands_leadership_over_first() {
+    let mut cluster = Cluster::start(3, &[]);
+    let old = cluster.leader();
+    let addrs: Vec<String> = cluster.addrs.values().cloned().collect();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer_stop = stop.clone();
+    let writer = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let mut acked = 0u64;
+            let mut n = 0u64;
+            while !writer_stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let addr = &addrs[(n as usize) % addrs.len()];
+                if let Ok(mut client) = Client::connect(addr, Duration::from_secs(5)).await {
+                    while !writer_stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        n += 1;
+                        match client.propose_text(&format!("set t{n} {n}")).await {
+                            Ok(_) => acked += 1,
+                            Err(_) => break,
+                        }
+                    }
+                }
+                n += 1;
+            }
+            acked
+        })
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let mut leader = cluster.nodes.remove(&old).unwrap();
+    let stopped_at = Instant::now();
+    let status = leader.terminate(Duration::from_secs(15));
+    assert!(status.success(), "exit status {status}; log:\n{}", leader.log_text());
+    let new = cluster.leader();
+    eprintln!("a new leader ({new}) within {:?} of SIGTERM", stopped_at.elapsed());
+    assert!(
+        leader.log_text().contains("leadership handed over"),
+        "{}",
+        leader.log_text()
+    );
+    assert!(
+        cluster.node(new).log_text().contains("received MsgTimeoutNow"),
+        "node {new} was not elected by transfer:\n{}",
+        cluster.node(new).log_text()
+    );
+    cluster.node(new).propose("set after 1").unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(writer.join().unwrap() > 0);
+}

@@ -243,6 +243,7 @@ pub async fn run(config: NodeConfig, listener: TcpListener, shutdown: impl Futur
         served = &mut server => served.context("the gRPC server failed").map(|_| None),
         finished = &mut node_task => Ok(Some(finished)),
         _ = &mut shutdown => {
+            hand_over_leadership(&stop_node, id).await;
             let _ = stopping_tx.send(true);
             match tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await {
                 Ok(served) => served.context("the gRPC server failed").map(|_| None),
@@ -283,6 +284,39 @@ pub async fn run(config: NodeConfig, listener: TcpListener, shutdown: impl Futur
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// How long a stopping leader waits for its successor to take over.
+const LEADER_HANDOFF: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// A leader that stops hands leadership to its most caught-up voter first
+/// (bounded by `LEADER_HANDOFF`), so the cluster does not wait out an
+/// election timeout; the transfer costs one round trip.
+async fn hand_over_leadership(node: &mpsc::Sender<NodeRequest>, id: u64) {
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    if node.send(NodeRequest::StepDown { reply }).await.is_err() {
+        return;
+    }
+    let Ok(Some(target)) = answer.await else { return };
+    let deadline = tokio::time::Instant::now() + LEADER_HANDOFF;
+    while tokio::time::Instant::now() < deadline {
+        let (reply, status) = tokio::sync::oneshot::channel();
+        if node.send(NodeRequest::Status { reply }).await.is_err() {
+            return;
+        }
+        match status.await {
+            Ok(status) if status.leader_id != id && status.leader_id != 0 => {
+                tracing::info!(leader = status.leader_id, "leadership handed over");
+                return;
+            }
+            Ok(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+            Err(_) => return,
+        }
+    }
+    tracing::warn!(
+        to = target,
+        "leadership did not move within {LEADER_HANDOFF:?}; stopping anyway"
+    );
 }
 
 /// First start: record the id, members and initial configuration. Restart:

@@ -175,6 +175,11 @@ pub enum NodeRequest {
     Status {
         reply: oneshot::Sender<NodeStatus>,
     },
+    /// The node is about to stop: if it leads, hand leadership to the most
+    /// caught-up other voter. Answers the voter chosen, if any.
+    StepDown {
+        reply: oneshot::Sender<Option<u64>>,
+    },
     /// Stop the loop: the daemon is shutting down.
     Shutdown,
 }
@@ -431,6 +436,10 @@ impl<S: LogStore> Node<S> {
             }
             // `run` stops before handing this over.
             NodeRequest::Shutdown => {}
+            NodeRequest::StepDown { reply } => {
+                let target = self.step_down();
+                let _ = reply.send(target);
+            }
             NodeRequest::Status { reply } => {
                 let _ = reply.send(self.status());
             }
@@ -622,6 +631,26 @@ impl<S: LogStore> Node<S> {
         Ok(requested_id)
     }
 
+    /// The most up-to-date voter other than this node.
+    fn best_successor(&self) -> Option<u64> {
+        let own = self.raw.raft.id;
+        self.voters()
+            .into_iter()
+            .filter(|v| *v != own)
+            .max_by_key(|v| self.raw.raft.prs().get(*v).map_or(0, |p| p.matched))
+    }
+
+    /// Leader only: start moving leadership to the best successor.
+    fn step_down(&mut self) -> Option<u64> {
+        if !self.is_leader() {
+            return None;
+        }
+        let target = self.best_successor()?;
+        tracing::info!(to = target, "stopping: handing leadership over");
+        self.raw.transfer_leader(target);
+        Some(target)
+    }
+
     fn remove_member(&mut self, id: u64, reply: ApplyWaiter) {
         if !self.is_leader() {
             let _ = reply.send(Err(self.not_leader()));
@@ -641,12 +670,7 @@ impl<S: LogStore> Node<S> {
         if id == self.raw.raft.id {
             // Hand leadership to the most up-to-date other voter first; the
             // new leader then removes this node when the caller retries.
-            let target = voters
-                .iter()
-                .filter(|v| **v != id)
-                .max_by_key(|v| self.raw.raft.prs().get(**v).map_or(0, |p| p.matched))
-                .copied();
-            if let Some(target) = target {
+            if let Some(target) = self.best_successor() {
                 self.raw.transfer_leader(target);
             }
             let _ = reply.send(Err(ProposeError::Retry(format!(
