@@ -162,3 +162,26 @@ fn a_joiner_whose_restore_fails_stops_with_the_restore_error() {
     assert!(log.contains("restore refused on purpose"), "{log}");
     assert!(seed.try_status().is_some(), "the seed stopped too");
 }
+
+/// A plugin whose snapshot() always traps: the node keeps applying, backs
+/// off between attempts, and `status` says why no snapshot is taken.
+#[test]
+fn a_snapshot_that_always_traps_is_reported_and_applying_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = chaos_plugin(dir.path());
+    let flags = ["--plugin", plugin.as_str(), "--snapshot-every-entries", "20"];
+    let node = Node::start(&dir.path().join("n1"), &free_addr(), &flags);
+    assert_eq!(node.propose("bad-snapshot").unwrap(), "OK");
+    for i in 0..150 {
+        node.propose(&format!("set k{i} v")).unwrap();
+    }
+    let status = node.status();
+    let error = status["snapshot_error"].as_str().unwrap();
+    assert!(error.contains("trapped in snapshot()"), "{status}");
+    assert_eq!(node.query("get k149").unwrap(), "v");
+    let attempts = node.log_text().matches("could not take a snapshot").count();
+    assert!(
+        (1..=10).contains(&attempts),
+        "{attempts} snapshot attempts for 150 entries"
+    );
+}

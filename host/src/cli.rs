@@ -623,6 +623,7 @@ fn print_status(status: &proto::StatusResponse, output: Output) {
         "members": members,
         "snapshot_index": status.snapshot_index,
         "cluster_id": format!("{:016x}", status.cluster_id),
+        "snapshot_error": status.snapshot_error,
         "refused": status.refused.iter().map(|r| (r.reason.clone(), r.count)).collect::<std::collections::BTreeMap<_, _>>(),
         "progress": status.progress.iter().map(|p| json!({
             "id": p.id, "matched": p.matched, "next_index": p.next_index,
@@ -646,6 +647,9 @@ fn print_status(status: &proto::StatusResponse, output: Output) {
             );
             println!("trapped entries: {}", status.trapped_entries);
             println!("cluster id:      {:016x}", status.cluster_id);
+            if !status.snapshot_error.is_empty() {
+                println!("snapshot error:  {}", status.snapshot_error);
+            }
             for r in &status.refused {
                 println!("refused:         {} {}", r.reason, r.count);
             }

@@ -141,7 +141,7 @@ pub async fn run(config: NodeConfig, listener: TcpListener, shutdown: impl Futur
                 );
                 match fsm {
                     Ok(fsm) => {
-                        let _ = started_tx.send(Ok(fsm.trap_counter()));
+                        let _ = started_tx.send(Ok((fsm.trap_counter(), fsm.snapshot_error())));
                         fsm.run(fsm_rx)
                     }
                     Err(error) => {
@@ -152,7 +152,7 @@ pub async fn run(config: NodeConfig, listener: TcpListener, shutdown: impl Futur
             })
         })
         .context("cannot start the apply worker thread")?;
-    let trapped_entries = tokio::task::spawn_blocking(move || started_rx.recv())
+    let (trapped_entries, snapshot_error) = tokio::task::spawn_blocking(move || started_rx.recv())
         .await
         .context("waiting for the apply worker")?
         .context("the apply worker thread stopped while starting")??;
@@ -186,6 +186,7 @@ pub async fn run(config: NodeConfig, listener: TcpListener, shutdown: impl Futur
         config: config.client.clone(),
         listen: config.listen.clone(),
         trapped_entries,
+        snapshot_error,
         max_snapshot_bytes: config.snapshot.max_bytes,
         sandbox,
         plugins: Arc::new(store.clone()),

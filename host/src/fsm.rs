@@ -107,6 +107,16 @@ pub struct Fsm<S: LogStore> {
     config: SnapshotConfig,
     /// The index of the latest stored snapshot (0: none).
     snapshot_index: u64,
+    /// Periodic snapshots that failed in a row, and the applied index
+    /// before which the next is not tried: a plugin whose snapshot() always
+    /// fails is retried after 64, 128, 256... entries (up to
+    /// `every_entries`), not after every batch, each failure costing a
+    /// rebuild when it trapped.
+    snapshot_failures: u32,
+    snapshot_retry_at: u64,
+    snapshot_attempts: u64,
+    /// Why the last snapshot failed, while it keeps failing (for `status`).
+    snapshot_error: Arc<std::sync::Mutex<String>>,
     /// The configuration and addresses as of `applied`, for snapshots.
     conf_state: ConfState,
     members: BTreeMap<u64, String>,
@@ -173,6 +183,10 @@ impl<S: LogStore> Fsm<S> {
             applied_tx,
             config,
             snapshot_index: 0,
+            snapshot_failures: 0,
+            snapshot_retry_at: 0,
+            snapshot_attempts: 0,
+            snapshot_error: Arc::default(),
             conf_state: ConfState::default(),
             members: BTreeMap::new(),
             staged: HashMap::new(),
@@ -253,14 +267,17 @@ impl<S: LogStore> Fsm<S> {
                 if self.saving.as_ref().is_some_and(|save| save.is_finished()) {
                     self.wait_for_snapshot()?;
                 }
-                if self.applied >= self.snapshot_index + self.config.every_entries
-                    && let Err(message) = self.take_snapshot(Save::InBackground)?
+                if self.applied >= self.snapshot_index.saturating_add(self.config.every_entries)
+                    && self.applied >= self.snapshot_retry_at
                 {
-                    tracing::warn!(%message, "could not take a snapshot; will retry later");
+                    let outcome = self.take_snapshot(Save::InBackground)?;
+                    self.snapshot_outcome(outcome.map(|_| ()));
                 }
             }
             FsmRequest::Snapshot { reply } => {
-                let _ = reply.send(self.take_snapshot(Save::Now)?);
+                let outcome = self.take_snapshot(Save::Now)?;
+                self.snapshot_outcome(outcome.as_ref().map(|_| ()).map_err(Clone::clone));
+                let _ = reply.send(outcome);
             }
             // `run` stops before handing this over.
             FsmRequest::Shutdown => {}
@@ -438,6 +455,37 @@ impl<S: LogStore> Fsm<S> {
     }
 
     /// The number of entries whose apply trapped, kept current.
+    /// Why snapshots are failing ("" while they succeed), shared with
+    /// `status`.
+    pub fn snapshot_error(&self) -> Arc<std::sync::Mutex<String>> {
+        self.snapshot_error.clone()
+    }
+
+    /// Count a snapshot attempt; after a failure, back off (in entries).
+    fn snapshot_outcome(&mut self, outcome: Result<(), String>) {
+        self.snapshot_attempts += 1;
+        let mut error = self.snapshot_error.lock().unwrap_or_else(|e| e.into_inner());
+        match outcome {
+            Ok(()) => {
+                self.snapshot_failures = 0;
+                self.snapshot_retry_at = 0;
+                error.clear();
+            }
+            Err(message) => {
+                self.snapshot_failures = self.snapshot_failures.saturating_add(1);
+                let wait = (64u64 << self.snapshot_failures.min(40)).min(self.config.every_entries.max(64));
+                self.snapshot_retry_at = self.applied.saturating_add(wait);
+                tracing::warn!(
+                    %message,
+                    failures = self.snapshot_failures,
+                    retry_after_entries = wait,
+                    "could not take a snapshot"
+                );
+                *error = format!("{message} (failed {} times in a row)", self.snapshot_failures);
+            }
+        }
+    }
+
     pub fn trap_counter(&self) -> Arc<AtomicU64> {
         self.trap_count.clone()
     }
@@ -931,5 +979,34 @@ mod tests {
         let mut restarted = fsm_over(&store, EMBEDDED_KV, SnapshotConfig::default());
         apply_all(&mut restarted, entries);
         assert_eq!(query(&mut restarted, "strlen b").unwrap(), b"5");
+    }
+
+    #[test]
+    fn a_snapshot_that_always_traps_is_retried_with_backoff_not_every_batch() {
+        let mut commands = vec!["bad-snapshot".to_string()];
+        commands.extend((0..2000).map(|i| format!("set k{i} v")));
+        let refs: Vec<&str> = commands.iter().map(String::as_str).collect();
+        let (store, entries) = log(&refs);
+        let config = SnapshotConfig {
+            every_entries: 10,
+            ..SnapshotConfig::default()
+        };
+        let mut fsm = fsm_over(&store, EMBEDDED_CHAOS, config);
+        // One batch per entry, as a busy node applies them.
+        for entry in entries {
+            apply_all(&mut fsm, vec![entry]);
+        }
+        assert_eq!(get(&mut fsm, "k1999"), "v");
+        // Every batch from index 10 on would have tried (and rebuilt): about
+        // 2,000 times. With backoff capped at every_entries (here 64, the
+        // floor), a few dozen.
+        assert!(
+            fsm.snapshot_attempts <= 40,
+            "{} snapshot attempts",
+            fsm.snapshot_attempts
+        );
+        assert!(fsm.snapshot_attempts >= 2);
+        let error = fsm.snapshot_error().lock().unwrap().clone();
+        assert!(error.contains("trapped in snapshot()"), "{error}");
     }
 }

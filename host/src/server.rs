@@ -59,6 +59,8 @@ pub struct Services {
     pub config: ClientConfig,
     pub listen: String,
     pub trapped_entries: Arc<std::sync::atomic::AtomicU64>,
+    /// Why snapshots keep failing ("" while they succeed).
+    pub snapshot_error: Arc<std::sync::Mutex<String>>,
     /// The largest snapshot accepted from a leader.
     pub max_snapshot_bytes: u64,
     /// Validates components before a swap is proposed.
@@ -678,6 +680,7 @@ impl proto::client_server::Client for Services {
             listen: self.listen.clone(),
             snapshot_index: status.snapshot_index,
             cluster_id: self.peer.link.cluster_id,
+            snapshot_error: self.snapshot_error.lock().unwrap_or_else(|e| e.into_inner()).clone(),
             refused: self
                 .peer
                 .refusals

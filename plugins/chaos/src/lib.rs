@@ -133,6 +133,10 @@ impl Plugin for Chaos {
                 self.map.insert(k.to_string(), "x".repeat(n));
                 Ok(b"OK".to_vec())
             }
+            ["bad-snapshot"] => {
+                self.map.insert("!bad-snapshot".to_string(), "1".to_string());
+                Ok(b"OK".to_vec())
+            }
             ["print-on-restore"] => {
                 self.map.insert("!print-on-restore".to_string(), "1".to_string());
                 Ok(b"OK".to_vec())
@@ -152,6 +156,9 @@ impl Plugin for Chaos {
     }
 
     fn snapshot(&self) -> Result<Vec<u8>, String> {
+        if self.map.contains_key("!bad-snapshot") {
+            panic!("chaos: snapshot() traps on purpose");
+        }
         let mut out = String::new();
         for (k, v) in &self.map {
             out.push_str(k);
