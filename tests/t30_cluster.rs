@@ -501,3 +501,35 @@ fn a_leader_stopped_by_sigterm_hands_leadership_over_first() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     assert!(writer.join().unwrap() > 0);
 }
+
+/// `status --cluster` asks every member: one row each, and a member that is
+/// down is shown unhealthy (and the command exits non-zero).
+#[test]
+fn status_cluster_shows_every_member_and_the_one_that_is_down() {
+    let mut cluster = Cluster::start(3, &[]);
+    let leader = cluster.leader();
+    cluster.node(leader).propose("set a 1").unwrap();
+    let addr = cluster.node(leader).addr.clone();
+    let out = cli(&["status", "--cluster", "-o", "json", "--addr", &addr]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    assert!(rows.iter().all(|r| r["healthy"] == true), "{rows:?}");
+    assert_eq!(rows.iter().filter(|r| r["role"] == "leader").count(), 1, "{rows:?}");
+    let down = cluster.followers()[0];
+    cluster.kill(down);
+    let out = cli(&["status", "--cluster", "-o", "json", "--addr", &addr]);
+    assert!(!out.status.success());
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let row = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == down)
+        .unwrap()
+        .clone();
+    assert_eq!(row["healthy"], false, "{row}");
+    let text = stdout(&cli(&["status", "--cluster", "--addr", &addr]));
+    assert!(text.contains("unreachable"), "{text}");
+}

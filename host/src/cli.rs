@@ -34,8 +34,8 @@ pub enum Command {
     Propose(ProposeArgs),
     /// Read from the state machine.
     Query(QueryArgs),
-    /// Show the node's raft state and plugin.
-    Status(ClientArgs),
+    /// Show the node's raft state and plugin (`--cluster`: every member's).
+    Status(StatusArgs),
     /// List the cluster's members: id, address, voter or learner, leader.
     Members(ClientArgs),
     /// Add or remove a member.
@@ -200,6 +200,17 @@ impl SecurityArgs {
     }
 }
 
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Ask every member (as `etcdctl endpoint status --cluster` does) and
+    /// print a row per node: id, address, role, term, commit, applied,
+    /// plugin, lag behind the leader, healthy.
+    #[arg(long)]
+    pub cluster: bool,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Output {
     Text,
@@ -345,12 +356,19 @@ pub async fn run_client(command: Command) -> anyhow::Result<i32> {
             };
             Ok(if print(&shown, args.client.output) { 0 } else { 1 })
         }
-        Command::Status(args) => {
+        Command::Status(StatusArgs {
+            cluster: false,
+            client: args,
+        }) => {
             let mut client = connect(&args).await?;
             let status = client.status().await?;
             print_status(&status, args.output);
             Ok(0)
         }
+        Command::Status(StatusArgs {
+            cluster: true,
+            client: args,
+        }) => cluster_status(&args).await,
         Command::Bench(args) => crate::bench::run(args).await,
         Command::Tls(TlsCommand::Init { dir }) => {
             crate::tls::init(&dir)?;
@@ -598,6 +616,68 @@ fn read_lines(file: &PathBuf) -> anyhow::Result<Vec<String>> {
         bail!("{} has no commands", file.display());
     }
     Ok(lines)
+}
+
+/// `status --cluster`: every member's view, one row each. Exits 1 when a
+/// member is unhealthy (did not answer, or knows no leader).
+async fn cluster_status(args: &ClientArgs) -> anyhow::Result<i32> {
+    let mut client = connect(args).await?;
+    let first = client.status().await?;
+    let timeout = Duration::from_millis(args.timeout_ms.min(3_000));
+    let dialer = args.security.dialer()?;
+    let mut rows = Vec::new();
+    for member in &first.members {
+        let status = match Client::connect_with(&member.addr, timeout, &dialer).await {
+            Ok(mut c) => c.status().await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        rows.push((member, status));
+    }
+    let leader_last = rows
+        .iter()
+        .filter_map(|(_, s)| s.as_ref().ok())
+        .find(|s| s.role == "leader")
+        .map(|s| s.last_index);
+    let mut healthy_all = true;
+    let mut json_rows = Vec::new();
+    if args.output == Output::Text {
+        println!(
+            "{:>4}  {:<22} {:<10} {:>6} {:>10} {:>10} {:<12} {:>8}  healthy",
+            "id", "address", "role", "term", "commit", "applied", "plugin", "lag"
+        );
+    }
+    for (member, status) in &rows {
+        let healthy = status.as_ref().is_ok_and(|s| s.leader_id != 0);
+        healthy_all &= healthy;
+        match status {
+            Ok(s) => {
+                let lag = leader_last.map(|last| last.saturating_sub(s.applied_index));
+                let plugin: String = s.plugin_sha256.chars().take(12).collect();
+                json_rows.push(json!({
+                    "id": member.id, "addr": member.addr, "role": s.role, "term": s.term,
+                    "commit_index": s.commit_index, "applied_index": s.applied_index,
+                    "plugin_sha256": s.plugin_sha256, "lag": lag, "healthy": healthy,
+                }));
+                if args.output == Output::Text {
+                    let lag = lag.map_or("?".to_string(), |l| l.to_string());
+                    println!(
+                        "{:>4}  {:<22} {:<10} {:>6} {:>10} {:>10} {:<12} {:>8}  {}",
+                        member.id, member.addr, s.role, s.term, s.commit_index, s.applied_index, plugin, lag, healthy
+                    );
+                }
+            }
+            Err(error) => {
+                json_rows.push(json!({ "id": member.id, "addr": member.addr, "healthy": false, "error": error }));
+                if args.output == Output::Text {
+                    println!("{:>4}  {:<22} unreachable: {error}", member.id, member.addr);
+                }
+            }
+        }
+    }
+    if args.output == Output::Json {
+        println!("{}", serde_json::Value::Array(json_rows));
+    }
+    Ok(if healthy_all { 0 } else { 1 })
 }
 
 fn print_status(status: &proto::StatusResponse, output: Output) {
