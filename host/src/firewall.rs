@@ -44,7 +44,6 @@ pub struct View {
     /// The leader of `term`, 0 if none is known.
     pub leader_id: u64,
     pub last_index: u64,
-    pub committed: u64,
     /// Whether the message's sender is a voter or learner of the current
     /// configuration, or a member this node was told of when it joined.
     pub sender_is_member: bool,
@@ -330,15 +329,14 @@ mod tests {
 
     use super::*;
 
-    /// Node 2, a follower of node 1 in term 5, with entries up to 10, 8
-    /// committed; members 1, 2, 3 (the sender is one of them).
+    /// Node 2, a follower of node 1 in term 5, with entries up to 10;
+    /// members 1, 2, 3 (the sender is one of them).
     fn view() -> View {
         View {
             id: 2,
             term: 5,
             leader_id: 1,
             last_index: 10,
-            committed: 8,
             sender_is_member: true,
             max_id: 3,
         }

@@ -473,7 +473,6 @@ impl<S: LogStore> Node<S> {
             term: raft.term,
             leader_id: raft.leader_id,
             last_index: raft.raft_log.last_index(),
-            committed: raft.raft_log.committed,
             sender_is_member,
             max_id: self.identity.max_id,
         }
