@@ -32,7 +32,7 @@ fn generate_grpc(root: &Path) {
 /// their own (sharing the outer one would deadlock on its lock).
 fn build_plugins(root: &Path) {
     let plugins = root.join("plugins");
-    for path in ["Cargo.toml", "Cargo.lock", "kv", "kv-v2", "chaos", "hello"] {
+    for path in ["Cargo.toml", "Cargo.lock", "kv", "kv-v1", "kv-v2", "chaos", "hello"] {
         println!("cargo:rerun-if-changed={}", plugins.join(path).display());
     }
     println!("cargo:rerun-if-changed={}", root.join("guest-sdk").display());
@@ -51,7 +51,7 @@ fn build_plugins(root: &Path) {
     command
         .current_dir(&plugins)
         .args(["build", "--release", "--locked", "--target", "wasm32-wasip2"])
-        .args(["-p", "kv", "-p", "kv-v2", "-p", "chaos", "-p", "hello"])
+        .args(["-p", "kv", "-p", "kv-v1", "-p", "kv-v2", "-p", "chaos", "-p", "hello"])
         .arg("--target-dir")
         .arg(&target_dir);
     // The outer build's settings (rustflags for the host, clippy's wrapper,
@@ -71,7 +71,7 @@ fn build_plugins(root: &Path) {
              Run `rustup target add wasm32-wasip2`."
         );
     }
-    for name in ["kv", "kv_v2", "chaos", "hello"] {
+    for name in ["kv", "kv_v1", "kv_v2", "chaos", "hello"] {
         let wasm = target_dir.join(format!("wasm32-wasip2/release/{name}.wasm"));
         let dest = out_dir.join(format!("{name}.wasm"));
         std::fs::copy(&wasm, &dest).unwrap_or_else(|e| panic!("copy {}: {e}", wasm.display()));

@@ -15,7 +15,8 @@
 //! the trapping call. The plugin must be deterministic (no reading the clock,
 //! randomness or `HashMap` iteration order into its state), must leave the
 //! state untouched when `apply` returns `Err`, and must not change state in
-//! `query` or `snapshot`. The full contract is in `wit/fsm.wit`.
+//! `query` or `snapshot`. The full contract is in `wit/0.2.0/fsm.wit` (the
+//! ABI this SDK exports, `raftify:fsm@0.2.0`: streamed snapshots).
 //!
 //! # Example: a counter
 //!
@@ -65,6 +66,19 @@
 //! # assert_eq!(c.apply(1, b"5").unwrap(), b"5");
 //! # let restored = Counter::restore(&c.snapshot().unwrap()).unwrap();
 //! # assert_eq!(restored.value, 5);
+//! # // The default streamed snapshot hands out snapshot() in pieces.
+//! # c.snapshot_begin().unwrap();
+//! # let mut bytes = Vec::new();
+//! # loop {
+//! #     let chunk = c.snapshot_next(3).unwrap();
+//! #     if chunk.is_empty() { break; }
+//! #     assert!(chunk.len() <= 3);
+//! #     bytes.extend(chunk);
+//! # }
+//! # let mut fresh = Counter::default();
+//! # for piece in bytes.chunks(5) { fresh.restore_chunk(piece).unwrap(); }
+//! # fresh.restore_finish().unwrap();
+//! # assert_eq!(fresh.value, 5);
 //! ```
 //!
 //! The plugin crate's `Cargo.toml` needs `crate-type = ["cdylib"]` and a
@@ -107,13 +121,97 @@ pub trait Plugin: Default + 'static {
     fn render(response: &[u8]) -> Result<String, String> {
         String::from_utf8(response.to_vec()).map_err(|_| "response is not UTF-8 text".to_string())
     }
+
+    /// Begin a streamed snapshot of the state as it is now; the host then
+    /// reads it with [`Plugin::snapshot_next`] and may call `apply` and
+    /// `query` in between, so the chunks must describe the state as of this
+    /// call (keep a copy, or copy on write).
+    ///
+    /// The default calls [`Plugin::snapshot`] once and hands its bytes out
+    /// in pieces: simple, and the host never holds the whole state, but the
+    /// guest holds the state twice while a snapshot is read and `snapshot`
+    /// runs in one call. Override both methods to stream a large state.
+    fn snapshot_begin(&mut self) -> Result<(), String> {
+        let bytes = self.snapshot()?;
+        whole::begin_snapshot(bytes);
+        Ok(())
+    }
+
+    /// The next at most `max_bytes` bytes of the snapshot begun last (at
+    /// least one while any remain); empty once it is all read.
+    fn snapshot_next(&mut self, max_bytes: usize) -> Result<Vec<u8>, String> {
+        whole::next_snapshot_chunk(max_bytes)
+    }
+
+    /// One piece of a snapshot being restored, in order. It is called on a
+    /// fresh `Default` value, which becomes the state once
+    /// [`Plugin::restore_finish`] returns `Ok`; the pieces' boundaries are
+    /// arbitrary. The default collects the pieces for [`Plugin::restore`].
+    fn restore_chunk(&mut self, chunk: &[u8]) -> Result<(), String> {
+        whole::push_restore_chunk(chunk);
+        Ok(())
+    }
+
+    /// Every piece was given: check the snapshot is whole and become its
+    /// state. The default passes the collected pieces to [`Plugin::restore`].
+    fn restore_finish(&mut self) -> Result<(), String> {
+        *self = Self::restore(&whole::take_restored())?;
+        Ok(())
+    }
+}
+
+/// The buffers behind the default streamed snapshot: a whole-state
+/// `snapshot()` handed out in pieces, and pieces collected for `restore()`.
+mod whole {
+    use std::cell::RefCell;
+
+    thread_local! {
+        static OUT: RefCell<(Vec<u8>, usize)> = const { RefCell::new((Vec::new(), 0)) };
+        static IN: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    }
+
+    pub fn begin_snapshot(bytes: Vec<u8>) {
+        OUT.with(|out| *out.borrow_mut() = (bytes, 0));
+    }
+
+    pub fn next_snapshot_chunk(max_bytes: usize) -> Result<Vec<u8>, String> {
+        OUT.with(|out| {
+            let (bytes, at) = &mut *out.borrow_mut();
+            let end = bytes.len().min(at.saturating_add(max_bytes.max(1)));
+            let chunk = bytes[*at..end].to_vec();
+            *at = end;
+            if *at == bytes.len() {
+                *bytes = Vec::new();
+                *at = 0;
+            }
+            Ok(chunk)
+        })
+    }
+
+    pub fn push_restore_chunk(chunk: &[u8]) {
+        IN.with(|buffer| buffer.borrow_mut().extend_from_slice(chunk));
+    }
+
+    pub fn take_restored() -> Vec<u8> {
+        IN.with(|buffer| std::mem::take(&mut *buffer.borrow_mut()))
+    }
+
+    /// A restore begins: drop pieces an abandoned one left.
+    pub fn reset_restore() {
+        IN.with(|buffer| *buffer.borrow_mut() = Vec::new());
+    }
+}
+
+#[doc(hidden)]
+pub fn __reset_restore() {
+    whole::reset_restore();
 }
 
 #[doc(hidden)]
 pub mod __bindings {
     wit_bindgen::generate!({
-        path: "../wit",
-        world: "raftify:fsm/plugin@0.1.0",
+        path: "../wit/0.2.0",
+        world: "raftify:fsm/plugin@0.2.0",
         pub_export_macro: true,
         export_macro_name: "__export_raw",
         default_bindings_module: "raftify_guest::__bindings",
@@ -133,6 +231,9 @@ macro_rules! export_plugin {
             ::std::thread_local! {
                 static STATE: ::core::cell::RefCell<$plugin> =
                     ::core::cell::RefCell::new(<$plugin as ::core::default::Default>::default());
+                // The state a streamed restore is building, until it finishes.
+                static RESTORING: ::core::cell::RefCell<::core::option::Option<$plugin>> =
+                    const { ::core::cell::RefCell::new(::core::option::Option::None) };
             }
 
             struct __RaftifyExports;
@@ -151,13 +252,35 @@ macro_rules! export_plugin {
                     STATE.with(|s| $crate::Plugin::query(&*s.borrow(), &request))
                 }
 
-                fn snapshot() -> ::core::result::Result<::std::vec::Vec<u8>, ::std::string::String> {
-                    STATE.with(|s| $crate::Plugin::snapshot(&*s.borrow()))
+                fn snapshot_begin() -> ::core::result::Result<(), ::std::string::String> {
+                    STATE.with(|s| $crate::Plugin::snapshot_begin(&mut *s.borrow_mut()))
                 }
 
-                fn restore(snapshot: ::std::vec::Vec<u8>) -> ::core::result::Result<(), ::std::string::String> {
-                    let restored = <$plugin as $crate::Plugin>::restore(&snapshot)?;
-                    STATE.with(|s| *s.borrow_mut() = restored);
+                fn snapshot_next(max_bytes: u32) -> ::core::result::Result<::std::vec::Vec<u8>, ::std::string::String> {
+                    STATE.with(|s| $crate::Plugin::snapshot_next(&mut *s.borrow_mut(), max_bytes as usize))
+                }
+
+                fn restore_begin() -> ::core::result::Result<(), ::std::string::String> {
+                    $crate::__reset_restore();
+                    RESTORING.with(|r| {
+                        *r.borrow_mut() = ::core::option::Option::Some(<$plugin as ::core::default::Default>::default())
+                    });
+                    Ok(())
+                }
+
+                fn restore_chunk(chunk: ::std::vec::Vec<u8>) -> ::core::result::Result<(), ::std::string::String> {
+                    RESTORING.with(|r| match &mut *r.borrow_mut() {
+                        ::core::option::Option::Some(next) => $crate::Plugin::restore_chunk(next, &chunk),
+                        ::core::option::Option::None => Err("restore-chunk without restore-begin".into()),
+                    })
+                }
+
+                fn restore_finish() -> ::core::result::Result<(), ::std::string::String> {
+                    let mut next = RESTORING
+                        .with(|r| r.borrow_mut().take())
+                        .ok_or_else(|| ::std::string::String::from("restore-finish without restore-begin"))?;
+                    $crate::Plugin::restore_finish(&mut next)?;
+                    STATE.with(|s| *s.borrow_mut() = next);
                     Ok(())
                 }
             }

@@ -29,8 +29,11 @@ use crate::transport::{Link, Transport};
 /// The kv plugin, built from plugins/kv by build.rs and embedded in the binary.
 pub const EMBEDDED_KV: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kv.wasm"));
 
-/// Test plugins: kv-v2 (kv plus `strlen`), chaos (hostile) and hello (a
-/// WASI command: a component of another world).
+/// Test plugins: kv-v1 (kv through the 0.1.0 ABI), kv-v2 (kv plus
+/// `strlen`), chaos (hostile) and hello (a WASI command: a component of
+/// another world).
+#[doc(hidden)]
+pub const EMBEDDED_KV_V1: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kv_v1.wasm"));
 #[doc(hidden)]
 pub const EMBEDDED_KV_V2: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kv_v2.wasm"));
 #[doc(hidden)]

@@ -23,11 +23,50 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use self::wasi::Determinism;
 
+/// Bindings for each plugin ABI the host accepts.
 mod bindings {
-    wasmtime::component::bindgen!({
-        path: "../wit",
-        world: "raftify:fsm/plugin@0.1.0",
-    });
+    /// `raftify:fsm@0.1.0`: whole-state `snapshot()` and `restore()`.
+    pub mod v1 {
+        wasmtime::component::bindgen!({
+            path: "../wit",
+            world: "raftify:fsm/plugin@0.1.0",
+        });
+    }
+
+    /// `raftify:fsm@0.2.0`: streamed snapshots.
+    pub mod v2 {
+        wasmtime::component::bindgen!({
+            path: "../wit/0.2.0",
+            world: "raftify:fsm/plugin@0.2.0",
+        });
+    }
+}
+
+/// The plugin ABIs, newest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Abi {
+    V1,
+    V2,
+}
+
+impl Abi {
+    /// The WIT package version.
+    pub fn version(self) -> &'static str {
+        match self {
+            Abi::V1 => "0.1.0",
+            Abi::V2 => "0.2.0",
+        }
+    }
+}
+
+enum Pre {
+    V1(bindings::v1::PluginPre<GuestState>),
+    V2(bindings::v2::PluginPre<GuestState>),
+}
+
+enum Bindings {
+    V1(bindings::v1::Plugin),
+    V2(bindings::v2::Plugin),
 }
 
 /// Limits on what a plugin may use. These must be identical on every replica
@@ -75,7 +114,7 @@ pub const CODEC_FUEL_PER_BYTE: u64 = 2_000;
 pub enum LoadError {
     #[error("not a valid WebAssembly component: {0}")]
     Invalid(String),
-    #[error("the component does not fit the raftify:fsm/plugin@0.1.0 world: {0}")]
+    #[error("the component does not fit the raftify:fsm/plugin world (0.2.0 or 0.1.0): {0}")]
     WrongWorld(String),
     #[error("could not set up the sandbox: {0}")]
     Engine(String),
@@ -126,11 +165,20 @@ impl Sandbox {
             Some(dir) => cache::load_or_compile(&self.engine, dir, &sha256, wasm)?,
             None => cache::compile(&self.engine, wasm)?,
         };
-        let pre = self
-            .linker
-            .instantiate_pre(&component)
-            .map_err(|e| LoadError::WrongWorld(format!("{e:#}")))?;
-        let pre = bindings::PluginPre::new(pre).map_err(|e| LoadError::WrongWorld(format!("{e:#}")))?;
+        let wrong = |e: wasmtime::Error| LoadError::WrongWorld(format!("{e:#}"));
+        let instance_pre = self.linker.instantiate_pre(&component).map_err(wrong)?;
+        // The ABI is the version of the state machine the component exports
+        // (a component of neither is checked against the newest, whose
+        // error then names what it lacks).
+        let exports_v1 = component
+            .component_type()
+            .exports(&self.engine)
+            .any(|(name, _)| name == "raftify:fsm/state-machine@0.1.0");
+        let pre = if exports_v1 {
+            Pre::V1(bindings::v1::PluginPre::new(instance_pre).map_err(wrong)?)
+        } else {
+            Pre::V2(bindings::v2::PluginPre::new(instance_pre).map_err(wrong)?)
+        };
         Ok(Plugin {
             inner: Arc::new(PluginInner {
                 pre,
@@ -165,7 +213,7 @@ pub struct Plugin {
 }
 
 struct PluginInner {
-    pre: bindings::PluginPre<GuestState>,
+    pre: Pre,
     sha256: [u8; 32],
     size: usize,
     sandbox: Sandbox,
@@ -183,6 +231,14 @@ impl Plugin {
     /// Size of the component in bytes.
     pub fn size(&self) -> usize {
         self.inner.size
+    }
+
+    /// Which plugin ABI the component exports.
+    pub fn abi(&self) -> Abi {
+        match self.inner.pre {
+            Pre::V1(_) => Abi::V1,
+            Pre::V2(_) => Abi::V2,
+        }
     }
 
     /// A fresh instance, in the plugin's initial state.
@@ -209,17 +265,18 @@ impl Plugin {
             .set_fuel(config.fuel_per_call)
             .map_err(|e| LoadError::Engine(format!("{e:#}")))?;
         determinism.reseed(0);
-        let bindings = self
-            .inner
-            .pre
-            .instantiate(&mut store)
-            .map_err(|e| LoadError::WrongWorld(format!("instantiation failed: {e:#}")))?;
+        let failed = |e: wasmtime::Error| LoadError::WrongWorld(format!("instantiation failed: {e:#}"));
+        let bindings = match &self.inner.pre {
+            Pre::V1(pre) => Bindings::V1(pre.instantiate(&mut store).map_err(failed)?),
+            Pre::V2(pre) => Bindings::V2(pre.instantiate(&mut store).map_err(failed)?),
+        };
         Ok(Instance {
             store,
             bindings,
             determinism,
             plugin: self.clone(),
             poisoned: false,
+            whole: WholeState::default(),
         })
     }
 }
@@ -265,10 +322,50 @@ impl ResourceLimiter for MemoryCap {
 /// A live plugin instance. Not `Sync`: one call at a time.
 pub struct Instance {
     store: Store<GuestState>,
-    bindings: bindings::Plugin,
+    bindings: Bindings,
     determinism: Determinism,
     plugin: Plugin,
     poisoned: bool,
+    /// A 0.1.0 plugin's whole-state snapshot being handed out, or restore
+    /// being collected, in chunks (0.2.0 plugins stream for themselves).
+    whole: WholeState,
+}
+
+#[derive(Default)]
+struct WholeState {
+    out: Vec<u8>,
+    out_at: usize,
+    restoring: Option<Vec<u8>>,
+}
+
+/// Calls a function of the state machine, whichever the ABI.
+macro_rules! state_machine {
+    ($bindings:expr, $store:expr, $method:ident($($arg:expr),*)) => {
+        match $bindings {
+            Bindings::V1(b) => b.raftify_fsm_state_machine().$method($store $(, $arg)*),
+            Bindings::V2(b) => b.raftify_fsm_state_machine().$method($store $(, $arg)*),
+        }
+    };
+}
+
+/// Calls a function only one ABI has (the caller checked which it is).
+macro_rules! only {
+    ($variant:ident, $bindings:expr, $store:expr, $method:ident($($arg:expr),*)) => {
+        match $bindings {
+            Bindings::$variant(b) => b.raftify_fsm_state_machine().$method($store $(, $arg)*),
+            _ => Err(wasmtime::format_err!(concat!(stringify!($method), " is not in this plugin's ABI"))),
+        }
+    };
+}
+
+/// Calls a function of the codec, whichever the ABI.
+macro_rules! codec {
+    ($bindings:expr, $store:expr, $method:ident($($arg:expr),*)) => {
+        match $bindings {
+            Bindings::V1(b) => b.raftify_fsm_codec().$method($store $(, $arg)*),
+            Bindings::V2(b) => b.raftify_fsm_codec().$method($store $(, $arg)*),
+        }
+    };
 }
 
 impl Instance {
@@ -283,27 +380,117 @@ impl Instance {
 
     pub fn apply(&mut self, index: u64, entry: &[u8]) -> Result<Vec<u8>, CallError> {
         let fuel = self.plugin.inner.sandbox.config.fuel_per_call;
-        self.call(index, fuel, |b, s| {
-            b.raftify_fsm_state_machine().call_apply(s, index, entry)
-        })
+        self.call(index, fuel, |b, s| state_machine!(b, s, call_apply(index, entry)))
     }
 
     /// `index` is the applied index the query reads at (it seeds the clock).
     pub fn query(&mut self, index: u64, request: &[u8]) -> Result<Vec<u8>, CallError> {
         let fuel = self.plugin.inner.sandbox.config.fuel_per_call;
-        self.call(index, fuel, |b, s| b.raftify_fsm_state_machine().call_query(s, request))
+        self.call(index, fuel, |b, s| state_machine!(b, s, call_query(request)))
     }
 
+    /// Begin a snapshot of the state as of now (`index`, the applied
+    /// index, seeds the clock). Read it with [`Instance::snapshot_next`];
+    /// `apply` and `query` may run in between. A 0.1.0 plugin's whole
+    /// `snapshot()` is taken here and handed out in pieces.
+    pub fn snapshot_begin(&mut self, index: u64) -> Result<(), CallError> {
+        let fuel = self.plugin.inner.sandbox.config.fuel_per_snapshot;
+        self.whole.out = Vec::new();
+        self.whole.out_at = 0;
+        match self.bindings {
+            Bindings::V1(_) => {
+                let state = self.call(index, fuel, |b, s| only!(V1, b, s, call_snapshot()))?;
+                self.whole.out = state;
+                Ok(())
+            }
+            Bindings::V2(_) => self.call(index, fuel, |b, s| only!(V2, b, s, call_snapshot_begin())),
+        }
+    }
+
+    /// The next at most `max_bytes` of the snapshot begun last; empty once
+    /// it is all read. `index` is the applied index now.
+    pub fn snapshot_next(&mut self, index: u64, max_bytes: usize) -> Result<Vec<u8>, CallError> {
+        let max_bytes = max_bytes.clamp(1, u32::MAX as usize);
+        if let Bindings::V1(_) = self.bindings {
+            let whole = &mut self.whole;
+            let end = whole.out.len().min(whole.out_at + max_bytes);
+            let chunk = whole.out[whole.out_at..end].to_vec();
+            whole.out_at = end;
+            if end == whole.out.len() {
+                whole.out = Vec::new();
+                whole.out_at = 0;
+            }
+            return Ok(chunk);
+        }
+        let fuel = self.plugin.inner.sandbox.config.fuel_per_snapshot;
+        let max = max_bytes as u32;
+        let chunk = self.call(index, fuel, |b, s| only!(V2, b, s, call_snapshot_next(max)))?;
+        if chunk.len() > max_bytes {
+            return Err(CallError::Guest(format!(
+                "snapshot-next returned {} bytes, more than the {max_bytes} asked for",
+                chunk.len()
+            )));
+        }
+        Ok(chunk)
+    }
+
+    /// The whole snapshot in one buffer (for a hot swap's handover and for
+    /// tests; snapshots that are stored stream chunk by chunk).
     pub fn snapshot(&mut self, index: u64) -> Result<Vec<u8>, CallError> {
-        let fuel = self.plugin.inner.sandbox.config.fuel_per_snapshot;
-        self.call(index, fuel, |b, s| b.raftify_fsm_state_machine().call_snapshot(s))
+        self.snapshot_begin(index)?;
+        let mut state = Vec::new();
+        loop {
+            let chunk = self.snapshot_next(index, 1 << 20)?;
+            if chunk.is_empty() {
+                return Ok(state);
+            }
+            state.extend_from_slice(&chunk);
+        }
     }
 
-    pub fn restore(&mut self, index: u64, snapshot: &[u8]) -> Result<(), CallError> {
+    /// Begin replacing the state with a snapshot given in chunks; on any
+    /// error from here to [`Instance::restore_finish`], discard the instance.
+    pub fn restore_begin(&mut self, index: u64) -> Result<(), CallError> {
+        match self.bindings {
+            Bindings::V1(_) => {
+                self.whole.restoring = Some(Vec::new());
+                Ok(())
+            }
+            Bindings::V2(_) => {
+                let fuel = self.plugin.inner.sandbox.config.fuel_per_snapshot;
+                self.call(index, fuel, |b, s| only!(V2, b, s, call_restore_begin()))
+            }
+        }
+    }
+
+    pub fn restore_chunk(&mut self, index: u64, chunk: &[u8]) -> Result<(), CallError> {
+        if let Bindings::V1(_) = self.bindings {
+            let restoring = self.whole.restoring.as_mut();
+            let restoring = restoring.ok_or_else(|| CallError::Guest("restore-chunk without restore-begin".into()))?;
+            restoring.extend_from_slice(chunk);
+            return Ok(());
+        }
         let fuel = self.plugin.inner.sandbox.config.fuel_per_snapshot;
-        self.call(index, fuel, |b, s| {
-            b.raftify_fsm_state_machine().call_restore(s, snapshot)
-        })
+        self.call(index, fuel, |b, s| only!(V2, b, s, call_restore_chunk(chunk)))
+    }
+
+    pub fn restore_finish(&mut self, index: u64) -> Result<(), CallError> {
+        let fuel = self.plugin.inner.sandbox.config.fuel_per_snapshot;
+        if let Bindings::V1(_) = self.bindings {
+            let state = self.whole.restoring.take();
+            let state = state.ok_or_else(|| CallError::Guest("restore-finish without restore-begin".into()))?;
+            return self.call(index, fuel, |b, s| only!(V1, b, s, call_restore(&state)));
+        }
+        self.call(index, fuel, |b, s| only!(V2, b, s, call_restore_finish()))
+    }
+
+    /// Restore a whole snapshot held in one buffer.
+    pub fn restore(&mut self, index: u64, snapshot: &[u8]) -> Result<(), CallError> {
+        self.restore_begin(index)?;
+        for chunk in snapshot.chunks(1 << 20) {
+            self.restore_chunk(index, chunk)?;
+        }
+        self.restore_finish(index)
     }
 
     /// Codec calls may take time in proportion to their input: a fixed
@@ -315,24 +502,24 @@ impl Instance {
 
     pub fn encode(&mut self, text: &str) -> Result<Vec<u8>, CallError> {
         let fuel = self.codec_fuel(text.len());
-        self.call(0, fuel, |b, s| b.raftify_fsm_codec().call_encode(s, text))
+        self.call(0, fuel, |b, s| codec!(b, s, call_encode(text)))
     }
 
     pub fn decode(&mut self, entry: &[u8]) -> Result<String, CallError> {
         let fuel = self.codec_fuel(entry.len());
-        self.call(0, fuel, |b, s| b.raftify_fsm_codec().call_decode(s, entry))
+        self.call(0, fuel, |b, s| codec!(b, s, call_decode(entry)))
     }
 
     pub fn render(&mut self, response: &[u8]) -> Result<String, CallError> {
         let fuel = self.codec_fuel(response.len());
-        self.call(0, fuel, |b, s| b.raftify_fsm_codec().call_render(s, response))
+        self.call(0, fuel, |b, s| codec!(b, s, call_render(response)))
     }
 
     fn call<T>(
         &mut self,
         index: u64,
         fuel: u64,
-        f: impl FnOnce(&bindings::Plugin, &mut Store<GuestState>) -> wasmtime::Result<Result<T, String>>,
+        f: impl FnOnce(&Bindings, &mut Store<GuestState>) -> wasmtime::Result<Result<T, String>>,
     ) -> Result<T, CallError> {
         if self.poisoned {
             return Err(CallError::Trap("the instance was poisoned by an earlier trap".into()));

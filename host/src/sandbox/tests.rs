@@ -2,7 +2,7 @@
 //! (both built from plugins/ by build.rs).
 
 use super::*;
-use crate::daemon::{EMBEDDED_CHAOS, EMBEDDED_KV};
+use crate::daemon::{EMBEDDED_CHAOS, EMBEDDED_HELLO, EMBEDDED_KV, EMBEDDED_KV_V1};
 
 fn sandbox() -> Sandbox {
     Sandbox::new(SandboxConfig {
@@ -237,4 +237,154 @@ fn a_stack_overflow_is_named_as_such_and_only_once() {
     };
     assert!(message.contains("stack overflow"), "{message}");
     assert!(!message.contains("wasm trap: wasm trap"), "{message}");
+}
+
+/// Read a snapshot to its end in chunks of `max` bytes, checking each fits.
+fn read_snapshot(instance: &mut Instance, index: u64, max: usize) -> Vec<u8> {
+    instance.snapshot_begin(index).unwrap();
+    let mut out = Vec::new();
+    loop {
+        let chunk = instance.snapshot_next(index, max).unwrap();
+        if chunk.is_empty() {
+            return out;
+        }
+        assert!(chunk.len() <= max, "a chunk of {} bytes for max {max}", chunk.len());
+        out.extend_from_slice(&chunk);
+    }
+}
+
+fn restore_in_pieces(instance: &mut Instance, index: u64, state: &[u8], piece: usize) -> Result<(), CallError> {
+    instance.restore_begin(index)?;
+    for chunk in state.chunks(piece) {
+        instance.restore_chunk(index, chunk)?;
+    }
+    instance.restore_finish(index)
+}
+
+#[test]
+fn both_abis_load_and_say_which_they_are() {
+    let sandbox = sandbox();
+    assert_eq!(sandbox.load(EMBEDDED_KV).unwrap().abi(), Abi::V2);
+    assert_eq!(sandbox.load(EMBEDDED_KV_V1).unwrap().abi(), Abi::V1);
+    let wrong = sandbox
+        .load(EMBEDDED_HELLO)
+        .err()
+        .expect("hello exports no state machine");
+    assert!(wrong.to_string().contains("0.2.0 or 0.1.0"), "{wrong}");
+}
+
+/// ABI 0.2.0 streams snapshots; 0.1.0 plugins still work, chunked by the
+/// host, and the two read each other's snapshots (the bytes are the same).
+#[test]
+fn a_streamed_snapshot_moves_between_abis_in_pieces() {
+    let sandbox = sandbox();
+    let mut v2 = sandbox.load(EMBEDDED_KV).unwrap().instantiate().unwrap();
+    for i in 0..1000 {
+        v2.apply(i + 1, format!("set key{i:04} value-{i}").as_bytes()).unwrap();
+    }
+    let whole = v2.snapshot(1000).unwrap();
+    assert_eq!(read_snapshot(&mut v2, 1000, 4096), whole);
+    assert_eq!(read_snapshot(&mut v2, 1000, 1), whole[..]);
+
+    let mut v1 = sandbox.load(EMBEDDED_KV_V1).unwrap().instantiate().unwrap();
+    restore_in_pieces(&mut v1, 1000, &whole, 777).unwrap();
+    assert_eq!(text(v1.query(1000, b"get key0999").unwrap()), "value-999");
+    assert_eq!(
+        read_snapshot(&mut v1, 1000, 4096),
+        whole,
+        "0.1.0's snapshot, chunked by the host"
+    );
+
+    v1.apply(1001, b"set key0000 changed").unwrap();
+    let mut fresh = sandbox.load(EMBEDDED_KV).unwrap().instantiate().unwrap();
+    restore_in_pieces(&mut fresh, 1001, &v1.snapshot(1001).unwrap(), 333).unwrap();
+    assert_eq!(text(fresh.query(1001, b"get key0000").unwrap()), "changed");
+    assert_eq!(text(fresh.query(1001, b"len").unwrap()), "1000");
+}
+
+/// A snapshot being read does not stop applying: its chunks show the state
+/// as of `snapshot_begin`, whatever is applied between them.
+#[test]
+fn entries_apply_while_a_snapshot_is_read() {
+    let mut kv = sandbox().load(EMBEDDED_KV).unwrap().instantiate().unwrap();
+    for i in 0..500 {
+        kv.apply(i + 1, format!("set key{i:03} v{i}").as_bytes()).unwrap();
+    }
+    let at_begin = kv.snapshot(500).unwrap();
+    kv.snapshot_begin(500).unwrap();
+    let mut streamed = Vec::new();
+    let mut index = 500;
+    loop {
+        let chunk = kv.snapshot_next(index, 100).unwrap();
+        if chunk.is_empty() {
+            break;
+        }
+        streamed.extend_from_slice(&chunk);
+        index += 1;
+        let key = (index * 37) % 600;
+        kv.apply(index, format!("set key{key:03} new{index}").as_bytes())
+            .unwrap();
+    }
+    assert!(index > 560, "the snapshot was read in {} chunks", index - 500);
+    assert_eq!(streamed, at_begin);
+    assert_ne!(kv.snapshot(index).unwrap(), at_begin, "the entries did apply");
+}
+
+#[test]
+fn a_corrupt_streamed_restore_is_an_error() {
+    let sandbox = sandbox();
+    let mut kv = sandbox.load(EMBEDDED_KV).unwrap().instantiate().unwrap();
+    kv.apply(1, b"set a 1").unwrap();
+    let state = kv.snapshot(1).unwrap();
+    for plugin in [EMBEDDED_KV, EMBEDDED_KV_V1] {
+        let plugin = sandbox.load(plugin).unwrap();
+        let truncated = restore_in_pieces(&mut plugin.instantiate().unwrap(), 1, &state[..state.len() - 1], 3);
+        assert!(
+            matches!(&truncated, Err(CallError::Guest(m)) if m.contains("truncated")),
+            "{truncated:?}"
+        );
+        let mut bad = state.clone();
+        bad[0] = b'X';
+        let bad = restore_in_pieces(&mut plugin.instantiate().unwrap(), 1, &bad, 3);
+        assert!(
+            matches!(&bad, Err(CallError::Guest(m)) if m.contains("magic")),
+            "{bad:?}"
+        );
+    }
+    let mut kv = sandbox.load(EMBEDDED_KV).unwrap().instantiate().unwrap();
+    assert!(kv.restore_finish(1).is_err(), "a restore needs restore_begin");
+}
+
+/// Issue 21: a kv state past wasmtime's 128 MiB per-call copy streams out
+/// and back in chunks of 1 MiB.
+#[test]
+fn a_kv_state_larger_than_128_mib_streams_in_chunks() {
+    let sandbox = Sandbox::new(SandboxConfig {
+        max_memory_bytes: 1 << 30,
+        ..SandboxConfig::default()
+    })
+    .unwrap();
+    let plugin = sandbox.load(EMBEDDED_KV).unwrap();
+    let mut kv = plugin.instantiate().unwrap();
+    let value = "v".repeat(1 << 20);
+    for i in 0..140u64 {
+        kv.apply(i + 1, format!("set key{i:03} {value}").as_bytes()).unwrap();
+    }
+    kv.snapshot_begin(140).unwrap();
+    let mut restored = plugin.instantiate().unwrap();
+    restored.restore_begin(140).unwrap();
+    let (mut chunks, mut bytes) = (0, 0);
+    loop {
+        let chunk = kv.snapshot_next(140, 1 << 20).unwrap();
+        if chunk.is_empty() {
+            break;
+        }
+        chunks += 1;
+        bytes += chunk.len();
+        restored.restore_chunk(140, &chunk).unwrap();
+    }
+    restored.restore_finish(140).unwrap();
+    assert!(bytes > 140 << 20 && chunks > 140, "{chunks} chunks, {bytes} bytes");
+    assert_eq!(text(restored.query(140, b"len").unwrap()), "140");
+    assert_eq!(restored.query(140, b"get key139").unwrap().len(), 1 << 20);
 }

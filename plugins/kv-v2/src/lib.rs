@@ -56,6 +56,22 @@ impl Plugin for KvV2 {
         })
     }
 
+    fn snapshot_begin(&mut self) -> Result<(), String> {
+        self.kv.snapshot_begin()
+    }
+
+    fn snapshot_next(&mut self, max_bytes: usize) -> Result<Vec<u8>, String> {
+        self.kv.snapshot_next(max_bytes)
+    }
+
+    fn restore_chunk(&mut self, chunk: &[u8]) -> Result<(), String> {
+        self.kv.restore_chunk(chunk)
+    }
+
+    fn restore_finish(&mut self) -> Result<(), String> {
+        self.kv.restore_finish()
+    }
+
     fn encode(text: &str) -> Result<Vec<u8>, String> {
         match strlen_key(text) {
             Some(key) => Ok(format!("strlen {}", key?).into_bytes()),

@@ -19,14 +19,44 @@
 //! in other languages share it, so a cluster can hot-swap between them.
 
 use std::collections::BTreeMap;
+use std::ops::Bound;
 
 use raftify_guest::Plugin;
 
 /// The whole replicated state: a sorted map, so iteration (and therefore the
 /// snapshot) is deterministic.
-#[derive(Default, Debug, Clone, PartialEq, Eq)]
+#[derive(Default, Debug, Clone)]
 pub struct Kv {
     map: BTreeMap<String, String>,
+    /// A streamed snapshot being read, if any (not part of the state).
+    reading: Option<Reading>,
+    /// A streamed restore being decoded, if any (not part of the state).
+    restoring: Option<Decoder>,
+}
+
+impl PartialEq for Kv {
+    fn eq(&self, other: &Kv) -> bool {
+        self.map == other.map
+    }
+}
+
+impl Eq for Kv {}
+
+/// A snapshot being read while entries keep applying: copy on write. The
+/// state as of `snapshot_begin` is the live map with `before` laid over it:
+/// the value each key had then (`None`: it was absent), recorded the first
+/// time a key not yet written out changes.
+#[derive(Debug, Clone, Default)]
+struct Reading {
+    /// Number of pairs at begin (the RKV1 header's count).
+    count: u64,
+    header_written: bool,
+    /// The last key written out: changes at or below it no longer matter.
+    last: Option<String>,
+    before: BTreeMap<String, Option<String>>,
+    /// Bytes of a pair that did not fit in the last chunk.
+    pending: Vec<u8>,
+    pending_at: usize,
 }
 
 /// One parsed command.
@@ -44,6 +74,14 @@ impl Command<'_> {
     /// Whether the command changes state (and so must go through the log).
     pub fn is_proposal(&self) -> bool {
         !matches!(self, Command::Get(_) | Command::Len)
+    }
+
+    /// The key a command changes, if it is a proposal.
+    fn changed_key(&self) -> Option<&str> {
+        match self {
+            Command::Set(k, _) | Command::Del(k) | Command::Incr(k, _) | Command::Append(k, _) => Some(k),
+            Command::Get(_) | Command::Len => None,
+        }
     }
 
     /// The canonical text of the command: the entry bytes kv stores.
@@ -119,6 +157,9 @@ impl Kv {
     /// Run a proposal. Computes the result first and mutates last, so an
     /// error leaves the state untouched.
     fn execute(&mut self, command: Command<'_>) -> Result<String, String> {
+        if let Some(key) = command.changed_key() {
+            self.remember(key);
+        }
         match command {
             Command::Set(k, v) => {
                 self.map.insert(k.to_string(), v.to_string());
@@ -155,6 +196,16 @@ impl Kv {
                 command.canonical()
             )),
         }
+    }
+
+    /// Before `key` may change: if a snapshot being read has yet to write
+    /// it out, keep the value it had when the snapshot began.
+    fn remember(&mut self, key: &str) {
+        let Some(reading) = &mut self.reading else { return };
+        if reading.last.as_deref().is_some_and(|last| key <= last) || reading.before.contains_key(key) {
+            return;
+        }
+        reading.before.insert(key.to_string(), self.map.get(key).cloned());
     }
 
     fn read(&self, command: Command<'_>) -> Result<String, String> {
@@ -229,6 +280,146 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// Append one RKV1 pair.
+fn put_pair(out: &mut Vec<u8>, key: &str, value: &str) {
+    for field in [key, value] {
+        out.extend_from_slice(&(field.len() as u32).to_le_bytes());
+        out.extend_from_slice(field.as_bytes());
+    }
+}
+
+impl Kv {
+    fn begin_reading(&mut self) {
+        self.reading = Some(Reading {
+            count: self.map.len() as u64,
+            ..Reading::default()
+        });
+    }
+
+    /// Up to `max_bytes` more of the snapshot begun last (empty: done).
+    fn next_chunk(&mut self, max_bytes: usize) -> Result<Vec<u8>, String> {
+        let max_bytes = max_bytes.max(1);
+        let Kv { map, reading, .. } = self;
+        let Some(r) = reading.as_mut() else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::with_capacity(max_bytes.min(1 << 20));
+        if !r.header_written {
+            r.pending.extend_from_slice(SNAPSHOT_MAGIC);
+            r.pending.extend_from_slice(&r.count.to_le_bytes());
+            r.header_written = true;
+        }
+        let from = match &r.last {
+            Some(last) => Bound::Excluded(last.clone()),
+            None => Bound::Unbounded,
+        };
+        let mut live = map.range::<String, _>((from.clone(), Bound::Unbounded)).peekable();
+        let mut old = r.before.range::<String, _>((from, Bound::Unbounded)).peekable();
+        loop {
+            // Hand out what is pending first.
+            if r.pending_at < r.pending.len() {
+                let take = (max_bytes - out.len()).min(r.pending.len() - r.pending_at);
+                out.extend_from_slice(&r.pending[r.pending_at..r.pending_at + take]);
+                r.pending_at += take;
+                if r.pending_at == r.pending.len() {
+                    r.pending.clear();
+                    r.pending_at = 0;
+                }
+            }
+            if out.len() >= max_bytes {
+                break;
+            }
+            // The next key of the state as of begin: the smaller of the
+            // live map's and the overlay's; the overlay's value wins.
+            let next = match (live.peek(), old.peek()) {
+                (None, None) => None,
+                (Some((k, _)), Some((o, _))) if o <= k => {
+                    if o == k {
+                        live.next();
+                    }
+                    old.next().map(|(k, v)| (k, v.as_ref()))
+                }
+                (Some(_), _) => live.next().map(|(k, v)| (k, Some(v))),
+                (None, Some(_)) => old.next().map(|(k, v)| (k, v.as_ref())),
+            };
+            let Some((key, value)) = next else {
+                // All written out: the snapshot is done.
+                *reading = None;
+                break;
+            };
+            r.last = Some(key.clone());
+            if let Some(value) = value {
+                put_pair(&mut r.pending, key, value);
+            }
+        }
+        if let Some(r) = reading.as_mut() {
+            // Changes at or below `last` no longer matter.
+            if let Some(last) = &r.last {
+                let later = r.before.split_off(&(last.clone() + "\0"));
+                r.before = later;
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Decodes an RKV1 snapshot given in pieces of any size.
+#[derive(Debug, Clone, Default)]
+struct Decoder {
+    /// Bytes received but not yet decoded (at most one partial pair).
+    carry: Vec<u8>,
+    /// The header's count, once read.
+    count: Option<u64>,
+    map: BTreeMap<String, String>,
+    last: Option<String>,
+}
+
+impl Decoder {
+    fn push(&mut self, chunk: &[u8]) -> Result<(), String> {
+        self.carry.extend_from_slice(chunk);
+        let mut reader = Reader {
+            bytes: &self.carry,
+            at: 0,
+        };
+        if self.count.is_none() {
+            if reader.bytes.len() < 12 {
+                return Ok(());
+            }
+            if reader.take(4)? != SNAPSHOT_MAGIC {
+                return Err("not a kv snapshot: bad magic".to_string());
+            }
+            self.count = Some(u64::from_le_bytes(reader.take(8)?.try_into().expect("8 bytes")));
+        }
+        let count = self.count.unwrap_or(0);
+        loop {
+            let start = reader.at;
+            let (Ok(key), Ok(value)) = (reader.string(), reader.string()) else {
+                reader.at = start;
+                break;
+            };
+            if self.map.len() as u64 >= count {
+                return Err("corrupt kv snapshot: trailing bytes".to_string());
+            }
+            if self.last.as_ref().is_some_and(|last| last.as_str() >= key.as_str()) {
+                return Err("corrupt kv snapshot: keys not in ascending order".to_string());
+            }
+            self.last = Some(key.clone());
+            self.map.insert(key, value);
+        }
+        let used = reader.at;
+        self.carry.drain(..used);
+        Ok(())
+    }
+
+    fn finish(self) -> Result<BTreeMap<String, String>, String> {
+        let count = self.count.ok_or("corrupt kv snapshot: truncated")?;
+        if !self.carry.is_empty() || (self.map.len() as u64) < count {
+            return Err("corrupt kv snapshot: truncated".to_string());
+        }
+        Ok(self.map)
+    }
+}
+
 impl Plugin for Kv {
     fn apply(&mut self, _index: u64, entry: &[u8]) -> Result<Vec<u8>, String> {
         let command = parse_bytes(entry)?;
@@ -245,7 +436,26 @@ impl Plugin for Kv {
     }
 
     fn restore(snapshot: &[u8]) -> Result<Self, String> {
-        decode_snapshot(snapshot).map(|map| Kv { map })
+        decode_snapshot(snapshot).map(|map| Kv { map, ..Kv::default() })
+    }
+
+    fn snapshot_begin(&mut self) -> Result<(), String> {
+        self.begin_reading();
+        Ok(())
+    }
+
+    fn snapshot_next(&mut self, max_bytes: usize) -> Result<Vec<u8>, String> {
+        self.next_chunk(max_bytes)
+    }
+
+    fn restore_chunk(&mut self, chunk: &[u8]) -> Result<(), String> {
+        self.restoring.get_or_insert_with(Decoder::default).push(chunk)
+    }
+
+    fn restore_finish(&mut self) -> Result<(), String> {
+        let decoder = self.restoring.take().unwrap_or_default();
+        self.map = decoder.finish()?;
+        Ok(())
     }
 
     fn encode(text: &str) -> Result<Vec<u8>, String> {
@@ -328,5 +538,112 @@ mod tests {
         let mut trailing = snap.clone();
         trailing.push(0);
         assert!(Kv::restore(&trailing).is_err());
+    }
+
+    /// Read a streamed snapshot to its end in chunks of `max` bytes,
+    /// applying `during` (one command per chunk) while it is read.
+    fn stream(kv: &mut Kv, max: usize, during: &[&str]) -> Vec<u8> {
+        kv.snapshot_begin().unwrap();
+        let mut out = Vec::new();
+        let mut during = during.iter();
+        loop {
+            let chunk = kv.snapshot_next(max).unwrap();
+            if chunk.is_empty() {
+                return out;
+            }
+            assert!(chunk.len() <= max, "a chunk of {} bytes for max {max}", chunk.len());
+            out.extend(chunk);
+            if let Some(command) = during.next() {
+                run(kv, command).unwrap();
+            }
+        }
+    }
+
+    fn restore_in_pieces(bytes: &[u8], piece: usize) -> Result<Kv, String> {
+        let mut kv = Kv::default();
+        for chunk in bytes.chunks(piece.max(1)) {
+            kv.restore_chunk(chunk)?;
+        }
+        kv.restore_finish()?;
+        Ok(kv)
+    }
+
+    #[test]
+    fn a_streamed_snapshot_is_the_whole_snapshot_in_pieces() {
+        let mut kv = Kv::default();
+        assert_eq!(stream(&mut kv, 5, &[]), encode_snapshot(&BTreeMap::new()));
+        for i in 0..300 {
+            run(&mut kv, &format!("set k{i:03} value-{i}")).unwrap();
+        }
+        let whole = kv.snapshot().unwrap();
+        for max in [1, 7, 64, 1 << 20] {
+            assert_eq!(stream(&mut kv, max, &[]), whole, "max {max}");
+            for piece in [1, 3, 1000, whole.len()] {
+                assert_eq!(
+                    restore_in_pieces(&whole, piece).unwrap(),
+                    kv,
+                    "max {max}, piece {piece}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_streamed_snapshot_shows_the_state_at_its_begin_while_entries_apply() {
+        let mut kv = Kv::default();
+        for i in 0..200 {
+            run(&mut kv, &format!("set k{i:03} v{i}")).unwrap();
+        }
+        let at_begin = kv.clone();
+        // Changes ahead of and behind the cursor, inserts, deletes, appends.
+        let during = [
+            "set k150 changed",
+            "del k199",
+            "set k000 early",
+            "set zzz new",
+            "append k120 more",
+            "del k100",
+            "set k100 back",
+            "incr n 5",
+            "set aaa first",
+            "del k050",
+        ];
+        let streamed = stream(&mut kv, 97, &during);
+        assert_eq!(streamed, at_begin.snapshot().unwrap());
+        assert_eq!(
+            kv.reading.as_ref().map(|r| r.before.len()),
+            None,
+            "the overlay is dropped at the end"
+        );
+        assert_eq!(kv.get("k150"), Some("changed"));
+        assert_eq!(kv.get("k199"), None);
+        // And the next snapshot shows the changes.
+        assert_eq!(stream(&mut kv, 4096, &[]), kv.snapshot().unwrap());
+    }
+
+    #[test]
+    fn a_streamed_restore_rejects_what_restore_rejects() {
+        let mut kv = Kv::default();
+        for i in 0..50 {
+            run(&mut kv, &format!("set k{i:02} v{i}")).unwrap();
+        }
+        let snap = kv.snapshot().unwrap();
+        for piece in [1, 10, snap.len()] {
+            assert!(restore_in_pieces(&snap[..snap.len() - 1], piece).is_err());
+            assert!(restore_in_pieces(&snap[..11], piece).is_err());
+            assert!(restore_in_pieces(b"XXXXXXXXXXXXXXXX", piece).is_err());
+            let mut trailing = snap.clone();
+            trailing.push(0);
+            assert!(restore_in_pieces(&trailing, piece).is_err());
+            let mut unordered = encode_snapshot(&BTreeMap::new());
+            unordered[4] = 2;
+            put_pair(&mut unordered, "b", "1");
+            put_pair(&mut unordered, "a", "1");
+            assert!(restore_in_pieces(&unordered, piece).unwrap_err().contains("ascending"));
+        }
+        assert!(
+            Kv::default().restore_finish().is_err(),
+            "an empty restore is not a state"
+        );
     }
 }
