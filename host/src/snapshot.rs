@@ -56,36 +56,113 @@ pub enum SnapshotError {
     Malformed(String),
 }
 
-pub fn encode(header: &SnapshotHeader, state: &[u8]) -> Vec<u8> {
+/// The most header bytes a snapshot may have (its members' addresses).
+const MAX_HEADER_BYTES: usize = 1 << 20;
+
+/// The bytes before the plugin state: magic, header length, header.
+pub fn encode_header(header: &SnapshotHeader) -> Vec<u8> {
     let header =
         bincode::serde::encode_to_vec(header, bincode::config::standard()).expect("bincode encodes a plain struct");
-    let mut out = Vec::with_capacity(8 + header.len() + state.len());
+    let mut out = Vec::with_capacity(8 + header.len());
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&(header.len() as u32).to_le_bytes());
     out.extend_from_slice(&header);
+    out
+}
+
+pub fn encode(header: &SnapshotHeader, state: &[u8]) -> Vec<u8> {
+    let mut out = encode_header(header);
     out.extend_from_slice(state);
     out
 }
 
 /// Split snapshot data into its header and the plugin state.
 pub fn decode(data: &[u8]) -> Result<(SnapshotHeader, &[u8]), SnapshotError> {
-    let malformed = |why: &str| SnapshotError::Malformed(why.to_string());
-    if data.len() < 8 || &data[..4] != MAGIC {
-        return Err(malformed("bad magic"));
+    let mut reader = Reader::default();
+    match reader.push(data)? {
+        Step::Header(header, _) => Ok((header, &data[reader.header_len..])),
+        Step::More | Step::State(_) => Err(SnapshotError::Malformed("truncated header".into())),
     }
-    let len = u32::from_le_bytes(data[4..8].try_into().expect("4 bytes")) as usize;
-    let body = &data[8..];
-    if body.len() < len {
-        return Err(malformed("truncated header"));
+}
+
+/// Reads snapshot data given in pieces of any size: first the header, then
+/// the plugin state as it comes, without holding more than the header.
+#[derive(Default)]
+pub struct Reader {
+    /// Bytes of the header so far, until it is complete.
+    pending: Vec<u8>,
+    done: bool,
+    /// Magic, length and header, once complete.
+    header_len: usize,
+}
+
+/// What one piece of snapshot data held.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step<'a> {
+    /// Only part of the header: feed more.
+    More,
+    /// The header is complete; the state bytes that followed it in the
+    /// pieces so far.
+    Header(SnapshotHeader, Vec<u8>),
+    /// Plugin state.
+    State(&'a [u8]),
+}
+
+impl Reader {
+    pub fn push<'a>(&mut self, piece: &'a [u8]) -> Result<Step<'a>, SnapshotError> {
+        if self.done {
+            return Ok(Step::State(piece));
+        }
+        let malformed = |why: &str| SnapshotError::Malformed(why.to_string());
+        // Take only what the header needs, so a huge first piece is not copied.
+        let wanted = match self.pending.len() {
+            n if n < 8 => 8 - n,
+            _ => 8 + self.declared_len()? - self.pending.len(),
+        };
+        let take = wanted.min(piece.len());
+        self.pending.extend_from_slice(&piece[..take]);
+        let rest = &piece[take..];
+        if self.pending.len() >= 4 && &self.pending[..4] != MAGIC {
+            return Err(malformed("bad magic"));
+        }
+        if self.pending.len() < 8 {
+            return Ok(Step::More);
+        }
+        let len = self.declared_len()?;
+        if self.pending.len() < 8 + len {
+            // The length is known now: take what this piece has of it.
+            let more = (8 + len - self.pending.len()).min(rest.len());
+            self.pending.extend_from_slice(&rest[..more]);
+            if self.pending.len() < 8 + len {
+                return Ok(Step::More);
+            }
+            return self.finish_header(&rest[more..]);
+        }
+        self.finish_header(rest)
     }
-    // A length prefix in the header cannot make bincode allocate more than this.
-    let limit = bincode::config::standard().with_limit::<{ 1 << 20 }>();
-    let (header, used) = bincode::serde::decode_from_slice(&body[..len], limit)
-        .map_err(|e| SnapshotError::Malformed(format!("bad header: {e}")))?;
-    if used != len {
-        return Err(malformed("header has trailing bytes"));
+
+    fn declared_len(&self) -> Result<usize, SnapshotError> {
+        let len = u32::from_le_bytes(self.pending[4..8].try_into().expect("4 bytes")) as usize;
+        if len > MAX_HEADER_BYTES {
+            return Err(SnapshotError::Malformed(format!("a header of {len} bytes")));
+        }
+        Ok(len)
     }
-    Ok((header, &body[len..]))
+
+    fn finish_header<'a>(&mut self, rest: &'a [u8]) -> Result<Step<'a>, SnapshotError> {
+        // A length prefix in the header cannot make bincode allocate more than this.
+        let limit = bincode::config::standard().with_limit::<{ MAX_HEADER_BYTES }>();
+        let body = &self.pending[8..];
+        let (header, used) = bincode::serde::decode_from_slice(body, limit)
+            .map_err(|e| SnapshotError::Malformed(format!("bad header: {e}")))?;
+        if used != body.len() {
+            return Err(SnapshotError::Malformed("header has trailing bytes".into()));
+        }
+        self.done = true;
+        self.header_len = self.pending.len();
+        self.pending = Vec::new();
+        Ok(Step::Header(header, rest.to_vec()))
+    }
 }
 
 #[cfg(test)]
@@ -104,5 +181,36 @@ mod tests {
         assert!(decode(b"RSN1").is_err());
         assert!(decode(&data[..10]).is_err());
         assert!(decode(b"XXXX\0\0\0\0").is_err());
+        assert!(decode(b"RSN1\xff\xff\xff\xff").is_err(), "a header too long to be real");
+    }
+
+    #[test]
+    fn a_snapshot_read_in_pieces_of_any_size_gives_the_header_then_the_state() {
+        let header = SnapshotHeader {
+            plugin_sha256: [9; 32],
+            members: vec![(1, "127.0.0.1:1".into()), (2, "127.0.0.1:2".into())],
+        };
+        let state: Vec<u8> = (0..200u8).collect();
+        let data = encode(&header, &state);
+        for size in [1, 2, 7, 8, 9, 40, data.len()] {
+            let mut reader = Reader::default();
+            let (mut got_header, mut got_state) = (None, Vec::new());
+            for piece in data.chunks(size) {
+                match reader.push(piece).unwrap() {
+                    Step::More => assert!(got_header.is_none()),
+                    Step::Header(h, rest) => {
+                        assert!(got_header.replace(h).is_none());
+                        got_state.extend(rest);
+                    }
+                    Step::State(bytes) => {
+                        assert!(got_header.is_some());
+                        got_state.extend_from_slice(bytes);
+                    }
+                }
+            }
+            assert_eq!(got_header.as_ref(), Some(&header), "pieces of {size}");
+            assert_eq!(got_state, state, "pieces of {size}");
+        }
+        assert!(Reader::default().push(b"RSN2").is_err());
     }
 }

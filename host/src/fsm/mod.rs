@@ -21,6 +21,8 @@
 //! to the entry before the trap, skipping every recorded trap. Every replica traps on the same entry
 //! (execution is deterministic), so every replica ends in the same state.
 
+mod snapshots;
+
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,7 +36,7 @@ use tokio::sync::{oneshot, watch};
 use crate::envelope::{self, HostEntry, Payload};
 use crate::node::ProposeError;
 use crate::sandbox::{CallError, Instance, Plugin, Sandbox};
-use crate::snapshot::{self, SnapshotConfig, SnapshotHeader};
+use crate::snapshot::SnapshotConfig;
 use crate::storage::LogStore;
 
 /// The outcome of applying one proposal.
@@ -122,17 +124,10 @@ pub struct Fsm<S: LogStore> {
     members: BTreeMap<u64, String>,
     /// Chunks of components whose swap entry has not been applied yet.
     staged: HashMap<[u8; 32], BTreeMap<u64, Vec<u8>>>,
-    /// A snapshot being stored in the background.
-    saving: Option<std::thread::JoinHandle<Result<(), crate::storage::StoreError>>>,
-}
-
-/// When `take_snapshot` stores what it took.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Save {
-    /// Before returning: someone waits for the stored snapshot.
-    Now,
-    /// On a thread of its own, while applying goes on.
-    InBackground,
+    /// The snapshot being taken, if any (see `snapshots`).
+    taking: Option<snapshots::Taking>,
+    /// Who waits for a snapshot, and from which index on.
+    snapshot_waiters: Vec<snapshots::SnapshotWaiter>,
 }
 
 /// Why the worker stopped.
@@ -190,10 +185,10 @@ impl<S: LogStore> Fsm<S> {
             conf_state: ConfState::default(),
             members: BTreeMap::new(),
             staged: HashMap::new(),
-            saving: None,
+            taking: None,
+            snapshot_waiters: Vec::new(),
         };
-        if let Some(snapshot) = fsm.store.stored_snapshot()? {
-            fsm.restore(&snapshot)?;
+        if fsm.restore_stored()? {
             // Status and the raft loop read the applied index from here; raft
             // resumes after the snapshot, so nothing else would report it.
             fsm.applied_tx.send_replace(fsm.applied);
@@ -233,15 +228,38 @@ impl<S: LogStore> Fsm<S> {
         Ok(self.sandbox.load(&wasm)?)
     }
 
-    /// Serve requests until the channel closes or a fatal error.
+    /// Serve requests until the channel closes or a fatal error. While a
+    /// snapshot is being taken, idle moments move it along.
     pub fn run(mut self, requests: mpsc::Receiver<FsmRequest>) -> Result<(), FsmError> {
-        while let Ok(request) = requests.recv() {
+        loop {
+            let request = match requests.try_recv() {
+                Ok(request) => request,
+                Err(mpsc::TryRecvError::Disconnected) => break,
+                Err(mpsc::TryRecvError::Empty) if self.taking.is_some() => {
+                    if !self.pump_snapshot(snapshots::PUMP_BUDGET, false)? {
+                        // Waiting on the writer: look again shortly.
+                        match requests.recv_timeout(std::time::Duration::from_millis(2)) {
+                            Ok(request) => request,
+                            Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                        }
+                    } else {
+                        continue;
+                    }
+                }
+                Err(mpsc::TryRecvError::Empty) => match requests.recv() {
+                    Ok(request) => request,
+                    Err(_) => break,
+                },
+            };
             if matches!(request, FsmRequest::Shutdown) {
                 break;
             }
             self.handle(request)?;
         }
-        self.wait_for_snapshot()
+        // A snapshot half read is dropped (the next start takes another);
+        // one being stored is waited for.
+        self.abandon_snapshot()
     }
 
     pub fn handle(&mut self, request: FsmRequest) -> Result<(), FsmError> {
@@ -264,25 +282,16 @@ impl<S: LogStore> Fsm<S> {
                 }
                 self.applied_tx.send_replace(self.applied);
                 self.serve_pending_queries()?;
-                if self.saving.as_ref().is_some_and(|save| save.is_finished()) {
-                    self.wait_for_snapshot()?;
+                if self.snapshot_due() {
+                    self.start_snapshot()?;
                 }
-                if self.applied >= self.snapshot_index.saturating_add(self.config.every_entries)
-                    && self.applied >= self.snapshot_retry_at
-                {
-                    let outcome = self.take_snapshot(Save::InBackground)?;
-                    self.snapshot_outcome(outcome.map(|_| ()));
-                }
+                self.pump_snapshot(snapshots::PUMP_BUDGET, false)?;
             }
-            FsmRequest::Snapshot { reply } => {
-                let outcome = self.take_snapshot(Save::Now)?;
-                self.snapshot_outcome(outcome.as_ref().map(|_| ()).map_err(Clone::clone));
-                let _ = reply.send(outcome);
-            }
+            FsmRequest::Snapshot { reply } => self.want_snapshot(reply)?,
             // `run` stops before handing this over.
             FsmRequest::Shutdown => {}
             FsmRequest::Restore { snapshot } => {
-                self.restore(&snapshot)?;
+                self.restore_bytes(snapshot.get_metadata(), &snapshot.data)?;
                 self.applied_tx.send_replace(self.applied);
                 self.serve_pending_queries()?;
             }
@@ -304,116 +313,6 @@ impl<S: LogStore> Fsm<S> {
 
     pub fn applied(&self) -> u64 {
         self.applied
-    }
-
-    /// Wait for the snapshot being stored in the background, if any, and
-    /// surface its error.
-    pub fn wait_for_snapshot(&mut self) -> Result<(), FsmError> {
-        let Some(save) = self.saving.take() else { return Ok(()) };
-        match save.join() {
-            Ok(result) => Ok(result?),
-            Err(_) => Err(FsmError::Store(crate::storage::StoreError::Invalid(
-                "the snapshot thread panicked".into(),
-            ))),
-        }
-    }
-
-    /// Snapshot the plugin at the applied index, store it and compact the
-    /// log behind it, now or in the background. `Ok(Err(_))` when the
-    /// plugin could not snapshot.
-    fn take_snapshot(&mut self, save: Save) -> Result<Result<u64, String>, FsmError> {
-        let index = self.applied;
-        if index == self.snapshot_index {
-            return self.wait_for_snapshot().map(|()| Ok(index));
-        }
-        self.wait_for_snapshot()?;
-        let started = std::time::Instant::now();
-        let state = match self.instance.snapshot(index) {
-            Ok(state) => state,
-            Err(CallError::Guest(message)) => return Ok(Err(format!("the plugin refused to snapshot: {message}"))),
-            Err(CallError::Trap(message)) => {
-                self.rebuild(index)?;
-                return Ok(Err(format!("the plugin trapped in snapshot(): {message}")));
-            }
-        };
-        let plugin_ms = started.elapsed().as_millis() as u64;
-        let header = SnapshotHeader {
-            plugin_sha256: self.plugin.sha256(),
-            members: self.members.iter().map(|(id, addr)| (*id, addr.clone())).collect(),
-        };
-        let mut snapshot = Snapshot::default();
-        snapshot.data = snapshot::encode(&header, &state).into();
-        let metadata = snapshot.mut_metadata();
-        metadata.index = index;
-        metadata.term = self.store.term(index)?;
-        metadata.set_conf_state(self.conf_state.clone());
-        let compact_to = index.saturating_sub(self.config.keep_entries);
-        let state_bytes = state.len();
-        drop(state);
-        let store = self.store.clone();
-        let span = tracing::Span::current();
-        let store_it = move || {
-            let _entered = span.enter();
-            store.save_snapshot(&snapshot, compact_to)?;
-            tracing::info!(
-                index,
-                state_bytes,
-                compacted_to = compact_to,
-                plugin_ms,
-                elapsed_ms = started.elapsed().as_millis() as u64,
-                "took a snapshot"
-            );
-            Ok(())
-        };
-        self.snapshot_index = index;
-        match save {
-            Save::Now => store_it()?,
-            Save::InBackground => {
-                let thread = std::thread::Builder::new()
-                    .name("snapshot".into())
-                    .spawn(store_it)
-                    .map_err(crate::storage::StoreError::Io)?;
-                self.saving = Some(thread);
-            }
-        }
-        Ok(Ok(index))
-    }
-
-    /// Load a snapshot into a fresh instance.
-    fn restore(&mut self, snapshot: &Snapshot) -> Result<(), FsmError> {
-        self.wait_for_snapshot()?;
-        let metadata = snapshot.get_metadata();
-        let index = metadata.index;
-        let failed = |reason: String| FsmError::Restore { index, reason };
-        let started = std::time::Instant::now();
-        let (header, state) = snapshot::decode(&snapshot.data).map_err(|e| failed(e.to_string()))?;
-        // The snapshot names the plugin that made it; its members can
-        // supply the bytes if this node never saw that plugin.
-        self.members = header.members.into_iter().collect();
-        let plugin = self.plugin_by_sha(&header.plugin_sha256)?;
-        let mut instance = plugin.instantiate()?;
-        instance
-            .restore(index, state)
-            .map_err(|e| failed(format!("the plugin's restore() failed: {e}")))?;
-        // A node that starts from a leader's snapshot learns its plugin
-        // history from there on.
-        if self.store.plugin_history()?.last().map(|(_, sha)| *sha) != Some(plugin.sha256())
-            && let Some(wasm) = self.store.plugin_blob(&plugin.sha256())?
-        {
-            self.store.activate_plugin(index, &plugin.sha256(), &wasm)?;
-        }
-        self.plugin = plugin;
-        self.instance = instance;
-        self.applied = index;
-        self.snapshot_index = self.snapshot_index.max(index);
-        self.conf_state = metadata.get_conf_state().clone();
-        tracing::info!(
-            index,
-            state_bytes = state.len(),
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "restored a snapshot"
-        );
-        Ok(())
     }
 
     /// Track the configuration and addresses the way raft does, so a
@@ -459,31 +358,6 @@ impl<S: LogStore> Fsm<S> {
     /// `status`.
     pub fn snapshot_error(&self) -> Arc<std::sync::Mutex<String>> {
         self.snapshot_error.clone()
-    }
-
-    /// Count a snapshot attempt; after a failure, back off (in entries).
-    fn snapshot_outcome(&mut self, outcome: Result<(), String>) {
-        self.snapshot_attempts += 1;
-        let mut error = self.snapshot_error.lock().unwrap_or_else(|e| e.into_inner());
-        match outcome {
-            Ok(()) => {
-                self.snapshot_failures = 0;
-                self.snapshot_retry_at = 0;
-                error.clear();
-            }
-            Err(message) => {
-                self.snapshot_failures = self.snapshot_failures.saturating_add(1);
-                let wait = (64u64 << self.snapshot_failures.min(40)).min(self.config.every_entries.max(64));
-                self.snapshot_retry_at = self.applied.saturating_add(wait);
-                tracing::warn!(
-                    %message,
-                    failures = self.snapshot_failures,
-                    retry_after_entries = wait,
-                    "could not take a snapshot"
-                );
-                *error = format!("{message} (failed {} times in a row)", self.snapshot_failures);
-            }
-        }
     }
 
     pub fn trap_counter(&self) -> Arc<AtomicU64> {
@@ -643,23 +517,27 @@ impl<S: LogStore> Fsm<S> {
             Ok(instance) => instance,
             Err(error) => return reject(error.to_string()),
         };
-        let state = match self.instance.snapshot(index) {
-            Ok(state) => state,
-            Err(CallError::Guest(message)) => return reject(format!("the old plugin's snapshot() failed: {message}")),
-            Err(CallError::Trap(message)) => {
+        // The old instance's state streams into the new one, a chunk at a
+        // time; a snapshot being taken of the old one is dropped.
+        self.abandon_snapshot()?;
+        let mut state_bytes = 0u64;
+        match handover(index, &mut self.instance, &mut fresh, &mut state_bytes) {
+            Ok(()) => {}
+            Err(Handover::OldTrapped(message)) => {
                 self.rebuild(index - 1)?;
                 return reject(format!("the old plugin trapped in snapshot(): {message}"));
             }
-        };
-        if let Err(error) = fresh.restore(index, &state) {
-            return reject(format!("the new plugin's restore() failed: {error}"));
+            Err(Handover::OldRefused(message)) => {
+                return reject(format!("the old plugin's snapshot() failed: {message}"));
+            }
+            Err(Handover::NewFailed(error)) => return reject(format!("the new plugin's restore() failed: {error}")),
         }
         self.store.activate_plugin(index, sha256, wasm)?;
         tracing::info!(
             index,
             from = %self.plugin.sha256_hex(),
             to = %hex,
-            state_bytes = state.len(),
+            state_bytes,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "swapped the plugin"
         );
@@ -674,11 +552,11 @@ impl<S: LogStore> Fsm<S> {
     /// stretch happen again, so the instance runs the plugin of `upto`.
     fn rebuild(&mut self, upto: u64) -> Result<(), FsmError> {
         // The stored snapshot and the log behind it must not change under us.
-        self.wait_for_snapshot()?;
+        self.abandon_snapshot()?;
         let started = std::time::Instant::now();
-        match self.store.stored_snapshot()? {
-            Some(snapshot) => self.restore(&snapshot)?,
-            None => {
+        match self.restore_stored()? {
+            true => {}
+            false => {
                 self.plugin = self.first_plugin.clone();
                 self.instance = self.plugin.instantiate()?;
                 self.staged.clear();
@@ -711,6 +589,31 @@ impl<S: LogStore> Fsm<S> {
             "rebuilt the plugin instance"
         );
         Ok(())
+    }
+}
+
+/// Why a swap's handover of the state failed.
+enum Handover {
+    OldTrapped(String),
+    OldRefused(String),
+    NewFailed(CallError),
+}
+
+/// Stream the old instance's snapshot into the new one, a chunk at a time.
+fn handover(index: u64, old: &mut Instance, new: &mut Instance, bytes: &mut u64) -> Result<(), Handover> {
+    let old_failed = |error: CallError| match error {
+        CallError::Trap(message) => Handover::OldTrapped(message),
+        CallError::Guest(message) => Handover::OldRefused(message),
+    };
+    old.snapshot_begin(index).map_err(old_failed)?;
+    new.restore_begin(index).map_err(Handover::NewFailed)?;
+    loop {
+        let chunk = old.snapshot_next(index, 1 << 20).map_err(old_failed)?;
+        if chunk.is_empty() {
+            return new.restore_finish(index).map_err(Handover::NewFailed);
+        }
+        *bytes += chunk.len() as u64;
+        new.restore_chunk(index, &chunk).map_err(Handover::NewFailed)?;
     }
 }
 
@@ -1008,5 +911,113 @@ mod tests {
         assert!(fsm.snapshot_attempts >= 2);
         let error = fsm.snapshot_error().lock().unwrap().clone();
         assert!(error.contains("trapped in snapshot()"), "{error}");
+    }
+
+    /// The value of `key` in the stored snapshot, read by a fresh kv.
+    fn stored_value(store: &MemStore, key: &str) -> (u64, String) {
+        let snapshot = store.stored_snapshot().unwrap().unwrap();
+        let (_, state) = crate::snapshot::decode(&snapshot.data).unwrap();
+        let mut kv = sandbox()
+            .load(crate::daemon::EMBEDDED_KV)
+            .unwrap()
+            .instantiate()
+            .unwrap();
+        kv.restore(1, state).unwrap();
+        let value = kv.query(1, format!("get {key}").as_bytes()).unwrap();
+        (snapshot.get_metadata().index, String::from_utf8(value).unwrap())
+    }
+
+    /// Issue 21: a snapshot of a large state is read a chunk at a time
+    /// between batches, so applying goes on meanwhile, and what is stored
+    /// is the state at the snapshot's own index.
+    #[test]
+    fn entries_keep_applying_while_a_snapshot_is_taken() {
+        let value = "v".repeat(1000);
+        let mut commands: Vec<String> = (0..2000).map(|i| format!("set k{i:04} {value}")).collect();
+        commands.extend((0..50).map(|i| format!("set k0000 changed{i}")));
+        let refs: Vec<&str> = commands.iter().map(String::as_str).collect();
+        let (store, entries) = log(&refs);
+        let config = SnapshotConfig {
+            every_entries: 2000,
+            keep_entries: 10,
+            // About 2 MB of state in 1 KiB chunks: hundreds of pump steps.
+            chunk_bytes: 1024,
+            ..SnapshotConfig::default()
+        };
+        let mut fsm = fsm_over(&store, crate::daemon::EMBEDDED_KV, config);
+        apply_all(&mut fsm, entries[..2000].to_vec());
+        assert!(
+            fsm.taking.is_some(),
+            "a snapshot started at 2000 and is still being read"
+        );
+        for entry in &entries[2000..] {
+            apply_all(&mut fsm, vec![entry.clone()]);
+        }
+        assert_eq!(
+            fsm.applied(),
+            2050,
+            "every entry applied while the snapshot was in progress"
+        );
+        assert_eq!(get(&mut fsm, "k0000"), "changed49");
+        fsm.wait_for_snapshot().unwrap();
+        // The snapshot holds the state at 2000, not what was applied since.
+        assert_eq!(stored_value(&store, "k0000"), (2000, value.clone()));
+        assert_eq!(store.first_index().unwrap(), 1991, "compacted behind it");
+        // A restart from it replays the rest.
+        let mut restarted = fsm_over(&store, crate::daemon::EMBEDDED_KV, SnapshotConfig::default());
+        apply_all(&mut restarted, entries[2000..].to_vec());
+        assert_eq!(get(&mut restarted, "k0000"), "changed49");
+        assert_eq!(get(&mut restarted, "k1999"), value);
+    }
+
+    /// The `snapshot` command is answered once a snapshot at or past the
+    /// index it was asked at is stored; one asked for with nothing new
+    /// applied is answered at once.
+    #[test]
+    fn a_requested_snapshot_is_answered_when_it_is_stored() {
+        let (store, entries) = log(&["set a 1", "set b 2", "set c 3"]);
+        let mut fsm = fsm_over(&store, crate::daemon::EMBEDDED_KV, SnapshotConfig::default());
+        apply_all(&mut fsm, entries);
+        let (tx, mut rx) = oneshot::channel();
+        fsm.handle(FsmRequest::Snapshot { reply: tx }).unwrap();
+        fsm.wait_for_snapshot().unwrap();
+        assert_eq!(rx.try_recv().unwrap(), Ok(3));
+        assert_eq!(stored_value(&store, "c"), (3, "3".to_string()));
+        let (tx, mut rx) = oneshot::channel();
+        fsm.handle(FsmRequest::Snapshot { reply: tx }).unwrap();
+        assert_eq!(rx.try_recv().unwrap(), Ok(3), "nothing new: the stored one is current");
+    }
+
+    /// A trap while a snapshot is being read abandons it; the rebuilt
+    /// instance takes the next one, and nothing half-read is stored.
+    #[test]
+    fn a_trap_during_a_snapshot_abandons_it_and_the_next_one_is_whole() {
+        let value = "v".repeat(1000);
+        let mut commands: Vec<String> = (0..300).map(|i| format!("set k{i:03} {value}")).collect();
+        commands.push("panic".to_string());
+        commands.push("set after 1".to_string());
+        let refs: Vec<&str> = commands.iter().map(String::as_str).collect();
+        let (store, entries) = log(&refs);
+        let config = SnapshotConfig {
+            every_entries: 300,
+            chunk_bytes: 512,
+            ..SnapshotConfig::default()
+        };
+        let mut fsm = fsm_over(&store, EMBEDDED_CHAOS, config);
+        apply_all(&mut fsm, entries[..300].to_vec());
+        assert!(fsm.taking.is_some());
+        let outcomes = apply_all(&mut fsm, entries[300..].to_vec());
+        assert!(matches!(&outcomes[0], Err(CallError::Trap(_))), "{outcomes:?}");
+        assert!(
+            store.stored_snapshot().unwrap().is_none(),
+            "the abandoned snapshot was not stored"
+        );
+        let (tx, mut rx) = oneshot::channel();
+        fsm.handle(FsmRequest::Snapshot { reply: tx }).unwrap();
+        fsm.wait_for_snapshot().unwrap();
+        assert_eq!(rx.try_recv().unwrap(), Ok(302));
+        let mut restarted = chaos_fsm(&store);
+        assert_eq!(get(&mut restarted, "k299"), value);
+        assert_eq!(get(&mut restarted, "after"), "1");
     }
 }

@@ -33,7 +33,7 @@ use protobuf::Message as _;
 use raft::prelude::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
 use raft::{GetEntriesContext, RaftState, Storage, StorageError};
 
-use super::{LogStore, NodeIdentity, StoreError, WriteBatch, check_contiguous};
+use super::{LogStore, NodeIdentity, SnapshotSave, StoreError, WriteBatch, check_contiguous};
 
 type Index = U64<BigEndian>;
 type ChunkKey = U128<BigEndian>;
@@ -239,6 +239,69 @@ impl LmdbStore {
         })
     }
 
+    /// Switch to a save whose chunks are all written (holding the snapshot
+    /// lock), then compact the log behind it. `Ok(false)`: a newer
+    /// snapshot was stored or installed meanwhile (which may have dropped
+    /// this save's chunks), so this one is dropped.
+    fn commit_save(
+        &self,
+        location: ChunkedData,
+        metadata: &SnapshotMetadata,
+        compact_to: u64,
+    ) -> Result<bool, StoreError> {
+        let inner = &self.inner;
+        let (turn, mut txn) = inner.write_in_turn()?;
+        let own = chunks_of(location.save);
+        let whole = location.chunks == 0
+            || (inner.snapshot_chunks.get(&txn, &own.start)?.is_some()
+                && inner
+                    .snapshot_chunks
+                    .get(&txn, &chunk_key(location.save, location.chunks - 1))?
+                    .is_some());
+        if metadata.index <= inner.snapshot_meta(&txn)?.index || !whole {
+            inner.snapshot_chunks.delete_range(&mut txn, &own)?;
+            txn.commit()?;
+            return Ok(false);
+        }
+        if metadata.index > inner.last_index(&txn)? {
+            let last = inner.last_index(&txn)?;
+            inner.snapshot_chunks.delete_range(&mut txn, &own)?;
+            txn.commit()?;
+            return Err(StoreError::Invalid(format!(
+                "snapshot at {} is past the last log index {last}",
+                metadata.index
+            )));
+        }
+        inner.switch_snapshot(&mut txn, metadata, location)?;
+        // A snapshot covers applied, so committed, entries; the persisted
+        // commit index may lag (it is written lazily), and raft refuses to
+        // start with a snapshot past it.
+        let mut hard_state: HardState = inner.meta_message(&txn, HARD_STATE)?.unwrap_or_default();
+        if hard_state.commit < metadata.index {
+            hard_state.commit = metadata.index;
+            inner.meta.put(&mut txn, HARD_STATE, &encode(&hard_state)?)?;
+        }
+        txn.commit()?;
+        drop(turn);
+        // Compact in small transactions too: the snapshot is durable, so
+        // the entries it covers may go in any order, and a crash midway
+        // leaves some for the next snapshot to drop.
+        let compact_to = compact_to.min(metadata.index);
+        loop {
+            let (_turn, mut txn) = inner.write_in_turn()?;
+            let Some((first, _)) = inner.entries.first(&txn)? else {
+                break;
+            };
+            if first > compact_to {
+                break;
+            }
+            let upto = compact_to.min(first.saturating_add(COMPACT_BATCH - 1));
+            inner.entries.delete_range(&mut txn, &(first..=upto))?;
+            txn.commit()?;
+        }
+        Ok(true)
+    }
+
     /// Hold the snapshot lock (a panic elsewhere leaves nothing half-done
     /// that the lock protects: every step is its own transaction).
     fn snapshot_guard(&self) -> std::sync::MutexGuard<'_, ()> {
@@ -318,33 +381,47 @@ impl Inner {
 
     /// The stored snapshot's data: its chunks, or the pre-chunking value.
     fn snapshot_data(&self, txn: &RoTxn) -> Result<Vec<u8>, StoreError> {
+        let mut data = Vec::new();
+        self.for_each_snapshot_chunk(txn, &mut |chunk| {
+            data.extend_from_slice(chunk);
+            std::ops::ControlFlow::Continue(())
+        })?;
+        Ok(data)
+    }
+
+    /// Hand the stored snapshot's data to `piece` chunk by chunk (the
+    /// pre-chunking value as one), checking every chunk is there.
+    fn for_each_snapshot_chunk(
+        &self,
+        txn: &RoTxn,
+        piece: &mut dyn FnMut(&[u8]) -> std::ops::ControlFlow<()>,
+    ) -> Result<(), StoreError> {
         let Some(location) = self.meta.get(txn, SNAPSHOT_CHUNKS)? else {
-            return self
-                .meta
-                .get(txn, SNAPSHOT_DATA)?
-                .map(<[u8]>::to_vec)
-                .ok_or_else(|| StoreError::Corrupt("snapshot metadata without data".into()));
+            let data = self.meta.get(txn, SNAPSHOT_DATA)?;
+            let data = data.ok_or_else(|| StoreError::Corrupt("snapshot metadata without data".into()))?;
+            let _ = piece(data);
+            return Ok(());
         };
         let location = ChunkedData::from_bytes(location)?;
-        let mut data = Vec::with_capacity(usize::try_from(location.len).unwrap_or(0));
-        let mut chunks = 0u32;
+        let (mut chunks, mut len) = (0u32, 0u64);
         for item in self.snapshot_chunks.range(txn, &chunks_of(location.save))? {
             let (key, chunk) = item?;
             if key != chunk_key(location.save, chunks) {
                 return Err(StoreError::Corrupt(format!("snapshot chunk {chunks} is missing")));
             }
-            data.extend_from_slice(chunk);
             chunks += 1;
+            len += chunk.len() as u64;
+            if piece(chunk).is_break() {
+                return Ok(());
+            }
         }
-        if chunks != location.chunks || data.len() as u64 != location.len {
+        if chunks != location.chunks || len != location.len {
             return Err(StoreError::Corrupt(format!(
-                "the snapshot has {chunks} chunks and {} bytes; its metadata says {} and {}",
-                data.len(),
-                location.chunks,
-                location.len
+                "the snapshot has {chunks} chunks and {len} bytes; its metadata says {} and {}",
+                location.chunks, location.len
             )));
         }
-        Ok(data)
+        Ok(())
     }
 
     /// Point the snapshot metadata at `location` and drop every other
@@ -668,53 +745,61 @@ impl LogStore for LmdbStore {
     }
 
     fn save_snapshot(&self, snapshot: &Snapshot, compact_to: u64) -> Result<(), StoreError> {
-        let inner = &self.inner;
-        let metadata = snapshot.get_metadata();
         let _guard = self.snapshot_guard();
-        if metadata.index <= self.snapshot_metadata()?.index {
+        if snapshot.get_metadata().index <= self.snapshot_metadata()?.index {
             return Ok(());
         }
         let location = self.write_chunks(&snapshot.data)?;
-        let (turn, mut txn) = inner.write_in_turn()?;
-        if metadata.index > inner.last_index(&txn)? {
-            let last = inner.last_index(&txn)?;
+        self.commit_save(location, snapshot.get_metadata(), compact_to)
+            .map(drop)
+    }
+
+    fn begin_snapshot_save(&self) -> Result<SnapshotSave, StoreError> {
+        let id = self.inner.next_save.fetch_add(1, Ordering::Relaxed);
+        Ok(SnapshotSave { id, pieces: 0, len: 0 })
+    }
+
+    fn put_snapshot_piece(&self, save: &mut SnapshotSave, piece: &[u8]) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        for chunk in piece.chunks(SNAPSHOT_CHUNK_BYTES) {
+            let (_turn, mut txn) = inner.write_in_turn()?;
             inner
                 .snapshot_chunks
-                .delete_range(&mut txn, &chunks_of(location.save))?;
+                .put(&mut txn, &chunk_key(save.id, save.pieces), chunk)?;
             txn.commit()?;
-            return Err(StoreError::Invalid(format!(
-                "snapshot at {} is past the last log index {last}",
-                metadata.index
-            )));
-        }
-        inner.switch_snapshot(&mut txn, metadata, location)?;
-        // A snapshot covers applied, so committed, entries; the persisted
-        // commit index may lag (it is written lazily), and raft refuses to
-        // start with a snapshot past it.
-        let mut hard_state: HardState = inner.meta_message(&txn, HARD_STATE)?.unwrap_or_default();
-        if hard_state.commit < metadata.index {
-            hard_state.commit = metadata.index;
-            inner.meta.put(&mut txn, HARD_STATE, &encode(&hard_state)?)?;
-        }
-        txn.commit()?;
-        drop(turn);
-        // Compact in small transactions too: the snapshot is durable, so
-        // the entries it covers may go in any order, and a crash midway
-        // leaves some for the next snapshot to drop.
-        let compact_to = compact_to.min(metadata.index);
-        loop {
-            let (_turn, mut txn) = inner.write_in_turn()?;
-            let Some((first, _)) = inner.entries.first(&txn)? else {
-                break;
-            };
-            if first > compact_to {
-                break;
-            }
-            let upto = compact_to.min(first.saturating_add(COMPACT_BATCH - 1));
-            inner.entries.delete_range(&mut txn, &(first..=upto))?;
-            txn.commit()?;
+            save.pieces += 1;
+            save.len += chunk.len() as u64;
         }
         Ok(())
+    }
+
+    fn finish_snapshot_save(
+        &self,
+        save: SnapshotSave,
+        metadata: &SnapshotMetadata,
+        compact_to: u64,
+    ) -> Result<bool, StoreError> {
+        let _guard = self.snapshot_guard();
+        let location = ChunkedData {
+            save: save.id,
+            chunks: save.pieces,
+            len: save.len,
+        };
+        self.commit_save(location, metadata, compact_to)
+    }
+
+    fn read_snapshot(
+        &self,
+        piece: &mut dyn FnMut(&SnapshotMetadata, &[u8]) -> std::ops::ControlFlow<()>,
+    ) -> Result<Option<SnapshotMetadata>, StoreError> {
+        self.read(|inner, txn| {
+            let metadata = inner.snapshot_meta(txn)?;
+            if metadata.index == 0 {
+                return Ok(None);
+            }
+            inner.for_each_snapshot_chunk(txn, &mut |chunk| piece(&metadata, chunk))?;
+            Ok(Some(metadata))
+        })
     }
 
     fn install_snapshot(&self, snapshot: &Snapshot, hard_state: &HardState) -> Result<(), StoreError> {

@@ -211,6 +211,55 @@ pub trait LogStore: Storage + Clone + Send + Sync + 'static {
     /// Install a snapshot received from the leader: it replaces the whole
     /// log, the conf state and the hard state, atomically.
     fn install_snapshot(&self, snapshot: &Snapshot, hard_state: &HardState) -> Result<(), StoreError>;
+
+    /// Begin storing a snapshot this node takes a piece at a time, so no
+    /// one holds its whole data: [`LogStore::put_snapshot_piece`] for each
+    /// piece in order, then [`LogStore::finish_snapshot_save`]. Pieces of a
+    /// save never finished are dropped by a later save.
+    fn begin_snapshot_save(&self) -> Result<SnapshotSave, StoreError>;
+
+    /// Store the next piece of a save (its own transaction).
+    fn put_snapshot_piece(&self, save: &mut SnapshotSave, piece: &[u8]) -> Result<(), StoreError>;
+
+    /// Make a save's pieces the stored snapshot, with `metadata`, and drop
+    /// the log up to `compact_to` (as [`LogStore::save_snapshot`]).
+    /// `Ok(false)` if it was superseded: a newer snapshot was stored (or
+    /// installed) meanwhile, and this one is dropped.
+    fn finish_snapshot_save(
+        &self,
+        save: SnapshotSave,
+        metadata: &SnapshotMetadata,
+        compact_to: u64,
+    ) -> Result<bool, StoreError>;
+
+    /// Hand the stored snapshot's data to `piece` (with its metadata), a
+    /// piece at a time and all from one consistent view, until it is done
+    /// or `piece` breaks; returns the snapshot's metadata (`None`: no
+    /// snapshot stored).
+    fn read_snapshot(
+        &self,
+        piece: &mut dyn FnMut(&SnapshotMetadata, &[u8]) -> std::ops::ControlFlow<()>,
+    ) -> Result<Option<SnapshotMetadata>, StoreError>;
+}
+
+/// A snapshot being stored piece by piece ([`LogStore::begin_snapshot_save`]).
+#[derive(Debug)]
+pub struct SnapshotSave {
+    /// The save's number: its pieces' key prefix.
+    id: u64,
+    pieces: u32,
+    len: u64,
+}
+
+impl SnapshotSave {
+    /// Bytes stored so far.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
 }
 
 /// Read access to the stored plugins, for the gRPC services (which are not

@@ -301,6 +301,47 @@ fn an_installed_snapshot_replaces_the_log<S: LogStore>(store: S) {
     );
 }
 
+fn read_back<S: LogStore>(store: &S) -> Option<(u64, Vec<u8>)> {
+    let mut data = Vec::new();
+    let metadata = store
+        .read_snapshot(&mut |metadata, piece| {
+            assert!(metadata.index > 0);
+            data.extend_from_slice(piece);
+            std::ops::ControlFlow::Continue(())
+        })
+        .unwrap();
+    metadata.map(|m| (m.index, data))
+}
+
+fn a_snapshot_saved_in_pieces_reads_back_in_pieces<S: LogStore>(store: S) {
+    append(&store, entries(1..=10, 2));
+    assert_eq!(read_back(&store), None);
+    let data: Vec<u8> = (0..5000u32).flat_map(|i| i.to_le_bytes()).collect();
+    let mut save = store.begin_snapshot_save().unwrap();
+    for piece in data.chunks(3001) {
+        store.put_snapshot_piece(&mut save, piece).unwrap();
+    }
+    assert_eq!(save.len(), data.len() as u64);
+    let metadata = snapshot_at(8, 2, vec![1], &[]).take_metadata();
+    assert!(store.finish_snapshot_save(save, &metadata, 5).unwrap());
+    assert_eq!(read_back(&store), Some((8, data.clone())));
+    assert_eq!(store.stored_snapshot().unwrap().unwrap().data.to_vec(), data);
+    assert_eq!(store.first_index().unwrap(), 6);
+
+    // A save that is overtaken by a newer snapshot is dropped, not stored.
+    let mut stale = store.begin_snapshot_save().unwrap();
+    store.put_snapshot_piece(&mut stale, b"stale").unwrap();
+    store.save_snapshot(&snapshot_at(9, 2, vec![1], b"newer"), 5).unwrap();
+    let metadata = snapshot_at(10, 2, vec![1], &[]).take_metadata();
+    assert!(!store.finish_snapshot_save(stale, &metadata, 5).unwrap());
+    assert_eq!(read_back(&store), Some((9, b"newer".to_vec())));
+    // So is one older than what is stored.
+    let old = store.begin_snapshot_save().unwrap();
+    let metadata = snapshot_at(7, 2, vec![1], &[]).take_metadata();
+    assert!(!store.finish_snapshot_save(old, &metadata, 5).unwrap());
+    assert_eq!(read_back(&store), Some((9, b"newer".to_vec())));
+}
+
 macro_rules! conformance {
     ($module:ident, $make:expr) => {
         mod $module {
@@ -351,6 +392,11 @@ macro_rules! conformance {
             fn plugins_are_stored_once_with_their_history() {
                 let (store, _guard) = $make;
                 super::plugins_are_stored_once_with_their_history(store);
+            }
+            #[test]
+            fn a_snapshot_saved_in_pieces_reads_back_in_pieces() {
+                let (store, _guard) = $make;
+                super::a_snapshot_saved_in_pieces_reads_back_in_pieces(store);
             }
             #[test]
             fn traps_and_identity_are_recorded() {

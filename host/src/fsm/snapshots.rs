@@ -1,0 +1,445 @@
+//! The apply worker's snapshots, streamed both ways so that neither the
+//! host nor one plugin call ever holds a whole state:
+//!
+//! - **Taking** one: `snapshot-begin` at the applied index, then
+//!   `snapshot-next` a chunk at a time, between apply batches and while the
+//!   worker is idle, for at most [`PUMP_BUDGET`] at a stretch: entries keep
+//!   applying while a large state is read (0.2.0 plugins show the state as
+//!   of the begin). Chunks go through a short queue to a writer thread that
+//!   stores each in its own LMDB transaction; when the last is stored, the
+//!   writer switches the stored snapshot over and compacts the log. Host
+//!   memory for a snapshot is the queue: [`WRITE_QUEUE`] chunks.
+//! - **Restoring** one: the stored snapshot (or one from the leader) is fed
+//!   to a fresh instance piece by piece with `restore-begin`,
+//!   `restore-chunk` and `restore-finish`.
+//!
+//! Anything that replaces the instance (a restore, a rebuild after a trap,
+//! a plugin swap) abandons a snapshot being read first; its stored pieces
+//! are dropped by the next save.
+
+use std::ops::ControlFlow;
+use std::sync::mpsc::{self, TrySendError};
+use std::time::{Duration, Instant};
+
+use raft::prelude::SnapshotMetadata;
+use tokio::sync::oneshot;
+
+use super::{Fsm, FsmError};
+use crate::sandbox::{CallError, Instance, Plugin};
+use crate::snapshot::{self, SnapshotHeader, Step};
+use crate::storage::{LogStore, StoreError};
+
+/// How long the worker reads a snapshot from the plugin before it looks at
+/// its requests again: what a snapshot in progress may add to an apply's
+/// or a query's wait.
+pub(super) const PUMP_BUDGET: Duration = Duration::from_millis(3);
+
+/// Chunks read but not yet stored, at most.
+const WRITE_QUEUE: usize = 4;
+
+/// Who waits for a snapshot at or past an index (`snapshot` command, raft).
+pub(super) type SnapshotWaiter = (u64, oneshot::Sender<Result<u64, String>>);
+
+/// A snapshot being taken.
+pub(super) struct Taking {
+    metadata: SnapshotMetadata,
+    compact_to: u64,
+    started: Instant,
+    /// Time spent in the plugin's snapshot calls.
+    plugin_time: Duration,
+    state_bytes: u64,
+    /// To the writer; `None` once it has everything (it is storing).
+    queue: Option<mpsc::SyncSender<ToWriter>>,
+    /// What the full queue could not take yet.
+    held: Option<ToWriter>,
+    writer: std::thread::JoinHandle<Result<bool, StoreError>>,
+}
+
+enum ToWriter {
+    Piece(Vec<u8>),
+    /// Every piece was sent: switch to the snapshot, compact.
+    Finish,
+}
+
+/// The writer thread: store pieces as they come; `Ok(true)` once the
+/// snapshot is the stored one, `Ok(false)` if it was abandoned or a newer
+/// snapshot got there first.
+fn write_snapshot<S: LogStore>(
+    store: S,
+    queue: mpsc::Receiver<ToWriter>,
+    metadata: SnapshotMetadata,
+    compact_to: u64,
+) -> Result<bool, StoreError> {
+    let mut save = store.begin_snapshot_save()?;
+    for message in queue {
+        match message {
+            ToWriter::Piece(piece) => store.put_snapshot_piece(&mut save, &piece)?,
+            ToWriter::Finish => return store.finish_snapshot_save(save, &metadata, compact_to),
+        }
+    }
+    Ok(false)
+}
+
+/// A restore in progress: the header first, then the state into `instance`.
+struct Restoring {
+    index: u64,
+    started: Instant,
+    reader: snapshot::Reader,
+    instance: Option<(Plugin, Instance)>,
+    state_bytes: u64,
+    error: Option<FsmError>,
+}
+
+impl<S: LogStore> Fsm<S> {
+    /// Whether a periodic snapshot is due.
+    pub(super) fn snapshot_due(&self) -> bool {
+        self.taking.is_none()
+            && self.applied >= self.snapshot_index.saturating_add(self.config.every_entries)
+            && self.applied >= self.snapshot_retry_at
+    }
+
+    /// Begin a snapshot at the applied index (none may be in progress).
+    pub(super) fn start_snapshot(&mut self) -> Result<(), FsmError> {
+        debug_assert!(self.taking.is_none());
+        let index = self.applied;
+        let started = Instant::now();
+        match self.instance.snapshot_begin(index) {
+            Ok(()) => {}
+            Err(CallError::Guest(message)) => {
+                self.snapshot_failed(format!("the plugin refused to snapshot: {message}"));
+                return Ok(());
+            }
+            Err(CallError::Trap(message)) => {
+                self.rebuild(index)?;
+                self.snapshot_failed(format!("the plugin trapped in snapshot(): {message}"));
+                return Ok(());
+            }
+        }
+        let header = SnapshotHeader {
+            plugin_sha256: self.plugin.sha256(),
+            members: self.members.iter().map(|(id, addr)| (*id, addr.clone())).collect(),
+        };
+        let mut metadata = SnapshotMetadata {
+            index,
+            term: self.store.term(index)?,
+            ..Default::default()
+        };
+        metadata.set_conf_state(self.conf_state.clone());
+        let compact_to = index.saturating_sub(self.config.keep_entries);
+        let (queue, pieces) = mpsc::sync_channel(WRITE_QUEUE);
+        let store = self.store.clone();
+        let span = tracing::Span::current();
+        let for_writer = metadata.clone();
+        let writer = std::thread::Builder::new()
+            .name("snapshot".into())
+            .spawn(move || {
+                let _entered = span.enter();
+                write_snapshot(store, pieces, for_writer, compact_to)
+            })
+            .map_err(StoreError::Io)?;
+        self.taking = Some(Taking {
+            metadata,
+            compact_to,
+            started,
+            plugin_time: started.elapsed(),
+            state_bytes: 0,
+            queue: Some(queue),
+            held: Some(ToWriter::Piece(snapshot::encode_header(&header))),
+            writer,
+        });
+        Ok(())
+    }
+
+    /// Move the snapshot in progress along for about `budget` (or, with
+    /// `block`, to its end): read chunks from the plugin, hand them to the
+    /// writer, and finish once it is stored. Then start one that someone
+    /// waits for. Returns whether anything moved.
+    pub(super) fn pump_snapshot(&mut self, budget: Duration, block: bool) -> Result<bool, FsmError> {
+        let deadline = Instant::now() + budget;
+        let mut moved = false;
+        while let Some(taking) = &mut self.taking {
+            if let Some(message) = taking.held.take() {
+                let last = matches!(message, ToWriter::Finish);
+                let queue = taking.queue.as_ref().expect("a held message has a queue");
+                let sent = if block {
+                    queue.send(message).map_err(|_| ())
+                } else {
+                    match queue.try_send(message) {
+                        Ok(()) => Ok(()),
+                        Err(TrySendError::Full(message)) => {
+                            taking.held = Some(message);
+                            break;
+                        }
+                        Err(TrySendError::Disconnected(_)) => Err(()),
+                    }
+                };
+                moved = true;
+                if sent.is_err() || last {
+                    // The writer has it all, or stopped early (with an error
+                    // that finishing reports).
+                    taking.queue = None;
+                }
+            }
+            if taking.queue.is_none() {
+                if block || taking.writer.is_finished() {
+                    self.finish_snapshot()?;
+                    moved = true;
+                    continue;
+                }
+                break;
+            }
+            if !block && Instant::now() >= deadline {
+                break;
+            }
+            let started = Instant::now();
+            let next = self.instance.snapshot_next(self.applied, self.config.chunk_bytes);
+            let taking = self.taking.as_mut().expect("checked above");
+            taking.plugin_time += started.elapsed();
+            moved = true;
+            match next {
+                Ok(chunk) if chunk.is_empty() => taking.held = Some(ToWriter::Finish),
+                Ok(chunk) => {
+                    taking.state_bytes += chunk.len() as u64;
+                    taking.held = Some(ToWriter::Piece(chunk));
+                }
+                Err(CallError::Guest(message)) => {
+                    self.abandon_snapshot()?;
+                    self.snapshot_failed(format!("the plugin refused to snapshot: {message}"));
+                }
+                Err(CallError::Trap(message)) => {
+                    self.abandon_snapshot()?;
+                    self.rebuild(self.applied)?;
+                    self.snapshot_failed(format!("the plugin trapped in snapshot(): {message}"));
+                }
+            }
+        }
+        if self.taking.is_none() && !self.snapshot_waiters.is_empty() {
+            self.answer_snapshot_waiters();
+            if !self.snapshot_waiters.is_empty() {
+                self.start_snapshot()?;
+                moved = true;
+            }
+        }
+        Ok(moved)
+    }
+
+    /// The writer is done (or stopped): record the snapshot it stored.
+    fn finish_snapshot(&mut self) -> Result<(), FsmError> {
+        let taking = self.taking.take().expect("a snapshot in progress");
+        drop(taking.queue);
+        let stored = taking
+            .writer
+            .join()
+            .map_err(|_| StoreError::Invalid("the snapshot thread panicked".into()))??;
+        let index = taking.metadata.index;
+        if stored {
+            self.snapshot_index = self.snapshot_index.max(index);
+            tracing::info!(
+                index,
+                state_bytes = taking.state_bytes,
+                compacted_to = taking.compact_to,
+                plugin_ms = taking.plugin_time.as_millis() as u64,
+                elapsed_ms = taking.started.elapsed().as_millis() as u64,
+                "took a snapshot"
+            );
+        } else {
+            tracing::info!(index, "a newer snapshot was stored first; dropped this one");
+        }
+        self.snapshot_outcome(Ok(()));
+        self.answer_snapshot_waiters();
+        Ok(())
+    }
+
+    /// Stop reading the snapshot in progress (the instance is about to be
+    /// replaced); one the writer is already storing is waited for.
+    pub(super) fn abandon_snapshot(&mut self) -> Result<(), FsmError> {
+        let Some(taking) = &mut self.taking else { return Ok(()) };
+        if taking.queue.is_none() {
+            return self.finish_snapshot();
+        }
+        taking.queue = None;
+        taking.held = None;
+        let taking = self.taking.take().expect("checked above");
+        taking
+            .writer
+            .join()
+            .map_err(|_| StoreError::Invalid("the snapshot thread panicked".into()))??;
+        tracing::debug!(index = taking.metadata.index, "abandoned a snapshot in progress");
+        Ok(())
+    }
+
+    /// Finish the snapshot in progress, if any, and whatever waits.
+    pub fn wait_for_snapshot(&mut self) -> Result<(), FsmError> {
+        while self.taking.is_some() {
+            self.pump_snapshot(Duration::ZERO, true)?;
+        }
+        Ok(())
+    }
+
+    /// Someone wants a snapshot at or past the applied index now.
+    pub(super) fn want_snapshot(&mut self, reply: oneshot::Sender<Result<u64, String>>) -> Result<(), FsmError> {
+        self.snapshot_waiters.push((self.applied, reply));
+        self.pump_snapshot(PUMP_BUDGET, false).map(drop)
+    }
+
+    /// Answer those whose snapshot is stored.
+    fn answer_snapshot_waiters(&mut self) {
+        let stored = self.snapshot_index;
+        let (done, waiting): (Vec<SnapshotWaiter>, Vec<SnapshotWaiter>) = std::mem::take(&mut self.snapshot_waiters)
+            .into_iter()
+            .partition(|(at, _)| *at <= stored);
+        for (_, reply) in done {
+            let _ = reply.send(Ok(stored));
+        }
+        self.snapshot_waiters = waiting;
+    }
+
+    fn snapshot_failed(&mut self, message: String) {
+        for (_, reply) in self.snapshot_waiters.drain(..) {
+            let _ = reply.send(Err(message.clone()));
+        }
+        self.snapshot_outcome(Err(message));
+    }
+
+    /// Count a snapshot attempt; after a failure, back off (in entries).
+    fn snapshot_outcome(&mut self, outcome: Result<(), String>) {
+        self.snapshot_attempts += 1;
+        let mut error = self.snapshot_error.lock().unwrap_or_else(|e| e.into_inner());
+        match outcome {
+            Ok(()) => {
+                self.snapshot_failures = 0;
+                self.snapshot_retry_at = 0;
+                error.clear();
+            }
+            Err(message) => {
+                self.snapshot_failures = self.snapshot_failures.saturating_add(1);
+                let wait = (64u64 << self.snapshot_failures.min(40)).min(self.config.every_entries.max(64));
+                self.snapshot_retry_at = self.applied.saturating_add(wait);
+                tracing::warn!(
+                    retry_at = self.snapshot_retry_at,
+                    failures = self.snapshot_failures,
+                    "could not take a snapshot; will retry later: {message}"
+                );
+                *error = format!("{message} (failed {} times in a row)", self.snapshot_failures);
+            }
+        }
+    }
+
+    /// Restore the stored snapshot into a fresh instance; `false` if there
+    /// is none.
+    pub(super) fn restore_stored(&mut self) -> Result<bool, FsmError> {
+        self.abandon_snapshot()?;
+        let store = self.store.clone();
+        let mut restoring: Option<Restoring> = None;
+        let metadata = store.read_snapshot(&mut |metadata, piece| {
+            let restoring = restoring.get_or_insert_with(|| Restoring::new(metadata.index));
+            self.feed_restore(restoring, piece)
+        })?;
+        let Some(metadata) = metadata else { return Ok(false) };
+        self.finish_restore(&metadata, restoring)?;
+        Ok(true)
+    }
+
+    /// Restore a snapshot held in memory (one raft installed).
+    pub(super) fn restore_bytes(&mut self, metadata: &SnapshotMetadata, data: &[u8]) -> Result<(), FsmError> {
+        self.abandon_snapshot()?;
+        let mut restoring = Restoring::new(metadata.index);
+        for piece in data.chunks(self.config.chunk_bytes.max(1)) {
+            if self.feed_restore(&mut restoring, piece).is_break() {
+                break;
+            }
+        }
+        self.finish_restore(metadata, Some(restoring))
+    }
+
+    fn feed_restore(&mut self, restoring: &mut Restoring, piece: &[u8]) -> ControlFlow<()> {
+        match self.restore_piece(restoring, piece) {
+            Ok(()) => ControlFlow::Continue(()),
+            Err(error) => {
+                restoring.error = Some(error);
+                ControlFlow::Break(())
+            }
+        }
+    }
+
+    fn restore_piece(&mut self, restoring: &mut Restoring, piece: &[u8]) -> Result<(), FsmError> {
+        let index = restoring.index;
+        let failed = |reason: String| FsmError::Restore { index, reason };
+        let state = match restoring.reader.push(piece).map_err(|e| failed(e.to_string()))? {
+            Step::More => return Ok(()),
+            Step::Header(header, rest) => {
+                // The snapshot names the plugin that made it; its members can
+                // supply the bytes if this node never saw that plugin.
+                self.members = header.members.into_iter().collect();
+                let plugin = self.plugin_by_sha(&header.plugin_sha256)?;
+                let mut instance = plugin.instantiate()?;
+                instance
+                    .restore_begin(index)
+                    .map_err(|e| failed(format!("the plugin's restore() failed: {e}")))?;
+                restoring.instance = Some((plugin, instance));
+                std::borrow::Cow::Owned(rest)
+            }
+            Step::State(bytes) => std::borrow::Cow::Borrowed(bytes),
+        };
+        if state.is_empty() {
+            return Ok(());
+        }
+        let (_, instance) = restoring.instance.as_mut().expect("the header comes first");
+        instance
+            .restore_chunk(index, &state)
+            .map_err(|e| failed(format!("the plugin's restore() failed: {e}")))?;
+        restoring.state_bytes += state.len() as u64;
+        Ok(())
+    }
+
+    fn finish_restore(&mut self, metadata: &SnapshotMetadata, restoring: Option<Restoring>) -> Result<(), FsmError> {
+        let index = metadata.index;
+        let failed = |reason: &str| FsmError::Restore {
+            index,
+            reason: reason.to_string(),
+        };
+        let restoring = restoring.ok_or_else(|| failed("the snapshot has no data"))?;
+        if let Some(error) = restoring.error {
+            return Err(error);
+        }
+        let (plugin, mut instance) = restoring
+            .instance
+            .ok_or_else(|| failed("not a raftify snapshot: truncated header"))?;
+        instance
+            .restore_finish(index)
+            .map_err(|e| failed(&format!("the plugin's restore() failed: {e}")))?;
+        // A node that starts from a leader's snapshot learns its plugin
+        // history from there on.
+        if self.store.plugin_history()?.last().map(|(_, sha)| *sha) != Some(plugin.sha256())
+            && let Some(wasm) = self.store.plugin_blob(&plugin.sha256())?
+        {
+            self.store.activate_plugin(index, &plugin.sha256(), &wasm)?;
+        }
+        self.plugin = plugin;
+        self.instance = instance;
+        self.applied = index;
+        self.snapshot_index = self.snapshot_index.max(index);
+        self.conf_state = metadata.get_conf_state().clone();
+        tracing::info!(
+            index,
+            state_bytes = restoring.state_bytes,
+            elapsed_ms = restoring.started.elapsed().as_millis() as u64,
+            "restored a snapshot"
+        );
+        self.answer_snapshot_waiters();
+        Ok(())
+    }
+}
+
+impl Restoring {
+    fn new(index: u64) -> Restoring {
+        Restoring {
+            index,
+            started: Instant::now(),
+            reader: snapshot::Reader::default(),
+            instance: None,
+            state_bytes: 0,
+            error: None,
+        }
+    }
+}
