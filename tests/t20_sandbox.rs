@@ -108,6 +108,15 @@ fn plugin_check_vets_a_component_offline_and_fills_the_compile_cache() {
     assert!(out.status.success(), "{}", stderr(&out));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["size"], raftify_host::daemon::EMBEDDED_KV.len());
+    assert_eq!(report["abi"], "0.2.0");
+    let v1 = dir.path().join("kv-v1.wasm");
+    std::fs::write(&v1, raftify_host::daemon::EMBEDDED_KV_V1).unwrap();
+    let out = cli(&["plugin", "check", v1.to_str().unwrap()]);
+    assert!(
+        stdout(&out).contains("implements raftify:fsm/plugin@0.1.0"),
+        "{}",
+        stderr(&out)
+    );
     let cached: Vec<_> = std::fs::read_dir(&cache).unwrap().collect();
     assert_eq!(cached.len(), 1, "one compiled file in the cache");
 
@@ -119,7 +128,7 @@ fn plugin_check_vets_a_component_offline_and_fills_the_compile_cache() {
     let core = dir.path().join("core.wasm");
     std::fs::write(&core, b"\0asm\x01\0\0\0").unwrap();
     for (file, message) in [
-        (&hello, "does not fit the raftify:fsm/plugin@0.1.0 world"),
+        (&hello, "does not fit the raftify:fsm/plugin world"),
         (&garbage, "not a WebAssembly file"),
         (&core, "not a component"),
     ] {

@@ -197,3 +197,75 @@ fn debug_persisted_shows_every_entry_decoded_by_the_plugin() {
         stderr(&missing)
     );
 }
+
+/// Issue 21: past 128 MiB (wasmtime's default for one host-guest copy) a
+/// kv state still snapshots, survives a restart from its snapshot, and
+/// reaches a new node, because the snapshot streams a chunk at a time.
+#[test]
+fn a_state_past_128_mib_snapshots_restarts_and_reaches_a_new_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let data = dir.path().join("seed");
+    let mut seed = Node::start(&data, &addr, SNAPSHOTS);
+    // 140 values of ~1 MB: about 134 MiB of state in 140 entries.
+    let value = "y".repeat(1_000_000);
+    let file = write_file(
+        dir.path(),
+        "big.txt",
+        (0..140).map(|i| format!("set big{i:03} {i}{value}")),
+    );
+    propose_file(&seed, &file);
+    drop(std::fs::remove_file(&file));
+    let out = cli(&["snapshot", "-o", "json", "--timeout-ms", "120000", "--addr", &seed.addr]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let log = seed.log_text();
+    let took = log
+        .lines()
+        .rfind(|line| line.contains("took a snapshot"))
+        .unwrap_or_else(|| panic!("no snapshot was taken:\n{log}"));
+    // The log may be coloured: drop the escape sequences first.
+    let mut plain = String::new();
+    let mut in_escape = false;
+    for c in took.chars() {
+        match (in_escape, c) {
+            (false, '\x1b') => in_escape = true,
+            (true, 'm') => in_escape = false,
+            (false, c) => plain.push(c),
+            (true, _) => {}
+        }
+    }
+    let bytes: u64 = plain
+        .split("state_bytes=")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|digits| digits.parse().ok())
+        .unwrap_or(0);
+    assert!(bytes > 128 << 20, "the snapshot holds {bytes} bytes: {took}");
+
+    // A restart starts from that snapshot.
+    seed.kill();
+    let before = seed.log_text().len();
+    let seed = Node::start(&data, &addr, SNAPSHOTS);
+    let second_run = seed.log_text().split_off(before);
+    assert!(second_run.contains("restored a snapshot"), "{second_run}");
+    assert_eq!(seed.query("len").unwrap(), "140");
+    let got = cli(&["query", "get big139", "--addr", &seed.addr]);
+    assert_eq!(stdout(&got), format!("139{value}"));
+
+    // And a new node installs it.
+    let joiner = Node::start(&dir.path().join("joiner"), &free_addr(), &["--join", &seed.addr]);
+    let commit = seed.status()["commit_index"].as_u64().unwrap();
+    wait_until(Duration::from_secs(180), "the new node to catch up", || {
+        joiner
+            .try_status()
+            .and_then(|s| s["applied_index"].as_u64())
+            .is_some_and(|applied| applied >= commit)
+    });
+    assert!(joiner.log_text().contains("restored a snapshot"));
+    assert_eq!(
+        outcome(cli(&["query", "len", "--consistency", "stale", "--addr", &joiner.addr])).unwrap(),
+        "140"
+    );
+    let got = cli(&["query", "get big070", "--consistency", "stale", "--addr", &joiner.addr]);
+    assert_eq!(stdout(&got), format!("70{value}"));
+}

@@ -426,8 +426,9 @@ pub async fn run_client(command: Command) -> anyhow::Result<i32> {
             let report = tokio::task::spawn_blocking(move || check_plugin(&wasm, compile_cache_dir)).await??;
             match output {
                 Output::Text => println!(
-                    "ok: {} implements raftify:fsm/plugin@0.1.0\nsha256 {}\nsize {} bytes\ncompiled in {} ms\ninstantiated in {} us",
+                    "ok: {} implements raftify:fsm/plugin@{}\nsha256 {}\nsize {} bytes\ncompiled in {} ms\ninstantiated in {} us",
                     file.display(),
+                    report.abi,
                     report.sha256,
                     report.size,
                     report.compile_ms,
@@ -435,7 +436,7 @@ pub async fn run_client(command: Command) -> anyhow::Result<i32> {
                 ),
                 Output::Json => println!(
                     "{}",
-                    json!({ "sha256": report.sha256, "size": report.size, "compile_ms": report.compile_ms, "instantiate_us": report.instantiate_us })
+                    json!({ "abi": report.abi, "sha256": report.sha256, "size": report.size, "compile_ms": report.compile_ms, "instantiate_us": report.instantiate_us })
                 ),
             }
             Ok(0)
@@ -742,6 +743,7 @@ fn print_status(status: &proto::StatusResponse, output: Output) {
 }
 
 struct CheckReport {
+    abi: &'static str,
     sha256: String,
     size: usize,
     compile_ms: u128,
@@ -769,6 +771,7 @@ fn check_plugin(wasm: &[u8], cache_dir: Option<PathBuf>) -> anyhow::Result<Check
         .restore(0, &state)
         .map_err(|e| anyhow::anyhow!("restore() of its own empty snapshot failed: {e}"))?;
     Ok(CheckReport {
+        abi: plugin.abi().version(),
         sha256: plugin.sha256_hex(),
         size: plugin.size(),
         compile_ms,

@@ -56,6 +56,83 @@ pub enum SnapshotError {
     Malformed(String),
 }
 
+/// Raft's messages and `Ready`s carry a snapshot's data in memory. Ours
+/// carry a reference instead, so no whole state passes through the raft
+/// loop: the leader's points at its stored snapshot (the transport streams
+/// it from LMDB), a receiver's at the file it wrote (installed from there).
+/// Real snapshot data starts with `RSN1`, never with these.
+const STORED_REF: &[u8; 4] = b"RSNS";
+const FILE_REF: &[u8; 4] = b"RSNF";
+
+/// Where the data a reference stands for is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DataRef {
+    /// The store's snapshot (the one with the message's index), `len` bytes.
+    Stored { len: u64 },
+    /// A received snapshot's file.
+    File { path: std::path::PathBuf, len: u64 },
+}
+
+impl DataRef {
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        match self {
+            DataRef::Stored { len } => {
+                out.extend_from_slice(STORED_REF);
+                out.extend_from_slice(&len.to_le_bytes());
+            }
+            DataRef::File { path, len } => {
+                out.extend_from_slice(FILE_REF);
+                out.extend_from_slice(&len.to_le_bytes());
+                out.extend_from_slice(path.as_os_str().as_encoded_bytes());
+            }
+        }
+        out
+    }
+
+    /// The reference `data` is, if it is one.
+    pub fn parse(data: &[u8]) -> Option<DataRef> {
+        if data.len() < 12 {
+            return None;
+        }
+        let len = u64::from_le_bytes(data[4..12].try_into().expect("8 bytes"));
+        match &data[..4] {
+            magic if magic == STORED_REF && data.len() == 12 => Some(DataRef::Stored { len }),
+            magic if magic == FILE_REF => {
+                let path = std::str::from_utf8(&data[12..]).ok()?;
+                Some(DataRef::File { path: path.into(), len })
+            }
+            _ => None,
+        }
+    }
+
+    pub fn len(&self) -> u64 {
+        match self {
+            DataRef::Stored { len } | DataRef::File { len, .. } => *len,
+        }
+    }
+}
+
+/// The header of the snapshot in a file, reading no more than it needs.
+pub fn read_file_header(path: &std::path::Path) -> Result<SnapshotHeader, SnapshotError> {
+    use std::io::Read as _;
+    let mut file =
+        std::fs::File::open(path).map_err(|e| SnapshotError::Malformed(format!("{}: {e}", path.display())))?;
+    let mut reader = Reader::default();
+    let mut buffer = vec![0u8; 64 << 10];
+    loop {
+        let n = file
+            .read(&mut buffer)
+            .map_err(|e| SnapshotError::Malformed(format!("{}: {e}", path.display())))?;
+        if n == 0 {
+            return Err(SnapshotError::Malformed("truncated header".into()));
+        }
+        if let Step::Header(header, _) = reader.push(&buffer[..n])? {
+            return Ok(header);
+        }
+    }
+}
+
 /// The most header bytes a snapshot may have (its members' addresses).
 const MAX_HEADER_BYTES: usize = 1 << 20;
 
@@ -182,6 +259,25 @@ mod tests {
         assert!(decode(&data[..10]).is_err());
         assert!(decode(b"XXXX\0\0\0\0").is_err());
         assert!(decode(b"RSN1\xff\xff\xff\xff").is_err(), "a header too long to be real");
+    }
+
+    #[test]
+    fn references_round_trip_and_real_data_is_never_one() {
+        for reference in [
+            DataRef::Stored { len: 7 },
+            DataRef::File {
+                path: "/data/incoming/snapshot-5-2.ready".into(),
+                len: 1 << 40,
+            },
+        ] {
+            assert_eq!(DataRef::parse(&reference.to_bytes()), Some(reference));
+        }
+        let header = SnapshotHeader {
+            plugin_sha256: [1; 32],
+            members: vec![],
+        };
+        assert_eq!(DataRef::parse(&encode(&header, b"state of some length")), None);
+        assert_eq!(DataRef::parse(b"RSNS"), None);
     }
 
     #[test]

@@ -6,9 +6,10 @@
 //!   worker is idle, for at most [`PUMP_BUDGET`] at a stretch: entries keep
 //!   applying while a large state is read (0.2.0 plugins show the state as
 //!   of the begin). Chunks go through a short queue to a writer thread that
-//!   stores each in its own LMDB transaction; when the last is stored, the
-//!   writer switches the stored snapshot over and compacts the log. Host
-//!   memory for a snapshot is the queue: [`WRITE_QUEUE`] chunks.
+//!   stores them, about a MiB per LMDB transaction; when the last is
+//!   stored, the writer switches the stored snapshot over and compacts the
+//!   log. Host memory for a snapshot is the queue ([`WRITE_QUEUE`] reads)
+//!   plus the chunk being gathered.
 //! - **Restoring** one: the stored snapshot (or one from the leader) is fed
 //!   to a fresh instance piece by piece with `restore-begin`,
 //!   `restore-chunk` and `restore-finish`.
@@ -36,6 +37,10 @@ pub(super) const PUMP_BUDGET: Duration = Duration::from_millis(3);
 
 /// Chunks read but not yet stored, at most.
 const WRITE_QUEUE: usize = 4;
+
+/// The most one `snapshot-next` is asked for: small enough that one call
+/// stays within a few milliseconds (kv reads about 100 MB/s).
+const MAX_READ_BYTES: usize = 256 << 10;
 
 /// Who waits for a snapshot at or past an index (`snapshot` command, raft).
 pub(super) type SnapshotWaiter = (u64, oneshot::Sender<Result<u64, String>>);
@@ -71,10 +76,24 @@ fn write_snapshot<S: LogStore>(
     compact_to: u64,
 ) -> Result<bool, StoreError> {
     let mut save = store.begin_snapshot_save()?;
+    // Pieces are gathered into chunks of about a MiB: one transaction (and
+    // fsync) each, a short turn at the write lock the log's writes share.
+    let mut chunk = Vec::with_capacity(crate::storage::lmdb::SNAPSHOT_CHUNK_BYTES);
     for message in queue {
         match message {
-            ToWriter::Piece(piece) => store.put_snapshot_piece(&mut save, &piece)?,
-            ToWriter::Finish => return store.finish_snapshot_save(save, &metadata, compact_to),
+            ToWriter::Piece(piece) => {
+                chunk.extend_from_slice(&piece);
+                if chunk.len() >= crate::storage::lmdb::SNAPSHOT_CHUNK_BYTES {
+                    store.put_snapshot_piece(&mut save, &chunk)?;
+                    chunk.clear();
+                }
+            }
+            ToWriter::Finish => {
+                if !chunk.is_empty() {
+                    store.put_snapshot_piece(&mut save, &chunk)?;
+                }
+                return store.finish_snapshot_save(save, &metadata, compact_to);
+            }
         }
     }
     Ok(false)
@@ -192,7 +211,8 @@ impl<S: LogStore> Fsm<S> {
                 break;
             }
             let started = Instant::now();
-            let next = self.instance.snapshot_next(self.applied, self.config.chunk_bytes);
+            let read_bytes = self.config.chunk_bytes.clamp(1, MAX_READ_BYTES);
+            let next = self.instance.snapshot_next(self.applied, read_bytes);
             let taking = self.taking.as_mut().expect("checked above");
             taking.plugin_time += started.elapsed();
             moved = true;
