@@ -164,6 +164,7 @@ pub async fn run(config: NodeConfig, listener: TcpListener, shutdown: impl Futur
     let refusals = Arc::new(Refusals::default());
     let transport = Transport::new(link.clone(), config.transport.clone());
     transport.report_to(node_tx.clone());
+    transport.serve_snapshots_from(Arc::new(store.clone()));
     for (peer, addr) in &identity.members {
         transport.set_peer(*peer, addr.clone());
     }
@@ -205,6 +206,8 @@ pub async fn run(config: NodeConfig, listener: TcpListener, shutdown: impl Futur
     };
     // A transfer cut by a crash left its partial file behind.
     let _ = std::fs::remove_file(config.data_dir.join("incoming").join("snapshot.partial"));
+    // Received snapshots a previous run did not install: raft asks again.
+    crate::snapshot::remove_ready_files(&config.data_dir.join("incoming"), u64::MAX);
     let max = config.transport.max_message_bytes;
     let connections = &config.connections;
     let keepalive = std::time::Duration::from_millis(connections.keepalive_interval_ms);

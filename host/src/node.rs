@@ -930,8 +930,24 @@ impl<S: LogStore> Node<S> {
     /// members' addresses, and have the apply worker restore it.
     fn install_snapshot(&mut self, snapshot: Snapshot, hard_state: Option<HardState>) -> Result<(), NodeError> {
         let index = snapshot.get_metadata().index;
-        let (header, _) = crate::snapshot::decode(&snapshot.data)
-            .map_err(|e| NodeError::Store(StoreError::Corrupt(format!("snapshot at {index}: {e}"))))?;
+        let corrupt = |e: crate::snapshot::SnapshotError| {
+            NodeError::Store(StoreError::Corrupt(format!("snapshot at {index}: {e}")))
+        };
+        // A received snapshot's data is the file the peer service wrote
+        // (raft carried a reference to it); one made in process is inline.
+        let file = match crate::snapshot::DataRef::parse(&snapshot.data) {
+            Some(crate::snapshot::DataRef::File { path, .. }) => Some(path),
+            Some(crate::snapshot::DataRef::Stored { .. }) => {
+                return Err(NodeError::Store(StoreError::Corrupt(format!(
+                    "snapshot at {index}: a reference to another node's store"
+                ))));
+            }
+            None => None,
+        };
+        let header = match &file {
+            Some(path) => tokio::task::block_in_place(|| crate::snapshot::read_file_header(path)).map_err(corrupt)?,
+            None => crate::snapshot::decode(&snapshot.data).map_err(corrupt)?.0,
+        };
         if let Some(hard_state) = hard_state {
             self.hard_state = hard_state;
         }
@@ -939,7 +955,20 @@ impl<S: LogStore> Node<S> {
         self.hard_state.commit = self.hard_state.commit.max(index);
         let store = &self.store;
         let hard_state = self.hard_state.clone();
-        tokio::task::block_in_place(|| store.install_snapshot(&snapshot, &hard_state))?;
+        let bytes = tokio::task::block_in_place(|| match &file {
+            Some(path) => {
+                store.install_snapshot_file(path, snapshot.get_metadata(), &hard_state)?;
+                let bytes = std::fs::metadata(path).map_or(0, |m| m.len());
+                if let Some(dir) = path.parent() {
+                    crate::snapshot::remove_ready_files(dir, index);
+                }
+                Ok::<u64, StoreError>(bytes)
+            }
+            None => {
+                store.install_snapshot(&snapshot, &hard_state)?;
+                Ok(snapshot.data.len() as u64)
+            }
+        })?;
         self.staged.clear();
         self.hard_state_dirty = false;
         self.conf_index = index;
@@ -963,13 +992,11 @@ impl<S: LogStore> Node<S> {
             identity: Some(self.identity.clone()),
             ..Default::default()
         })?;
-        tracing::info!(
-            index,
-            bytes = snapshot.data.len(),
-            "installed a snapshot from the leader"
-        );
+        tracing::info!(index, bytes, "installed a snapshot from the leader");
         self.fsm
-            .send(FsmRequest::Restore { snapshot })
+            .send(FsmRequest::Restore {
+                metadata: snapshot.get_metadata().clone(),
+            })
             .map_err(|_| NodeError::FsmGone)
     }
 

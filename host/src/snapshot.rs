@@ -106,9 +106,39 @@ impl DataRef {
         }
     }
 
-    pub fn len(&self) -> u64 {
+    /// The size of the data it stands for.
+    pub fn data_bytes(&self) -> u64 {
         match self {
             DataRef::Stored { len } | DataRef::File { len, .. } => *len,
+        }
+    }
+}
+
+/// The name of a received snapshot's file under `DATA_DIR/incoming`, once
+/// it is whole: one per index and term, so a second copy of the same
+/// snapshot replaces the first (with the same bytes) and files of
+/// different snapshots never collide.
+pub fn ready_file_name(index: u64, term: u64) -> String {
+    format!("snapshot-{index}-{term}.ready")
+}
+
+/// Remove received snapshots' files for indexes up to `upto` (all of them
+/// with `u64::MAX`): raft has installed them or will refuse them.
+pub fn remove_ready_files(dir: &std::path::Path, upto: u64) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(index) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("snapshot-"))
+            .and_then(|n| n.strip_suffix(".ready"))
+            .and_then(|n| n.split('-').next())
+            .and_then(|n| n.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        if index <= upto {
+            let _ = std::fs::remove_file(entry.path());
         }
     }
 }

@@ -21,6 +21,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::StreamExt as _;
 use protobuf::Message as _;
 use raft::prelude::{Message, MessageType};
 use tokio::sync::mpsc;
@@ -31,6 +32,8 @@ use crate::dial::Dialer;
 use crate::node::NodeRequest;
 use crate::proto::peer_client::PeerClient;
 use crate::proto::{RaftBatch, SnapshotChunk};
+use crate::snapshot::DataRef;
+use crate::storage::{SnapshotPiece, SnapshotPieces};
 
 /// Transport limits.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -80,6 +83,8 @@ struct Inner {
     peers: HashMap<u64, Peer>,
     /// Where snapshot outcomes are reported (the raft loop).
     reports: Option<mpsc::Sender<NodeRequest>>,
+    /// Where snapshots that raft sends by reference are read from.
+    snapshots: Option<Arc<dyn SnapshotPieces>>,
 }
 
 struct Peer {
@@ -103,6 +108,7 @@ impl Transport {
                 self_id: link.self_id,
                 peers: HashMap::new(),
                 reports: None,
+                snapshots: None,
             })),
             config,
             link,
@@ -112,6 +118,12 @@ impl Transport {
     /// Where to report snapshot transfers.
     pub fn report_to(&self, node: mpsc::Sender<NodeRequest>) {
         self.lock().reports = Some(node);
+    }
+
+    /// Where to read stored snapshots from (raft's snapshot messages name
+    /// the stored one rather than carry it).
+    pub fn serve_snapshots_from(&self, store: Arc<dyn SnapshotPieces>) {
+        self.lock().snapshots = Some(store);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -168,6 +180,7 @@ impl Transport {
                             self.config.clone(),
                             self.link.clone(),
                             reports.clone(),
+                            inner.snapshots.clone(),
                         ));
                     }
                     _ => unreachable.push(message.to),
@@ -265,40 +278,57 @@ async fn sleep_or_closed(batches: &mut mpsc::Receiver<Vec<Message>>, delay: Dura
 }
 
 /// Stream one snapshot to a peer and report the outcome to the raft loop.
+/// Data that refers to the stored snapshot is read from the store a piece
+/// at a time as the stream is polled, so memory stays at about a chunk;
+/// if a newer snapshot replaces it meanwhile, the stream ends short, the
+/// receiver refuses it, and raft retries with the newer one.
 async fn send_snapshot(
     addr: String,
     mut message: Message,
     config: TransportConfig,
     link: Link,
     reports: mpsc::Sender<NodeRequest>,
+    store: Option<Arc<dyn SnapshotPieces>>,
 ) {
     let to = message.to;
     let index = message.get_snapshot().get_metadata().index;
     let data = std::mem::take(&mut message.mut_snapshot().data);
     let started = std::time::Instant::now();
-    let result = async {
+    let chunk = config.snapshot_chunk_bytes.max(1);
+    let source = match DataRef::parse(&data) {
+        Some(DataRef::Stored { len }) => match store {
+            Some(store) => Ok((len, stored_pieces(store, index, chunk))),
+            None => Err("no store to read the snapshot from".to_string()),
+        },
+        Some(DataRef::File { .. }) => Err("a received snapshot cannot be sent on".to_string()),
+        None => Ok((data.len() as u64, memory_pieces(data, chunk))),
+    };
+    let result = async move {
+        let (total, pieces) = source?;
         let header = message.write_to_bytes().map_err(|e| e.to_string())?;
         let channel = link.dialer.connect(&addr, Duration::from_secs(2)).await?;
         let mut client = PeerClient::new(channel)
             .max_encoding_message_size(config.max_message_bytes)
             .max_decoding_message_size(config.max_message_bytes);
-        let chunk = config.snapshot_chunk_bytes.max(1);
-        let total = data.len();
         let first = SnapshotChunk {
             message: header,
-            total_bytes: total as u64,
+            total_bytes: total,
             data: Vec::new(),
             cluster_id: link.cluster_id,
         };
-        // One chunk is copied out of the shared buffer at a time, as the
-        // stream is polled, so memory stays at the snapshot plus a chunk.
-        let pieces = (0..total).step_by(chunk).map(move |at| SnapshotChunk {
-            message: Vec::new(),
-            total_bytes: 0,
-            data: data.slice(at..(at + chunk).min(total)).to_vec(),
-            cluster_id: 0,
+        // A producer task feeds the request through a short channel (a
+        // concrete stream type, and at most two chunks in flight).
+        let (feed, stream) = mpsc::channel(2);
+        let producer = tokio::spawn(async move {
+            let mut pieces = futures::stream::iter(std::iter::once(first)).chain(pieces);
+            while let Some(chunk) = pieces.next().await {
+                if feed.send(chunk).await.is_err() {
+                    break;
+                }
+            }
         });
-        let stream = futures::stream::iter(std::iter::once(first).chain(pieces));
+        let stream = tokio_stream::wrappers::ReceiverStream::new(stream);
+        let _producer = AbortOnDrop(producer);
         client
             .install_snapshot(stream)
             .await
@@ -316,6 +346,79 @@ async fn send_snapshot(
         Err(error) => tracing::warn!(peer = to, index, %error, "sending a snapshot failed; raft will retry"),
     }
     let _ = reports.send(NodeRequest::SnapshotSent { to, ok }).await;
+}
+
+/// Aborts a task when dropped (a transfer that ended stops its producer).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Snapshot data held in memory, a chunk copied out at a time as the stream
+/// is polled.
+fn memory_pieces(data: bytes::Bytes, chunk: usize) -> futures::stream::BoxStream<'static, SnapshotChunk> {
+    let total = data.len();
+    let pieces = (0..total)
+        .step_by(chunk)
+        .map(move |at| chunk_of(data.slice(at..(at + chunk).min(total)).to_vec()));
+    futures::stream::iter(pieces).boxed()
+}
+
+fn chunk_of(data: Vec<u8>) -> SnapshotChunk {
+    SnapshotChunk {
+        message: Vec::new(),
+        total_bytes: 0,
+        data,
+        cluster_id: 0,
+    }
+}
+
+/// The stored snapshot at `index`, read a piece at a time (off the async
+/// threads) and cut into pieces of at most `chunk` bytes. Ends early if
+/// the snapshot is superseded or cannot be read.
+fn stored_pieces(
+    store: Arc<dyn SnapshotPieces>,
+    index: u64,
+    chunk: usize,
+) -> futures::stream::BoxStream<'static, SnapshotChunk> {
+    let start = (Some(0u32), std::collections::VecDeque::<Vec<u8>>::new());
+    futures::stream::unfold(start, move |(mut next, mut parts)| {
+        let store = store.clone();
+        async move {
+            loop {
+                if let Some(part) = parts.pop_front() {
+                    return Some((chunk_of(part), (next, parts)));
+                }
+                let piece = next?;
+                let reader = store.clone();
+                let read = tokio::task::spawn_blocking(move || reader.piece(index, piece)).await;
+                match read {
+                    Ok(Ok(SnapshotPiece::Data(data))) => {
+                        next = Some(piece + 1);
+                        if data.len() <= chunk {
+                            parts.push_back(data);
+                        } else {
+                            parts.extend(data.chunks(chunk).map(<[u8]>::to_vec));
+                        }
+                    }
+                    Ok(Ok(SnapshotPiece::End)) => return None,
+                    Ok(Ok(SnapshotPiece::Superseded)) => {
+                        tracing::info!(index, "a newer snapshot replaced the one being sent");
+                        return None;
+                    }
+                    Ok(Err(error)) => {
+                        tracing::warn!(index, %error, "cannot read the snapshot being sent");
+                        return None;
+                    }
+                    Err(_) => return None,
+                }
+            }
+        }
+    })
+    .boxed()
 }
 
 /// Fetch a plugin component by hash from the first member at `addrs` that

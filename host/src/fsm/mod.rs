@@ -30,7 +30,7 @@ use std::sync::mpsc;
 
 use protobuf::Message as _;
 use raft::GetEntriesContext;
-use raft::prelude::{ConfChange, ConfChangeType, ConfState, Entry, EntryType, Snapshot};
+use raft::prelude::{ConfChange, ConfChangeType, ConfState, Entry, EntryType};
 use tokio::sync::{oneshot, watch};
 
 use crate::envelope::{self, HostEntry, Payload};
@@ -75,8 +75,9 @@ pub enum FsmRequest {
     Snapshot {
         reply: oneshot::Sender<Result<u64, String>>,
     },
-    /// Replace the state with a snapshot the raft loop installed.
-    Restore { snapshot: Snapshot },
+    /// Replace the state with the snapshot the raft loop installed (the
+    /// store holds it, or a newer one installed since).
+    Restore { metadata: raft::prelude::SnapshotMetadata },
     /// Stop after everything queued before this request.
     Shutdown,
 }
@@ -273,6 +274,16 @@ impl<S: LogStore> Fsm<S> {
             FsmRequest::Apply { entries, mut waiters } => {
                 for entry in entries {
                     let index = entry.index;
+                    if index <= self.applied {
+                        // Covered by a snapshot restored since raft sent it.
+                        continue;
+                    }
+                    if index != self.applied + 1 {
+                        return Err(FsmError::Malformed {
+                            index,
+                            reason: format!("committed entries skip from {} to {index}", self.applied),
+                        });
+                    }
                     let result = self.apply_entry(&entry)?;
                     if let Some(waiter) = waiters.remove(&index) {
                         let result = result.unwrap_or(Ok(Vec::new()));
@@ -290,8 +301,8 @@ impl<S: LogStore> Fsm<S> {
             FsmRequest::Snapshot { reply } => self.want_snapshot(reply)?,
             // `run` stops before handing this over.
             FsmRequest::Shutdown => {}
-            FsmRequest::Restore { snapshot } => {
-                self.restore_bytes(snapshot.get_metadata(), &snapshot.data)?;
+            FsmRequest::Restore { metadata } => {
+                self.restore_installed(&metadata)?;
                 self.applied_tx.send_replace(self.applied);
                 self.serve_pending_queries()?;
             }

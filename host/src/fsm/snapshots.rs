@@ -102,6 +102,8 @@ fn write_snapshot<S: LogStore>(
 /// A restore in progress: the header first, then the state into `instance`.
 struct Restoring {
     index: u64,
+    /// The plugin the snapshot's header names.
+    plugin: Plugin,
     started: Instant,
     reader: snapshot::Reader,
     instance: Option<(Plugin, Instance)>,
@@ -346,30 +348,73 @@ impl<S: LogStore> Fsm<S> {
     }
 
     /// Restore the stored snapshot into a fresh instance; `false` if there
-    /// is none.
+    /// is none. The plugin it names is looked up first (from the store, or
+    /// fetched from a member), outside the read of the snapshot: no other
+    /// transaction may open on this thread while that read is open.
     pub(super) fn restore_stored(&mut self) -> Result<bool, FsmError> {
         self.abandon_snapshot()?;
         let store = self.store.clone();
-        let mut restoring: Option<Restoring> = None;
-        let metadata = store.read_snapshot(&mut |metadata, piece| {
-            let restoring = restoring.get_or_insert_with(|| Restoring::new(metadata.index));
-            self.feed_restore(restoring, piece)
-        })?;
-        let Some(metadata) = metadata else { return Ok(false) };
-        self.finish_restore(&metadata, restoring)?;
-        Ok(true)
-    }
-
-    /// Restore a snapshot held in memory (one raft installed).
-    pub(super) fn restore_bytes(&mut self, metadata: &SnapshotMetadata, data: &[u8]) -> Result<(), FsmError> {
-        self.abandon_snapshot()?;
-        let mut restoring = Restoring::new(metadata.index);
-        for piece in data.chunks(self.config.chunk_bytes.max(1)) {
-            if self.feed_restore(&mut restoring, piece).is_break() {
-                break;
+        loop {
+            // Pass one: the header.
+            let mut reader = snapshot::Reader::default();
+            let mut header = None;
+            let first = store.read_snapshot(&mut |_, piece| match reader.push(piece) {
+                Ok(Step::More) => ControlFlow::Continue(()),
+                Ok(Step::Header(found, _)) => {
+                    header = Some(Ok(found));
+                    ControlFlow::Break(())
+                }
+                Ok(Step::State(_)) => ControlFlow::Break(()),
+                Err(error) => {
+                    header = Some(Err(error));
+                    ControlFlow::Break(())
+                }
+            })?;
+            let Some(first) = first else { return Ok(false) };
+            let index = first.index;
+            let header = header
+                .ok_or_else(|| snapshot::SnapshotError::Malformed("truncated header".into()))
+                .and_then(|header| header)
+                .map_err(|e| FsmError::Restore {
+                    index,
+                    reason: e.to_string(),
+                })?;
+            let plugin = self.plugin_by_sha(&header.plugin_sha256)?;
+            // Pass two: the state, into an instance of that plugin.
+            let mut restoring = Restoring::new(index, plugin);
+            let metadata = store.read_snapshot(&mut |metadata, piece| {
+                if metadata.index != index {
+                    return ControlFlow::Break(());
+                }
+                self.feed_restore(&mut restoring, piece)
+            })?;
+            match metadata {
+                // A newer snapshot was installed between the passes.
+                Some(metadata) if metadata.index != index => continue,
+                Some(metadata) => {
+                    self.finish_restore(&metadata, restoring)?;
+                    return Ok(true);
+                }
+                None => return Ok(false),
             }
         }
-        self.finish_restore(metadata, Some(restoring))
+    }
+
+    /// Restore the snapshot raft installed. The store may hold a newer
+    /// one by now (installed while this request waited): that one is
+    /// restored, and the entries it covers are skipped when they arrive.
+    pub(super) fn restore_installed(&mut self, installed: &SnapshotMetadata) -> Result<(), FsmError> {
+        if installed.index <= self.applied {
+            return Ok(());
+        }
+        let stored = self.store.snapshot_metadata()?.index;
+        if stored < installed.index {
+            return Err(FsmError::Restore {
+                index: installed.index,
+                reason: format!("the store holds the snapshot at {stored} instead"),
+            });
+        }
+        self.restore_stored().map(drop)
     }
 
     fn feed_restore(&mut self, restoring: &mut Restoring, piece: &[u8]) -> ControlFlow<()> {
@@ -388,10 +433,13 @@ impl<S: LogStore> Fsm<S> {
         let state = match restoring.reader.push(piece).map_err(|e| failed(e.to_string()))? {
             Step::More => return Ok(()),
             Step::Header(header, rest) => {
-                // The snapshot names the plugin that made it; its members can
-                // supply the bytes if this node never saw that plugin.
+                // The snapshot names the plugin that made it: the one looked
+                // up before the read.
+                if header.plugin_sha256 != restoring.plugin.sha256() {
+                    return Err(failed("the snapshot changed while it was read".into()));
+                }
                 self.members = header.members.into_iter().collect();
-                let plugin = self.plugin_by_sha(&header.plugin_sha256)?;
+                let plugin = restoring.plugin.clone();
                 let mut instance = plugin.instantiate()?;
                 instance
                     .restore_begin(index)
@@ -412,13 +460,12 @@ impl<S: LogStore> Fsm<S> {
         Ok(())
     }
 
-    fn finish_restore(&mut self, metadata: &SnapshotMetadata, restoring: Option<Restoring>) -> Result<(), FsmError> {
+    fn finish_restore(&mut self, metadata: &SnapshotMetadata, restoring: Restoring) -> Result<(), FsmError> {
         let index = metadata.index;
         let failed = |reason: &str| FsmError::Restore {
             index,
             reason: reason.to_string(),
         };
-        let restoring = restoring.ok_or_else(|| failed("the snapshot has no data"))?;
         if let Some(error) = restoring.error {
             return Err(error);
         }
@@ -452,9 +499,10 @@ impl<S: LogStore> Fsm<S> {
 }
 
 impl Restoring {
-    fn new(index: u64) -> Restoring {
+    fn new(index: u64, plugin: Plugin) -> Restoring {
         Restoring {
             index,
+            plugin,
             started: Instant::now(),
             reader: snapshot::Reader::default(),
             instance: None,

@@ -227,12 +227,36 @@ impl proto::peer_server::Peer for Services {
                 .peer
                 .bad_snapshot(format!("the stream ended after {received} of {total} bytes")));
         }
-        let data = file
-            .read_all()
+        // The file becomes the snapshot's data: raft carries a reference to
+        // it, and the install copies it into the store a chunk at a time.
+        let metadata = message.get_snapshot().get_metadata();
+        let ready = self
+            .peer
+            .incoming_dir
+            .join(crate::snapshot::ready_file_name(metadata.index, metadata.term));
+        file.keep_as(&ready)
             .await
-            .map_err(|e| Status::internal(format!("cannot read back an incoming snapshot: {e}")))?;
-        self.check_snapshot_data(&message, &data).await?;
-        message.mut_snapshot().data = data.into();
+            .map_err(|e| Status::internal(format!("cannot store an incoming snapshot: {e}")))?;
+        let header = {
+            let ready = ready.clone();
+            tokio::task::spawn_blocking(move || crate::snapshot::read_file_header(&ready))
+                .await
+                .map_err(|e| Status::internal(format!("validation task failed: {e}")))?
+        };
+        let checked = match header {
+            Ok(header) => self.check_snapshot_header(&message, &header).await,
+            Err(error) => Err(self.peer.bad_snapshot(error.to_string())),
+        };
+        if let Err(status) = checked {
+            let _ = tokio::fs::remove_file(&ready).await;
+            return Err(status);
+        }
+        message.mut_snapshot().data = crate::snapshot::DataRef::File {
+            path: ready,
+            len: total,
+        }
+        .to_bytes()
+        .into();
         self.node
             .send(NodeRequest::Snapshot(Box::new(message)))
             .await
@@ -245,8 +269,11 @@ impl Services {
     /// The snapshot's layout must decode and its plugin must be at hand
     /// (stored, or fetched now from the members it names), so installing
     /// it cannot fail for either reason later.
-    async fn check_snapshot_data(&self, message: &Message, data: &[u8]) -> Result<(), Status> {
-        let (header, _) = crate::snapshot::decode(data).map_err(|e| self.peer.bad_snapshot(e.to_string()))?;
+    async fn check_snapshot_header(
+        &self,
+        message: &Message,
+        header: &crate::snapshot::SnapshotHeader,
+    ) -> Result<(), Status> {
         // The addresses must be those of the configuration raft will adopt.
         let conf = message.get_snapshot().get_metadata().get_conf_state();
         let mut conf_ids: Vec<u64> = conf.voters.iter().chain(&conf.learners).copied().collect();
@@ -345,10 +372,14 @@ impl IncomingFile {
         self.file.lock().await.write_all(data).await
     }
 
-    async fn read_all(&self) -> std::io::Result<Vec<u8>> {
+    /// Flush the file and move it to `path` (where the install finds it);
+    /// nothing is left at the partial path.
+    async fn keep_as(&self, path: &std::path::Path) -> std::io::Result<()> {
         use tokio::io::AsyncWriteExt as _;
-        self.file.lock().await.flush().await?;
-        tokio::fs::read(&self.path).await
+        let mut file = self.file.lock().await;
+        file.flush().await?;
+        file.sync_all().await?;
+        tokio::fs::rename(&self.path, path).await
     }
 }
 

@@ -33,7 +33,7 @@ use protobuf::Message as _;
 use raft::prelude::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
 use raft::{GetEntriesContext, RaftState, Storage, StorageError};
 
-use super::{LogStore, NodeIdentity, SnapshotSave, StoreError, WriteBatch, check_contiguous};
+use super::{LogStore, NodeIdentity, SnapshotPiece, SnapshotSave, StoreError, WriteBatch, check_contiguous};
 
 type Index = U64<BigEndian>;
 type ChunkKey = U128<BigEndian>;
@@ -563,8 +563,27 @@ impl Storage for LmdbStore {
         self.read(|inner, txn| inner.last_index(txn)).map_err(to_raft)
     }
 
+    /// The stored snapshot for raft to send, with a reference for data:
+    /// the transport streams the chunks from the store (see
+    /// [`crate::snapshot::DataRef`]), so the raft loop never reads them.
     fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
-        match self.stored_snapshot().map_err(to_raft)? {
+        let stored = self
+            .read(|inner, txn| {
+                let metadata = inner.snapshot_meta(txn)?;
+                if metadata.index == 0 {
+                    return Ok(None);
+                }
+                let mut snapshot = Snapshot::default();
+                snapshot.data = crate::snapshot::DataRef::Stored {
+                    len: self.stored_len(txn)?,
+                }
+                .to_bytes()
+                .into();
+                snapshot.set_metadata(metadata);
+                Ok(Some(snapshot))
+            })
+            .map_err(to_raft)?;
+        match stored {
             Some(snapshot) if super::snapshot_serves(&snapshot, request_index, to) => Ok(snapshot),
             // Too old, or made before `to` joined: ask the apply worker for a
             // fresh one; raft asks again later.
@@ -803,10 +822,78 @@ impl LogStore for LmdbStore {
     }
 
     fn install_snapshot(&self, snapshot: &Snapshot, hard_state: &HardState) -> Result<(), StoreError> {
-        let inner = &self.inner;
-        let metadata = snapshot.get_metadata();
         let _guard = self.snapshot_guard();
         let location = self.write_chunks(&snapshot.data)?;
+        self.switch_installed(location, snapshot.get_metadata(), hard_state)
+    }
+
+    fn install_snapshot_file(
+        &self,
+        path: &Path,
+        metadata: &SnapshotMetadata,
+        hard_state: &HardState,
+    ) -> Result<(), StoreError> {
+        use std::io::Read as _;
+        let _guard = self.snapshot_guard();
+        let mut file = std::fs::File::open(path)?;
+        let mut save = self.begin_snapshot_save()?;
+        let mut chunk = vec![0u8; SNAPSHOT_CHUNK_BYTES];
+        loop {
+            // Fill a whole chunk (reads may return less).
+            let mut filled = 0;
+            while filled < chunk.len() {
+                match file.read(&mut chunk[filled..])? {
+                    0 => break,
+                    n => filled += n,
+                }
+            }
+            if filled == 0 {
+                break;
+            }
+            self.put_snapshot_piece(&mut save, &chunk[..filled])?;
+        }
+        let location = ChunkedData {
+            save: save.id,
+            chunks: save.pieces,
+            len: save.len,
+        };
+        self.switch_installed(location, metadata, hard_state)
+    }
+
+    fn snapshot_piece(&self, index: u64, piece: u32) -> Result<SnapshotPiece, StoreError> {
+        self.read(|inner, txn| {
+            if inner.snapshot_meta(txn)?.index != index {
+                return Ok(SnapshotPiece::Superseded);
+            }
+            let Some(location) = inner.meta.get(txn, SNAPSHOT_CHUNKS)? else {
+                // Stored before chunking: one piece.
+                return Ok(match (piece, inner.meta.get(txn, SNAPSHOT_DATA)?) {
+                    (0, Some(data)) => SnapshotPiece::Data(data.to_vec()),
+                    _ => SnapshotPiece::End,
+                });
+            };
+            let location = ChunkedData::from_bytes(location)?;
+            if piece >= location.chunks {
+                return Ok(SnapshotPiece::End);
+            }
+            match inner.snapshot_chunks.get(txn, &chunk_key(location.save, piece))? {
+                Some(data) => Ok(SnapshotPiece::Data(data.to_vec())),
+                None => Err(StoreError::Corrupt(format!("snapshot chunk {piece} is missing"))),
+            }
+        })
+    }
+}
+
+impl LmdbStore {
+    /// Make an installed snapshot's chunks the stored snapshot, replacing
+    /// the log, the conf state and the hard state, in one transaction.
+    fn switch_installed(
+        &self,
+        location: ChunkedData,
+        metadata: &SnapshotMetadata,
+        hard_state: &HardState,
+    ) -> Result<(), StoreError> {
+        let inner = &self.inner;
         let (_turn, mut txn) = inner.write_in_turn()?;
         inner.entries.clear(&mut txn)?;
         inner.switch_snapshot(&mut txn, metadata, location)?;
@@ -817,5 +904,14 @@ impl LogStore for LmdbStore {
         inner.meta.put(&mut txn, HARD_STATE, &encode(hard_state)?)?;
         txn.commit()?;
         Ok(())
+    }
+
+    /// The stored snapshot's size, without reading it.
+    fn stored_len(&self, txn: &RoTxn) -> Result<u64, StoreError> {
+        let inner = &self.inner;
+        match inner.meta.get(txn, SNAPSHOT_CHUNKS)? {
+            Some(location) => Ok(ChunkedData::from_bytes(location)?.len),
+            None => Ok(inner.meta.get(txn, SNAPSHOT_DATA)?.map_or(0, |data| data.len() as u64)),
+        }
     }
 }

@@ -8,7 +8,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use raft::prelude::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
 use raft::{GetEntriesContext, RaftState, Storage, StorageError};
 
-use super::{LogStore, NodeIdentity, SnapshotSave, StoreError, WriteBatch, check_contiguous};
+use super::{LogStore, NodeIdentity, SnapshotPiece, SnapshotSave, StoreError, WriteBatch, check_contiguous};
 
 #[derive(Clone, Default)]
 pub struct MemStore {
@@ -314,6 +314,29 @@ impl LogStore for MemStore {
             }
         }
         Ok(Some(inner.snapshot_meta.clone()))
+    }
+
+    fn snapshot_piece(&self, index: u64, piece: u32) -> Result<SnapshotPiece, StoreError> {
+        let inner = self.rl();
+        if inner.snapshot_meta.index != index {
+            return Ok(SnapshotPiece::Superseded);
+        }
+        Ok(match inner.snapshot_data.chunks(1000).nth(piece as usize) {
+            Some(data) => SnapshotPiece::Data(data.to_vec()),
+            None => SnapshotPiece::End,
+        })
+    }
+
+    fn install_snapshot_file(
+        &self,
+        path: &std::path::Path,
+        metadata: &SnapshotMetadata,
+        hard_state: &HardState,
+    ) -> Result<(), StoreError> {
+        let mut snapshot = Snapshot::default();
+        snapshot.set_metadata(metadata.clone());
+        snapshot.data = std::fs::read(path)?.into();
+        self.install_snapshot(&snapshot, hard_state)
     }
 
     fn install_snapshot(&self, snapshot: &Snapshot, hard_state: &HardState) -> Result<(), StoreError> {

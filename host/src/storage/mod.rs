@@ -240,6 +240,42 @@ pub trait LogStore: Storage + Clone + Send + Sync + 'static {
         &self,
         piece: &mut dyn FnMut(&SnapshotMetadata, &[u8]) -> std::ops::ControlFlow<()>,
     ) -> Result<Option<SnapshotMetadata>, StoreError>;
+
+    /// Piece number `piece` of the stored snapshot, if it is still the one
+    /// at `index` (each piece is read in a transaction of its own).
+    fn snapshot_piece(&self, index: u64, piece: u32) -> Result<SnapshotPiece, StoreError>;
+
+    /// Install a snapshot received from the leader whose data is in the
+    /// file at `path` (as [`LogStore::install_snapshot`], reading the file
+    /// a piece at a time).
+    fn install_snapshot_file(
+        &self,
+        path: &std::path::Path,
+        metadata: &SnapshotMetadata,
+        hard_state: &HardState,
+    ) -> Result<(), StoreError>;
+}
+
+/// One piece of a stored snapshot, for a transfer to a peer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SnapshotPiece {
+    Data(Vec<u8>),
+    /// Past the last piece.
+    End,
+    /// The stored snapshot is no longer the one asked for.
+    Superseded,
+}
+
+/// Read access to the stored snapshot's pieces, for the transport (which is
+/// not generic over the store).
+pub trait SnapshotPieces: Send + Sync {
+    fn piece(&self, index: u64, piece: u32) -> Result<SnapshotPiece, StoreError>;
+}
+
+impl<S: LogStore> SnapshotPieces for S {
+    fn piece(&self, index: u64, piece: u32) -> Result<SnapshotPiece, StoreError> {
+        self.snapshot_piece(index, piece)
+    }
 }
 
 /// A snapshot being stored piece by piece ([`LogStore::begin_snapshot_save`]).

@@ -1,0 +1,158 @@
+#!/usr/bin/env bash
+# The cost curve against state size (issue 21): fill a 3-node cluster of the
+# release build (kv plugin, fsync on) with 100-byte values, STEP_MB of kv
+# state at a time, up to MAX_MB, and after each step measure:
+#   - fill rate: keys/s of `propose --file` (one pipelined stream);
+#   - writes: a closed-loop bench at 64 clients (throughput and p99);
+#   - snapshot: time of a forced `snapshot` on the leader and the leader's
+#     peak RSS while it is taken;
+#   - restart: a follower killed with SIGKILL and started again, until it
+#     has applied the leader's commit index (restore + replay);
+#   - join: a new node, until it has applied the commit index (snapshot
+#     transfer, install, restore); it is removed again afterwards.
+# Writes CSV to OUT (default target/state-curve.csv) and, if gnuplot is
+# there (apt-get install gnuplot-nox), a PNG next to it.
+#
+#   host/benches/state_curve.sh                    # 100 MB steps to 600 MB
+#   STEP_MB=50 MAX_MB=200 host/benches/state_curve.sh
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+cargo build --release --locked --manifest-path "$root/Cargo.toml" -p raftify-host >&2
+bin="$root/target/release/raftify-host"
+step_mb="${STEP_MB:-100}"
+max_mb="${MAX_MB:-600}"
+out="${OUT:-$root/target/state-curve.csv}"
+dir="$(mktemp -d)"
+base_port="${BASE_PORT:-7501}"
+peers=""
+for i in 1 2 3; do peers="$peers${peers:+,}$i=127.0.0.1:$((base_port + i - 1))"; done
+declare -A pids
+cleanup() {
+  for pid in "${pids[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$dir"
+}
+trap cleanup EXIT
+
+start_node() { # id, extra flags...
+  local id="$1"
+  shift
+  "$bin" run --id "$id" --listen "127.0.0.1:$((base_port + id - 1))" --data-dir "$dir/n$id" "$@" \
+    >>"$dir/n$id.log" 2>&1 &
+  pids[$id]=$!
+}
+status_field() { # addr, field
+  "$bin" status -o json --addr "$1" 2>/dev/null | sed -n "s/.*\"$2\":\([0-9]*\).*/\1/p"
+}
+now() { date +%s.%N; }
+since() { echo "$(now) - $1" | bc; }
+wait_applied() { # addr, index: seconds waited
+  local t0 applied
+  t0=$(now)
+  for _ in $(seq 1 6000); do
+    applied=$(status_field "$1" applied_index)
+    if [ -n "$applied" ] && [ "$applied" -ge "$2" ]; then
+      since "$t0"
+      return
+    fi
+    sleep 0.1
+  done
+  echo "node at $1 did not reach $2" >&2
+  exit 1
+}
+rss_mb() { echo $(($(ps -o rss= -p "$1" | tr -d ' ') / 1024)); }
+
+for i in 1 2 3; do start_node "$i" --peers "$peers"; done
+addr="127.0.0.1:$base_port"
+for _ in $(seq 1 300); do
+  if "$bin" status -o json --addr "$addr" 2>/dev/null | grep -q '"leader_id":[1-9]'; then break; fi
+  sleep 0.1
+done
+leader_id=$(status_field "$addr" leader_id)
+leader="127.0.0.1:$((base_port + leader_id - 1))"
+follower=$((leader_id % 3 + 1))
+value=$(head -c 90 /dev/zero | tr '\0' v)
+# kv state per key: 4+len(key) + 4+len(value) bytes in RKV1.
+keys_per_step=$((step_mb * 1000000 / 108))
+
+echo "state_mb,keys,fill_keys_per_s,writes_per_s,p99_ms,snapshot_s,leader_peak_rss_mb,restart_s,join_s" >"$out"
+echo "== leader $leader_id; steps of $step_mb MB ($keys_per_step keys) to $max_mb MB; results in $out" >&2
+keys=0
+state=0
+next_id=4
+while [ "$state" -lt "$max_mb" ]; do
+  seq "$keys" $((keys + keys_per_step - 1)) | sed "s/.*/set key& $value/" >"$dir/cmds"
+  t0=$(now)
+  "$bin" propose --addr "$leader" --timeout-ms 120000 --file "$dir/cmds" >"$dir/out"
+  fill_s=$(since "$t0")
+  if [ "$(grep -vc '^OK$' "$dir/out")" != 0 ]; then
+    echo "not every write was acknowledged:" >&2
+    grep -v '^OK$' "$dir/out" | head -3 >&2
+    exit 1
+  fi
+  keys=$((keys + keys_per_step))
+  state=$((state + step_mb))
+  fill_rate=$(echo "$keys_per_step / $fill_s" | bc)
+
+  bench=$("$bin" bench --addr "$leader" --clients 64 --requests 20000 -o json \
+    --command-template "set probe{n} {v}" --value-size 100)
+  writes=$(echo "$bench" | sed -n 's/.*"throughput_per_second":\([0-9.]*\).*/\1/p')
+  p99=$(echo "$bench" | sed -n 's/.*"p99":\([0-9.]*\).*/\1/p')
+
+  # Snapshot, sampling the leader's RSS meanwhile.
+  peak=0
+  t0=$(now)
+  "$bin" snapshot --addr "$leader" --timeout-ms 600000 >/dev/null &
+  snap=$!
+  while kill -0 "$snap" 2>/dev/null; do
+    r=$(rss_mb "${pids[$leader_id]}")
+    [ "$r" -gt "$peak" ] && peak=$r
+    sleep 0.05
+  done
+  wait "$snap"
+  snapshot_s=$(since "$t0")
+
+  commit=$(status_field "$leader" commit_index)
+  kill -9 "${pids[$follower]}"
+  wait "${pids[$follower]}" 2>/dev/null || true
+  start_node "$follower"
+  restart_s=$(wait_applied "127.0.0.1:$((base_port + follower - 1))" "$commit")
+
+  join_port=$((base_port + next_id - 1))
+  start_node "$next_id" --join "$leader"
+  commit=$(status_field "$leader" commit_index)
+  join_s=$(wait_applied "127.0.0.1:$join_port" "$commit")
+  "$bin" member remove "$next_id" --addr "$leader" >/dev/null
+  kill -9 "${pids[$next_id]}"
+  wait "${pids[$next_id]}" 2>/dev/null || true
+  unset "pids[$next_id]"
+  rm -rf "$dir/n$next_id"
+  next_id=$((next_id + 1))
+
+  line="$state,$keys,$fill_rate,$writes,$p99,$snapshot_s,$peak,$restart_s,$join_s"
+  echo "$line" >>"$out"
+  echo "$line" >&2
+done
+
+if command -v gnuplot >/dev/null; then
+  png="${out%.csv}.png"
+  gnuplot <<EOF
+set terminal pngcairo size 1200,800 noenhanced
+set output "$png"
+set datafile separator ","
+set key autotitle columnhead
+set multiplot layout 2,2 title "raftify-host, 3 nodes, kv plugin, 100-byte values: cost against state size"
+set xlabel "kv state (MB)"
+set grid
+set ylabel "writes/s (64 clients)"
+plot "$out" using 1:4 with linespoints title "writes/s", "$out" using 1:(\$3/10) with linespoints title "fill keys/s / 10"
+set ylabel "ms"
+plot "$out" using 1:5 with linespoints title "p99 write latency (64 clients)"
+set ylabel "seconds"
+plot "$out" using 1:6 with linespoints title "snapshot", "$out" using 1:8 with linespoints title "restart", "$out" using 1:9 with linespoints title "join"
+set ylabel "MB"
+plot "$out" using 1:7 with linespoints title "leader peak RSS during snapshot"
+unset multiplot
+EOF
+  echo "plot: $png" >&2
+fi
