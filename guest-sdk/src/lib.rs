@@ -81,6 +81,19 @@
 //! # assert_eq!(fresh.value, 5);
 //! ```
 //!
+//! # Snapshots of a large state
+//!
+//! The SDK exports ABI `raftify:fsm@0.2.0`, in which the host reads a
+//! snapshot in chunks and restores one in chunks, and keeps applying entries
+//! while it reads. The defaults build on [`Plugin::snapshot`] and
+//! [`Plugin::restore`]: a snapshot is taken whole inside the guest and handed
+//! out in pieces. That is right for a small state. For a large one, override
+//! [`Plugin::snapshot_begin`] and [`Plugin::snapshot_next`] to write the state
+//! out as it is read (the chunks must show the state as of `snapshot_begin`
+//! even as `apply` changes it: keep the old value of what changes, as
+//! `plugins/kv` does), and [`Plugin::restore_chunk`] and
+//! [`Plugin::restore_finish`] to decode as the pieces come.
+//!
 //! The plugin crate's `Cargo.toml` needs `crate-type = ["cdylib"]` and a
 //! dependency on this crate; `cargo build --target wasm32-wasip2 --release`
 //! then produces the component. See `plugins/kv` for a complete plugin.
