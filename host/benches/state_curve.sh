@@ -4,8 +4,9 @@
 # state at a time, up to MAX_MB, and after each step measure:
 #   - fill rate: keys/s of `propose --file` (one pipelined stream);
 #   - writes: a closed-loop bench at 64 clients (throughput and p99);
-#   - snapshot: time of a forced `snapshot` on the leader and the leader's
-#     peak RSS while it is taken;
+#   - snapshot: time of a forced `snapshot` on the leader, and the leader's
+#     private resident memory (RssAnon) before and at its peak while it is
+#     taken;
 #   - restart: a follower killed with SIGKILL and started again, until it
 #     has applied the leader's commit index (restore + replay);
 #   - join: a new node, until it has applied the commit index (snapshot
@@ -15,6 +16,7 @@
 #
 #   host/benches/state_curve.sh                    # 100 MB steps to 600 MB
 #   STEP_MB=50 MAX_MB=200 host/benches/state_curve.sh
+#   NODE_FLAGS="--snapshot-every-entries 1000000" host/benches/state_curve.sh
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cargo build --release --locked --manifest-path "$root/Cargo.toml" -p raftify-host >&2
@@ -37,7 +39,8 @@ trap cleanup EXIT
 start_node() { # id, extra flags...
   local id="$1"
   shift
-  "$bin" run --id "$id" --listen "127.0.0.1:$((base_port + id - 1))" --data-dir "$dir/n$id" "$@" \
+  # shellcheck disable=SC2086
+  "$bin" run --id "$id" --listen "127.0.0.1:$((base_port + id - 1))" --data-dir "$dir/n$id" ${NODE_FLAGS:-} "$@" \
     >>"$dir/n$id.log" 2>&1 &
   pids[$id]=$!
 }
@@ -60,7 +63,9 @@ wait_applied() { # addr, index: seconds waited
   echo "node at $1 did not reach $2" >&2
   exit 1
 }
-rss_mb() { echo $(($(ps -o rss= -p "$1" | tr -d ' ') / 1024)); }
+# Private (anonymous) resident memory: the plugin's linear memory, buffers,
+# heaps; not LMDB's file-backed map, which the kernel reclaims at will.
+rss_mb() { echo $(($(sed -n 's/^RssAnon:[[:space:]]*\([0-9]*\) kB/\1/p' "/proc/$1/status") / 1024)); }
 
 for i in 1 2 3; do start_node "$i" --peers "$peers"; done
 addr="127.0.0.1:$base_port"
@@ -75,7 +80,7 @@ value=$(head -c 90 /dev/zero | tr '\0' v)
 # kv state per key: 4+len(key) + 4+len(value) bytes in RKV1.
 keys_per_step=$((step_mb * 1000000 / 108))
 
-echo "state_mb,keys,fill_keys_per_s,writes_per_s,p99_ms,snapshot_s,leader_peak_rss_mb,restart_s,join_s" >"$out"
+echo "state_mb,keys,fill_keys_per_s,writes_per_s,p99_ms,snapshot_s,leader_rss_before_mb,leader_rss_peak_mb,restart_s,join_s" >"$out"
 echo "== leader $leader_id; steps of $step_mb MB ($keys_per_step keys) to $max_mb MB; results in $out" >&2
 keys=0
 state=0
@@ -100,7 +105,8 @@ while [ "$state" -lt "$max_mb" ]; do
   p99=$(echo "$bench" | sed -n 's/.*"p99":\([0-9.]*\).*/\1/p')
 
   # Snapshot, sampling the leader's RSS meanwhile.
-  peak=0
+  before=$(rss_mb "${pids[$leader_id]}")
+  peak=$before
   t0=$(now)
   "$bin" snapshot --addr "$leader" --timeout-ms 600000 >/dev/null &
   snap=$!
@@ -129,7 +135,7 @@ while [ "$state" -lt "$max_mb" ]; do
   rm -rf "$dir/n$next_id"
   next_id=$((next_id + 1))
 
-  line="$state,$keys,$fill_rate,$writes,$p99,$snapshot_s,$peak,$restart_s,$join_s"
+  line="$state,$keys,$fill_rate,$writes,$p99,$snapshot_s,$before,$peak,$restart_s,$join_s"
   echo "$line" >>"$out"
   echo "$line" >&2
 done
@@ -149,9 +155,9 @@ plot "$out" using 1:4 with linespoints title "writes/s", "$out" using 1:(\$3/10)
 set ylabel "ms"
 plot "$out" using 1:5 with linespoints title "p99 write latency (64 clients)"
 set ylabel "seconds"
-plot "$out" using 1:6 with linespoints title "snapshot", "$out" using 1:8 with linespoints title "restart", "$out" using 1:9 with linespoints title "join"
-set ylabel "MB"
-plot "$out" using 1:7 with linespoints title "leader peak RSS during snapshot"
+plot "$out" using 1:6 with linespoints title "snapshot", "$out" using 1:9 with linespoints title "restart", "$out" using 1:10 with linespoints title "join"
+set ylabel "MB (RssAnon)"
+plot "$out" using 1:7 with linespoints title "leader before a snapshot", "$out" using 1:8 with linespoints title "leader peak during it"
 unset multiplot
 EOF
   echo "plot: $png" >&2
