@@ -6,7 +6,7 @@
 # Steps: `npm ci` (only when node_modules is missing or older than
 # package-lock.json), `tsc` (src/ -> dist/), then componentize-qjs, which
 # embeds dist/ in the QuickJS engine, runs its top-level code and snapshots
-# the result into a component for the WIT world raftify:fsm/plugin@0.1.0.
+# the result into a component for the WIT world raftify:fsm/plugin@0.2.0.
 #
 # Needs Node >= 18 and npm, and the npm registry the first time.
 set -euo pipefail
@@ -14,7 +14,7 @@ set -euo pipefail
 out="${1:?usage: build.sh OUT.wasm}"
 case "$out" in /*) ;; *) out="$PWD/$out" ;; esac
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-wit="$here/../../wit"
+wit="$here/../../wit/0.2.0"
 cd "$here"
 
 fail() {

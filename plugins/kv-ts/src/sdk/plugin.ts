@@ -1,7 +1,10 @@
 // The engine binding: turns a plugin written against the `Plugin` interface
 // below into the two objects the component exports, `stateMachine` and
 // `codec`, in the shape componentize-qjs expects for the WIT world
-// `raftify:fsm/plugin@0.1.0` (wit/fsm.wit).
+// `raftify:fsm/plugin@0.2.0` (wit/0.2.0/fsm.wit): snapshots cross the
+// boundary in chunks. The plugin still writes `snapshot()` and `restore()`
+// for its whole state; this binding hands the bytes out, and collects them,
+// a chunk at a time.
 //
 // This file is the only one that knows how componentize-qjs maps WIT to
 // JavaScript. Your plugin's logic (src/kv.ts here) knows nothing about it, so
@@ -10,9 +13,12 @@
 // How componentize-qjs maps the WIT types used by the plugin world:
 // - `list<u8>` arrives as a Uint8Array; a Uint8Array is returned for it;
 // - `u64` (apply's index) arrives as a JavaScript number, exact up to 2^53;
+//   `u32` (snapshot-next's max-bytes) as a number;
 // - `result<T, string>`: return T for `ok`; throw a string for `err`;
 // - `result<_, string>`: return nothing for `ok`;
-// - interface `state-machine` is the export named `stateMachine`.
+// - interface `state-machine` is the export named `stateMachine`, and its
+//   kebab-case functions are camelCase methods (`snapshot-next` ->
+//   `snapshotNext`).
 // And how it treats exceptions: a thrown string or Error becomes `err` (its
 // message); a thrown anything else traps (wasm `unreachable`).
 
@@ -34,7 +40,7 @@ export function err(error: string): { ok: false; error: string } {
 /**
  * The state machine: one object per replica holding the whole state.
  *
- * Rules (the full contract is in wit/fsm.wit):
+ * Rules (the full contract is in wit/0.2.0/fsm.wit):
  * - deterministic: the same state and entry give the same result and next
  *   state on every machine. Do not let Math.random, Date or performance
  *   influence the state or the result (see README.md for what they do);
@@ -113,6 +119,10 @@ export function exportPlugin<S extends StateMachine>(plugin: Plugin<S>) {
   // The live state. Created at module initialization, which componentize-qjs
   // runs at build time: a fresh instance starts from this snapshot.
   let state: S = plugin.init();
+  // A snapshot being read, and a restore being collected.
+  let outgoing: Uint8Array | null = null;
+  let outgoingAt = 0;
+  let incoming: Uint8Array[] | null = null;
   const decode = plugin.decode ?? defaultDecode;
   const render = plugin.render ?? defaultRender;
 
@@ -123,12 +133,40 @@ export function exportPlugin<S extends StateMachine>(plugin: Plugin<S>) {
     query(request: Uint8Array): Uint8Array {
       return call(() => state.query(request), isBytes);
     },
-    snapshot(): Uint8Array {
-      return call(() => state.snapshot(), isBytes);
+    // A snapshot: `snapshot()` once at the begin, so entries applied while
+    // the host reads the chunks do not show in them.
+    snapshotBegin(): void {
+      outgoing = call(() => state.snapshot(), isBytes);
+      outgoingAt = 0;
     },
-    restore(snapshot: Uint8Array): void {
+    snapshotNext(maxBytes: number): Uint8Array {
+      if (outgoing === null) return new Uint8Array(0);
+      const end = Math.min(outgoing.length, outgoingAt + Math.max(1, maxBytes));
+      const chunk = outgoing.slice(outgoingAt, end);
+      outgoingAt = end;
+      if (outgoingAt >= outgoing.length) outgoing = null;
+      return chunk;
+    },
+    // A restore: the chunks are collected, then `restore()` gets them whole.
+    restoreBegin(): void {
+      incoming = [];
+    },
+    restoreChunk(chunk: Uint8Array): void {
+      if (incoming === null) throw "restore-chunk without restore-begin";
+      incoming.push(chunk.slice());
+    },
+    restoreFinish(): void {
+      if (incoming === null) throw "restore-finish without restore-begin";
+      const pieces = incoming;
+      incoming = null;
+      const whole = new Uint8Array(pieces.reduce((n, p) => n + p.length, 0));
+      let at = 0;
+      for (const piece of pieces) {
+        whole.set(piece, at);
+        at += piece.length;
+      }
       // The state is replaced only if restore succeeds.
-      state = call(() => plugin.restore(snapshot), (s) => s !== undefined && s !== null);
+      state = call(() => plugin.restore(whole), (s) => s !== undefined && s !== null);
     },
   };
 
