@@ -171,6 +171,11 @@ pub struct RunArgs {
     /// Log entries kept behind a snapshot [default: 1000].
     #[arg(long, env = "RAFTIFY_SNAPSHOT_KEEP_ENTRIES")]
     pub snapshot_keep_entries: Option<u64>,
+    /// Before a periodic snapshot, also wait until the entries applied since
+    /// the last one hold this percentage of its size, so a large state is
+    /// not rewritten every few seconds; 0: count entries only [default: 25].
+    #[arg(long, env = "RAFTIFY_SNAPSHOT_LOG_PERCENT")]
+    pub snapshot_log_percent: Option<u64>,
     /// Chunk size for sending snapshots [default: 1048576].
     #[arg(long, env = "RAFTIFY_SNAPSHOT_CHUNK_BYTES")]
     pub snapshot_chunk_bytes: Option<usize>,
@@ -287,6 +292,7 @@ impl RunArgs {
             snapshot: SnapshotConfig {
                 every_entries: args.snapshot_every_entries.unwrap_or(snapshot.every_entries),
                 keep_entries: args.snapshot_keep_entries.unwrap_or(snapshot.keep_entries),
+                log_percent: args.snapshot_log_percent.unwrap_or(snapshot.log_percent),
                 chunk_bytes: args.snapshot_chunk_bytes.unwrap_or(snapshot.chunk_bytes),
                 max_bytes: args.max_snapshot_bytes.unwrap_or(snapshot.max_bytes),
             },
@@ -331,6 +337,7 @@ impl RunArgs {
             lmdb_map_size_bytes: self.lmdb_map_size_bytes.or(other.lmdb_map_size_bytes),
             snapshot_every_entries: self.snapshot_every_entries.or(other.snapshot_every_entries),
             snapshot_keep_entries: self.snapshot_keep_entries.or(other.snapshot_keep_entries),
+            snapshot_log_percent: self.snapshot_log_percent.or(other.snapshot_log_percent),
             snapshot_chunk_bytes: self.snapshot_chunk_bytes.or(other.snapshot_chunk_bytes),
             max_snapshot_bytes: self.max_snapshot_bytes.or(other.max_snapshot_bytes),
             unsafe_no_fsync: self.unsafe_no_fsync || other.unsafe_no_fsync,

@@ -25,6 +25,11 @@ pub struct SnapshotConfig {
     /// Entries kept in the log behind a snapshot, so a follower that lags a
     /// little catches up from the log rather than a whole snapshot.
     pub keep_entries: u64,
+    /// And only once the entries applied since the last snapshot hold this
+    /// percentage of its size (0: no such wait). A snapshot costs in
+    /// proportion to the state; this keeps that cost in proportion to what
+    /// was written, and the log behind a snapshot short next to the state.
+    pub log_percent: u64,
     /// Size of one chunk of a snapshot sent to a follower.
     pub chunk_bytes: usize,
     /// The largest snapshot a node accepts from a leader.
@@ -36,6 +41,7 @@ impl Default for SnapshotConfig {
         SnapshotConfig {
             every_entries: 100_000,
             keep_entries: 1_000,
+            log_percent: 25,
             chunk_bytes: 1 << 20,
             max_bytes: 8 << 30,
         }

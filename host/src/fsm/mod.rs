@@ -108,8 +108,12 @@ pub struct Fsm<S: LogStore> {
     applied_tx: watch::Sender<u64>,
     trap_count: Arc<AtomicU64>,
     config: SnapshotConfig,
-    /// The index of the latest stored snapshot (0: none).
+    /// The index of the latest stored snapshot (0: none), and the size of
+    /// the plugin state in it.
     snapshot_index: u64,
+    snapshot_bytes: u64,
+    /// Bytes of entries applied since the latest snapshot began.
+    log_bytes_since_snapshot: u64,
     /// Periodic snapshots that failed in a row, and the applied index
     /// before which the next is not tried: a plugin whose snapshot() always
     /// fails is retried after 64, 128, 256... entries (up to
@@ -179,6 +183,8 @@ impl<S: LogStore> Fsm<S> {
             applied_tx,
             config,
             snapshot_index: 0,
+            snapshot_bytes: 0,
+            log_bytes_since_snapshot: 0,
             snapshot_failures: 0,
             snapshot_retry_at: 0,
             snapshot_attempts: 0,
@@ -419,6 +425,7 @@ impl<S: LogStore> Fsm<S> {
             "entries must be applied in order: got {index} after {}",
             self.applied
         );
+        self.log_bytes_since_snapshot += entry.data.len() as u64;
         let result = match entry.get_entry_type() {
             EntryType::EntryConfChange => {
                 self.track_conf_change(index, &entry.data)?;
@@ -1030,5 +1037,37 @@ mod tests {
         let mut restarted = chaos_fsm(&store);
         assert_eq!(get(&mut restarted, "k299"), value);
         assert_eq!(get(&mut restarted, "after"), "1");
+    }
+
+    /// A snapshot costs in proportion to the state: the next periodic one
+    /// waits until the entries since the last hold `log_percent` of its
+    /// size, not only for `every_entries` of them.
+    #[test]
+    fn a_large_state_is_snapshotted_once_enough_was_written_since() {
+        let value = "v".repeat(1000);
+        let mut commands: Vec<String> = (0..1000).map(|i| format!("set k{i:04} {value}")).collect();
+        commands.extend((0..400).map(|i| format!("set s{i} 1")));
+        commands.extend((0..600).map(|i| format!("set k{i:04} {value}")));
+        let refs: Vec<&str> = commands.iter().map(String::as_str).collect();
+        let (store, entries) = log(&refs);
+        let config = SnapshotConfig {
+            every_entries: 100,
+            log_percent: 50,
+            ..SnapshotConfig::default()
+        };
+        let mut fsm = fsm_over(&store, crate::daemon::EMBEDDED_KV, config);
+        let mut snapshots = Vec::new();
+        for batch in entries.chunks(100) {
+            apply_all(&mut fsm, batch.to_vec());
+            fsm.wait_for_snapshot().unwrap();
+            snapshots.push(fsm.snapshot_index);
+        }
+        snapshots.dedup();
+        // Each large entry adds ~1 KB to the state: after a snapshot of n of
+        // them, about n/2 more are written before the next (checked per
+        // batch of 100): 100, 200, 400, 700. Then the 400 small writes add
+        // almost nothing, so the next waits for 100 more large ones: 1500.
+        // With entries counted alone there would be one every 100.
+        assert_eq!(snapshots, [100, 200, 400, 700, 1500]);
     }
 }

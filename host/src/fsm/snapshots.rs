@@ -112,11 +112,14 @@ struct Restoring {
 }
 
 impl<S: LogStore> Fsm<S> {
-    /// Whether a periodic snapshot is due.
+    /// Whether a periodic snapshot is due: `every_entries` applied since
+    /// the last, holding at least `log_percent` of its size.
     pub(super) fn snapshot_due(&self) -> bool {
+        let log_wanted = self.snapshot_bytes.saturating_mul(self.config.log_percent) / 100;
         self.taking.is_none()
             && self.applied >= self.snapshot_index.saturating_add(self.config.every_entries)
             && self.applied >= self.snapshot_retry_at
+            && self.log_bytes_since_snapshot >= log_wanted
     }
 
     /// Begin a snapshot at the applied index (none may be in progress).
@@ -158,6 +161,7 @@ impl<S: LogStore> Fsm<S> {
                 write_snapshot(store, pieces, for_writer, compact_to)
             })
             .map_err(StoreError::Io)?;
+        self.log_bytes_since_snapshot = 0;
         self.taking = Some(Taking {
             metadata,
             compact_to,
@@ -256,6 +260,7 @@ impl<S: LogStore> Fsm<S> {
         let index = taking.metadata.index;
         if stored {
             self.snapshot_index = self.snapshot_index.max(index);
+            self.snapshot_bytes = taking.state_bytes;
             tracing::info!(
                 index,
                 state_bytes = taking.state_bytes,
@@ -486,6 +491,8 @@ impl<S: LogStore> Fsm<S> {
         self.instance = instance;
         self.applied = index;
         self.snapshot_index = self.snapshot_index.max(index);
+        self.snapshot_bytes = restoring.state_bytes;
+        self.log_bytes_since_snapshot = 0;
         self.conf_state = metadata.get_conf_state().clone();
         tracing::info!(
             index,
