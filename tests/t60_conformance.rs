@@ -28,6 +28,9 @@ fn plugin_bytes(name: &str) -> Vec<u8> {
     if name == "kv" {
         return EMBEDDED_KV.to_vec();
     }
+    if name == "kv-v1" {
+        return raftify_host::daemon::EMBEDDED_KV_V1.to_vec();
+    }
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../target/plugins")
         .join(format!("{name}.wasm"));
@@ -315,6 +318,13 @@ fn the_c_kv_passes_the_conformance_suite() {
     conformance("C", "kv-c");
 }
 
+/// The kv plugins here export ABI 0.2.0; kv-v1 is kv through 0.1.0
+/// (whole-state snapshot and restore), which the host still runs.
+#[test]
+fn the_rust_kv_through_abi_0_1_passes_the_conformance_suite() {
+    conformance("Rust-through-ABI-0.1.0", "kv-v1");
+}
+
 #[test]
 fn a_cluster_hot_swaps_its_kv_through_every_language_and_back_keeping_every_key() {
     let cluster = Cluster::start(3, &[]);
@@ -345,6 +355,7 @@ fn a_cluster_hot_swaps_its_kv_through_every_language_and_back_keeping_every_key(
         ("TypeScript", "kv-ts"),
         ("Python", "kv-py"),
         ("C", "kv-c"),
+        ("Rust-through-ABI-0.1.0", "kv-v1"),
         ("Rust", "kv"),
     ] {
         // Compiled ahead, so the swap does not wait on every node compiling.

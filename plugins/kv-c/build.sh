@@ -5,7 +5,7 @@
 #   (plugins/build.sh kv-c does exactly that, to target/plugins/kv-c.wasm)
 #
 # Steps: make sure the pinned tools are there (installing what is missing),
-# generate the C bindings from ../../wit, compile src/*.c with them to a core
+# generate the C bindings from ../../wit/0.2.0, compile src/*.c with them to a core
 # wasm module (wasm32-wasi reactor, no main) and turn that module into a
 # component, checking that it imports nothing.
 #
@@ -128,7 +128,7 @@ mkdir -p "$work/gen"
 # C bindings for the `plugin` world: gen/plugin.h, gen/plugin.c, and
 # gen/plugin_component_type.o, which carries the world's WIT into the linked
 # module (a custom section) for `component new`.
-if ! log="$("$wit_bindgen" c "$root/wit" --world plugin --out-dir "$work/gen" 2>&1)"; then
+if ! log="$("$wit_bindgen" c "$root/wit/0.2.0" --world plugin --out-dir "$work/gen" 2>&1)"; then
   printf '%s\n' "$log" >&2
   die "wit-bindgen c failed"
 fi

@@ -7,7 +7,7 @@
 # APP_MODULE is the module defining the `StateMachine` and `Codec` export
 # classes, looked up in the PYTHON_PATH_DIRs (relative to the current
 # directory), which hold all the plugin's Python code. The WIT is the repo's
-# wit/ (world raftify:fsm/plugin).
+# wit/0.2.0/ (world raftify:fsm/plugin@0.2.0: snapshots in chunks).
 #
 # The pinned componentize-py (requirements.txt next to this script) lives in a
 # venv under target/plugin-tools/py, created and installed on first use and
@@ -27,7 +27,7 @@ python_path=("$@")
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
-wit="$root/wit"
+wit="$root/wit/0.2.0"
 requirements="$here/requirements.txt"
 tools="$root/target/plugin-tools"
 venv="$tools/py"

@@ -3,8 +3,11 @@
 componentize-py builds the component from this module (`componentize-py
 componentize app`). For every interface the world exports it looks up a
 class of the same name here: `StateMachine` for `state-machine` and `Codec`
-for `codec`. Their methods are the WIT functions, with `list<u8>` as `bytes`
-and `u64` as `int`. A WIT `result<T, string>` is the return value on success;
+for `codec`. Their methods are the WIT functions in snake_case, with
+`list<u8>` as `bytes` and `u64` and `u32` as `int`. The world is
+`raftify:fsm/plugin@0.2.0` (wit/0.2.0/fsm.wit): snapshots cross the boundary
+in chunks. `kv.Kv` still makes and reads its whole snapshot; the methods
+below hand it out, and collect it, a chunk at a time. A WIT `result<T, string>` is the return value on success;
 to return `err`, raise `componentize_py_types.Err(message)`.
 
 Anything else that escapes a method (a bug: KeyError, AssertionError, ...)
@@ -25,6 +28,12 @@ import kv
 # componentize-py runs this module at build time and snapshots the memory, so
 # the component starts with it already initialized.
 machine = kv.Kv()
+
+
+# A snapshot being read, and a restore being collected.
+outgoing: bytes | None = None
+outgoing_at = 0
+incoming: list[bytes] | None = None
 
 
 def use(new_machine: kv.Kv) -> None:
@@ -52,12 +61,41 @@ class StateMachine(exports.StateMachine):
         except kv.KvError as error:
             raise Err(error.message) from None
 
-    def snapshot(self) -> bytes:
-        return machine.snapshot()
+    def snapshot_begin(self) -> None:
+        # The whole snapshot now, so entries applied while the host reads
+        # the chunks do not show in them.
+        global outgoing, outgoing_at
+        outgoing = machine.snapshot()
+        outgoing_at = 0
 
-    def restore(self, snapshot: bytes) -> None:
+    def snapshot_next(self, max_bytes: int) -> bytes:
+        global outgoing, outgoing_at
+        if outgoing is None:
+            return b""
+        end = min(len(outgoing), outgoing_at + max(1, max_bytes))
+        chunk = outgoing[outgoing_at:end]
+        outgoing_at = end
+        if end >= len(outgoing):
+            outgoing = None
+        return chunk
+
+    def restore_begin(self) -> None:
+        global incoming
+        incoming = []
+
+    def restore_chunk(self, chunk: bytes) -> None:
+        if incoming is None:
+            raise Err("restore-chunk without restore-begin")
+        incoming.append(bytes(chunk))
+
+    def restore_finish(self) -> None:
+        global incoming
+        if incoming is None:
+            raise Err("restore-finish without restore-begin")
+        whole = b"".join(incoming)
+        incoming = None
         try:
-            machine.restore(snapshot)
+            machine.restore(whole)
         except kv.KvError as error:
             raise Err(error.message) from None
 
