@@ -397,7 +397,7 @@ fn stored_pieces(
                 let read = tokio::task::spawn_blocking(move || reader.piece(index, piece)).await;
                 match read {
                     Ok(Ok(SnapshotPiece::Data(data))) => {
-                        next = Some(piece + 1);
+                        next = piece.checked_add(1);
                         if data.len() <= chunk {
                             parts.push_back(data);
                         } else {

@@ -425,7 +425,7 @@ impl<S: LogStore> Fsm<S> {
             "entries must be applied in order: got {index} after {}",
             self.applied
         );
-        self.log_bytes_since_snapshot += entry.data.len() as u64;
+        self.log_bytes_since_snapshot = self.log_bytes_since_snapshot.saturating_add(entry.data.len() as u64);
         let result = match entry.get_entry_type() {
             EntryType::EntryConfChange => {
                 self.track_conf_change(index, &entry.data)?;

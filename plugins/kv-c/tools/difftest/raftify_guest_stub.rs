@@ -1,6 +1,8 @@
 //! Stand-in for the `raftify-guest` crate, so that plugins/kv/src/lib.rs
 //! compiles natively with plain rustc: the `Plugin` trait with the SDK's
-//! default `decode` and `render`, without the WIT bindings.
+//! default `decode` and `render`, and the streamed-snapshot methods (kv
+//! overrides them; the stub's defaults only say they are missing), without
+//! the WIT bindings.
 //! Keep in step with guest-sdk/src/lib.rs.
 
 pub trait Plugin: Default + 'static {
@@ -16,5 +18,21 @@ pub trait Plugin: Default + 'static {
 
     fn render(response: &[u8]) -> Result<String, String> {
         String::from_utf8(response.to_vec()).map_err(|_| "response is not UTF-8 text".to_string())
+    }
+
+    fn snapshot_begin(&mut self) -> Result<(), String> {
+        Err("streamed snapshots are not in the stub".to_string())
+    }
+
+    fn snapshot_next(&mut self, _max_bytes: usize) -> Result<Vec<u8>, String> {
+        Err("streamed snapshots are not in the stub".to_string())
+    }
+
+    fn restore_chunk(&mut self, _chunk: &[u8]) -> Result<(), String> {
+        Err("streamed snapshots are not in the stub".to_string())
+    }
+
+    fn restore_finish(&mut self) -> Result<(), String> {
+        Err("streamed snapshots are not in the stub".to_string())
     }
 }
