@@ -23,6 +23,28 @@ const { compareUtf8, decodeUtf8, encodeUtf8, sortUtf8 } = await import("../dist/
 const { parseI64 } = await import("../dist/sdk/i64.js");
 
 const fresh = () => exportPlugin(kvPlugin);
+
+// ABI 0.2.0 streams snapshots: read one in pieces of `max` bytes, and
+// restore one in pieces of `piece` bytes, as the host does.
+function snapshotOf(stateMachine, max = 7) {
+  stateMachine.snapshotBegin();
+  const pieces = [];
+  for (;;) {
+    const chunk = stateMachine.snapshotNext(max);
+    if (chunk.length === 0) break;
+    assert.ok(chunk.length <= max);
+    pieces.push(...chunk);
+  }
+  return new Uint8Array(pieces);
+}
+
+function restoreInto(stateMachine, snapshot, piece = 5) {
+  stateMachine.restoreBegin();
+  for (let at = 0; at < snapshot.length; at += piece) {
+    stateMachine.restoreChunk(snapshot.slice(at, at + piece));
+  }
+  return stateMachine.restoreFinish();
+}
 const bytes = (s) => new Uint8Array(Buffer.from(s, "utf8"));
 const hex = (b) => Buffer.from(b).toString("hex");
 
@@ -179,13 +201,13 @@ test("snapshot bytes match the Rust kv's", () => {
 test("snapshot round-trips and restore rejects corruption", () => {
   const { stateMachine, codec } = fresh();
   for (let i = 0; i < 100; i++) stateMachine.apply(i + 1, codec.encode(`set k${i} v${i}`));
-  const snap = stateMachine.snapshot();
+  const snap = snapshotOf(stateMachine);
   const restored = fresh();
-  restored.stateMachine.restore(snap);
-  assert.equal(hex(restored.stateMachine.snapshot()), hex(snap));
+  restoreInto(restored.stateMachine, snap);
+  assert.equal(hex(snapshotOf(restored.stateMachine)), hex(snap));
   assert.equal(Buffer.from(restored.stateMachine.query(bytes("get k42"))).toString(), "v42");
 
-  const restore = (b) => outcome(() => fresh().stateMachine.restore(new Uint8Array(b)));
+  const restore = (b) => outcome(() => restoreInto(fresh().stateMachine, new Uint8Array(b)));
   const pair = (k, v) => [...u32(k.length), ...k, ...u32(v.length), ...v];
   const u32 = (n) => [n & 255, (n >> 8) & 255, (n >> 16) & 255, n >>> 24];
   const head = (n) => [0x52, 0x4b, 0x56, 0x31, n, 0, 0, 0, 0, 0, 0, 0];
@@ -210,10 +232,10 @@ test("snapshot round-trips and restore rejects corruption", () => {
 test("bad input changes nothing, and a failed restore keeps the state", () => {
   const { stateMachine, codec } = fresh();
   stateMachine.apply(1, codec.encode("set word hello"));
-  const before = hex(stateMachine.snapshot());
+  const before = hex(snapshotOf(stateMachine));
   for (const bad of [bytes(""), bytes("frob a"), bytes("set a"), bytes("incr word"), new Uint8Array([0xff, 0xfe]), bytes("get word")]) {
     assert.match(outcome(() => stateMachine.apply(2, bad)), /^err: /);
   }
-  assert.match(outcome(() => stateMachine.restore(bytes("XXXX"))), /^err: /);
-  assert.equal(hex(stateMachine.snapshot()), before);
+  assert.match(outcome(() => restoreInto(stateMachine, bytes("XXXX"))), /^err: /);
+  assert.equal(hex(snapshotOf(stateMachine)), before);
 });
