@@ -124,6 +124,15 @@ struct ChunkedData {
 }
 
 impl ChunkedData {
+    /// Where a save's chunks are.
+    fn of(save: &SnapshotSave) -> ChunkedData {
+        ChunkedData {
+            save: save.id,
+            chunks: save.pieces,
+            len: save.len,
+        }
+    }
+
     fn to_bytes(self) -> [u8; 20] {
         let mut out = [0u8; 20];
         out[..8].copy_from_slice(&self.save.to_be_bytes());
@@ -223,20 +232,9 @@ impl LmdbStore {
 
     /// Write `data` as the chunks of a new save, one transaction each.
     fn write_chunks(&self, data: &[u8]) -> Result<ChunkedData, StoreError> {
-        let inner = &self.inner;
-        let save = inner.next_save.fetch_add(1, Ordering::Relaxed);
-        let mut chunks = 0u32;
-        for chunk in data.chunks(SNAPSHOT_CHUNK_BYTES) {
-            let (_turn, mut txn) = inner.write_in_turn()?;
-            inner.snapshot_chunks.put(&mut txn, &chunk_key(save, chunks), chunk)?;
-            txn.commit()?;
-            chunks += 1;
-        }
-        Ok(ChunkedData {
-            save,
-            chunks,
-            len: data.len() as u64,
-        })
+        let mut save = self.begin_snapshot_save()?;
+        self.put_snapshot_piece(&mut save, data)?;
+        Ok(ChunkedData::of(&save))
     }
 
     /// Switch to a save whose chunks are all written (holding the snapshot
@@ -799,12 +797,7 @@ impl LogStore for LmdbStore {
         compact_to: u64,
     ) -> Result<bool, StoreError> {
         let _guard = self.snapshot_guard();
-        let location = ChunkedData {
-            save: save.id,
-            chunks: save.pieces,
-            len: save.len,
-        };
-        self.commit_save(location, metadata, compact_to)
+        self.commit_save(ChunkedData::of(&save), metadata, compact_to)
     }
 
     fn read_snapshot(
@@ -852,12 +845,7 @@ impl LogStore for LmdbStore {
             }
             self.put_snapshot_piece(&mut save, &chunk[..filled])?;
         }
-        let location = ChunkedData {
-            save: save.id,
-            chunks: save.pieces,
-            len: save.len,
-        };
-        self.switch_installed(location, metadata, hard_state)
+        self.switch_installed(ChunkedData::of(&save), metadata, hard_state)
     }
 
     fn snapshot_piece(&self, index: u64, piece: u32) -> Result<SnapshotPiece, StoreError> {
