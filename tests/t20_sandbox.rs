@@ -155,6 +155,8 @@ fn a_joiner_whose_restore_fails_stops_with_the_restore_error() {
         "50",
         "--snapshot-keep-entries",
         "5",
+        "--snapshot-log-percent",
+        "0",
     ];
     let seed = Node::start(&dir.path().join("n1"), &seed_addr, &flags);
     assert_eq!(seed.propose("bad-restore").unwrap(), "OK");
@@ -178,7 +180,14 @@ fn a_joiner_whose_restore_fails_stops_with_the_restore_error() {
 fn a_snapshot_that_always_traps_is_reported_and_applying_goes_on() {
     let dir = tempfile::tempdir().unwrap();
     let plugin = chaos_plugin(dir.path());
-    let flags = ["--plugin", plugin.as_str(), "--snapshot-every-entries", "20"];
+    let flags = [
+        "--plugin",
+        plugin.as_str(),
+        "--snapshot-every-entries",
+        "20",
+        "--snapshot-log-percent",
+        "0",
+    ];
     let node = Node::start(&dir.path().join("n1"), &free_addr(), &flags);
     assert_eq!(node.propose("bad-snapshot").unwrap(), "OK");
     for i in 0..150 {

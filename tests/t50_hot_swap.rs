@@ -68,7 +68,14 @@ fn writer(addr: String, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Writes
 fn a_cluster_swaps_kv_for_kv_v2_under_writes_and_every_replica_follows() {
     let mut cluster = Cluster::start(
         3,
-        &["--snapshot-every-entries", "2000", "--snapshot-keep-entries", "100"],
+        &[
+            "--snapshot-every-entries",
+            "2000",
+            "--snapshot-keep-entries",
+            "100",
+            "--snapshot-log-percent",
+            "0",
+        ],
     );
     let dir = cluster.dir.path().to_path_buf();
     let v2 = plugin_file(&dir, "kv-v2.wasm", EMBEDDED_KV_V2);

@@ -27,6 +27,8 @@ use support::linearizability::{self, Kind, Op};
 use support::*;
 
 const FLAGS: &[&str] = &[
+    "--snapshot-log-percent",
+    "0",
     "--snapshot-every-entries",
     "300",
     "--snapshot-keep-entries",
