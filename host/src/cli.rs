@@ -705,6 +705,8 @@ fn print_status(status: &proto::StatusResponse, output: Output) {
         "snapshot_index": status.snapshot_index,
         "cluster_id": format!("{:016x}", status.cluster_id),
         "snapshot_error": status.snapshot_error,
+        "reads_served": status.reads_served,
+        "reads_retried": status.reads_retried,
         "refused": status.refused.iter().map(|r| (r.reason.clone(), r.count)).collect::<std::collections::BTreeMap<_, _>>(),
         "progress": status.progress.iter().map(|p| json!({
             "id": p.id, "matched": p.matched, "next_index": p.next_index,
@@ -728,6 +730,10 @@ fn print_status(status: &proto::StatusResponse, output: Output) {
             );
             println!("trapped entries: {}", status.trapped_entries);
             println!("cluster id:      {:016x}", status.cluster_id);
+            println!(
+                "reads:           {} served, {} retried",
+                status.reads_served, status.reads_retried
+            );
             if !status.snapshot_error.is_empty() {
                 println!("snapshot error:  {}", status.snapshot_error);
             }

@@ -130,6 +130,7 @@ pub struct NodeStatus {
     pub snapshot_index: u64,
     /// On the leader: (id, matched, next index, state, recently active).
     pub progress: Vec<(u64, u64, u64, String, bool)>,
+    pub reads: ReadCounts,
 }
 
 /// Requests into the raft loop.
@@ -200,6 +201,16 @@ struct PendingRead {
     reply: oneshot::Sender<Result<u64, ProposeError>>,
     /// When its ReadIndex request last went to raft.
     sent: Instant,
+    /// Whether it had to be sent more than once.
+    retried: bool,
+}
+
+/// Linearizable reads this node answered since it started, and how many of
+/// them needed their ReadIndex request sent again.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReadCounts {
+    pub served: u64,
+    pub retried: u64,
 }
 
 /// How often an unanswered ReadIndex request is sent again (etcd: 500 ms).
@@ -235,6 +246,7 @@ pub struct Node<S: LogStore> {
     /// new leader drops read requests until it committed an entry of its
     /// term, so that moment matters too.
     read_leader: (u64, u64, bool),
+    read_counts: ReadCounts,
     applied: watch::Receiver<u64>,
     /// The hard state last written, to persist commit-index advances.
     hard_state: HardState,
@@ -330,6 +342,7 @@ impl<S: LogStore> Node<S> {
                 .map_or(0, |d| d.as_nanos() as u64)
                 ^ u64::from(std::process::id()).rotate_left(32),
             read_leader: (0, 0, false),
+            read_counts: ReadCounts::default(),
             applied,
             hard_state,
             hard_state_dirty: false,
@@ -744,6 +757,7 @@ impl<S: LogStore> Node<S> {
             PendingRead {
                 reply,
                 sent: Instant::now(),
+                retried: false,
             },
         );
     }
@@ -773,6 +787,7 @@ impl<S: LogStore> Node<S> {
             .filter(|(_, read)| changed || now.duration_since(read.sent) >= READ_RETRY)
             .map(|(ctx, read)| {
                 read.sent = now;
+                read.retried = true;
                 ctx.clone()
             })
             .collect();
@@ -804,6 +819,7 @@ impl<S: LogStore> Node<S> {
             last_index: raft.raft_log.last_index(),
             members,
             snapshot_index: self.store.snapshot_metadata().map_or(0, |m| m.index),
+            reads: self.read_counts,
             progress: if raft.state == StateRole::Leader {
                 let mut progress: Vec<_> = raft
                     .prs()
@@ -1030,6 +1046,8 @@ impl<S: LogStore> Node<S> {
     fn serve_reads(&mut self, states: Vec<raft::ReadState>) {
         for state in states {
             if let Some(read) = self.reads.remove(&state.request_ctx) {
+                self.read_counts.served += 1;
+                self.read_counts.retried += u64::from(read.retried);
                 let _ = read.reply.send(Ok(state.index));
             }
         }

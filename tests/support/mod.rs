@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod lan;
 pub mod linearizability;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_raftify-host");
@@ -61,8 +62,21 @@ pub fn precompile(plugin: &Path) {
 /// killed outright leaves no node behind; each test's thread outlives its
 /// nodes, which `Drop` kills first.
 fn clean_command() -> Command {
+    clean_command_in(None)
+}
+
+/// `clean_command`, run inside a network namespace (`ip netns exec NS`,
+/// which execs the binary: the PID stays the node's).
+fn clean_command_in(netns: Option<&str>) -> Command {
     use std::os::unix::process::CommandExt as _;
-    let mut command = Command::new(BIN);
+    let mut command = match netns {
+        None => Command::new(BIN),
+        Some(netns) => {
+            let mut command = Command::new(lan::ip_binary());
+            command.args(["netns", "exec", netns, BIN]);
+            command
+        }
+    };
     command.env_clear();
     // SAFETY: prctl is async-signal-safe and touches only the child.
     unsafe {
@@ -101,13 +115,18 @@ impl Node {
 
     /// Start without waiting (for tests of startup failures).
     pub fn spawn(data_dir: &Path, addr: &str, extra: &[&str]) -> Node {
+        Node::spawn_in(None, data_dir, addr, extra)
+    }
+
+    /// Start without waiting, inside a network namespace (see `lan`).
+    pub fn spawn_in(netns: Option<&str>, data_dir: &Path, addr: &str, extra: &[&str]) -> Node {
         let log = data_dir.with_extension(format!("{}.log", addr.replace([':', '.'], "_")));
         let log_file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log)
             .expect("open node log");
-        let child = clean_command()
+        let child = clean_command_in(netns)
             .args(["run", "--listen", addr, "--data-dir"])
             .arg(data_dir)
             .args(extra)

@@ -616,6 +616,8 @@ impl proto::client_server::Client for Services {
             trapped_entries: self.trapped_entries.load(std::sync::atomic::Ordering::Relaxed),
             listen: self.listen.clone(),
             snapshot_index: status.snapshot_index,
+            reads_served: status.reads.served,
+            reads_retried: status.reads.retried,
             cluster_id: self.peer.link.cluster_id,
             snapshot_error: self.snapshot_error.lock().unwrap_or_else(|e| e.into_inner()).clone(),
             refused: self
