@@ -105,18 +105,93 @@ fn every_acknowledged_write_survives_sigkill_and_restart() {
 }
 
 #[test]
-fn sigterm_stops_a_node_cleanly_and_a_restart_keeps_its_state() {
+fn sigterm_and_sigint_stop_a_node_cleanly_and_a_restart_keeps_its_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("n1");
+    let addr = free_addr();
+    for (i, signal) in ["-TERM", "-INT"].into_iter().enumerate() {
+        let mut node = Node::start(&data, &addr, &[]);
+        if i > 0 {
+            assert_eq!(node.query("get kept0").unwrap(), "yes", "lost after {signal}");
+        }
+        node.propose(&format!("set kept{i} yes")).unwrap();
+        let sent = std::process::Command::new("kill")
+            .args([signal, &node.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        let status = node.wait_exit(Duration::from_secs(10));
+        assert!(
+            status.success(),
+            "{signal}: exit status {status}; log:\n{}",
+            node.log_text()
+        );
+        assert!(node.log_text().contains("stopped"), "{signal}: {}", node.log_text());
+    }
+    let node = Node::start(&data, &addr, &[]);
+    assert_eq!(node.query("get kept0").unwrap(), "yes");
+    assert_eq!(node.query("get kept1").unwrap(), "yes");
+}
+
+#[test]
+fn a_second_node_on_the_same_data_dir_is_refused_and_the_first_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("n1");
+    let first = Node::start(&data, &free_addr(), &[]);
+    first.propose("set mine 1").unwrap();
+
+    let mut second = Node::spawn(&data, &free_addr(), &[]);
+    let status = second.wait_exit(Duration::from_secs(30));
+    assert!(!status.success(), "a second node ran on the same data dir");
+    let log = second.log_text();
+    assert!(log.contains("is in use by another raftify-host process"), "{log}");
+    assert_eq!(first.propose("set mine 2").unwrap(), "OK");
+    assert_eq!(first.query("get mine").unwrap(), "2");
+    assert_eq!(first.status()["trapped_entries"], 0);
+}
+
+#[test]
+fn a_restart_with_another_plugin_is_refused_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("n1");
     let addr = free_addr();
     let mut node = Node::start(&data, &addr, &[]);
     node.propose("set kept yes").unwrap();
+    let plugin = node.status()["plugin_sha256"].clone();
+    node.terminate(Duration::from_secs(10));
 
-    let status = node.terminate(Duration::from_secs(10));
-    assert!(status.success(), "exit status {status}; log:\n{}", node.log_text());
+    let other = dir.path().join("kv-v2.wasm");
+    std::fs::write(&other, raftify_host::daemon::EMBEDDED_KV_V2).unwrap();
+    let mut refused = Node::spawn(&data, &addr, &["--plugin", other.to_str().unwrap()]);
+    let status = refused.wait_exit(Duration::from_secs(60));
+    assert!(!status.success(), "restarted with another --plugin");
+    let log = refused.log_text();
+    assert!(log.contains("this data dir runs plugin"), "{log}");
+    assert!(log.contains("drop --plugin"), "{log}");
 
     let node = Node::start(&data, &addr, &[]);
+    assert_eq!(node.status()["plugin_sha256"], plugin);
     assert_eq!(node.query("get kept").unwrap(), "yes");
+}
+
+#[test]
+fn a_flag_beats_the_environment_which_beats_the_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("node.toml");
+    std::fs::write(&file, "id = 3\n").unwrap();
+    let config = file.to_str().unwrap();
+    let cases: [(&[&str], &[(&str, &str)], u64); 3] = [
+        (&["--config", config, "--id", "1"], &[("RAFTIFY_ID", "2")], 1),
+        (&["--config", config], &[("RAFTIFY_ID", "2")], 2),
+        (&["--config", config], &[], 3),
+    ];
+    for (n, (flags, env, id)) in cases.into_iter().enumerate() {
+        // A new data dir each time: the id is chosen when a node is made.
+        let data = dir.path().join(format!("n{n}"));
+        let node = Node::spawn_with_env(&data, &free_addr(), flags, env);
+        node.wait_ready();
+        assert_eq!(node.status()["id"], id, "flags {flags:?}, environment {env:?}");
+    }
 }
 
 #[test]

@@ -3,6 +3,7 @@
 //! all on shutdown.
 
 use std::future::Future;
+use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
@@ -73,6 +74,7 @@ pub async fn run(config: NodeConfig, listener: TcpListener, shutdown: impl Futur
              use --tls-ca/--tls-cert/--tls-key (and --auth-file)"
         );
     }
+    let _one_process = lock_data_dir(&config.data_dir)?;
     let store = LmdbStore::open(&config.data_dir.join("lmdb"), &config.lmdb)
         .with_context(|| format!("cannot open the data dir {}", config.data_dir.display()))?;
     // Validate the plugin before writing anything, so a bad plugin leaves a
@@ -579,6 +581,32 @@ fn plugin_fetcher(runtime: tokio::runtime::Handle, link: Link, max_message_bytes
             .map_err(|error| tracing::warn!(plugin = %hex::encode(sha256), %error, "cannot fetch plugin"))
             .ok()
     })
+}
+
+/// One process per data dir: an exclusive lock on `DATA_DIR/LOCK`, held
+/// while the node runs and released by the kernel when the process ends,
+/// however it ends. LMDB's own lock file lets several processes share one
+/// environment, which two nodes must never do.
+fn lock_data_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create the data dir {}", dir.display()))?;
+    let path = dir.join("LOCK");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => bail!(
+            "the data dir {} is in use by another raftify-host process (it holds {}); one process per data dir",
+            dir.display(),
+            path.display()
+        ),
+        Err(std::fs::TryLockError::Error(error)) => {
+            Err(error).with_context(|| format!("cannot lock {}", path.display()))
+        }
+    }
 }
 
 /// The plugin a new node starts with: `--plugin` or the embedded kv. `None`

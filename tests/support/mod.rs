@@ -120,6 +120,15 @@ impl Node {
 
     /// Start without waiting, inside a network namespace (see `lan`).
     pub fn spawn_in(netns: Option<&str>, data_dir: &Path, addr: &str, extra: &[&str]) -> Node {
+        Node::spawn_full(netns, data_dir, addr, extra, &[])
+    }
+
+    /// Start without waiting, with these environment variables set as well.
+    pub fn spawn_with_env(data_dir: &Path, addr: &str, extra: &[&str], env: &[(&str, &str)]) -> Node {
+        Node::spawn_full(None, data_dir, addr, extra, env)
+    }
+
+    fn spawn_full(netns: Option<&str>, data_dir: &Path, addr: &str, extra: &[&str], env: &[(&str, &str)]) -> Node {
         let log = data_dir.with_extension(format!("{}.log", addr.replace([':', '.'], "_")));
         let log_file = std::fs::OpenOptions::new()
             .create(true)
@@ -133,6 +142,7 @@ impl Node {
             .env("RAFTIFY_LOG", "info,raft_rs=info")
             // Compile each plugin once for the whole suite, not once per node.
             .env("RAFTIFY_COMPILE_CACHE_DIR", COMPILE_CACHE_DIR)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log_file.try_clone().unwrap())
             .stderr(log_file)
