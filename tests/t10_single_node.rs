@@ -82,7 +82,7 @@ fn every_acknowledged_write_survives_sigkill_and_restart() {
         std::thread::spawn(move || cli(&["propose", "--file", file.to_str().unwrap(), "--addr", &addr]))
     };
     wait_until(Duration::from_secs(60), "some writes to be applied", || {
-        node.status()["applied_index"].as_u64().unwrap_or(0) > 500
+        node.status_u64("applied_index") > 500
     });
     node.kill();
     let out = writer.join().unwrap();

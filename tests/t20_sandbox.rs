@@ -164,7 +164,7 @@ fn a_joiner_whose_restore_fails_stops_with_the_restore_error() {
         seed.propose(&format!("set k{i} v")).unwrap();
     }
     wait_until(START_DEADLINE, "the seed to compact its log", || {
-        seed.status()["first_index"].as_u64().unwrap_or(0) > 1
+        seed.status_u64("first_index") > 1
     });
     let mut joiner = Node::spawn(&dir.path().join("n2"), &free_addr(), &["--join", &seed_addr]);
     let status = joiner.wait_exit(START_DEADLINE);

@@ -212,7 +212,7 @@ fn killing_the_leader_under_load_loses_no_acknowledged_write_and_applies_none_tw
         })
     };
     wait_until(Duration::from_secs(30), "writes before the kill", || {
-        cluster.node(leader).status()["applied_index"].as_u64().unwrap_or(0) > 200
+        cluster.node(leader).status_u64("applied_index") > 200
     });
     *killed_at.lock().unwrap() = Some(Instant::now());
     cluster.kill(leader);
@@ -296,6 +296,13 @@ fn a_node_that_missed_a_thousand_entries_catches_up_after_restart() {
     assert_eq!(cluster.stale(down, "len"), "1000");
 }
 
+/// The members a node reports, or none while it is not answering.
+fn members_of(node: &Node) -> Vec<serde_json::Value> {
+    node.try_status()
+        .and_then(|s| s["members"].as_array().cloned())
+        .unwrap_or_default()
+}
+
 #[test]
 fn nodes_join_and_leave_and_leadership_moves() {
     let mut cluster = Cluster::start(3, &[]);
@@ -327,7 +334,7 @@ fn nodes_join_and_leave_and_leadership_moves() {
     cluster.nodes.insert(5, five);
 
     wait_until(Duration::from_secs(60), "both new nodes to become voters", || {
-        let members = cluster.node(1).status()["members"].as_array().unwrap().clone();
+        let members = members_of(cluster.node(1));
         members.len() == 5 && members.iter().all(|m| m["role"] == "voter")
     });
     for id in [4, 5] {
@@ -340,6 +347,10 @@ fn nodes_join_and_leave_and_leadership_moves() {
     let removed = cli(&["member", "remove", "4", "--addr", &cluster.node(1).addr]);
     assert!(removed.status.success(), "{}", stderr(&removed));
     cluster.kill(4);
+    // Every member learns of it (node 2 may apply it a moment later).
+    wait_until(Duration::from_secs(30), "node 2 to see node 4 removed", || {
+        members_of(cluster.node(2)).len() == 4
+    });
     let members = cli(&["members", "--addr", &cluster.node(2).addr]);
     assert_eq!(stdout(&members).lines().count(), 4, "{}", stdout(&members));
     assert!(!stdout(&members).contains(&cluster.addrs[&4]));
@@ -354,8 +365,9 @@ fn nodes_join_and_leave_and_leadership_moves() {
     let new_leader = cluster.leader();
     assert!(new_leader != 5);
     assert_eq!(cluster.node(new_leader).propose("set after removal").unwrap(), "OK");
-    let members = cluster.node(1).status()["members"].as_array().unwrap().len();
-    assert_eq!(members, 3);
+    wait_until(Duration::from_secs(30), "node 1 to see node 5 removed", || {
+        members_of(cluster.node(1)).len() == 3
+    });
 
     // Bad membership requests are refused clearly.
     let err = outcome(cli(&["member", "remove", "42", "--addr", &cluster.node(1).addr])).unwrap_err();
@@ -532,4 +544,93 @@ fn status_cluster_shows_every_member_and_the_one_that_is_down() {
     assert_eq!(row["healthy"], false, "{row}");
     let text = stdout(&cli(&["status", "--cluster", "--addr", &addr]));
     assert!(text.contains("unreachable"), "{text}");
+}
+
+#[test]
+fn joins_are_idempotent_by_address_and_removed_ids_are_never_reused() {
+    let cluster = Cluster::start(3, &[]);
+    let via = cluster.node(cluster.leader()).addr.clone();
+    let member = |args: &[&str]| {
+        let mut all = vec!["member"];
+        all.extend(args);
+        all.extend(["--addr", via.as_str()]);
+        outcome(cli(&all))
+    };
+    // Learners at addresses nothing listens on: enough to watch the ids.
+    let a = free_addr();
+    assert_eq!(member(&["add", &a]).unwrap(), "4");
+    // The same address again (a joiner retrying): the same id, one member.
+    assert_eq!(member(&["add", &a]).unwrap(), "4");
+    wait_until(Duration::from_secs(30), "every node to see node 4", || {
+        cluster.nodes.values().all(|n| members_of(n).len() == 4)
+    });
+
+    // Once removed, an id is never handed out again, not even to the same
+    // address, nor when asked for.
+    member(&["remove", "4"]).unwrap();
+    assert_eq!(member(&["add", &a]).unwrap(), "5");
+    let err = member(&["add", &free_addr(), "--id", "4"]).unwrap_err();
+    assert!(err.contains("ids are never reused"), "{err}");
+    member(&["remove", "5"]).unwrap();
+    assert_eq!(member(&["add", &free_addr()]).unwrap(), "6");
+}
+
+#[test]
+fn a_second_membership_change_waits_for_the_first() {
+    // A long election timeout: the leader keeps leading for 3 s without a
+    // quorum, the window in which its first change cannot commit.
+    let mut cluster = Cluster::start(3, &["--election-ticks", "30"]);
+    let leader = cluster.leader();
+    let via = cluster.node(leader).addr.clone();
+    let followers = cluster.followers();
+    for id in &followers {
+        assert!(
+            std::process::Command::new("kill")
+                .args(["-STOP", &cluster.node(*id).pid().to_string()])
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
+    let first_addr = free_addr();
+    let first = {
+        let (addr, via) = (first_addr.clone(), via.clone());
+        std::thread::spawn(move || outcome(cli(&["member", "add", &addr, "--addr", &via, "--timeout-ms", "20000"])))
+    };
+    // The first change is in the leader's log, not committed.
+    let node = cluster.node(leader);
+    wait_until(Duration::from_secs(10), "the first change to be appended", || {
+        node.try_status()
+            .is_some_and(|s| s["last_index"].as_u64() > s["commit_index"].as_u64())
+    });
+    // The library client, which (unlike the CLI) does not retry a
+    // "retry shortly": the refusal itself is what this test is about.
+    let second_addr = free_addr();
+    let err = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let mut client = Client::connect(&via, Duration::from_secs(5)).await.unwrap();
+        client.join(&second_addr, 0).await.unwrap_err().to_string()
+    });
+    assert!(err.contains("another membership change is in progress"), "{err}");
+
+    for id in &followers {
+        assert!(
+            std::process::Command::new("kill")
+                .args(["-CONT", &cluster.node(*id).pid().to_string()])
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
+    // The first one stands (its caller may have timed out meanwhile); the
+    // refused one never appears.
+    let _ = first.join().unwrap();
+    wait_until(Duration::from_secs(60), "the first change to be applied", || {
+        let members = members_of(cluster.node(followers[0]));
+        members.iter().any(|m| m["addr"] == first_addr.as_str())
+    });
+    for node in cluster.nodes.values() {
+        let members = members_of(node);
+        assert!(members.iter().all(|m| m["addr"] != second_addr.as_str()), "{members:?}");
+    }
+    cluster.kill(leader);
 }

@@ -102,7 +102,7 @@ fn a_64_mib_state_reaches_a_new_node_even_if_it_dies_during_the_install() {
     let joiner = Node::start(&data, &addr, &[]);
     let commit = seed.status()["commit_index"].as_u64().unwrap();
     wait_until(Duration::from_secs(120), "the joiner to catch up", || {
-        joiner.status()["applied_index"].as_u64().unwrap_or(0) >= commit
+        joiner.status_u64("applied_index") >= commit
     });
     eprintln!(
         "64 MiB state: joiner caught up {:?} after its restart",
@@ -152,7 +152,7 @@ fn force_new_cluster_recovers_every_committed_key_from_one_survivor() {
     let joiner = Node::start(&cluster.dir.path().join("fresh"), &joiner_addr, &["--join", &addr]);
     let commit = recovered.status()["commit_index"].as_u64().unwrap();
     wait_until(Duration::from_secs(60), "the joiner to catch up", || {
-        joiner.status()["applied_index"].as_u64().unwrap_or(0) >= commit
+        joiner.status_u64("applied_index") >= commit
     });
     assert_eq!(
         outcome(cli(&[

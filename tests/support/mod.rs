@@ -241,6 +241,12 @@ impl Node {
         serde_json::from_slice(&out.stdout).ok()
     }
 
+    /// A number from `status`, or 0 while the node is not answering: for
+    /// `wait_until` predicates, which must not panic.
+    pub fn status_u64(&self, field: &str) -> u64 {
+        self.try_status().and_then(|s| s[field].as_u64()).unwrap_or(0)
+    }
+
     pub fn status(&self) -> serde_json::Value {
         let out = self.cli(&["status", "-o", "json", "--addr", &self.addr]);
         assert!(out.status.success(), "status failed: {}", stderr(&out));
