@@ -203,3 +203,37 @@ fn a_snapshot_that_always_traps_is_reported_and_applying_goes_on() {
         "{attempts} snapshot attempts for 150 entries"
     );
 }
+
+#[test]
+fn a_trap_in_a_cluster_fails_alike_on_every_replica_and_each_rebuilds_to_the_same_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = chaos_plugin(dir.path());
+    let mut cluster = Cluster::start(3, &["--plugin", &plugin, "--fuel-per-call", "300000000"]);
+    let leader = cluster.leader();
+    let node = cluster.node(leader);
+    assert_eq!(node.propose("set a 1").unwrap(), "OK");
+    let err = node.propose("set-then-panic b 2").unwrap_err();
+    assert!(err.contains("panicked"), "{err}");
+    let err = node.propose("spin").unwrap_err();
+    assert!(err.contains("out of fuel"), "{err}");
+    assert_eq!(node.propose("set c 3").unwrap(), "OK");
+
+    // Every replica trapped on the same two entries, rebuilt its instance,
+    // and holds the same state: the half-done write of b is nowhere.
+    let commit = node.status()["commit_index"].as_u64().unwrap();
+    for id in [1, 2, 3] {
+        cluster.wait_applied(id, commit);
+        assert_eq!(cluster.node(id).status()["trapped_entries"], 2, "node {id}");
+        for (key, value) in [("a", "1"), ("b", "(nil)"), ("c", "3")] {
+            assert_eq!(cluster.stale(id, &format!("get {key}")), value, "node {id}, {key}");
+        }
+    }
+    // A follower restarted replays the log and skips the same entries.
+    let follower = cluster.followers()[0];
+    cluster.kill(follower);
+    cluster.restart(follower);
+    cluster.wait_applied(follower, commit);
+    assert_eq!(cluster.node(follower).status()["trapped_entries"], 2);
+    assert_eq!(cluster.stale(follower, "get b"), "(nil)");
+    assert_eq!(cluster.stale(follower, "get c"), "3");
+}

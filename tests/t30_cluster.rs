@@ -156,14 +156,23 @@ async fn drive_load(
     };
     let mut next = 0u64;
     let mut target = 0usize;
-    while Instant::now() < until {
+    // Until two seconds of writes after the failover, or `until` at the latest.
+    let finished = |load: &Load| {
+        Instant::now() >= until
+            || killed_at
+                .lock()
+                .unwrap()
+                .zip(load.failover)
+                .is_some_and(|(killed, failover)| killed.elapsed() > failover + Duration::from_secs(2))
+    };
+    while !finished(&load) {
         let addr = &addrs[target % addrs.len()];
         let Ok(mut client) = Client::connect(addr, Duration::from_secs(3)).await else {
             target += 1;
             continue;
         };
         loop {
-            if Instant::now() >= until {
+            if finished(&load) {
                 break;
             }
             next += 1;
@@ -203,7 +212,9 @@ fn killing_the_leader_under_load_loses_no_acknowledged_write_and_applies_none_tw
     let leader = cluster.leader();
     let addrs: Vec<String> = cluster.addrs.values().cloned().collect();
     let killed_at = std::sync::Arc::new(std::sync::Mutex::new(None));
-    let until = Instant::now() + Duration::from_secs(12);
+    // A deadline, not a window: the load stops two seconds after the
+    // failover, however long the writes before the kill took.
+    let until = Instant::now() + Duration::from_secs(120);
     let load = {
         let killed_at = killed_at.clone();
         std::thread::spawn(move || {
@@ -211,7 +222,7 @@ fn killing_the_leader_under_load_loses_no_acknowledged_write_and_applies_none_tw
             runtime.block_on(drive_load(addrs, killed_at, until))
         })
     };
-    wait_until(Duration::from_secs(30), "writes before the kill", || {
+    wait_until(Duration::from_secs(60), "writes before the kill", || {
         cluster.node(leader).status_u64("applied_index") > 200
     });
     *killed_at.lock().unwrap() = Some(Instant::now());

@@ -181,6 +181,12 @@ fn a_cluster_swaps_kv_for_kv_v2_under_writes_and_every_replica_follows() {
     cluster.wait_applied(joined, commit);
     assert_eq!(cluster.node(joined).status()["plugin_sha256"], sha(EMBEDDED_KV_V2));
     assert_eq!(cluster.stale(joined, "strlen big1"), "1000000");
+    // It joined with the cluster's first plugin; kv-v2 came by the fetch path.
+    let log = cluster.node(joined).log_text();
+    assert!(
+        log.contains("fetched the plugin of an incoming snapshot from a member"),
+        "{log}"
+    );
 
     // And back to kv: strlen is gone again, the keys stay.
     let out = cli(&["plugin", "swap", &kv, "--addr", &leader_addr]);
@@ -196,7 +202,7 @@ fn a_cluster_swaps_kv_for_kv_v2_under_writes_and_every_replica_follows() {
 
 #[test]
 fn bad_swaps_are_rejected_and_the_old_plugin_keeps_serving() {
-    let cluster = Cluster::start(3, &[]);
+    let cluster = Cluster::start(3, &["--max-plugin-bytes", "1048576"]);
     let dir = cluster.dir.path().to_path_buf();
     let leader = cluster.leader();
     let addr = cluster.node(leader).addr.clone();
@@ -218,6 +224,10 @@ fn bad_swaps_are_rejected_and_the_old_plugin_keeps_serving() {
             "{file}: {err}"
         );
     }
+    // A valid component over --max-plugin-bytes never reaches the log.
+    let big = plugin_file(&dir, "big.wasm", &padded(EMBEDDED_KV_V2, 2 << 20));
+    let err = outcome(cli(&["plugin", "swap", &big, "--addr", &addr])).unwrap_err();
+    assert!(err.contains("the limit is 1048576 (max_plugin_bytes)"), "{err}");
     let missing = cli(&["plugin", "swap", "/no/such.wasm", "--addr", &addr]);
     assert!(stderr(&missing).contains("cannot read"), "{}", stderr(&missing));
 
@@ -261,6 +271,7 @@ fn a_20_mb_component_gets_through_the_log() {
     let file = plugin_file(cluster.dir.path(), "kv-v2-padded.wasm", &big);
     let leader = cluster.leader();
     cluster.node(leader).propose("set before big").unwrap();
+    let term = cluster.node(leader).status()["term"].clone();
     let out = cli(&[
         "plugin",
         "swap",
@@ -276,5 +287,10 @@ fn a_20_mb_component_gets_through_the_log() {
         cluster.wait_applied(id, commit);
         assert_eq!(cluster.node(id).status()["plugin_sha256"], sha(&big));
         assert_eq!(cluster.stale(id, "strlen before"), "3");
+    }
+    // Its chunks shared the log with heartbeats: no election came of it.
+    assert_eq!(cluster.leader(), leader);
+    for id in [1, 2, 3] {
+        assert_eq!(cluster.node(id).status()["term"], term, "node {id}");
     }
 }

@@ -22,6 +22,21 @@ pub const COMPILE_CACHE_DIR: &str = concat!(env!("CARGO_TARGET_TMPDIR"), "/compi
 /// How long one CLI call may take.
 pub const CLI_DEADLINE: Duration = Duration::from_secs(60);
 
+/// Every deadline the harness waits on is multiplied by
+/// `TEST_TIME_SCALE` (default 1; a slower machine sets 2 or 3). Tests
+/// never assert on speed: a deadline only bounds how long a wait may hang.
+pub fn scaled(deadline: Duration) -> Duration {
+    static SCALE: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    let scale = *SCALE.get_or_init(|| {
+        std::env::var("TEST_TIME_SCALE")
+            .ok()
+            .and_then(|v| v.parse::<f64>().ok())
+            .filter(|s| s.is_finite() && *s >= 1.0)
+            .unwrap_or(1.0)
+    });
+    deadline.mul_f64(scale)
+}
+
 /// A free port on 127.0.0.1 (bound and released; the kernel does not hand it
 /// out again right away).
 pub fn free_addr() -> String {
@@ -177,7 +192,7 @@ impl Node {
     }
 
     pub fn wait_ready(&self) {
-        let deadline = Instant::now() + START_DEADLINE;
+        let deadline = Instant::now() + scaled(START_DEADLINE);
         loop {
             let status = self.cli(&["status", "-o", "json", "--addr", &self.addr, "--timeout-ms", "2000"]);
             if status.status.success() {
@@ -198,6 +213,7 @@ impl Node {
 
     /// Wait for the process to exit by itself; returns its exit status.
     pub fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let within = scaled(within);
         let deadline = Instant::now() + within;
         let child = self.child.as_mut().expect("node is running");
         loop {
@@ -296,6 +312,7 @@ pub fn cli_within(deadline: Duration, args: &[&str], stdin: Option<&[u8]>) -> Ou
     std::thread::spawn(move || {
         let _ = tx.send(child.wait_with_output());
     });
+    let deadline = scaled(deadline);
     match rx.recv_timeout(deadline) {
         Ok(output) => output.expect("wait for raftify-host"),
         Err(_) => {
@@ -324,6 +341,7 @@ pub fn outcome(output: Output) -> Result<String, String> {
 
 /// Poll `condition` until it holds or `within` passes.
 pub fn wait_until(within: Duration, what: &str, mut condition: impl FnMut() -> bool) {
+    let within = scaled(within);
     let deadline = Instant::now() + within;
     while !condition() {
         assert!(
@@ -417,9 +435,11 @@ impl Cluster {
         node
     }
 
-    /// Restart a node with only its data dir and address.
+    /// Restart a node with its data dir, address and the cluster's flags
+    /// (not `--id` or `--peers`: the data dir has them).
     pub fn restart(&mut self, id: u64) {
-        let node = Node::spawn(&self.data_dir(id), &self.addrs[&id].clone(), &[]);
+        let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
+        let node = Node::spawn(&self.data_dir(id), &self.addrs[&id].clone(), &extra);
         self.nodes.insert(id, node);
     }
 

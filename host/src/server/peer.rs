@@ -338,6 +338,7 @@ impl Services {
             self.peer
                 .bad_snapshot(format!("its plugin {} does not load: {e}", hex::encode(sha)))
         })?;
+        tracing::info!(plugin = %hex::encode(sha), bytes = wasm.len(), "fetched the plugin of an incoming snapshot from a member");
         self.plugins
             .put_blob(&sha, &wasm)
             .map_err(|e| Status::internal(e.to_string()))
