@@ -4,6 +4,8 @@
 
 mod support;
 
+use std::time::Duration;
+
 use support::*;
 
 fn chaos_plugin(dir: &std::path::Path) -> String {
@@ -50,6 +52,12 @@ fn hostile_entries_fail_alone_and_the_node_keeps_serving_its_state() {
     );
     let err = node.query("spin").unwrap_err();
     assert!(err.contains("out of fuel"), "{err}");
+    // What a guest prints lands in the node's log, not on a terminal.
+    assert_eq!(node.propose("print").unwrap(), "OK");
+    wait_until(Duration::from_secs(10), "the guest's output in the log", || {
+        let log = node.log_text();
+        log.contains("chaos says hello on stdout") && log.contains("chaos says hello on stderr")
+    });
 
     assert_eq!(node.propose("set c 3").unwrap(), "OK");
     assert_eq!(node.query("get a").unwrap(), "1");

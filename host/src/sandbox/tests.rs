@@ -111,6 +111,23 @@ fn guest_output_is_captured_not_fatal() {
 }
 
 #[test]
+fn nans_come_out_canonical() {
+    let mut chaos = sandbox().load(EMBEDDED_CHAOS).unwrap().instantiate().unwrap();
+    // The canonical quiet NaNs of f64 and f32: no payload survives, so
+    // every replica's CPU gives the same bits.
+    assert_eq!(text(chaos.apply(1, b"nan").unwrap()), "7ff8000000000000 7fc00000");
+}
+
+#[test]
+fn a_guest_finds_no_environment_filesystem_or_network() {
+    let mut chaos = sandbox().load(EMBEDDED_CHAOS).unwrap().instantiate().unwrap();
+    assert_eq!(
+        text(chaos.apply(1, b"reach-out").unwrap()),
+        "vars 0 args 0 read false write false connect false bind false udp false lookup false"
+    );
+}
+
+#[test]
 fn garbage_is_rejected_with_a_clear_error() {
     let error = sandbox().load(b"definitely not wasm").err().unwrap();
     assert!(matches!(error, LoadError::Invalid(_)), "{error}");

@@ -19,6 +19,10 @@
 //! |                | host's virtual time must end it at once                  |
 //! | `sleep-elapsed MS` | sleeps MS ms and returns the nanoseconds `Instant`   |
 //! |                | measured across the sleep                                |
+//! | `nan`          | divides zero by zero on non-canonical NaN inputs and     |
+//! |                | returns the bits: the host must canonicalize them        |
+//! | `reach-out`    | tries the environment, the filesystem and the network,   |
+//! |                | and reports what it found (nothing, on every replica)    |
 //! | `sleep-until-later MS` | busy-reads `Instant::now()` until MS ms passed:  |
 //! |                | with one virtual nanosecond per reading, fuel runs out   |
 //! |                | first unless MS is tiny                                  |
@@ -117,6 +121,29 @@ impl Plugin for Chaos {
                 self.map
                     .insert(k.to_string(), format!("{now}:{monotonic}:{random}:{insecure}"));
                 Ok(b"OK".to_vec())
+            }
+            ["nan"] => {
+                // A NaN with a payload, through arithmetic the compiler
+                // cannot fold: hardware would keep (or mangle) the payload.
+                let payload = std::hint::black_box(f64::from_bits(0x7ff4_0000_dead_beef));
+                let sum = std::hint::black_box(payload) + std::hint::black_box(1.0);
+                let narrow = std::hint::black_box(f32::from_bits(0x7fa0_beef)) * std::hint::black_box(2.0f32);
+                Ok(format!("{:016x} {:08x}", sum.to_bits(), narrow.to_bits()).into_bytes())
+            }
+            ["reach-out"] => {
+                let vars = std::env::vars().count();
+                let args = std::env::args().count();
+                let read = std::fs::read_dir("/").is_ok() || std::fs::read_dir(".").is_ok();
+                let write = std::fs::write("chaos.txt", b"x").is_ok();
+                let connect = std::net::TcpStream::connect(("127.0.0.1", 7070)).is_ok();
+                let bind = std::net::TcpListener::bind(("127.0.0.1", 0)).is_ok();
+                let udp = std::net::UdpSocket::bind(("127.0.0.1", 0)).is_ok();
+                let lookup = std::net::ToSocketAddrs::to_socket_addrs(&("localhost", 80)).is_ok();
+                Ok(format!(
+                    "vars {vars} args {args} read {read} write {write} connect {connect} \
+                     bind {bind} udp {udp} lookup {lookup}"
+                )
+                .into_bytes())
             }
             ["print"] => {
                 println!("chaos says hello on stdout");
