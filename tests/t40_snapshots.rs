@@ -1,5 +1,6 @@
 //! Snapshots through the real binary: compaction, catch-up of a late joiner
-//! by snapshot, a 64 MiB state, a kill during install, disaster recovery
+//! by snapshot, a 64 MiB state, a kill during install (of the receiver and
+//! of the sender), disaster recovery
 //! with --force-new-cluster, and `debug persisted`.
 
 mod support;
@@ -117,6 +118,55 @@ fn a_64_mib_state_reaches_a_new_node_even_if_it_dies_during_the_install() {
     // This run (its log lines after the first run's) installed it whole.
     let second_run = joiner.log_text().split_off(first_run.len());
     assert!(second_run.contains("restored a snapshot"), "no snapshot was installed");
+}
+
+#[test]
+fn a_transfer_cut_by_the_senders_death_is_sent_whole_by_the_next_leader() {
+    // Small chunks: the transfer takes long enough to be caught midway.
+    let mut flags = SNAPSHOTS.to_vec();
+    flags.extend(["--snapshot-chunk-bytes", "16384"]);
+    let mut cluster = Cluster::start(3, &flags);
+    let leader = cluster.leader();
+    // 24 values of ~1 MB, then a snapshot on every member.
+    let value = "y".repeat(1_000_000);
+    let file = write_file(
+        cluster.dir.path(),
+        "big.txt",
+        (0..24).map(|i| format!("set big{i} {i}{value}")),
+    );
+    propose_file(cluster.node(leader), &file);
+    for node in cluster.nodes.values() {
+        let out = cli(&["snapshot", "--addr", &node.addr, "--timeout-ms", "60000"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+
+    // A learner joins; the leader dies while sending it the snapshot.
+    let data = cluster.data_dir(4);
+    let partial = data.join("incoming/snapshot.partial");
+    let joiner = Node::spawn(&data, &free_addr(), &["--join", &cluster.addrs[&leader].clone()]);
+    wait_until(
+        Duration::from_secs(60),
+        "the joiner to receive part of the snapshot",
+        || std::fs::metadata(&partial).is_ok_and(|m| m.len() > 0),
+    );
+    cluster.kill(leader);
+    let at_kill = joiner.log_text();
+    assert!(
+        !at_kill.contains("installed a snapshot"),
+        "the transfer finished before its sender was killed"
+    );
+
+    // The next leader sends it again, whole; the cut one is never installed.
+    let next = cluster.leader();
+    assert_ne!(next, leader);
+    let commit = cluster.node(next).status()["commit_index"].as_u64().unwrap();
+    wait_until(Duration::from_secs(120), "the joiner to catch up", || {
+        joiner.status_u64("applied_index") >= commit
+    });
+    let stale = |text: &str| outcome(cli(&["query", text, "--consistency", "stale", "--addr", &joiner.addr])).unwrap();
+    assert_eq!(stale("len"), "24");
+    assert_eq!(stale("get big23"), format!("23{value}"));
+    assert_eq!(joiner.log_text().matches("installed a snapshot").count(), 1);
 }
 
 #[test]
