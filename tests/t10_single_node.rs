@@ -180,7 +180,8 @@ fn a_flag_beats_the_environment_which_beats_the_config_file() {
     let file = dir.path().join("node.toml");
     std::fs::write(&file, "id = 3\n").unwrap();
     let config = file.to_str().unwrap();
-    let cases: [(&[&str], &[(&str, &str)], u64); 3] = [
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], u64);
+    let cases: [Case; 3] = [
         (&["--config", config, "--id", "1"], &[("RAFTIFY_ID", "2")], 1),
         (&["--config", config], &[("RAFTIFY_ID", "2")], 2),
         (&["--config", config], &[], 3),
