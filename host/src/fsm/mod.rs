@@ -654,6 +654,11 @@ mod tests {
     }
 
     fn fsm_over(store: &MemStore, first: &[u8], config: SnapshotConfig) -> Fsm<MemStore> {
+        fsm_fetching(store, first, config, Box::new(|_, _| None))
+    }
+
+    /// A worker whose plugin fetches from the members go through `fetch`.
+    fn fsm_fetching(store: &MemStore, first: &[u8], config: SnapshotConfig, fetch: PluginFetcher) -> Fsm<MemStore> {
         let sandbox = sandbox();
         let plugin = sandbox.load(first).unwrap();
         store.activate_plugin(0, &plugin.sha256(), first).unwrap();
@@ -664,7 +669,7 @@ mod tests {
             config,
             watch::channel(0).0,
             watch::channel(plugin).0,
-            Box::new(|_, _| None),
+            fetch,
         )
         .unwrap()
     }
@@ -900,6 +905,60 @@ mod tests {
         let mut restarted = fsm_over(&store, EMBEDDED_KV, SnapshotConfig::default());
         apply_all(&mut restarted, entries);
         assert_eq!(query(&mut restarted, "strlen b").unwrap(), b"5");
+    }
+
+    /// A swap's chunks straddle a snapshot: a worker that restores it (a
+    /// restart, a lagging node) never saw the chunks before it. It fetches
+    /// the component from a member and switches at the same index as
+    /// everyone; when no member has it, it stops rather than go on with
+    /// the old plugin and diverge.
+    #[test]
+    fn a_swap_straddling_a_snapshot_fetches_its_component_or_stops_rather_than_diverge() {
+        use crate::daemon::{EMBEDDED_KV, EMBEDDED_KV_V2};
+        use sha2::Digest as _;
+        let mut entries = vec![command(1, "set a hello")];
+        entries.extend(swap_entries(2, EMBEDDED_KV_V2));
+        let swap_at = entries.len() as u64;
+        assert!(swap_at >= 4, "kv-v2 spans several chunks");
+        entries.push(command(swap_at + 1, "set b world"));
+        // The log, with a snapshot taken after the first chunk.
+        let snapshotted_mid_swap = || {
+            let store = store_with(&entries);
+            let mut fsm = fsm_over(&store, EMBEDDED_KV, SnapshotConfig::default());
+            apply_all(&mut fsm, entries[..2].to_vec());
+            let (tx, mut rx) = oneshot::channel();
+            fsm.handle(FsmRequest::Snapshot { reply: tx }).unwrap();
+            fsm.wait_for_snapshot().unwrap();
+            assert_eq!(rx.try_recv().unwrap(), Ok(2));
+            store
+        };
+
+        // No member has it: the worker stops with the reason, on the swap.
+        let store = snapshotted_mid_swap();
+        let mut stranded = fsm_over(&store, EMBEDDED_KV, SnapshotConfig::default());
+        assert_eq!(stranded.applied(), 2);
+        let (waiters, rest) = (HashMap::new(), entries[2..].to_vec());
+        let error = stranded
+            .handle(FsmRequest::Apply { entries: rest, waiters })
+            .unwrap_err();
+        assert!(
+            matches!(&error, FsmError::MissingPlugin(m) if m.contains(&format!("for the swap at index {swap_at}"))),
+            "{error}"
+        );
+        assert!(stranded.applied() < swap_at, "nothing at or past the swap was applied");
+        assert_eq!(store.plugin_history().unwrap().len(), 1, "still kv, and only kv");
+
+        // A member has it: the same switch, at the same index.
+        let store = snapshotted_mid_swap();
+        let wanted: [u8; 32] = sha2::Sha256::digest(EMBEDDED_KV_V2).into();
+        let fetch: PluginFetcher = Box::new(move |sha, _| (*sha == wanted).then(|| EMBEDDED_KV_V2.to_vec()));
+        let mut restored = fsm_fetching(&store, EMBEDDED_KV, SnapshotConfig::default(), fetch);
+        let outcomes = apply_all(&mut restored, entries[2..].to_vec());
+        assert!(outcomes.iter().all(Result::is_ok), "{outcomes:?}");
+        let history: Vec<u64> = store.plugin_history().unwrap().iter().map(|(i, _)| *i).collect();
+        assert_eq!(history, vec![0, swap_at]);
+        assert_eq!(query(&mut restored, "strlen a").unwrap(), b"5");
+        assert_eq!(query(&mut restored, "get b").unwrap(), b"world");
     }
 
     #[test]
