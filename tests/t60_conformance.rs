@@ -164,7 +164,13 @@ async fn run(client: &mut Client, kind: Kind, command: &[u8]) -> Result<String, 
             } else {
                 propose_request::Command::Entry(command.to_vec())
             };
-            let response = match client.propose(ProposeRequest { command: Some(command) }).await {
+            let response = match client
+                .propose(ProposeRequest {
+                    command: Some(command),
+                    frees_space: false,
+                })
+                .await
+            {
                 Ok(response) => response,
                 Err(error) => return encode_error(error),
             };

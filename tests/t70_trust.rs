@@ -51,14 +51,22 @@ async fn peer(addr: &str) -> PeerClient<tonic::transport::Channel> {
 
 /// Send one batch over `Peer.Stream`; the node's answer once the stream ends.
 fn send(addr: &str, cluster_id: u64, from: u64, messages: &[Message]) -> Result<u64, tonic::Status> {
-    let batch = RaftBatch {
-        messages: messages.iter().map(|m| m.write_to_bytes().unwrap()).collect(),
-        cluster_id,
-        from,
-    };
+    send_batches(
+        addr,
+        vec![RaftBatch {
+            messages: messages.iter().map(|m| m.write_to_bytes().unwrap()).collect(),
+            cluster_id,
+            from,
+            no_space: false,
+        }],
+    )
+}
+
+/// Send batches over one `Peer.Stream`.
+fn send_batches(addr: &str, batches: Vec<RaftBatch>) -> Result<u64, tonic::Status> {
     runtime().block_on(async {
         let mut client = peer(addr).await;
-        let call = client.stream(tokio_stream::iter(vec![batch]));
+        let call = client.stream(tokio_stream::iter(batches));
         match tokio::time::timeout(Duration::from_secs(10), call).await {
             Ok(answer) => answer.map(|r| r.into_inner().received),
             Err(_) => Err(tonic::Status::deadline_exceeded("no answer within 10 s")),
@@ -263,6 +271,21 @@ fn forged_raft_messages_are_refused_and_no_node_stops() {
     assert!(counts.get("bad_read_index").copied().unwrap_or(0) > 0, "{counts:?}");
     assert!(counts.get("local_only").copied().unwrap_or(0) > 0, "{counts:?}");
 
+    // "Out of space" claimed for ids that are not members (thousands of
+    // them): no alarm, and the leader's memory for such reports is bounded.
+    let leader_addr = cluster.node(cluster.leader()).addr.clone();
+    let forged = (1000..3000)
+        .map(|from| RaftBatch {
+            messages: Vec::new(),
+            cluster_id: t.cluster_id,
+            from,
+            no_space: true,
+        })
+        .collect();
+    send_batches(&leader_addr, forged).unwrap();
+    let status = cluster.node(cluster.leader()).status();
+    assert_eq!(status["space_alarms"], serde_json::json!([]), "{status}");
+
     // The cluster is writable and its replicas agree.
     for i in 0..20 {
         cluster
@@ -413,6 +436,7 @@ fn forged_and_oversized_snapshots_are_refused_with_memory_held_to_a_chunk() {
             raftify_host::snapshot::SnapshotHeader {
                 plugin_sha256: [1; 32],
                 members: vec![(u64::MAX, "127.0.0.1:1".into())],
+                alarms: vec![],
             },
         ),
         (
@@ -420,6 +444,7 @@ fn forged_and_oversized_snapshots_are_refused_with_memory_held_to_a_chunk() {
             raftify_host::snapshot::SnapshotHeader {
                 plugin_sha256: [1; 32],
                 members: members.clone(),
+                alarms: vec![],
             },
         ),
     ] {

@@ -225,6 +225,7 @@ const CLIENT_RPCS: &[(&str, Role)] = &[
     ("TransferLeader", Role::Admin),
     ("Snapshot", Role::Admin),
     ("SwapPlugin", Role::Admin),
+    ("DisarmAlarms", Role::Admin),
 ];
 
 /// The RPC name and role needed for the gRPC `path` of a Client RPC (an

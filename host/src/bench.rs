@@ -245,6 +245,7 @@ impl ProposalStream {
     async fn propose(&mut self, text: String) -> Result<ProposeResponse, String> {
         let request = ProposeRequest {
             command: Some(propose_request::Command::Text(text)),
+            frees_space: false,
         };
         if self.requests.send(request).await.is_err() {
             return Err("the proposal stream closed".into());

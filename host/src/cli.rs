@@ -52,6 +52,12 @@ pub enum Command {
     /// Look inside a node.
     #[command(subcommand)]
     Debug(DebugCommand),
+    /// The cluster's space alarm (see `run --quota-bytes`).
+    #[command(subcommand)]
+    Alarm(AlarmCommand),
+    /// Compact a stopped node's store in place: LMDB's compacting copy,
+    /// swapped in whole, so the files give back the space of freed pages.
+    Defrag(DefragArgs),
     /// Measure throughput and latency with concurrent clients.
     Bench(crate::bench::BenchArgs),
     /// Certificates for a test cluster.
@@ -141,6 +147,22 @@ pub enum MemberCommand {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum AlarmCommand {
+    /// The members whose space alarm is on.
+    List(ClientArgs),
+    /// Turn every space alarm off (writes resume); a member still out of
+    /// space raises its alarm again within a second.
+    Disarm(ClientArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DefragArgs {
+    /// The data dir of a node that is not running.
+    #[arg(long, default_value = crate::config::DEFAULT_DATA_DIR)]
+    pub data_dir: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
 pub enum LeaderCommand {
     /// Move leadership to the voter ID; returns once it has moved.
     Transfer {
@@ -226,6 +248,10 @@ pub struct ProposeArgs {
     /// results are printed in order.
     #[arg(long, short = 'f')]
     pub file: Option<PathBuf>,
+    /// The commands shrink the state (deletes): admitted while the
+    /// cluster's space alarm refuses other writes.
+    #[arg(long)]
+    pub frees_space: bool,
     #[command(flatten)]
     pub client: ClientArgs,
 }
@@ -511,6 +537,41 @@ pub async fn run_client(command: Command) -> anyhow::Result<i32> {
             print_members(&response.members, 0, args.output);
             Ok(0)
         }
+        Command::Alarm(AlarmCommand::List(args)) => {
+            let status = connect(&args).await?.status().await?;
+            match args.output {
+                Output::Text => {
+                    for member in &status.space_alarms {
+                        println!("{member}\tNOSPACE");
+                    }
+                }
+                Output::Json => println!("{}", json!({ "space_alarms": status.space_alarms })),
+            }
+            Ok(0)
+        }
+        Command::Alarm(AlarmCommand::Disarm(args)) => {
+            let response = connect(&args).await?.disarm_alarms().await?;
+            match args.output {
+                Output::Text if response.members.is_empty() => println!("no alarm was on"),
+                Output::Text => {
+                    let members: Vec<String> = response.members.iter().map(u64::to_string).collect();
+                    println!("disarmed the space alarm of node {}", members.join(", "));
+                }
+                Output::Json => println!("{}", json!({ "disarmed": response.members })),
+            }
+            Ok(0)
+        }
+        Command::Defrag(args) => {
+            let report = crate::storage::lmdb::defrag(&args.data_dir)?;
+            println!(
+                "compacted {}: {} -> {} bytes in {} ms",
+                args.data_dir.display(),
+                report.before_bytes,
+                report.after_bytes,
+                report.elapsed.as_millis()
+            );
+            Ok(0)
+        }
         Command::Leader(LeaderCommand::Transfer { id, client: args }) => {
             let response = with_retries(&args, |mut client| async move { client.transfer_leader(id).await }).await?;
             match args.output {
@@ -563,7 +624,11 @@ async fn propose(args: ProposeArgs) -> anyhow::Result<i32> {
     let mut client = connect(&args.client).await?;
     let Some(file) = &args.file else {
         let text = args.text.as_deref().unwrap_or_default();
-        let response = client.propose_text(text).await?;
+        let response = if args.frees_space {
+            client.propose_freeing(text).await?
+        } else {
+            client.propose_text(text).await?
+        };
         return Ok(if print(&show_propose(response), args.client.output) {
             0
         } else {
@@ -579,8 +644,10 @@ async fn propose(args: ProposeArgs) -> anyhow::Result<i32> {
     } else {
         client.raw()
     };
-    let requests = futures::stream::iter(lines.into_iter().map(|line| ProposeRequest {
+    let frees_space = args.frees_space;
+    let requests = futures::stream::iter(lines.into_iter().map(move |line| ProposeRequest {
         command: Some(proto::propose_request::Command::Text(line)),
+        frees_space,
     }));
     let mut responses = raw
         .propose_stream(requests)
@@ -707,6 +774,13 @@ fn print_status(status: &proto::StatusResponse, output: Output) {
         "snapshot_error": status.snapshot_error,
         "reads_served": status.reads_served,
         "reads_retried": status.reads_retried,
+        "space_alarms": status.space_alarms,
+        "store_file_bytes": status.store_file_bytes,
+        "store_live_bytes": status.store_live_bytes,
+        "quota_bytes": status.quota_bytes,
+        "fs_free_bytes": status.fs_free_bytes,
+        "min_free_bytes": status.min_free_bytes,
+        "out_of_space": status.out_of_space,
         "refused": status.refused.iter().map(|r| (r.reason.clone(), r.count)).collect::<std::collections::BTreeMap<_, _>>(),
         "progress": status.progress.iter().map(|p| json!({
             "id": p.id, "matched": p.matched, "next_index": p.next_index,
@@ -734,6 +808,22 @@ fn print_status(status: &proto::StatusResponse, output: Output) {
                 "reads:           {} served, {} retried",
                 status.reads_served, status.reads_retried
             );
+            println!(
+                "store:           {} bytes in use of a {} byte quota; file {} bytes; {} bytes free on disk (reserve {}){}",
+                status.store_live_bytes,
+                status.quota_bytes,
+                status.store_file_bytes,
+                status.fs_free_bytes,
+                status.min_free_bytes,
+                if status.out_of_space { "; OUT OF SPACE" } else { "" }
+            );
+            if !status.space_alarms.is_empty() {
+                let members: Vec<String> = status.space_alarms.iter().map(u64::to_string).collect();
+                println!(
+                    "space alarm:     on for node {}: writes are refused",
+                    members.join(", ")
+                );
+            }
             if !status.snapshot_error.is_empty() {
                 println!("snapshot error:  {}", status.snapshot_error);
             }

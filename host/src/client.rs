@@ -118,8 +118,19 @@ impl Client {
     }
 
     pub async fn propose_text(&mut self, text: &str) -> Result<ProposeResponse, ClientError> {
+        self.propose_text_as(text, false).await
+    }
+
+    /// A command that shrinks the state (a delete): admitted while the
+    /// space alarm refuses other writes.
+    pub async fn propose_freeing(&mut self, text: &str) -> Result<ProposeResponse, ClientError> {
+        self.propose_text_as(text, true).await
+    }
+
+    async fn propose_text_as(&mut self, text: &str, frees_space: bool) -> Result<ProposeResponse, ClientError> {
         self.propose(ProposeRequest {
             command: Some(propose_request::Command::Text(text.to_string())),
+            frees_space,
         })
         .await
     }
@@ -177,6 +188,12 @@ impl Client {
 
     pub async fn remove_member(&mut self, id: u64) -> Result<crate::proto::MembersResponse, ClientError> {
         self.unary(move |mut inner| async move { inner.remove_member(crate::proto::RemoveMemberRequest { id }).await })
+            .await
+    }
+
+    /// Turn every space alarm off (answered by the leader).
+    pub async fn disarm_alarms(&mut self) -> Result<crate::proto::DisarmAlarmsResponse, ClientError> {
+        self.unary(|mut inner| async move { inner.disarm_alarms(crate::proto::DisarmAlarmsRequest {}).await })
             .await
     }
 

@@ -53,6 +53,10 @@ pub struct NodeConfig {
     pub transport: TransportConfig,
     pub lmdb: LmdbOptions,
     pub snapshot: SnapshotConfig,
+    /// `None`: the default, which depends on the map and the filesystem
+    /// (see `space`), resolved when the node starts.
+    pub quota_bytes: Option<u64>,
+    pub min_free_bytes: Option<u64>,
 }
 
 /// `raftify-host run` flags. Each may also be set by its `RAFTIFY_*`
@@ -185,6 +189,15 @@ pub struct RunArgs {
     /// Largest LMDB file in bytes [default: 17179869184].
     #[arg(long, env = "RAFTIFY_LMDB_MAP_SIZE_BYTES")]
     pub lmdb_map_size_bytes: Option<usize>,
+    /// The most bytes this node's store may hold before it raises the
+    /// cluster's space alarm, which refuses writes [default: 8 GiB, or 80%
+    /// of the LMDB map if less].
+    #[arg(long, env = "RAFTIFY_QUOTA_BYTES")]
+    pub quota_bytes: Option<u64>,
+    /// Raise the space alarm when the data dir's filesystem has less free
+    /// space than this [default: 256 MiB, or a tenth of a smaller filesystem].
+    #[arg(long, env = "RAFTIFY_MIN_FREE_BYTES")]
+    pub min_free_bytes: Option<u64>,
     /// Do not fsync LMDB commits. UNSAFE: a power loss loses acknowledged
     /// writes. For tests and benchmarks only.
     #[arg(long, env = "RAFTIFY_UNSAFE_NO_FSYNC")]
@@ -296,6 +309,8 @@ impl RunArgs {
                 chunk_bytes: args.snapshot_chunk_bytes.unwrap_or(snapshot.chunk_bytes),
                 max_bytes: args.max_snapshot_bytes.unwrap_or(snapshot.max_bytes),
             },
+            quota_bytes: args.quota_bytes,
+            min_free_bytes: args.min_free_bytes,
             data_dir,
         };
         config.validate()?;
@@ -335,6 +350,8 @@ impl RunArgs {
             max_memory_bytes: self.max_memory_bytes.or(other.max_memory_bytes),
             compile_cache_dir: self.compile_cache_dir.or(other.compile_cache_dir),
             lmdb_map_size_bytes: self.lmdb_map_size_bytes.or(other.lmdb_map_size_bytes),
+            quota_bytes: self.quota_bytes.or(other.quota_bytes),
+            min_free_bytes: self.min_free_bytes.or(other.min_free_bytes),
             snapshot_every_entries: self.snapshot_every_entries.or(other.snapshot_every_entries),
             snapshot_keep_entries: self.snapshot_keep_entries.or(other.snapshot_keep_entries),
             snapshot_log_percent: self.snapshot_log_percent.or(other.snapshot_log_percent),
@@ -517,6 +534,14 @@ impl NodeConfig {
         }
         if self.lmdb.map_size_bytes < (1 << 20) {
             return bad("lmdb_map_size_bytes must be at least 1 MiB".into());
+        }
+        if let Some(quota) = self.quota_bytes
+            && (quota < (1 << 20) || quota > self.lmdb.map_size_bytes as u64)
+        {
+            return bad(format!(
+                "quota_bytes ({quota}) must be at least 1 MiB and at most lmdb_map_size_bytes ({})",
+                self.lmdb.map_size_bytes
+            ));
         }
         Ok(())
     }

@@ -4,6 +4,7 @@
 
 use std::future::Future;
 use std::path::Path;
+
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
@@ -23,6 +24,7 @@ use crate::proto::client_server::ClientServer;
 use crate::proto::peer_server::PeerServer;
 use crate::sandbox::Sandbox;
 use crate::server::Services;
+use crate::space::{SpaceConfig, SpaceWatch};
 use crate::storage::lmdb::LmdbStore;
 use crate::storage::{LogStore, NodeIdentity, WriteBatch, initial_conf_state};
 use crate::transport::{Link, Transport};
@@ -114,6 +116,7 @@ pub async fn run(config: NodeConfig, listener: TcpListener, shutdown: impl Futur
         dialer,
         cluster_id: identity.cluster_id,
         self_id: id,
+        space: Arc::default(),
     };
     let (applied_tx, applied_rx) = watch::channel(0u64);
     let (active_tx, active_rx) = watch::channel(active_plugin);
@@ -146,7 +149,7 @@ pub async fn run(config: NodeConfig, listener: TcpListener, shutdown: impl Futur
                 );
                 match fsm {
                     Ok(fsm) => {
-                        let _ = started_tx.send(Ok((fsm.trap_counter(), fsm.snapshot_error())));
+                        let _ = started_tx.send(Ok((fsm.trap_counter(), fsm.snapshot_error(), fsm.space_alarms())));
                         fsm.run(fsm_rx)
                     }
                     Err(error) => {
@@ -157,11 +160,17 @@ pub async fn run(config: NodeConfig, listener: TcpListener, shutdown: impl Futur
             })
         })
         .context("cannot start the apply worker thread")?;
-    let (trapped_entries, snapshot_error) = tokio::task::spawn_blocking(move || started_rx.recv())
+    let (trapped_entries, snapshot_error, space_alarms) = tokio::task::spawn_blocking(move || started_rx.recv())
         .await
         .context("waiting for the apply worker")?
         .context("the apply worker thread stopped while starting")??;
 
+    let space_config = space_config(&config);
+    tracing::info!(
+        quota_bytes = space_config.quota_bytes,
+        min_free_bytes = space_config.min_free_bytes,
+        "space limits"
+    );
     let (node_tx, node_rx) = mpsc::channel(NODE_QUEUE);
     let refusals = Arc::new(Refusals::default());
     let transport = Transport::new(link.clone(), config.transport.clone());
@@ -178,6 +187,7 @@ pub async fn run(config: NodeConfig, listener: TcpListener, shutdown: impl Futur
         fsm_tx.clone(),
         applied_rx,
         refusals.clone(),
+        SpaceWatch::new(space_config, id, link.space.clone(), space_alarms.clone()),
         logging::raft_logger(),
     )?;
     let node_task = tokio::spawn(tracing::Instrument::instrument(node.run(node_rx), span.clone()));
@@ -193,6 +203,8 @@ pub async fn run(config: NodeConfig, listener: TcpListener, shutdown: impl Futur
         listen: config.listen.clone(),
         trapped_entries,
         snapshot_error,
+        space_config,
+        space_alarms,
         max_snapshot_bytes: config.snapshot.max_bytes,
         sandbox,
         plugins: Arc::new(store.clone()),
@@ -543,6 +555,7 @@ async fn join<S: LogStore>(
         dialer: dialer.clone(),
         cluster_id: response.cluster_id,
         self_id: response.id,
+        space: Arc::default(),
     };
     if !identity.members.iter().any(|(i, _)| *i == response.id) {
         identity.members.push((response.id, config.listen.clone()));
@@ -583,11 +596,24 @@ fn plugin_fetcher(runtime: tokio::runtime::Handle, link: Link, max_message_bytes
     })
 }
 
+/// The space limits: as given, or the defaults for this map and filesystem.
+fn space_config(config: &NodeConfig) -> SpaceConfig {
+    let filesystem_bytes = crate::space::filesystem(&config.data_dir).map_or(0, |(_, total)| total);
+    SpaceConfig {
+        quota_bytes: config
+            .quota_bytes
+            .unwrap_or_else(|| crate::space::default_quota(config.lmdb.map_size_bytes as u64)),
+        min_free_bytes: config
+            .min_free_bytes
+            .unwrap_or_else(|| crate::space::default_min_free(filesystem_bytes)),
+    }
+}
+
 /// One process per data dir: an exclusive lock on `DATA_DIR/LOCK`, held
 /// while the node runs and released by the kernel when the process ends,
 /// however it ends. LMDB's own lock file lets several processes share one
 /// environment, which two nodes must never do.
-fn lock_data_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
+pub fn lock_data_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create the data dir {}", dir.display()))?;
     let path = dir.join("LOCK");
     let file = std::fs::OpenOptions::new()

@@ -27,6 +27,10 @@ pub const PLUGIN_CHUNK: u8 = 0x04;
 pub enum HostEntry {
     /// Does nothing; used to commit an entry in the current term.
     Noop,
+    /// A member's space alarm goes on or off (see `space`). Proposed by the
+    /// leader; while any member's is on, writes that grow the state are
+    /// refused on every node.
+    SpaceAlarm { member: u64, on: bool },
 }
 
 /// What a normal entry's data means.

@@ -19,6 +19,7 @@ pub mod node;
 pub mod sandbox;
 pub mod server;
 pub mod snapshot;
+pub mod space;
 pub mod storage;
 pub mod tls;
 pub mod transport;

@@ -31,8 +31,10 @@ use raft::prelude::{ConfChange, ConfChangeType, ConfState, Entry, EntryType, Har
 use raft::{RawNode, StateRole};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 
+use crate::envelope::{self, HostEntry};
 use crate::firewall::{self, Channel, Refusal, Refusals};
 use crate::fsm::{Applied, ApplyWaiter, FsmRequest};
+use crate::space::SpaceWatch;
 use crate::storage::persister::{Completion, Persister};
 use crate::storage::staged::Staged;
 use crate::storage::{LogStore, NodeIdentity, StoreError, WriteBatch};
@@ -181,6 +183,11 @@ pub enum NodeRequest {
     StepDown {
         reply: oneshot::Sender<Option<u64>>,
     },
+    /// `alarm disarm`: on the leader, propose every space alarm off.
+    /// Answers how many were on.
+    DisarmAlarms {
+        reply: oneshot::Sender<Result<usize, ProposeError>>,
+    },
     /// Stop the loop: the daemon is shutting down.
     Shutdown,
 }
@@ -261,6 +268,8 @@ pub struct Node<S: LogStore> {
     campaign_when_applied: bool,
     /// Peer messages the firewall refused, by reason.
     refusals: Arc<Refusals>,
+    /// Space readings, and the leader's alarm proposals.
+    space: SpaceWatch,
 }
 
 /// A write the persister has not reported durable yet.
@@ -292,6 +301,7 @@ impl<S: LogStore> Node<S> {
         fsm: std_mpsc::Sender<FsmRequest>,
         applied: watch::Receiver<u64>,
         refusals: Arc<Refusals>,
+        space: SpaceWatch,
         logger: slog::Logger,
     ) -> Result<Node<S>, NodeError> {
         let id = identity.id;
@@ -351,6 +361,7 @@ impl<S: LogStore> Node<S> {
             conf_index,
             campaign_when_applied,
             refusals,
+            space,
         })
     }
 
@@ -413,6 +424,11 @@ impl<S: LogStore> Node<S> {
                 .map_err(|_| NodeError::FsmGone)?;
         }
         self.retry_reads();
+        let (leader, mut members) = (self.is_leader(), self.voters());
+        members.extend(self.learners());
+        for entry in self.space.tick(&self.store, leader, &members) {
+            self.propose_host(entry);
+        }
         // Commit-index and applied-index advances are persisted lazily, at
         // most once per tick: they can be relearned, so they need no fsync
         // of their own on the hot path.
@@ -452,6 +468,16 @@ impl<S: LogStore> Node<S> {
             NodeRequest::StepDown { reply } => {
                 let target = self.step_down();
                 let _ = reply.send(target);
+            }
+            NodeRequest::DisarmAlarms { reply } => {
+                if !self.is_leader() {
+                    let _ = reply.send(Err(self.not_leader()));
+                    return;
+                }
+                let entries = self.space.disarm();
+                let count = entries.len();
+                entries.into_iter().for_each(|entry| self.propose_host(entry));
+                let _ = reply.send(Ok(count));
             }
             NodeRequest::Status { reply } => {
                 let _ = reply.send(self.status());
@@ -497,6 +523,13 @@ impl<S: LogStore> Node<S> {
             .iter()
             .find(|(member, _)| *member == id)
             .map(|(_, addr)| addr.clone())
+    }
+
+    /// Propose an entry for the host (no one waits on it).
+    fn propose_host(&mut self, entry: HostEntry) {
+        if let Err(error) = self.raw.propose(Vec::new(), envelope::host(&entry)) {
+            tracing::warn!(?entry, %error, "could not propose a host entry");
+        }
     }
 
     fn is_leader(&self) -> bool {

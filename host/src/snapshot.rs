@@ -2,7 +2,7 @@
 //! as of its index, and the plugin's own `snapshot()` bytes.
 //!
 //! ```text
-//! magic        4 bytes   "RSN1"
+//! magic        4 bytes   "RSN2" ("RSN1": a header without space alarms)
 //! header_len   u32 LE
 //! header       bincode   SnapshotHeader
 //! state        rest      the plugin's snapshot() bytes
@@ -15,7 +15,9 @@
 
 use serde::{Deserialize, Serialize};
 
-const MAGIC: &[u8; 4] = b"RSN1";
+const MAGIC: &[u8; 4] = b"RSN2";
+/// Snapshots written before space alarms were replicated: read, never written.
+const MAGIC_V1: &[u8; 4] = b"RSN1";
 
 /// Snapshot configuration. Every node takes its own snapshots.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,6 +56,15 @@ pub struct SnapshotHeader {
     pub plugin_sha256: [u8; 32],
     /// Members and their addresses as of the snapshot's index.
     pub members: Vec<(u64, String)>,
+    /// Members whose space alarm is on as of the snapshot's index.
+    pub alarms: Vec<u64>,
+}
+
+/// The header of an `RSN1` snapshot.
+#[derive(Deserialize)]
+struct HeaderV1 {
+    plugin_sha256: [u8; 32],
+    members: Vec<(u64, String)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -66,7 +77,7 @@ pub enum SnapshotError {
 /// carry a reference instead, so no whole state passes through the raft
 /// loop: the leader's points at its stored snapshot (the transport streams
 /// it from LMDB), a receiver's at the file it wrote (installed from there).
-/// Real snapshot data starts with `RSN1`, never with these.
+/// Real snapshot data starts with `RSN1` or `RSN2`, never with these.
 const STORED_REF: &[u8; 4] = b"RSNS";
 const FILE_REF: &[u8; 4] = b"RSNF";
 
@@ -235,7 +246,7 @@ impl Reader {
         let take = wanted.min(piece.len());
         self.pending.extend_from_slice(&piece[..take]);
         let rest = &piece[take..];
-        if self.pending.len() >= 4 && &self.pending[..4] != MAGIC {
+        if self.pending.len() >= 4 && &self.pending[..4] != MAGIC && &self.pending[..4] != MAGIC_V1 {
             return Err(malformed("bad magic"));
         }
         if self.pending.len() < 8 {
@@ -266,8 +277,18 @@ impl Reader {
         // A length prefix in the header cannot make bincode allocate more than this.
         let limit = bincode::config::standard().with_limit::<{ MAX_HEADER_BYTES }>();
         let body = &self.pending[8..];
-        let (header, used) = bincode::serde::decode_from_slice(body, limit)
-            .map_err(|e| SnapshotError::Malformed(format!("bad header: {e}")))?;
+        let bad = |e: bincode::error::DecodeError| SnapshotError::Malformed(format!("bad header: {e}"));
+        let (header, used) = if &self.pending[..4] == MAGIC_V1 {
+            let (v1, used): (HeaderV1, usize) = bincode::serde::decode_from_slice(body, limit).map_err(bad)?;
+            let header = SnapshotHeader {
+                plugin_sha256: v1.plugin_sha256,
+                members: v1.members,
+                alarms: Vec::new(),
+            };
+            (header, used)
+        } else {
+            bincode::serde::decode_from_slice(body, limit).map_err(bad)?
+        };
         if used != body.len() {
             return Err(SnapshotError::Malformed("header has trailing bytes".into()));
         }
@@ -287,6 +308,7 @@ mod tests {
         let header = SnapshotHeader {
             plugin_sha256: [7; 32],
             members: vec![(1, "127.0.0.1:1".into())],
+            alarms: vec![1],
         };
         let data = encode(&header, b"state");
         let (decoded, state) = decode(&data).unwrap();
@@ -295,6 +317,31 @@ mod tests {
         assert!(decode(&data[..10]).is_err());
         assert!(decode(b"XXXX\0\0\0\0").is_err());
         assert!(decode(b"RSN1\xff\xff\xff\xff").is_err(), "a header too long to be real");
+    }
+
+    /// Snapshots stored before space alarms (`RSN1`) still read, with none.
+    #[test]
+    fn a_snapshot_from_before_alarms_reads_with_none() {
+        #[derive(Serialize)]
+        struct V1 {
+            plugin_sha256: [u8; 32],
+            members: Vec<(u64, String)>,
+        }
+        let v1 = V1 {
+            plugin_sha256: [3; 32],
+            members: vec![(1, "127.0.0.1:1".into())],
+        };
+        let body = bincode::serde::encode_to_vec(&v1, bincode::config::standard()).unwrap();
+        let mut data = b"RSN1".to_vec();
+        data.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        data.extend_from_slice(&body);
+        data.extend_from_slice(b"old state");
+        let (header, state) = decode(&data).unwrap();
+        assert_eq!(header.plugin_sha256, [3; 32]);
+        assert_eq!(header.members, v1.members);
+        assert!(header.alarms.is_empty());
+        assert_eq!(state, b"old state");
+        assert!(encode(&header, b"").starts_with(b"RSN2"), "new snapshots carry alarms");
     }
 
     #[test]
@@ -311,6 +358,7 @@ mod tests {
         let header = SnapshotHeader {
             plugin_sha256: [1; 32],
             members: vec![],
+            alarms: vec![],
         };
         assert_eq!(DataRef::parse(&encode(&header, b"state of some length")), None);
         assert_eq!(DataRef::parse(b"RSNS"), None);
@@ -321,6 +369,7 @@ mod tests {
         let header = SnapshotHeader {
             plugin_sha256: [9; 32],
             members: vec![(1, "127.0.0.1:1".into()), (2, "127.0.0.1:2".into())],
+            alarms: vec![2],
         };
         let state: Vec<u8> = (0..200u8).collect();
         let data = encode(&header, &state);
@@ -343,6 +392,6 @@ mod tests {
             assert_eq!(got_header.as_ref(), Some(&header), "pieces of {size}");
             assert_eq!(got_state, state, "pieces of {size}");
         }
-        assert!(Reader::default().push(b"RSN2").is_err());
+        assert!(Reader::default().push(b"RSN3").is_err());
     }
 }

@@ -76,6 +76,9 @@ pub struct Link {
     pub dialer: Dialer,
     pub cluster_id: u64,
     pub self_id: u64,
+    /// This node's space (its batches tell the leader when it is out), and
+    /// what peers' batches said of theirs.
+    pub space: Arc<crate::space::SpaceState>,
 }
 
 struct Inner {
@@ -256,6 +259,7 @@ async fn peer_task(
                 messages,
                 cluster_id: link.cluster_id,
                 from: link.self_id,
+                no_space: link.space.over(),
             };
             if stream_tx.send(batch).await.is_err() {
                 let result = call.await;

@@ -23,7 +23,7 @@
 
 mod snapshots;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -133,6 +133,10 @@ pub struct Fsm<S: LogStore> {
     taking: Option<snapshots::Taking>,
     /// Who waits for a snapshot, and from which index on.
     snapshot_waiters: Vec<snapshots::SnapshotWaiter>,
+    /// Members whose space alarm is on as of `applied`, and where the rest
+    /// of the node reads it.
+    alarms: BTreeSet<u64>,
+    alarms_tx: watch::Sender<BTreeSet<u64>>,
 }
 
 /// Why the worker stopped.
@@ -194,6 +198,8 @@ impl<S: LogStore> Fsm<S> {
             staged: HashMap::new(),
             taking: None,
             snapshot_waiters: Vec::new(),
+            alarms: BTreeSet::new(),
+            alarms_tx: watch::channel(BTreeSet::new()).0,
         };
         if fsm.restore_stored()? {
             // Status and the raft loop read the applied index from here; raft
@@ -202,6 +208,15 @@ impl<S: LogStore> Fsm<S> {
         }
         fsm.publish_active_plugin();
         Ok(fsm)
+    }
+
+    /// Members whose space alarm is on, as of what this worker applied.
+    pub fn space_alarms(&self) -> watch::Receiver<BTreeSet<u64>> {
+        self.alarms_tx.subscribe()
+    }
+
+    fn publish_alarms(&self) {
+        self.alarms_tx.send_replace(self.alarms.clone());
     }
 
     fn publish_active_plugin(&self) {
@@ -357,6 +372,9 @@ impl<S: LogStore> Fsm<S> {
                 conf.voters.retain(|v| *v != id);
                 conf.learners.retain(|l| *l != id);
                 self.members.remove(&id);
+                if self.alarms.remove(&id) {
+                    self.alarms_tx.send_replace(self.alarms.clone());
+                }
             }
         }
         conf.voters.sort_unstable();
@@ -434,6 +452,22 @@ impl<S: LogStore> Fsm<S> {
             EntryType::EntryConfChangeV2 => None,
             EntryType::EntryNormal => match envelope::open(&entry.data) {
                 Ok(Payload::Empty) | Ok(Payload::Host(HostEntry::Noop)) => None,
+                Ok(Payload::Host(HostEntry::SpaceAlarm { member, on })) => {
+                    let changed = if on {
+                        self.alarms.insert(member)
+                    } else {
+                        self.alarms.remove(&member)
+                    };
+                    if changed {
+                        if on {
+                            tracing::warn!(index, member, "space alarm on: writes that grow the state are refused");
+                        } else {
+                            tracing::info!(index, member, "space alarm off");
+                        }
+                        self.publish_alarms();
+                    }
+                    None
+                }
                 Ok(Payload::Command(command)) => Some(self.apply_command(index, command)?),
                 Ok(Payload::PluginChunk { sha256, offset, bytes }) => {
                     // Chunks wait in memory for their swap entry; a restart

@@ -142,6 +142,7 @@ impl<S: LogStore> Fsm<S> {
         let header = SnapshotHeader {
             plugin_sha256: self.plugin.sha256(),
             members: self.members.iter().map(|(id, addr)| (*id, addr.clone())).collect(),
+            alarms: self.alarms.iter().copied().collect(),
         };
         let mut metadata = SnapshotMetadata {
             index,
@@ -149,7 +150,14 @@ impl<S: LogStore> Fsm<S> {
             ..Default::default()
         };
         metadata.set_conf_state(self.conf_state.clone());
-        let compact_to = index.saturating_sub(self.config.keep_entries);
+        // Out of space, the log behind the snapshot goes too: a follower
+        // that lags gets a snapshot instead, and the space comes back.
+        let keep = if self.alarms.is_empty() {
+            self.config.keep_entries
+        } else {
+            0
+        };
+        let compact_to = index.saturating_sub(keep);
         let (queue, pieces) = mpsc::sync_channel(WRITE_QUEUE);
         let store = self.store.clone();
         let span = tracing::Span::current();
@@ -444,6 +452,8 @@ impl<S: LogStore> Fsm<S> {
                     return Err(failed("the snapshot changed while it was read".into()));
                 }
                 self.members = header.members.into_iter().collect();
+                self.alarms = header.alarms.into_iter().collect();
+                self.publish_alarms();
                 let plugin = restoring.plugin.clone();
                 let mut instance = plugin.instantiate()?;
                 instance

@@ -62,6 +62,9 @@ pub struct Services {
     pub snapshot_error: Arc<std::sync::Mutex<String>>,
     /// The largest snapshot accepted from a leader.
     pub max_snapshot_bytes: u64,
+    /// This node's space limits, and the members whose space alarm is on.
+    pub space_config: crate::space::SpaceConfig,
+    pub space_alarms: watch::Receiver<std::collections::BTreeSet<u64>>,
     /// Validates components before a swap is proposed.
     pub sandbox: crate::sandbox::Sandbox,
     pub plugins: Arc<dyn crate::storage::PluginRegistry>,
@@ -106,7 +109,33 @@ impl Services {
     /// Validate a proposal and queue it in the raft loop. Returns once the
     /// entry has its place in the queue, so callers that submit in sequence
     /// get their entries into the log in that sequence.
+    /// While any member's space alarm is on, writes that grow the state
+    /// are refused, alike on every node (the alarm is in the log).
+    fn check_space(&self, bytes: u64) -> Result<(), Status> {
+        let alarms = self.space_alarms.borrow().clone();
+        let members: Vec<String> = if !alarms.is_empty() {
+            alarms.iter().map(u64::to_string).collect()
+        } else if !self.peer.link.space.admit(bytes, &self.space_config) {
+            // Not yet in the log: this write would take this node past its
+            // quota, and its alarm is on the way.
+            vec![self.peer.link.self_id.to_string()]
+        } else {
+            return Ok(());
+        };
+        Err(Status::resource_exhausted(format!(
+            "no space: the space alarm is on for node {} (this node's quota is {} bytes, quota_bytes, with {} bytes \
+             kept free on its disk, min_free_bytes); writes that grow the state are refused, reads are served. \
+             To free space: delete data (`propose --frees-space`), take a snapshot on each node (`snapshot`, \
+             which compacts the log), defragment each node while it is stopped (`defrag --data-dir`), or raise \
+             --quota-bytes; the alarm clears by itself once usage is back under the limits (or `alarm disarm`)",
+            members.join(", "),
+            self.space_config.quota_bytes,
+            self.space_config.min_free_bytes
+        )))
+    }
+
     async fn submit(&self, request: ProposeRequest) -> Result<Pending, Status> {
+        let frees_space = request.frees_space;
         let entry = match request.command {
             Some(proto::propose_request::Command::Entry(bytes)) => bytes,
             Some(proto::propose_request::Command::Text(text)) => self.encode(text).await?,
@@ -122,6 +151,9 @@ impl Services {
                 entry.len(),
                 self.config.max_proposal_bytes
             )));
+        }
+        if !frees_space {
+            self.check_space(entry.len() as u64)?;
         }
         let (reply, pending) = oneshot::channel();
         let request = NodeRequest::Propose {
@@ -348,6 +380,8 @@ impl proto::client_server::Client for Services {
     ) -> Result<Response<proto::SwapPluginResponse>, Status> {
         self.peer.admit_client(&request)?;
         let wasm = request.into_inner().wasm;
+        // A component lands in every member's store: it grows the state.
+        self.check_space(wasm.len() as u64)?;
         if wasm.len() > self.config.max_plugin_bytes {
             return Err(Status::invalid_argument(format!(
                 "the component is {} bytes; the limit is {} (max_plugin_bytes)",
@@ -452,6 +486,24 @@ impl proto::client_server::Client for Services {
         };
         let first_index = self.node_status().await?.first_index;
         Ok(Response::new(proto::SnapshotResponse { index, first_index }))
+    }
+
+    async fn disarm_alarms(
+        &self,
+        request: Request<proto::DisarmAlarmsRequest>,
+    ) -> Result<Response<proto::DisarmAlarmsResponse>, Status> {
+        self.peer.admit_client(&request)?;
+        let members: Vec<u64> = self.space_alarms.borrow().iter().copied().collect();
+        let (reply, answer) = oneshot::channel();
+        self.node
+            .send(NodeRequest::DisarmAlarms { reply })
+            .await
+            .map_err(|_| propose_status(ProposeError::Shutdown))?;
+        answer
+            .await
+            .map_err(|_| propose_status(ProposeError::Shutdown))?
+            .map_err(propose_status)?;
+        Ok(Response::new(proto::DisarmAlarmsResponse { members }))
     }
 
     async fn remove_member(
@@ -596,6 +648,7 @@ impl proto::client_server::Client for Services {
             .map(|(_, addr, _)| addr.clone())
             .unwrap_or_default();
         let plugin = self.codec.plugin();
+        let space = self.peer.link.space.usage();
         Ok(Response::new(StatusResponse {
             id: status.id,
             role: status.role,
@@ -618,6 +671,13 @@ impl proto::client_server::Client for Services {
             snapshot_index: status.snapshot_index,
             reads_served: status.reads.served,
             reads_retried: status.reads.retried,
+            space_alarms: self.space_alarms.borrow().iter().copied().collect(),
+            store_file_bytes: space.file_bytes,
+            store_live_bytes: space.live_bytes,
+            quota_bytes: self.space_config.quota_bytes,
+            fs_free_bytes: space.fs_free_bytes,
+            min_free_bytes: self.space_config.min_free_bytes,
+            out_of_space: self.peer.link.space.over(),
             cluster_id: self.peer.link.cluster_id,
             snapshot_error: self.snapshot_error.lock().unwrap_or_else(|e| e.into_inner()).clone(),
             refused: self

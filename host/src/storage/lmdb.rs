@@ -63,6 +63,8 @@ pub struct LmdbStore {
 
 struct Inner {
     env: Env,
+    /// The environment's directory (for its filesystem's free space).
+    dir: std::path::PathBuf,
     entries: Database<Index, Bytes>,
     meta: Database<Str, Bytes>,
     traps: Database<Index, Str>,
@@ -211,6 +213,7 @@ impl LmdbStore {
         Ok(LmdbStore {
             inner: Arc::new(Inner {
                 env,
+                dir: dir.to_path_buf(),
                 entries,
                 meta,
                 traps,
@@ -738,6 +741,17 @@ impl LogStore for LmdbStore {
         })
     }
 
+    fn space(&self) -> Result<crate::space::SpaceUsage, StoreError> {
+        let env = &self.inner.env;
+        let (fs_free_bytes, fs_total_bytes) = crate::space::filesystem(&self.inner.dir).unwrap_or((0, 0));
+        Ok(crate::space::SpaceUsage {
+            file_bytes: env.real_disk_size()?,
+            live_bytes: env.non_free_pages_size()?,
+            fs_free_bytes,
+            fs_total_bytes,
+        })
+    }
+
     fn take_snapshot_request(&self) -> bool {
         self.inner
             .snapshot_wanted
@@ -902,4 +916,56 @@ impl LmdbStore {
             None => Ok(inner.meta.get(txn, SNAPSHOT_DATA)?.map_or(0, |data| data.len() as u64)),
         }
     }
+}
+
+/// What `defrag` did.
+#[derive(Debug, Clone, Copy)]
+pub struct DefragReport {
+    pub before_bytes: u64,
+    pub after_bytes: u64,
+    pub elapsed: std::time::Duration,
+}
+
+/// Compact the store of a node that is not running, in place: LMDB's
+/// compacting copy (only pages in use, in order) to a file beside the
+/// original, synced, then renamed over it. A crash before the rename leaves
+/// the original untouched (the copy is removed at the next defrag); after
+/// it, the compacted store. The data dir's lock keeps a running node out.
+pub fn defrag(data_dir: &Path) -> anyhow::Result<DefragReport> {
+    use anyhow::Context as _;
+    let started = std::time::Instant::now();
+    let _lock = crate::daemon::lock_data_dir(data_dir)?;
+    let dir = data_dir.join("lmdb");
+    let data = dir.join("data.mdb");
+    let before_bytes = std::fs::metadata(&data)
+        .with_context(|| format!("{} holds no store", data_dir.display()))?
+        .len();
+    let compact = dir.join("data.mdb.compact");
+    let _ = std::fs::remove_file(&compact);
+    {
+        // SAFETY: as in `LmdbStore::open`; the lock keeps every other
+        // process out, and this is the only open of it in this one.
+        let env = unsafe {
+            EnvOpenOptions::new()
+                .map_size(before_bytes.max(1 << 20) as usize * 2)
+                .max_dbs(8)
+                .open(&dir)
+        }
+        .with_context(|| format!("cannot open the store in {}", dir.display()))?;
+        let file = env
+            .copy_to_path(&compact, heed::CompactionOption::Enabled)
+            .map_err(StoreError::from)
+            .context("the compacting copy failed")?;
+        file.sync_all().context("cannot sync the compacted copy")?;
+        env.prepare_for_closing().wait();
+    }
+    std::fs::rename(&compact, &data).context("cannot move the compacted copy into place")?;
+    std::fs::File::open(&dir)
+        .and_then(|d| d.sync_all())
+        .context("cannot sync the store's directory")?;
+    Ok(DefragReport {
+        before_bytes,
+        after_bytes: std::fs::metadata(&data)?.len(),
+        elapsed: started.elapsed(),
+    })
 }

@@ -134,6 +134,12 @@ pub type StoredPlugin = ([u8; 32], Vec<u8>);
 
 /// Raft's [`Storage`] plus the writes a node makes.
 pub trait LogStore: Storage + Clone + Send + Sync + 'static {
+    /// What the store holds and what its filesystem has left (zeros where
+    /// the store cannot tell).
+    fn space(&self) -> Result<crate::space::SpaceUsage, StoreError> {
+        Ok(crate::space::SpaceUsage::default())
+    }
+
     /// Persist `batch` atomically and durably.
     fn write(&self, batch: WriteBatch) -> Result<(), StoreError>;
 

@@ -1,0 +1,220 @@
+//! Space through the real binary: a cluster past its storage quota raises a
+//! replicated space alarm, refuses writes with one clear error, keeps
+//! serving reads, and resumes once space is freed; `defrag` gives the file
+//! space back; a node whose filesystem fills up survives it.
+
+mod support;
+
+use std::time::Duration;
+
+use raftify_host::client::{Client, ClientError};
+use support::*;
+
+/// 100 KB values: a 4 MiB quota holds a few dozen.
+fn value(i: usize) -> String {
+    format!("{i}-{}", "v".repeat(100_000))
+}
+
+fn block_on<T>(future: impl std::future::Future<Output = T>) -> T {
+    tokio::runtime::Runtime::new().unwrap().block_on(future)
+}
+
+/// Write `key{i}` until the cluster refuses (or `most` writes): the
+/// acknowledged keys and the refusal.
+fn fill(addr: &str, most: usize) -> (Vec<usize>, String) {
+    block_on(async {
+        let mut client = Client::connect(addr, Duration::from_secs(30)).await.unwrap();
+        let mut acknowledged = Vec::new();
+        for i in 0..most {
+            match client.propose_text(&format!("set key{i} {}", value(i))).await {
+                Ok(_) => acknowledged.push(i),
+                Err(ClientError::Rpc(status)) if status.code() == tonic::Code::ResourceExhausted => {
+                    return (acknowledged, status.message().to_string());
+                }
+                Err(other) => panic!("write {i}: {other}"),
+            }
+        }
+        panic!("{most} writes of 100 KB went through a 4 MiB quota");
+    })
+}
+
+fn alarms(node: &Node) -> Vec<u64> {
+    node.try_status()
+        .and_then(|s| s["space_alarms"].as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|v| v.as_u64())
+        .collect()
+}
+
+#[test]
+fn a_cluster_past_its_quota_refuses_writes_serves_reads_and_resumes_once_space_is_freed() {
+    let mut cluster = Cluster::start(
+        3,
+        &[
+            "--quota-bytes",
+            "4194304",
+            "--snapshot-log-percent",
+            "0",
+            "--snapshot-every-entries",
+            "100000",
+        ],
+    );
+    let leader = cluster.leader();
+    let leader_addr = cluster.addrs[&leader].clone();
+
+    // Writes go through until the quota is used up, then every one is
+    // refused with the same clear error.
+    let (acknowledged, refusal) = fill(&leader_addr, 200);
+    assert!(
+        acknowledged.len() >= 10,
+        "only {} writes before the alarm",
+        acknowledged.len()
+    );
+    assert!(refusal.starts_with("no space:"), "{refusal}");
+    assert!(
+        refusal.contains("quota_bytes") && refusal.contains("--frees-space"),
+        "{refusal}"
+    );
+
+    // The alarm is in the log: every member learns it.
+    for node in cluster.nodes.values() {
+        wait_until(Duration::from_secs(30), "every member to see the alarm", || {
+            !alarms(node).is_empty()
+        });
+        let err = node.propose("set more 1").unwrap_err();
+        assert!(err.contains("no space"), "{err}");
+    }
+    let listed = outcome(cli(&["alarm", "list", "--addr", &leader_addr])).unwrap();
+    assert!(listed.contains("NOSPACE"), "{listed}");
+
+    // Reads of every consistency go on, on every member, and nothing
+    // acknowledged is lost.
+    let last = *acknowledged.last().unwrap();
+    for node in cluster.nodes.values() {
+        let out = cli(&["query", &format!("get key{last}"), "--addr", &node.addr]);
+        assert_eq!(stdout(&out), value(last), "{}", stderr(&out));
+    }
+    let leader_node = cluster.node(leader);
+    for i in &acknowledged {
+        let out = cli(&[
+            "query",
+            &format!("get key{i}"),
+            "--consistency",
+            "stale",
+            "--addr",
+            &leader_node.addr,
+        ]);
+        assert_eq!(stdout(&out), value(*i));
+    }
+
+    // Disarmed while still over the quota, the alarm comes straight back.
+    let disarmed = outcome(cli(&["alarm", "disarm", "--addr", &leader_addr])).unwrap();
+    assert!(disarmed.contains("disarmed"), "{disarmed}");
+    wait_until(Duration::from_secs(30), "the alarm to come back", || {
+        !alarms(cluster.node(leader)).is_empty()
+    });
+
+    // Space is freed: deletes (admitted during the alarm), then a snapshot
+    // on each node, which compacts the whole log while the alarm is on.
+    let deletes: String = acknowledged.iter().map(|i| format!("del key{i}\n")).collect();
+    let file = cluster.dir.path().join("deletes.txt");
+    std::fs::write(&file, deletes).unwrap();
+    let out = cli(&[
+        "propose",
+        "--frees-space",
+        "--file",
+        file.to_str().unwrap(),
+        "--addr",
+        &leader_addr,
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    for node in cluster.nodes.values() {
+        let out = cli(&["snapshot", "--addr", &node.addr]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    for node in cluster.nodes.values() {
+        wait_until(Duration::from_secs(30), "the alarm to clear by itself", || {
+            alarms(node).is_empty()
+        });
+    }
+    assert_eq!(cluster.node(leader).propose("set after 1").unwrap(), "OK");
+
+    // `defrag` gives the file's free pages back (a stopped node only).
+    let follower = cluster.followers()[0];
+    let data = cluster.data_dir(follower);
+    let refused = outcome(cli(&["defrag", "--data-dir", data.to_str().unwrap()])).unwrap_err();
+    assert!(refused.contains("in use by another raftify-host process"), "{refused}");
+    let before = std::fs::metadata(data.join("lmdb/data.mdb")).unwrap().len();
+    let mut stopped = cluster.kill(follower);
+    let report = outcome(cli(&["defrag", "--data-dir", data.to_str().unwrap()])).unwrap();
+    let after = std::fs::metadata(data.join("lmdb/data.mdb")).unwrap().len();
+    assert!(after * 4 < before, "{before} -> {after} bytes: {report}");
+    stopped.kill();
+    cluster.restart(follower);
+    let commit = cluster.node(leader).status()["commit_index"].as_u64().unwrap();
+    cluster.wait_applied(follower, commit);
+    assert_eq!(cluster.stale(follower, "get after"), "1");
+    assert_eq!(cluster.stale(follower, &format!("get key{last}")), "(nil)");
+}
+
+/// A tmpfs of `mib` MiB at `dir`, unmounted when dropped; `None` (and why)
+/// where mounting is not permitted.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &std::path::Path, mib: u64) -> Result<Tmpfs, String> {
+        std::fs::create_dir_all(dir).unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(dir)
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+        }
+        Ok(Tmpfs(dir.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_node_whose_disk_fills_up_raises_the_alarm_and_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let mount = dir.path().join("small");
+    let _tmpfs = match Tmpfs::mount(&mount, 48) {
+        Ok(tmpfs) => tmpfs,
+        Err(why) => {
+            eprintln!("SKIPPED: cannot mount a tmpfs here ({why}); this test needs root");
+            return;
+        }
+    };
+    let data = mount.join("n1");
+    let mut node = Node::start(&data, &free_addr(), &[]);
+    let status = node.status();
+    // The reserve: a tenth of the 48 MiB filesystem.
+    assert_eq!(status["min_free_bytes"], (48u64 << 20) / 10);
+
+    let (acknowledged, refusal) = fill(&node.addr, 1000);
+    assert!(refusal.starts_with("no space:"), "{refusal}");
+    assert!(acknowledged.len() >= 100, "only {} writes", acknowledged.len());
+    wait_until(Duration::from_secs(30), "the node to see it is out of space", || {
+        node.try_status().is_some_and(|s| s["out_of_space"] == true)
+    });
+    // The node is up, reads are served, nothing acknowledged is lost.
+    let last = *acknowledged.last().unwrap();
+    assert_eq!(node.query(&format!("get key{last}")).unwrap(), value(last));
+    assert_eq!(node.query("len").unwrap(), acknowledged.len().to_string());
+    let log = node.log_text();
+    assert!(log.contains("min_free_bytes"), "the log says why:\n{log}");
+    assert!(
+        !log.contains("panicked") && !log.contains("Input/output error"),
+        "{log}"
+    );
+    node.terminate(Duration::from_secs(10));
+}
