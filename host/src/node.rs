@@ -327,8 +327,24 @@ impl<S: LogStore> Node<S> {
         let (done, persisted) = std_mpsc::channel();
         let persisted_wake = Arc::new(Notify::new());
         let wake = persisted_wake.clone();
-        let persister = Persister::start(store.clone(), done, move || wake.notify_one())
-            .map_err(|e| NodeError::Store(StoreError::Io(e)))?;
+        // Out of space, writes wait (and the alarm goes up) rather than
+        // stop the node.
+        let (space_state, min_free, reader) = (space.state(), space.config().min_free_bytes, store.clone());
+        let out_of_space = move |error: &StoreError| {
+            let free = reader
+                .space()
+                .ok()
+                .filter(|usage| usage.fs_total_bytes > 0)
+                .map(|usage| usage.fs_free_bytes);
+            let out = error.is_out_of_space(free, min_free);
+            if out {
+                space_state.mark_out_of_space();
+            }
+            out
+        };
+        let persister =
+            Persister::start_waiting_for_space(store.clone(), done, move || wake.notify_one(), out_of_space)
+                .map_err(|e| NodeError::Store(StoreError::Io(e)))?;
         // A one-voter cluster need not wait an election timeout; raft lets
         // it campaign once its configuration entries are applied.
         let campaign_when_applied = raw.raft.prs().conf().voters().ids().iter().collect::<Vec<_>>() == [id];

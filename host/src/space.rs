@@ -132,6 +132,12 @@ impl SpaceState {
         fits
     }
 
+    /// A write failed for lack of space: out of space until readings say
+    /// otherwise.
+    pub fn mark_out_of_space(&self) {
+        self.over.store(true, Ordering::Relaxed);
+    }
+
     /// A member's batch said this. (Batches name their sender; the map
     /// stays bounded whatever ids a peer claims.)
     pub fn report(&self, member: u64, over: bool) {
@@ -186,6 +192,14 @@ impl SpaceWatch {
             next_check: Instant::now(),
             proposed: HashMap::new(),
         }
+    }
+
+    pub fn config(&self) -> SpaceConfig {
+        self.config
+    }
+
+    pub fn state(&self) -> Arc<SpaceState> {
+        self.state.clone()
     }
 
     /// Called every tick. Returns the alarm entries the leader should

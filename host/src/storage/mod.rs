@@ -34,6 +34,30 @@ pub enum StoreError {
     Io(#[from] std::io::Error),
 }
 
+impl StoreError {
+    /// Whether a write failed for lack of space: a full disk or disk quota
+    /// (ENOSPC, EDQUOT), a full LMDB map, or an I/O error (how LMDB reports
+    /// a failed write) while the filesystem has less than `min_free` bytes
+    /// left. An LMDB transaction that failed so kept nothing, and the
+    /// environment is still usable (unlike after MDB_PANIC).
+    pub fn is_out_of_space(&self, fs_free_bytes: Option<u64>, min_free: u64) -> bool {
+        const ENOSPC: i32 = 28;
+        const EDQUOT: i32 = 122;
+        const EIO: i32 = 5;
+        let code = match self {
+            StoreError::Lmdb(heed::Error::Mdb(heed::MdbError::MapFull)) => return true,
+            StoreError::Lmdb(heed::Error::Mdb(heed::MdbError::Other(code))) => Some(*code),
+            StoreError::Lmdb(heed::Error::Io(io)) | StoreError::Io(io) => io.raw_os_error(),
+            _ => None,
+        };
+        match code {
+            Some(ENOSPC | EDQUOT) => true,
+            Some(EIO) => fs_free_bytes.is_some_and(|free| free < min_free),
+            _ => false,
+        }
+    }
+}
+
 /// LMDB's errors, with what a full disk or a full map means for the
 /// operator (a bare "Input/output error" does not say the disk is full).
 fn describe_lmdb(error: &heed::Error) -> String {

@@ -8,6 +8,8 @@
 //! durable. Writes land in submission order, so a report for `n` covers
 //! every batch up to `n`.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::thread::JoinHandle;
 
@@ -27,6 +29,8 @@ pub type Completion = Result<u64, StoreError>;
 pub struct Persister {
     jobs: Option<std_mpsc::Sender<(u64, WriteBatch)>>,
     thread: Option<JoinHandle<()>>,
+    /// Set when dropped: a write waiting for space gives up.
+    stop: Arc<AtomicBool>,
 }
 
 impl Persister {
@@ -37,7 +41,25 @@ impl Persister {
         done: std_mpsc::Sender<Completion>,
         wake: impl Fn() + Send + 'static,
     ) -> std::io::Result<Persister> {
+        Persister::start_waiting_for_space(store, done, wake, |_| false)
+    }
+
+    /// As `start`, but a write that fails for lack of space (`out_of_space`
+    /// says which errors are that) is not final: nothing of it was written
+    /// (an LMDB transaction is all or nothing), so the thread tries it again
+    /// every `SPACE_RETRY` until space comes back. Meanwhile nothing more
+    /// becomes durable, so raft acknowledges nothing more, and the node
+    /// stays up serving what it has. Only a shutdown ends the wait (with
+    /// the error).
+    pub fn start_waiting_for_space<S: LogStore>(
+        store: S,
+        done: std_mpsc::Sender<Completion>,
+        wake: impl Fn() + Send + 'static,
+        out_of_space: impl Fn(&StoreError) -> bool + Send + 'static,
+    ) -> std::io::Result<Persister> {
         let (jobs, queue) = std_mpsc::channel::<(u64, WriteBatch)>();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
         let thread = std::thread::Builder::new().name("persist".into()).spawn(move || {
             let mut carried = None;
             while let Some((mut seq, mut batch)) = carried.take().or_else(|| queue.recv().ok()) {
@@ -54,7 +76,25 @@ impl Persister {
                     seq = next_seq;
                     bytes += next_bytes;
                 }
-                let result = store.write(batch);
+                let mut result = store.write(batch.clone());
+                let mut waited = false;
+                while let Err(error) = &result
+                    && out_of_space(error)
+                {
+                    if !waited {
+                        tracing::error!(%error, "cannot persist: out of space; retrying every second until space comes back");
+                        waited = true;
+                    }
+                    // Wait without taking more work: it stays queued.
+                    std::thread::sleep(SPACE_RETRY);
+                    if stopping.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    result = store.write(batch.clone());
+                }
+                if waited && result.is_ok() {
+                    tracing::info!("persisting again: space came back");
+                }
                 let failed = result.is_err();
                 let _ = done.send(result.map(|()| seq));
                 wake();
@@ -66,6 +106,7 @@ impl Persister {
         Ok(Persister {
             jobs: Some(jobs),
             thread: Some(thread),
+            stop,
         })
     }
 
@@ -81,12 +122,16 @@ impl Persister {
 impl Drop for Persister {
     /// Finish the queued writes, then stop the thread.
     fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
         self.jobs.take();
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
     }
 }
+
+/// How often a write that failed for lack of space is tried again.
+const SPACE_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
 fn entry_bytes(batch: &WriteBatch) -> usize {
     batch.entries.iter().map(|e| e.compute_size() as usize).sum()
