@@ -43,10 +43,13 @@ fn compaction_shortens_the_log_and_a_late_joiner_catches_up_by_snapshot() {
     );
     propose_file(cluster.node(leader), &file);
 
-    let status = cluster.node(leader).status();
-    assert!(status["snapshot_index"].as_u64().unwrap() >= 4000, "{status}");
-    let first = status["first_index"].as_u64().unwrap();
-    assert!(first > 3000, "the log was not compacted: first index {first}");
+    // Snapshots are stored by a thread of their own: wait for it.
+    let node = cluster.node(leader);
+    wait_until(
+        Duration::from_secs(60),
+        "a snapshot past 4000 and the log compacted",
+        || node.status_u64("snapshot_index") >= 4000 && node.status_u64("first_index") > 3000,
+    );
 
     let joined = cluster.join(4, leader, &[]).status()["id"].as_u64().unwrap();
     let commit = cluster.node(leader).status()["commit_index"].as_u64().unwrap();
@@ -60,9 +63,12 @@ fn compaction_shortens_the_log_and_a_late_joiner_catches_up_by_snapshot() {
         assert_eq!(cluster.stale(joined, &format!("get k{i}")), format!("v{i}"));
     }
     assert_eq!(cluster.stale(joined, "len"), "5000");
-    // The forced snapshot command works on any node.
+    // The forced snapshot command works on any node, and says where.
     let out = cli(&["snapshot", "-o", "json", "--addr", &cluster.node(joined).addr]);
     assert!(out.status.success(), "{}", stderr(&out));
+    let taken: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(taken["index"].as_u64().unwrap() >= commit, "{taken}");
+    assert_eq!(cluster.node(joined).status()["snapshot_index"], taken["index"]);
 }
 
 #[test]
@@ -76,7 +82,7 @@ fn a_64_mib_state_reaches_a_new_node_even_if_it_dies_during_the_install() {
     let value = "x".repeat(1_000_000);
     let file = write_file(dir.path(), "big.txt", (0..68).map(|i| format!("set big{i} {i}{value}")));
     propose_file(&seed, &file);
-    let snapshot = cli(&["snapshot", "--addr", &seed.addr]);
+    let snapshot = cli(&["snapshot", "--addr", &seed.addr, "--timeout-ms", "120000"]);
     assert!(snapshot.status.success(), "{}", stderr(&snapshot));
 
     // The joiner is killed mid-transfer: once its own partial snapshot file
