@@ -59,6 +59,9 @@ for round in $(seq 1 "$ROUNDS"); do
   echo "$((round * KEYS)),$(stat -c %s "$dir/n1/lmdb/data.mdb"),$(live_bytes)"
 done
 stop
+if "$BIN" defrag --help >/dev/null 2>&1; then
+  "$BIN" defrag --data-dir "$dir/n1"
+fi
 
 if [ "$DEFRAG_MB" -gt 0 ] && "$BIN" defrag --help >/dev/null 2>&1; then
   echo "== defrag of a ${DEFRAG_MB} MB environment"

@@ -429,9 +429,14 @@ pub async fn run_client(command: Command) -> anyhow::Result<i32> {
             for p in &response.plugins {
                 match args.output {
                     Output::Text => println!(
-                        "{}\t{} bytes\tfrom index {}{}",
+                        "{}\t{}\tfrom index {}{}",
                         p.sha256,
-                        p.size,
+                        // 0: its bytes were freed once no snapshot or entry needed them.
+                        if p.size == 0 {
+                            "freed".to_string()
+                        } else {
+                            format!("{} bytes", p.size)
+                        },
                         p.active_from_index,
                         if p.current { "\tcurrent" } else { "" }
                     ),

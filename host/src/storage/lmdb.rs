@@ -439,6 +439,33 @@ impl Inner {
         let own = chunks_of(location.save);
         self.snapshot_chunks.delete_range(txn, &(..own.start))?;
         self.snapshot_chunks.delete_range(txn, &(own.end..))?;
+        let covered = metadata.index.min(self.first_index(txn)?.saturating_sub(1));
+        self.drop_superseded_plugins(txn, covered)
+    }
+
+    /// Free the components nothing can need once the snapshot and the log
+    /// cover everything after `covered`: those the history replaced at or
+    /// before it. The first is kept (a joiner starts from it), and so is
+    /// any that is active again later. History entries stay (for `plugin
+    /// list`); components not in the history (fetched for a snapshot being
+    /// installed) are left alone.
+    fn drop_superseded_plugins(&self, txn: &mut heed::RwTxn, covered: u64) -> Result<(), StoreError> {
+        let mut history = Vec::new();
+        for item in self.plugin_history.iter(txn)? {
+            let (index, sha) = item?;
+            history.push((index, sha.to_vec()));
+        }
+        let needed: std::collections::HashSet<&[u8]> = history
+            .iter()
+            .enumerate()
+            .filter(|(k, _)| *k == 0 || history.get(k + 1).is_none_or(|(next, _)| *next > covered))
+            .map(|(_, (_, sha))| sha.as_slice())
+            .collect();
+        for (_, sha) in &history {
+            if !needed.contains(sha.as_slice()) {
+                self.plugins.delete(txn, sha)?;
+            }
+        }
         Ok(())
     }
 

@@ -505,6 +505,41 @@ fn lmdb_stores_a_large_snapshot_in_chunks_and_keeps_only_the_latest() {
     assert!(store.stored_snapshot().unwrap().unwrap().data.is_empty());
 }
 
+/// Components the history replaced before what the snapshot and the log
+/// cover are freed; the first, the ones still needed, and the history stay.
+#[test]
+fn lmdb_frees_components_no_snapshot_or_entry_needs() {
+    let (store, _dir) = lmdb();
+    append(&store, entries(1..=40, 1));
+    use sha2::Digest as _;
+    let sha = |bytes: &[u8]| -> [u8; 32] { sha2::Sha256::digest(bytes).into() };
+    let (kv, v2, v3) = (sha(b"kv"), sha(b"v2"), sha(b"v3"));
+    // kv from the start, v2 from 10, v3 from 20, kv again from 25.
+    store.activate_plugin(0, &kv, b"kv").unwrap();
+    store.activate_plugin(10, &v2, b"v2").unwrap();
+    store.activate_plugin(20, &v3, b"v3").unwrap();
+    store.activate_plugin(25, &kv, b"kv").unwrap();
+    // The first snapshot compacts the log to 22; a later one finds the
+    // entries before 23 gone: v2 (replaced at 20) can go.
+    store.save_snapshot(&snapshot_at(22, 1, vec![1], b"state"), 22).unwrap();
+    assert_eq!(
+        store.plugin_blob(&v2).unwrap().as_deref(),
+        Some(&b"v2"[..]),
+        "entries of v2 were still in the log"
+    );
+    store.save_snapshot(&snapshot_at(30, 1, vec![1], b"state"), 22).unwrap();
+    assert_eq!(store.plugin_blob(&v2).unwrap(), None);
+    // v3 ran entries 21..25, still in the log; kv is the first, and back.
+    assert_eq!(store.plugin_blob(&v3).unwrap().as_deref(), Some(&b"v3"[..]));
+    assert_eq!(store.plugin_blob(&kv).unwrap().as_deref(), Some(&b"kv"[..]));
+    assert_eq!(store.plugin_history().unwrap().len(), 4, "the history stays whole");
+    // Once the log starts after 25, v3 goes too.
+    store.save_snapshot(&snapshot_at(35, 1, vec![1], b"state"), 35).unwrap();
+    store.save_snapshot(&snapshot_at(40, 1, vec![1], b"state"), 40).unwrap();
+    assert_eq!(store.plugin_blob(&v3).unwrap(), None);
+    assert_eq!(store.plugin_blob(&kv).unwrap().as_deref(), Some(&b"kv"[..]));
+}
+
 #[test]
 fn lmdb_ignores_and_then_drops_the_chunks_of_a_save_that_crashed() {
     let dir = tempfile::tempdir().unwrap();
