@@ -245,6 +245,10 @@ fn a_node_whose_disk_fills_up_raises_the_alarm_and_keeps_serving() {
     });
     assert_eq!(node.query("get key1").unwrap(), value(1), "reads go on");
     assert!(node.try_status().is_some(), "the node is up");
+    // A snapshot cannot be stored either: that snapshot fails, not the node.
+    let err = outcome(cli(&["snapshot", "--addr", &node.addr])).unwrap_err();
+    assert!(err.contains("could not store the snapshot"), "{err}");
+    assert!(node.try_status().is_some(), "the node is up");
     // Space comes back: the waiting write lands, and the rest follow.
     std::fs::remove_file(&junk).unwrap();
     writing.join().unwrap().unwrap();

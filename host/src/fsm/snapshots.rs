@@ -261,10 +261,22 @@ impl<S: LogStore> Fsm<S> {
     fn finish_snapshot(&mut self) -> Result<(), FsmError> {
         let taking = self.taking.take().expect("a snapshot in progress");
         drop(taking.queue);
-        let stored = taking
+        let written = taking
             .writer
             .join()
-            .map_err(|_| StoreError::Invalid("the snapshot thread panicked".into()))??;
+            .map_err(|_| StoreError::Invalid("the snapshot thread panicked".into()))?;
+        let stored = match written {
+            Ok(stored) => stored,
+            // A full disk (or map) fails this snapshot, not the node: its
+            // chunks never became the stored snapshot, and it is tried
+            // again later, as after any failed snapshot.
+            Err(error) if error.is_out_of_space(Some(0), 1) => {
+                tracing::warn!(%error, "could not store a snapshot: out of space; will retry later");
+                self.snapshot_failed(format!("could not store the snapshot: {error}"));
+                return Ok(());
+            }
+            Err(error) => return Err(error.into()),
+        };
         let index = taking.metadata.index;
         if stored {
             self.snapshot_index = self.snapshot_index.max(index);
@@ -295,10 +307,15 @@ impl<S: LogStore> Fsm<S> {
         taking.queue = None;
         taking.held = None;
         let taking = self.taking.take().expect("checked above");
-        taking
+        let written = taking
             .writer
             .join()
-            .map_err(|_| StoreError::Invalid("the snapshot thread panicked".into()))??;
+            .map_err(|_| StoreError::Invalid("the snapshot thread panicked".into()))?;
+        if let Err(error) = written
+            && !error.is_out_of_space(Some(0), 1)
+        {
+            return Err(error.into());
+        }
         tracing::debug!(index = taking.metadata.index, "abandoned a snapshot in progress");
         Ok(())
     }
