@@ -115,11 +115,7 @@ fn sigterm_and_sigint_stop_a_node_cleanly_and_a_restart_keeps_its_state() {
             assert_eq!(node.query("get kept0").unwrap(), "yes", "lost after {signal}");
         }
         node.propose(&format!("set kept{i} yes")).unwrap();
-        let sent = std::process::Command::new("kill")
-            .args([signal, &node.pid().to_string()])
-            .status()
-            .unwrap();
-        assert!(sent.success());
+        node.signal(signal);
         let status = node.wait_exit(Duration::from_secs(10));
         assert!(
             status.success(),

@@ -595,13 +595,7 @@ fn a_second_membership_change_waits_for_the_first() {
     let via = cluster.node(leader).addr.clone();
     let followers = cluster.followers();
     for id in &followers {
-        assert!(
-            std::process::Command::new("kill")
-                .args(["-STOP", &cluster.node(*id).pid().to_string()])
-                .status()
-                .unwrap()
-                .success()
-        );
+        cluster.node(*id).signal("-STOP");
     }
     let first_addr = free_addr();
     let first = {
@@ -624,13 +618,7 @@ fn a_second_membership_change_waits_for_the_first() {
     assert!(err.contains("another membership change is in progress"), "{err}");
 
     for id in &followers {
-        assert!(
-            std::process::Command::new("kill")
-                .args(["-CONT", &cluster.node(*id).pid().to_string()])
-                .status()
-                .unwrap()
-                .success()
-        );
+        cluster.node(*id).signal("-CONT");
     }
     // The first one stands (its caller may have timed out meanwhile); the
     // refused one never appears.

@@ -207,14 +207,6 @@ async fn run_client(id: usize, seed: u64, addrs: Addrs, start: Instant, stop: Ar
     record
 }
 
-fn signal(node: &Node, signal: &str) {
-    let status = std::process::Command::new("kill")
-        .args([signal, &node.pid().to_string()])
-        .status()
-        .expect("run kill");
-    assert!(status.success(), "kill {signal} {}", node.pid());
-}
-
 /// The kinds of fault.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Fault {
@@ -228,6 +220,18 @@ enum Fault {
     Swap,
     Snapshot,
 }
+
+const EVERY_FAULT: [Fault; 9] = [
+    Fault::KillAny,
+    Fault::KillLeader,
+    Fault::PauseLeader,
+    Fault::PartitionAny,
+    Fault::PartitionLeader,
+    Fault::Transfer,
+    Fault::Replace,
+    Fault::Swap,
+    Fault::Snapshot,
+];
 
 /// Faults are dealt from a shuffled deck of one of each, so every kind
 /// comes up once before any comes up twice, even in short rounds.
@@ -248,19 +252,8 @@ impl Deck {
     }
 
     fn shuffled(&mut self, rng: &mut Rng) -> &mut Vec<Fault> {
-        use Fault::*;
         if self.cards.is_empty() {
-            self.cards = vec![
-                KillAny,
-                KillLeader,
-                PauseLeader,
-                PartitionAny,
-                PartitionLeader,
-                Transfer,
-                Replace,
-                Swap,
-                Snapshot,
-            ];
+            self.cards = EVERY_FAULT.to_vec();
             for i in (1..self.cards.len()).rev() {
                 self.cards.swap(i, rng.below(i as u64 + 1) as usize);
             }
@@ -488,9 +481,9 @@ impl Faulty {
             }
             Fault::PauseLeader => {
                 let pause = rng.millis(2000, 3500);
-                signal(&self.members[leader_slot].node, "-STOP");
+                self.members[leader_slot].node.signal("-STOP");
                 std::thread::sleep(pause);
-                signal(&self.members[leader_slot].node, "-CONT");
+                self.members[leader_slot].node.signal("-CONT");
                 format!("SIGSTOP leader {leader} for {pause:?}")
             }
             Fault::PartitionAny | Fault::PartitionLeader => {

@@ -236,6 +236,15 @@ impl Node {
         self.wait_exit(within)
     }
 
+    /// Send `signal` (`-STOP`, `-CONT`, `-INT`...) to the node's process.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([signal, &self.pid().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {signal} {}", self.pid());
+    }
+
     /// SIGKILL: no shutdown, no flush.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
