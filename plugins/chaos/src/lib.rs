@@ -13,6 +13,8 @@
 //! | `stamp K`      | stores the wall-clock time and a random number at K, to  |
 //! |                | show the host's clock and randomness are deterministic   |
 //! | `print`        | writes to stdout and stderr (captured into the host log) |
+//! | `encode-panic` | the codec panics while encoding it (a trap in a request) |
+//! | `encode-print` | the codec writes to stderr while encoding it             |
 //! | `bad-restore`  | makes the next `restore` fail                            |
 //! | `binary`       | returns bytes that are not UTF-8, so `render` fails      |
 //! | `sleep MS`     | `std::thread::sleep`s MS ms (a WASI clock pollable): the |
@@ -215,8 +217,13 @@ impl Plugin for Chaos {
 
     fn encode(text: &str) -> Result<Vec<u8>, String> {
         let words: Vec<&str> = text.split_whitespace().collect();
-        if words.is_empty() {
-            return Err("empty command".to_string());
+        match words.as_slice() {
+            [] => return Err("empty command".to_string()),
+            // The codec misbehaves on command too: it runs in request
+            // handlers, where a host that mishandles it fails the request.
+            ["encode-panic", ..] => panic!("chaos: asked to panic in encode"),
+            ["encode-print", ..] => eprintln!("chaos says hello from encode"),
+            _ => {}
         }
         Ok(words.join(" ").into_bytes())
     }
