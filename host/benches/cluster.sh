@@ -7,13 +7,16 @@
 #   EXTRA="--queries --consistency stale" host/benches/cluster.sh
 #   EXTRA="--stream" host/benches/cluster.sh     # proposals over ProposeStream
 #   TLS=1 host/benches/cluster.sh                # mutual TLS between peers, TLS to clients
+#   BIN=/tmp/old/raftify-host host/benches/cluster.sh   # another build, for a side by side
 #
 # The bench drives the leader (found through node 1) over one shared
 # connection, as an application would.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-cargo build --release --locked --manifest-path "$root/Cargo.toml" -p raftify-host >&2
-bin="$root/target/release/raftify-host"
+if [ -z "${BIN:-}" ]; then
+  cargo build --release --locked --manifest-path "$root/Cargo.toml" -p raftify-host >&2
+fi
+bin="${BIN:-$root/target/release/raftify-host}"
 dir="$(mktemp -d)"
 base_port="${BASE_PORT:-7401}"
 peers=""
