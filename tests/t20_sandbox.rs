@@ -245,38 +245,3 @@ fn a_trap_in_a_cluster_fails_alike_on_every_replica_and_each_rebuilds_to_the_sam
     assert_eq!(cluster.stale(follower, "get b"), "(nil)");
     assert_eq!(cluster.stale(follower, "get c"), "3");
 }
-
-/// The codec runs in request handlers: a codec that panics (printing its
-/// message, as Rust's panics do) or prints fails that request alone, with
-/// a clear error, and the node keeps serving.
-#[test]
-fn a_codec_that_panics_or_prints_fails_only_its_request() {
-    let dir = tempfile::tempdir().unwrap();
-    let plugin = chaos_plugin(dir.path());
-    let node = Node::start(&dir.path().join("n1"), &free_addr(), &["--plugin", &plugin]);
-    for _ in 0..3 {
-        let err = node.propose("encode-panic now").unwrap_err();
-        assert!(
-            err.contains("cannot encode the command") && err.contains("panicked"),
-            "{err}"
-        );
-    }
-    // A print is not an error (it lands in the log), whatever the call.
-    assert_eq!(
-        node.propose("encode-print set").unwrap_err(),
-        "error: chaos: unknown entry [\"encode-print\", \"set\"]"
-    );
-    wait_until(Duration::from_secs(10), "the codec's output in the log", || {
-        node.log_text().contains("chaos says hello from encode")
-    });
-    assert_eq!(node.propose("set a 1").unwrap(), "OK");
-    assert_eq!(node.query("get a").unwrap(), "1");
-    // The guest's own panic message is in the log (as the plugin's
-    // output); nothing else panicked.
-    let log = node.log_text();
-    let host_panics: Vec<&str> = log
-        .lines()
-        .filter(|l| l.contains("panicked") && !l.contains("plugin"))
-        .collect();
-    assert!(host_panics.is_empty(), "the host panicked: {host_panics:?}");
-}

@@ -4,9 +4,9 @@
 //! The codec is pure, so it need not share the apply worker's instance (and
 //! must not wait behind a long apply). A small pool of instances serves
 //! concurrent requests; each call runs under `fuel_per_codec_call` plus a
-//! per-byte allowance. Request handlers call it on a blocking thread
-//! (`Services::codec_call`), never on a runtime worker. A trapped codec
-//! instance is simply replaced: it holds no state.
+//! per-byte allowance. Request handlers call it inline, or under
+//! `block_in_place` for large inputs (`Services::codec_call`). A trapped
+//! codec instance is simply replaced: it holds no state.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -29,19 +29,6 @@ pub enum CodecError {
     Call(#[from] CallError),
     #[error("{0}")]
     Load(#[from] LoadError),
-    /// The host failed inside the call (a bug); the instance is dropped.
-    #[error("the codec call failed in the host: {0}")]
-    Panicked(String),
-}
-
-/// A slot whose last call failed in the host: forget its instance.
-fn fresh<'a>(
-    mutex: &Mutex<Option<Instance>>,
-    mut slot: std::sync::MutexGuard<'a, Option<Instance>>,
-) -> std::sync::MutexGuard<'a, Option<Instance>> {
-    *slot = None;
-    mutex.clear_poison();
-    slot
 }
 
 impl Codec {
@@ -64,23 +51,10 @@ impl Codec {
         let plugin = self.plugin();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let slots = self.instances.len();
-        // A free instance if there is one; otherwise wait for ours. A slot
-        // whose call failed in the host (its lock poisoned) starts afresh.
+        // A free instance if there is one; otherwise wait for ours.
         let mut slot = (0..slots)
-            .find_map(|i| {
-                let mutex = &self.instances[(start + i) % slots];
-                match mutex.try_lock() {
-                    Ok(slot) => Some(slot),
-                    Err(std::sync::TryLockError::Poisoned(poisoned)) => Some(fresh(mutex, poisoned.into_inner())),
-                    Err(std::sync::TryLockError::WouldBlock) => None,
-                }
-            })
-            .unwrap_or_else(|| {
-                let mutex = &self.instances[start % slots];
-                mutex
-                    .lock()
-                    .unwrap_or_else(|poisoned| fresh(mutex, poisoned.into_inner()))
-            });
+            .find_map(|i| self.instances[(start + i) % slots].try_lock().ok())
+            .unwrap_or_else(|| self.instances[start % slots].lock().unwrap_or_else(|e| e.into_inner()));
         let instance = match slot.as_mut() {
             Some(instance) if !instance.is_poisoned() && instance.plugin().sha256() == plugin.sha256() => instance,
             _ => slot.insert(plugin.instantiate()?),

@@ -81,23 +81,27 @@ impl Services {
     }
 
     /// A codec call, inline: its fuel budget keeps it to milliseconds.
-    /// Run a codec call on a blocking thread, never on a runtime worker:
-    /// a call may burn its fuel for a while (interpreted plugins spend
-    /// thousands of units per byte) and must not hold up the raft loop, and
-    /// wasmtime-wasi's synchronous WASI output (a guest printing, as a Rust
-    /// panic does) blocks on the runtime, which panics on a worker thread.
-    async fn codec_call<T: Send + 'static>(
+    /// Run a codec call on this request's task. A call on a large input may
+    /// burn its fuel for a while (interpreted plugins spend thousands of
+    /// units per byte), so it first hands the worker's other tasks (the raft
+    /// loop among them) to another thread.
+    async fn codec_call<T>(
         &self,
-        f: impl FnOnce(&Codec) -> Result<T, CodecError> + Send + 'static,
+        input_len: usize,
+        f: impl FnOnce(&Codec) -> Result<T, CodecError>,
     ) -> Result<T, CodecError> {
-        let codec = self.codec.clone();
-        tokio::task::spawn_blocking(move || f(&codec))
-            .await
-            .unwrap_or_else(|e| Err(CodecError::Panicked(e.to_string())))
+        const INLINE_MAX_BYTES: usize = 16 << 10;
+        let multi_thread =
+            tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread;
+        if input_len > INLINE_MAX_BYTES && multi_thread {
+            tokio::task::block_in_place(|| f(&self.codec))
+        } else {
+            f(&self.codec)
+        }
     }
 
     async fn encode(&self, text: String) -> Result<Vec<u8>, Status> {
-        self.codec_call(move |codec| codec.encode(&text))
+        self.codec_call(text.len(), move |codec| codec.encode(&text))
             .await
             .map_err(|e| Status::invalid_argument(format!("cannot encode the command: {e}")))
     }
@@ -189,7 +193,10 @@ impl Services {
         match result {
             Ok(bytes) => {
                 let rendered = bytes.clone();
-                let (text, render_error) = match self.codec_call(move |codec| codec.render(&rendered)).await {
+                let (text, render_error) = match self
+                    .codec_call(rendered.len(), move |codec| codec.render(&rendered))
+                    .await
+                {
                     Ok(text) => (text, String::new()),
                     Err(error) => (String::new(), error.to_string()),
                 };
