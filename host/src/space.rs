@@ -60,8 +60,12 @@ impl SpaceUsage {
     pub fn over(&self, config: &SpaceConfig, was_over: bool) -> bool {
         let fs_known = self.fs_total_bytes > 0;
         if was_over {
-            let quota_ok = self.live_bytes * 100 <= config.quota_bytes * CLEAR_BELOW_PERCENT;
-            let free_ok = !fs_known || self.fs_free_bytes * 100 >= config.min_free_bytes * CLEAR_ABOVE_RESERVE_PERCENT;
+            // Limits come from flags: no product of them may overflow.
+            let quota_ok =
+                self.live_bytes.saturating_mul(100) <= config.quota_bytes.saturating_mul(CLEAR_BELOW_PERCENT);
+            let free_ok = !fs_known
+                || self.fs_free_bytes.saturating_mul(100)
+                    >= config.min_free_bytes.saturating_mul(CLEAR_ABOVE_RESERVE_PERCENT);
             !(quota_ok && free_ok)
         } else {
             self.live_bytes > config.quota_bytes || (fs_known && self.fs_free_bytes < config.min_free_bytes)
@@ -114,7 +118,10 @@ impl SpaceState {
     /// raised, and it clears only once usage is well under the limits.
     pub fn admit(&self, bytes: u64, config: &SpaceConfig) -> bool {
         let usage = self.usage();
-        let since = self.proposed_since.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        let since = self
+            .proposed_since
+            .fetch_add(bytes, Ordering::Relaxed)
+            .saturating_add(bytes);
         let quota_ok = usage.live_bytes.saturating_add(since) <= config.quota_bytes;
         let disk_ok = usage.fs_total_bytes == 0 || usage.fs_free_bytes.saturating_sub(since) >= config.min_free_bytes;
         let fits = quota_ok && disk_ok;
@@ -311,6 +318,17 @@ mod tests {
         assert!(!usage(900, 5000).over(&CONFIG, true));
         assert!(usage(10, 120).over(&CONFIG, true), "over the reserve, not by enough");
         assert!(!usage(10, 125).over(&CONFIG, true));
+    }
+
+    #[test]
+    fn limits_at_the_edge_of_u64_do_not_overflow() {
+        let huge = SpaceConfig {
+            quota_bytes: u64::MAX,
+            min_free_bytes: u64::MAX,
+        };
+        assert!(usage(10, 5000).over(&huge, false), "no disk has u64::MAX free");
+        assert!(usage(10, 5000).over(&huge, true));
+        assert!(!SpaceState::default().admit(u64::MAX, &CONFIG));
     }
 
     #[test]

@@ -974,7 +974,7 @@ pub fn defrag(data_dir: &Path) -> anyhow::Result<DefragReport> {
         // process out, and this is the only open of it in this one.
         let env = unsafe {
             EnvOpenOptions::new()
-                .map_size(before_bytes.max(1 << 20) as usize * 2)
+                .map_size((before_bytes.max(1 << 20) as usize).saturating_mul(2))
                 .max_dbs(8)
                 .open(&dir)
         }
