@@ -112,9 +112,10 @@ impl Services {
     /// While any member's space alarm is on, writes that grow the state
     /// are refused, alike on every node (the alarm is in the log).
     fn check_space(&self, bytes: u64) -> Result<(), Status> {
-        let alarms = self.space_alarms.borrow().clone();
-        let members: Vec<String> = if !alarms.is_empty() {
-            alarms.iter().map(u64::to_string).collect()
+        // Read in place: this runs on every proposal.
+        let alarmed: Vec<String> = self.space_alarms.borrow().iter().map(u64::to_string).collect();
+        let members: Vec<String> = if !alarmed.is_empty() {
+            alarmed
         } else if !self.peer.link.space.admit(bytes, &self.space_config) {
             // Not yet in the log: this write would take this node past its
             // quota, and its alarm is on the way.
