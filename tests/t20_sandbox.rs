@@ -59,12 +59,33 @@ fn hostile_entries_fail_alone_and_the_node_keeps_serving_its_state() {
         log.contains("chaos says hello on stdout") && log.contains("chaos says hello on stderr")
     });
 
+    // The codec runs in the request handler, on the server's runtime
+    // threads: printing, sleeping or panicking there fails only that
+    // request (it once panicked the host into an h2 protocol error).
+    let err = node.propose("encode-panic now").unwrap_err();
+    assert!(err.contains("cannot encode the command"), "{err}");
+    assert!(err.contains("panicked"), "{err}");
+    let err = node.propose("encode-print hello").unwrap_err();
+    assert!(err.contains("unknown entry"), "{err}");
+    let err = node.propose("encode-sleep 600000").unwrap_err();
+    assert!(err.contains("unknown entry"), "{err}");
+    wait_until(Duration::from_secs(10), "the codec's output in the log", || {
+        node.log_text().contains("chaos says hello from encode")
+    });
+
     assert_eq!(node.propose("set c 3").unwrap(), "OK");
     assert_eq!(node.query("get a").unwrap(), "1");
     assert_eq!(node.query("get b").unwrap(), "(nil)");
     assert_eq!(node.query("get c").unwrap(), "3");
     assert_eq!(node.status()["trapped_entries"], 4);
     assert_eq!(node.status()["role"], "leader");
+    // The guest's own panic messages are in the log; no host panic is.
+    let log = node.log_text();
+    let host_panics: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("panicked at") && !line.contains("panicked at chaos/src"))
+        .collect();
+    assert!(host_panics.is_empty(), "{host_panics:?}");
 
     // A restart replays the log, skips the recorded traps, and agrees.
     node.kill();

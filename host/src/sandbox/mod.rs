@@ -529,8 +529,22 @@ impl Instance {
             .expect("fuel metering is enabled in the engine config");
         self.store.data_mut().limiter.hit = false;
         self.determinism.reseed(index);
-        let result = f(&self.bindings, &mut self.store);
+        // A panic in the host while the guest runs (a host function's bug)
+        // must not leave a half-run instance in use: it poisons it.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&self.bindings, &mut self.store)));
         self.log_output();
+        let result = match result {
+            Ok(result) => result,
+            Err(panic) => {
+                self.poisoned = true;
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|m| m.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic".to_string());
+                return Err(CallError::Trap(format!("the host failed during the call: {message}")));
+            }
+        };
         match result {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(message)) => Err(CallError::Guest(message)),

@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::daemon::{EMBEDDED_CHAOS, EMBEDDED_HELLO, EMBEDDED_KV, EMBEDDED_KV_V1};
+use std::time::Duration;
 
 fn sandbox() -> Sandbox {
     Sandbox::new(SandboxConfig {
@@ -118,13 +119,52 @@ fn nans_come_out_canonical() {
     assert_eq!(text(chaos.apply(1, b"nan").unwrap()), "7ff8000000000000 7fc00000");
 }
 
+/// What chaos's `reach-out` finds in the sandbox: nothing, and stdin empty.
+const REACHED_NOTHING: &str =
+    "vars 0 args 0 read false write false stdin 0 connect false bind false udp false lookup false";
+
+/// The server runs codec calls inline on its tokio runtime threads, and the
+/// node restores at start on one. wasmtime-wasi's blocking WASI calls go
+/// through `block_on`, which panics there: a codec that printed (a panic
+/// message does), slept or read stdin took the whole host down. Nothing a
+/// plugin does may reach it, and a panic in the guest poisons only its
+/// instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn plugin_calls_on_a_runtime_thread_print_sleep_and_reach_out_safely() {
+    let plugin = sandbox().load(EMBEDDED_CHAOS).unwrap();
+    let mut codec = plugin.instantiate().unwrap();
+    assert_eq!(codec.encode("encode-print  hi").unwrap(), b"encode-print hi");
+    let started = std::time::Instant::now();
+    assert_eq!(codec.encode("encode-sleep 600000").unwrap(), b"encode-sleep 600000");
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "a virtual sleep waited for real"
+    );
+    assert_eq!(text(codec.encode("encode-reach-out").unwrap()), REACHED_NOTHING);
+    assert!(!codec.is_poisoned());
+
+    let error = codec.encode("encode-panic now").unwrap_err();
+    assert!(
+        matches!(&error, CallError::Trap(m) if m.contains("panicked")),
+        "{error:?}"
+    );
+    assert!(codec.is_poisoned());
+
+    // A restore that prints, as a node restarting from its snapshot runs it.
+    let mut chaos = plugin.instantiate().unwrap();
+    chaos.apply(1, b"set a 1").unwrap();
+    chaos.apply(2, b"print-on-restore").unwrap();
+    let snapshot = chaos.snapshot(2).unwrap();
+    let mut restored = plugin.instantiate().unwrap();
+    restored.restore(2, &snapshot).unwrap();
+    assert_eq!(text(restored.query(2, b"get a").unwrap()), "1");
+    assert_eq!(text(restored.apply(3, b"reach-out").unwrap()), REACHED_NOTHING);
+}
+
 #[test]
 fn a_guest_finds_no_environment_filesystem_or_network() {
     let mut chaos = sandbox().load(EMBEDDED_CHAOS).unwrap().instantiate().unwrap();
-    assert_eq!(
-        text(chaos.apply(1, b"reach-out").unwrap()),
-        "vars 0 args 0 read false write false connect false bind false udp false lookup false"
-    );
+    assert_eq!(text(chaos.apply(1, b"reach-out").unwrap()), REACHED_NOTHING);
 }
 
 #[test]

@@ -30,7 +30,9 @@
 //! one that ran all along, yet both must see the same values for entry N.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -38,8 +40,13 @@ use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::clocks::{HostMonotonicClock, HostWallClock};
 use wasmtime_wasi::p2::bindings::clocks::monotonic_clock;
-use wasmtime_wasi::p2::{DynPollable, OutputStream, Pollable, StreamResult, subscribe};
+use wasmtime_wasi::p2::bindings::sync;
+use wasmtime_wasi::p2::{
+    DynInputStream, DynOutputStream, DynPollable, OutputStream, Pollable, SocketError, StreamError, StreamResult,
+    UdpSocket, subscribe,
+};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiView};
+use wasmtime_wasi_io::bindings::wasi::io::{poll as async_poll, streams as async_streams};
 
 /// The wall clock every guest sees at index 0: 2024-01-01T00:00:00Z.
 const EPOCH_SECS: u64 = 1_704_067_200;
@@ -127,15 +134,197 @@ impl Determinism {
 /// shadowing, for this interface only), by [`VirtualTime`]: its pollables are
 /// ready at once and, when seen ready, move the call's clocks to their
 /// deadline. `view` gives the instance's [`Determinism`] and resource table.
+///
+/// The interfaces whose synchronous bindings wrap an async call in
+/// wasmtime-wasi's `in_tokio` (a `block_on`) are shadowed too, by
+/// [`NoWait`]: `wasi:io/poll`, `wasi:io/streams` and
+/// `wasi:sockets/udp-create-socket`. `block_on` panics on a tokio runtime
+/// thread, where the host runs codec calls, and a plugin that printed there
+/// (a Rust panic message does) took the host down. Every stream and pollable
+/// a guest can hold here is ready at once, so [`NoWait`] polls each future
+/// once, on the calling thread, and never blocks; a future that would wait
+/// is a trap, not a hang. The other `in_tokio` users (filesystem
+/// descriptors, TCP binds) need a resource no guest can obtain here.
 pub fn add_to_linker<T: WasiView + 'static>(
     linker: &mut Linker<T>,
     view: fn(&mut T) -> VirtualTime<'_>,
 ) -> wasmtime::Result<()> {
     wasmtime_wasi::p2::add_to_linker_sync(linker)?;
     linker.allow_shadowing(true);
-    let added = monotonic_clock::add_to_linker::<T, HasVirtualTime>(linker, view);
+    let added = (|| {
+        monotonic_clock::add_to_linker::<T, HasVirtualTime>(linker, view)?;
+        fn table<T: WasiView>(t: &mut T) -> NoWait<'_> {
+            NoWait(t.ctx().table)
+        }
+        let table = table::<T>;
+        sync::io::poll::add_to_linker::<T, HasNoWait>(linker, table)?;
+        sync::io::streams::add_to_linker::<T, HasNoWait>(linker, table)?;
+        sync::sockets::udp_create_socket::add_to_linker::<T, HasNoWait>(linker, table)
+    })();
     linker.allow_shadowing(false);
     added
+}
+
+/// Runs a future that must be ready at once: every WASI resource a guest
+/// can hold is. One poll, on this thread, with no runtime and no waiting.
+fn at_once<F: Future>(future: F) -> wasmtime::Result<F::Output> {
+    let mut future = std::pin::pin!(future);
+    match future.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(value) => Ok(value),
+        Poll::Pending => wasmtime::bail!("the plugin waited on a WASI stream or pollable that is never ready here"),
+    }
+}
+
+/// The blocking parts of `wasi:io` without `block_on`: see [`add_to_linker`].
+pub struct NoWait<'a>(&'a mut ResourceTable);
+
+struct HasNoWait;
+
+impl HasData for HasNoWait {
+    type Data<'a> = NoWait<'a>;
+}
+
+impl sync::io::poll::Host for NoWait<'_> {
+    fn poll(&mut self, pollables: Vec<Resource<DynPollable>>) -> wasmtime::Result<Vec<u32>> {
+        at_once(async_poll::Host::poll(self.0, pollables))?
+    }
+}
+
+impl sync::io::poll::HostPollable for NoWait<'_> {
+    fn ready(&mut self, pollable: Resource<DynPollable>) -> wasmtime::Result<bool> {
+        at_once(async_poll::HostPollable::ready(self.0, pollable))?
+    }
+
+    fn block(&mut self, pollable: Resource<DynPollable>) -> wasmtime::Result<()> {
+        at_once(async_poll::HostPollable::block(self.0, pollable))?
+    }
+
+    fn drop(&mut self, pollable: Resource<DynPollable>) -> wasmtime::Result<()> {
+        async_poll::HostPollable::drop(self.0, pollable)
+    }
+}
+
+impl sync::io::streams::Host for NoWait<'_> {
+    fn convert_stream_error(&mut self, err: StreamError) -> wasmtime::Result<sync::io::streams::StreamError> {
+        sync::io::streams::Host::convert_stream_error(self.0, err)
+    }
+}
+
+/// A stream call that must not wait: a future still pending is a trap.
+fn stream_at_once<T>(future: impl Future<Output = StreamResult<T>>) -> StreamResult<T> {
+    at_once(future).map_err(StreamError::Trap)?
+}
+
+impl sync::io::streams::HostOutputStream for NoWait<'_> {
+    fn drop(&mut self, stream: Resource<DynOutputStream>) -> wasmtime::Result<()> {
+        at_once(async_streams::HostOutputStream::drop(self.0, stream))?
+    }
+
+    fn check_write(&mut self, stream: Resource<DynOutputStream>) -> StreamResult<u64> {
+        async_streams::HostOutputStream::check_write(self.0, stream)
+    }
+
+    fn write(&mut self, stream: Resource<DynOutputStream>, bytes: Vec<u8>) -> StreamResult<()> {
+        async_streams::HostOutputStream::write(self.0, stream, bytes)
+    }
+
+    fn blocking_write_and_flush(&mut self, stream: Resource<DynOutputStream>, bytes: Vec<u8>) -> StreamResult<()> {
+        stream_at_once(async_streams::HostOutputStream::blocking_write_and_flush(
+            self.0, stream, bytes,
+        ))
+    }
+
+    fn blocking_write_zeroes_and_flush(&mut self, stream: Resource<DynOutputStream>, len: u64) -> StreamResult<()> {
+        stream_at_once(async_streams::HostOutputStream::blocking_write_zeroes_and_flush(
+            self.0, stream, len,
+        ))
+    }
+
+    fn subscribe(&mut self, stream: Resource<DynOutputStream>) -> wasmtime::Result<Resource<DynPollable>> {
+        async_streams::HostOutputStream::subscribe(self.0, stream)
+    }
+
+    fn write_zeroes(&mut self, stream: Resource<DynOutputStream>, len: u64) -> StreamResult<()> {
+        async_streams::HostOutputStream::write_zeroes(self.0, stream, len)
+    }
+
+    fn flush(&mut self, stream: Resource<DynOutputStream>) -> StreamResult<()> {
+        async_streams::HostOutputStream::flush(self.0, stream)
+    }
+
+    fn blocking_flush(&mut self, stream: Resource<DynOutputStream>) -> StreamResult<()> {
+        stream_at_once(async_streams::HostOutputStream::blocking_flush(self.0, stream))
+    }
+
+    fn splice(&mut self, dst: Resource<DynOutputStream>, src: Resource<DynInputStream>, len: u64) -> StreamResult<u64> {
+        async_streams::HostOutputStream::splice(self.0, dst, src, len)
+    }
+
+    fn blocking_splice(
+        &mut self,
+        dst: Resource<DynOutputStream>,
+        src: Resource<DynInputStream>,
+        len: u64,
+    ) -> StreamResult<u64> {
+        stream_at_once(async_streams::HostOutputStream::blocking_splice(self.0, dst, src, len))
+    }
+}
+
+impl sync::io::streams::HostInputStream for NoWait<'_> {
+    fn drop(&mut self, stream: Resource<DynInputStream>) -> wasmtime::Result<()> {
+        at_once(async_streams::HostInputStream::drop(self.0, stream))?
+    }
+
+    fn read(&mut self, stream: Resource<DynInputStream>, len: u64) -> StreamResult<Vec<u8>> {
+        async_streams::HostInputStream::read(self.0, stream, len)
+    }
+
+    fn blocking_read(&mut self, stream: Resource<DynInputStream>, len: u64) -> StreamResult<Vec<u8>> {
+        stream_at_once(async_streams::HostInputStream::blocking_read(self.0, stream, len))
+    }
+
+    fn skip(&mut self, stream: Resource<DynInputStream>, len: u64) -> StreamResult<u64> {
+        async_streams::HostInputStream::skip(self.0, stream, len)
+    }
+
+    fn blocking_skip(&mut self, stream: Resource<DynInputStream>, len: u64) -> StreamResult<u64> {
+        stream_at_once(async_streams::HostInputStream::blocking_skip(self.0, stream, len))
+    }
+
+    fn subscribe(&mut self, stream: Resource<DynInputStream>) -> wasmtime::Result<Resource<DynPollable>> {
+        async_streams::HostInputStream::subscribe(self.0, stream)
+    }
+}
+
+impl sync::sockets::network::Host for NoWait<'_> {
+    fn convert_error_code(&mut self, error: SocketError) -> wasmtime::Result<sync::sockets::network::ErrorCode> {
+        error.downcast()
+    }
+
+    fn network_error_code(
+        &mut self,
+        _error: Resource<sync::sockets::network::Error>,
+    ) -> wasmtime::Result<Option<sync::sockets::network::ErrorCode>> {
+        // No socket exists here, so no error comes from one.
+        Ok(None)
+    }
+}
+
+impl sync::sockets::network::HostNetwork for NoWait<'_> {
+    fn drop(&mut self, network: Resource<sync::sockets::network::Network>) -> wasmtime::Result<()> {
+        self.0.delete(network)?;
+        Ok(())
+    }
+}
+
+impl sync::sockets::udp_create_socket::Host for NoWait<'_> {
+    /// Refused, as TCP's `create-tcp-socket` is: the sandbox has no network.
+    fn create_udp_socket(
+        &mut self,
+        _family: sync::sockets::udp_create_socket::IpAddressFamily,
+    ) -> Result<Resource<UdpSocket>, SocketError> {
+        Err(sync::sockets::network::ErrorCode::AccessDenied.into())
+    }
 }
 
 /// The host side of `wasi:clocks/monotonic-clock` for one instance.

@@ -15,6 +15,8 @@
 //! | `print`        | writes to stdout and stderr (captured into the host log) |
 //! | `encode-panic` | the codec panics while encoding it (a trap in a request) |
 //! | `encode-print` | the codec writes to stderr while encoding it             |
+//! | `encode-sleep MS` | the codec sleeps MS ms (virtual time) while encoding it |
+//! | `encode-reach-out` | the codec encodes what `reach-out` finds             |
 //! | `bad-restore`  | makes the next `restore` fail                            |
 //! | `binary`       | returns bytes that are not UTF-8, so `render` fails      |
 //! | `sleep MS`     | `std::thread::sleep`s MS ms (a WASI clock pollable): the |
@@ -23,7 +25,7 @@
 //! |                | measured across the sleep                                |
 //! | `nan`          | divides zero by zero on non-canonical NaN inputs and     |
 //! |                | returns the bits: the host must canonicalize them        |
-//! | `reach-out`    | tries the environment, the filesystem and the network,   |
+//! | `reach-out`    | tries the environment, the filesystem, stdin and the network, |
 //! |                | and reports what it found (nothing, on every replica)    |
 //! | `sleep-until-later MS` | busy-reads `Instant::now()` until MS ms passed:  |
 //! |                | with one virtual nanosecond per reading, fuel runs out   |
@@ -46,6 +48,25 @@ struct Chaos {
 fn words(bytes: &[u8]) -> Result<Vec<&str>, String> {
     let text = std::str::from_utf8(bytes).map_err(|_| "not UTF-8".to_string())?;
     Ok(text.split_whitespace().collect())
+}
+
+/// Tries the environment, the filesystem, stdin and the network.
+fn reach_out() -> String {
+    use std::io::Read;
+    let vars = std::env::vars().count();
+    let args = std::env::args().count();
+    let read = std::fs::read_dir("/").is_ok() || std::fs::read_dir(".").is_ok();
+    let write = std::fs::write("chaos.txt", b"x").is_ok();
+    let mut input = Vec::new();
+    let stdin = std::io::stdin().read_to_end(&mut input).map_or(-1, |n| n as i64);
+    let connect = std::net::TcpStream::connect(("127.0.0.1", 7070)).is_ok();
+    let bind = std::net::TcpListener::bind(("127.0.0.1", 0)).is_ok();
+    let udp = std::net::UdpSocket::bind(("127.0.0.1", 0)).is_ok();
+    let lookup = std::net::ToSocketAddrs::to_socket_addrs(&("localhost", 80)).is_ok();
+    format!(
+        "vars {vars} args {args} read {read} write {write} stdin {stdin} connect {connect} \
+         bind {bind} udp {udp} lookup {lookup}"
+    )
 }
 
 #[inline(never)]
@@ -132,21 +153,7 @@ impl Plugin for Chaos {
                 let narrow = std::hint::black_box(f32::from_bits(0x7fa0_beef)) * std::hint::black_box(2.0f32);
                 Ok(format!("{:016x} {:08x}", sum.to_bits(), narrow.to_bits()).into_bytes())
             }
-            ["reach-out"] => {
-                let vars = std::env::vars().count();
-                let args = std::env::args().count();
-                let read = std::fs::read_dir("/").is_ok() || std::fs::read_dir(".").is_ok();
-                let write = std::fs::write("chaos.txt", b"x").is_ok();
-                let connect = std::net::TcpStream::connect(("127.0.0.1", 7070)).is_ok();
-                let bind = std::net::TcpListener::bind(("127.0.0.1", 0)).is_ok();
-                let udp = std::net::UdpSocket::bind(("127.0.0.1", 0)).is_ok();
-                let lookup = std::net::ToSocketAddrs::to_socket_addrs(&("localhost", 80)).is_ok();
-                Ok(format!(
-                    "vars {vars} args {args} read {read} write {write} connect {connect} \
-                     bind {bind} udp {udp} lookup {lookup}"
-                )
-                .into_bytes())
-            }
+            ["reach-out"] => Ok(reach_out().into_bytes()),
             ["print"] => {
                 println!("chaos says hello on stdout");
                 eprintln!("chaos says hello on stderr");
@@ -223,6 +230,8 @@ impl Plugin for Chaos {
             // handlers, where a host that mishandles it fails the request.
             ["encode-panic", ..] => panic!("chaos: asked to panic in encode"),
             ["encode-print", ..] => eprintln!("chaos says hello from encode"),
+            ["encode-sleep", ms] => std::thread::sleep(millis(ms)?),
+            ["encode-reach-out"] => return Ok(reach_out().into_bytes()),
             _ => {}
         }
         Ok(words.join(" ").into_bytes())
