@@ -266,3 +266,114 @@ fn a_trap_in_a_cluster_fails_alike_on_every_replica_and_each_rebuilds_to_the_sam
     assert_eq!(cluster.stale(follower, "get b"), "(nil)");
     assert_eq!(cluster.stale(follower, "get c"), "3");
 }
+
+/// Issue 13: fuel and memory limits were per node, so a node started with
+/// a smaller budget trapped where the others did not, and diverged. The
+/// cluster records its limits in the log: every node uses those, whatever
+/// its flags say, and `limits set` changes them for all at one index.
+#[test]
+fn sandbox_limits_are_the_clusters_whatever_a_nodes_flags_say() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = chaos_plugin(dir.path());
+    let mut cluster = Cluster::start(3, &["--plugin", &plugin]);
+    let leader = cluster.leader();
+    let odd = cluster.followers()[0];
+    cluster.kill(odd);
+    // This node's own budget would stop a call the cluster's allows.
+    let low = ["--plugin", plugin.as_str(), "--fuel-per-call", "5000000"];
+    let node = Node::spawn(&cluster.data_dir(odd), &cluster.addrs[&odd].clone(), &low);
+    cluster.nodes.insert(odd, node);
+    cluster.nodes[&odd].wait_ready();
+
+    // About 50 million fuel: within the cluster's 1e9, past the odd flag.
+    let leader_node = cluster.node(leader);
+    assert_eq!(leader_node.propose("set a 1").unwrap(), "OK");
+    let slow = leader_node.propose("sleep-until-later 1").unwrap();
+    let commit = leader_node.status_u64("commit_index");
+    for id in [1, 2, 3] {
+        cluster.wait_applied(id, commit);
+        assert_eq!(cluster.node(id).status_u64("trapped_entries"), 0, "node {id}");
+    }
+    let odd_node = cluster.node(odd);
+    assert!(
+        odd_node
+            .log_text()
+            .contains("the cluster's sandbox limits differ from this node's flags; using the cluster's"),
+        "{}",
+        odd_node.log_text()
+    );
+    let shown = stdout(&odd_node.cli(&["limits", "show", "--addr", &odd_node.addr]));
+    assert!(shown.contains("recorded by the cluster"), "{shown}");
+    assert!(
+        shown.contains("fuel_per_call      1000000000   (this node's flag says 5000000, unused)"),
+        "{shown}"
+    );
+    assert!(!slow.is_empty());
+
+    // Changed through the log, the limit holds alike everywhere.
+    let out = leader_node.cli(&[
+        "limits",
+        "set",
+        "--fuel-per-call",
+        "5000000",
+        "--addr",
+        &leader_node.addr,
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("limits set from index"), "{}", stdout(&out));
+    let err = leader_node.propose("sleep-until-later 1").unwrap_err();
+    assert!(
+        err.contains("out of fuel: the call used up its budget of 5000000 fuel"),
+        "{err}"
+    );
+    let commit = leader_node.status_u64("commit_index");
+    for id in [1, 2, 3] {
+        cluster.wait_applied(id, commit);
+        let status = cluster.node(id).status();
+        assert_eq!(status["trapped_entries"], 1, "node {id}");
+        assert_eq!(status["limits"]["fuel_per_call"], 5_000_000, "node {id}");
+        assert_eq!(status["limits_recorded"], true, "node {id}");
+    }
+    // Limits that cannot work are refused before they reach the log.
+    let out = leader_node.cli(&["limits", "set", "--max-memory-bytes", "10", "--addr", &leader_node.addr]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("limits refused: max_memory_bytes must be"),
+        "{}",
+        stderr(&out)
+    );
+
+    // A restart from a snapshot keeps them: they are in its header.
+    let out = cluster.node(odd).cli(&["snapshot", "--addr", &cluster.addrs[&odd]]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    cluster.kill(odd);
+    let node = Node::spawn(&cluster.data_dir(odd), &cluster.addrs[&odd].clone(), &low);
+    node.wait_ready();
+    assert_eq!(node.status()["limits"]["fuel_per_call"], 5_000_000);
+    assert_eq!(node.status()["limits_recorded"], true);
+    cluster.nodes.insert(odd, node);
+}
+
+/// Issue 13: a plugin chose how large its results were, the node copied
+/// and rendered all of it (5.8 s of leader CPU for 100 MiB), and the
+/// answer then failed with a raw transport error. A result past
+/// `max_result_bytes` is a clear error; large results are not rendered
+/// and travel once.
+#[test]
+fn a_result_past_the_limit_is_a_clear_error_and_large_results_travel_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = chaos_plugin(dir.path());
+    let node = Node::start(&dir.path().join("n1"), &free_addr(), &["--plugin", plugin.as_str()]);
+    assert_eq!(node.propose(&format!("fill huge {}", 256 << 20)).unwrap(), "OK");
+    let err = node.query("get huge").unwrap_err();
+    assert!(
+        err.contains("the result is too large: a call may hand the host at most 16777216 bytes (max_result_bytes)"),
+        "{err}"
+    );
+    // The node serves on, and a large result within the limit arrives whole.
+    assert_eq!(node.propose(&format!("fill big {}", 4 << 20)).unwrap(), "OK");
+    let out = node.cli(&["query", "get big", "--addr", &node.addr]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(out.stdout.len(), (4 << 20) + 1, "the value and a newline");
+    assert!(stderr(&out).is_empty(), "{}", stderr(&out));
+}

@@ -127,7 +127,11 @@ fn a_follower_read_sees_the_write_just_acknowledged_by_the_leader() {
                 .query_text("get fresh", raftify_host::proto::Consistency::Linearizable)
                 .await
                 .unwrap();
-            assert_eq!(read.text, i.to_string(), "follower {follower} served a stale read");
+            assert_eq!(
+                read.rendered(),
+                i.to_string(),
+                "follower {follower} served a stale read"
+            );
         }
     });
 }
@@ -444,7 +448,7 @@ fn linearizable_reads_through_a_follower_survive_the_leaders_death() {
                 let result = client
                     .query_text("get k", raftify_host::proto::Consistency::Linearizable)
                     .await
-                    .map(|r| r.text);
+                    .map(|r| r.rendered().into_owned());
                 let after_kill = killed.lock().unwrap().is_some_and(|k| started > k);
                 if after_kill && result.is_ok() && served_after_kill.is_none() {
                     served_after_kill = Some(Instant::now());

@@ -175,7 +175,7 @@ async fn run(client: &mut Client, kind: Kind, command: &[u8]) -> Result<String, 
                 Err(error) => return encode_error(error),
             };
             match response.outcome {
-                Some(propose_response::Outcome::Ok(_)) => Ok(response.text),
+                Some(propose_response::Outcome::Ok(_)) => Ok(response.rendered().into_owned()),
                 Some(propose_response::Outcome::PluginError(message)) => Err(message),
                 other => panic!("expected a result or a plugin error, got {other:?}"),
             }
@@ -197,7 +197,7 @@ async fn run(client: &mut Client, kind: Kind, command: &[u8]) -> Result<String, 
                 Err(error) => return encode_error(error),
             };
             match response.outcome {
-                Some(query_response::Outcome::Ok(_)) => Ok(response.text),
+                Some(query_response::Outcome::Ok(_)) => Ok(response.rendered().into_owned()),
                 Some(query_response::Outcome::PluginError(message)) => Err(message),
                 other => panic!("expected a result or a plugin error, got {other:?}"),
             }
@@ -214,7 +214,7 @@ async fn state_of(addr: &str, keys: &[String]) -> BTreeMap<String, String> {
         let Some(query_response::Outcome::Ok(_)) = response.outcome else {
             panic!("{text:?} on {addr}: {:?}", response.outcome);
         };
-        state.insert(text, response.text);
+        state.insert(text, response.rendered().into_owned());
     }
     state
 }
@@ -403,7 +403,7 @@ fn a_cluster_hot_swaps_its_kv_through_every_language_and_back_keeping_every_key(
             ok(client.propose_text(&format!("set written-by-{name} {language}")).await);
             let response = client.propose_text("incr counter 1").await.unwrap();
             assert_eq!(
-                response.text,
+                response.rendered(),
                 (expected["counter"].parse::<i64>().unwrap() + 1).to_string()
             );
         });

@@ -437,6 +437,7 @@ fn forged_and_oversized_snapshots_are_refused_with_memory_held_to_a_chunk() {
                 plugin_sha256: [1; 32],
                 members: vec![(u64::MAX, "127.0.0.1:1".into())],
                 alarms: vec![],
+                limits: None,
             },
         ),
         (
@@ -445,6 +446,7 @@ fn forged_and_oversized_snapshots_are_refused_with_memory_held_to_a_chunk() {
                 plugin_sha256: [1; 32],
                 members: members.clone(),
                 alarms: vec![],
+                limits: None,
             },
         ),
     ] {

@@ -168,7 +168,8 @@ async fn run_client(id: usize, seed: u64, addrs: Addrs, start: Instant, stop: Ar
             match result {
                 Ok(response) => {
                     record.ok += 1;
-                    let seen = (response.text != "(nil)").then_some(response.text);
+                    let text = response.rendered().into_owned();
+                    let seen = (text != "(nil)").then_some(text);
                     let op = Op {
                         client: id,
                         call,

@@ -226,6 +226,7 @@ const CLIENT_RPCS: &[(&str, Role)] = &[
     ("Snapshot", Role::Admin),
     ("SwapPlugin", Role::Admin),
     ("DisarmAlarms", Role::Admin),
+    ("SetLimits", Role::Admin),
 ];
 
 /// The RPC name and role needed for the gRPC `path` of a Client RPC (an

@@ -55,6 +55,10 @@ pub enum Command {
     /// The cluster's space alarm (see `run --quota-bytes`).
     #[command(subcommand)]
     Alarm(AlarmCommand),
+    /// The cluster's sandbox limits: show them, or change them through the
+    /// log (`limits set`).
+    #[command(subcommand)]
+    Limits(LimitsCommand),
     /// Compact a stopped node's store in place: LMDB's compacting copy,
     /// swapped in whole, so the files give back the space of freed pages.
     Defrag(DefragArgs),
@@ -153,6 +157,30 @@ pub enum AlarmCommand {
     /// Turn every space alarm off (writes resume); a member still out of
     /// space raises its alarm again within a second.
     Disarm(ClientArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LimitsCommand {
+    /// The limits plugin calls run under, and this node's own flags.
+    Show(ClientArgs),
+    /// Change them for every replica, from the entry's index on; limits
+    /// not given keep their value.
+    Set {
+        /// Fuel for one apply or query.
+        #[arg(long)]
+        fuel_per_call: Option<u64>,
+        /// Fuel for one snapshot or restore step.
+        #[arg(long)]
+        fuel_per_snapshot: Option<u64>,
+        /// The most linear memory a plugin instance may have.
+        #[arg(long)]
+        max_memory_bytes: Option<u64>,
+        /// The most bytes one call may return.
+        #[arg(long)]
+        max_result_bytes: Option<u64>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -566,6 +594,55 @@ pub async fn run_client(command: Command) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
+        Command::Limits(LimitsCommand::Show(args)) => {
+            let status = connect(&args).await?.status().await?;
+            let limits = status.limits.unwrap_or_default();
+            let local = status.local_limits.unwrap_or_default();
+            match args.output {
+                Output::Json => println!(
+                    "{}",
+                    json!({
+                        "limits": limits_json(&limits),
+                        "recorded": status.limits_recorded,
+                        "local": limits_json(&local),
+                    })
+                ),
+                Output::Text => {
+                    let source = if status.limits_recorded {
+                        "recorded by the cluster"
+                    } else {
+                        "this node's flags; the cluster has recorded none yet"
+                    };
+                    println!("limits ({source}):");
+                    print_limits(&limits, &local);
+                }
+            }
+            Ok(0)
+        }
+        Command::Limits(LimitsCommand::Set {
+            fuel_per_call,
+            fuel_per_snapshot,
+            max_memory_bytes,
+            max_result_bytes,
+            client: args,
+        }) => {
+            let request = crate::proto::SetLimitsRequest {
+                fuel_per_call,
+                fuel_per_snapshot,
+                max_memory_bytes,
+                max_result_bytes,
+            };
+            let response = connect(&args).await?.set_limits(request).await?;
+            let limits = response.limits.unwrap_or_default();
+            match args.output {
+                Output::Json => println!("{}", json!({ "index": response.index, "limits": limits_json(&limits) })),
+                Output::Text => {
+                    println!("limits set from index {}:", response.index);
+                    print_limits(&limits, &limits);
+                }
+            }
+            Ok(0)
+        }
         Command::Defrag(args) => {
             let report = crate::storage::lmdb::defrag(&args.data_dir)?;
             println!(
@@ -786,6 +863,8 @@ fn print_status(status: &proto::StatusResponse, output: Output) {
         "fs_free_bytes": status.fs_free_bytes,
         "min_free_bytes": status.min_free_bytes,
         "out_of_space": status.out_of_space,
+        "limits": status.limits.as_ref().map(limits_json),
+        "limits_recorded": status.limits_recorded,
         "refused": status.refused.iter().map(|r| (r.reason.clone(), r.count)).collect::<std::collections::BTreeMap<_, _>>(),
         "progress": status.progress.iter().map(|p| json!({
             "id": p.id, "matched": p.matched, "next_index": p.next_index,
@@ -839,6 +918,32 @@ fn print_status(status: &proto::StatusResponse, output: Output) {
                 let role = if m.voter { "voter" } else { "learner" };
                 println!("member:          {} {} {}", m.id, m.addr, role);
             }
+        }
+    }
+}
+
+fn limits_json(limits: &crate::proto::SandboxLimits) -> serde_json::Value {
+    json!({
+        "fuel_per_call": limits.fuel_per_call,
+        "fuel_per_snapshot": limits.fuel_per_snapshot,
+        "max_memory_bytes": limits.max_memory_bytes,
+        "max_result_bytes": limits.max_result_bytes,
+    })
+}
+
+/// One line per limit; where this node's flag differs, it says so.
+fn print_limits(limits: &crate::proto::SandboxLimits, local: &crate::proto::SandboxLimits) {
+    let rows = [
+        ("fuel_per_call", limits.fuel_per_call, local.fuel_per_call),
+        ("fuel_per_snapshot", limits.fuel_per_snapshot, local.fuel_per_snapshot),
+        ("max_memory_bytes", limits.max_memory_bytes, local.max_memory_bytes),
+        ("max_result_bytes", limits.max_result_bytes, local.max_result_bytes),
+    ];
+    for (name, value, flag) in rows {
+        if value == flag {
+            println!("  {name:<18} {value}");
+        } else {
+            println!("  {name:<18} {value}   (this node's flag says {flag}, unused)");
         }
     }
 }

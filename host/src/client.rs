@@ -197,6 +197,15 @@ impl Client {
             .await
     }
 
+    /// Change the cluster's sandbox limits (answered by the leader).
+    pub async fn set_limits(
+        &mut self,
+        request: crate::proto::SetLimitsRequest,
+    ) -> Result<crate::proto::SetLimitsResponse, ClientError> {
+        self.unary(move |mut inner| async move { inner.set_limits(request).await })
+            .await
+    }
+
     pub async fn transfer_leader(&mut self, id: u64) -> Result<crate::proto::TransferLeaderResponse, ClientError> {
         self.unary(
             move |mut inner| async move { inner.transfer_leader(crate::proto::TransferLeaderRequest { id }).await },

@@ -164,6 +164,9 @@ pub struct RunArgs {
     /// Largest plugin memory in bytes [default: 1073741824]. Must match on every node.
     #[arg(long, env = "RAFTIFY_MAX_MEMORY_BYTES")]
     pub max_memory_bytes: Option<usize>,
+    /// Largest result one plugin call may return, in bytes [default: 16777216].
+    #[arg(long, env = "RAFTIFY_MAX_RESULT_BYTES")]
+    pub max_result_bytes: Option<usize>,
     /// Where compiled plugins are cached [default: DATA_DIR/compiled]. Nodes
     /// on one machine may share it; only trusted users may write it, since
     /// compiled code is loaded as is (each file is checksummed).
@@ -284,6 +287,7 @@ impl RunArgs {
                 fuel_per_snapshot: args.fuel_per_snapshot.unwrap_or(sandbox.fuel_per_snapshot),
                 fuel_per_codec_call: sandbox.fuel_per_codec_call,
                 max_memory_bytes: args.max_memory_bytes.unwrap_or(sandbox.max_memory_bytes),
+                max_result_bytes: args.max_result_bytes.unwrap_or(sandbox.max_result_bytes),
                 max_output_bytes_per_call: sandbox.max_output_bytes_per_call,
                 cache_dir: Some(args.compile_cache_dir.unwrap_or_else(|| data_dir.join("compiled"))),
             },
@@ -348,6 +352,7 @@ impl RunArgs {
             fuel_per_call: self.fuel_per_call.or(other.fuel_per_call),
             fuel_per_snapshot: self.fuel_per_snapshot.or(other.fuel_per_snapshot),
             max_memory_bytes: self.max_memory_bytes.or(other.max_memory_bytes),
+            max_result_bytes: self.max_result_bytes.or(other.max_result_bytes),
             compile_cache_dir: self.compile_cache_dir.or(other.compile_cache_dir),
             lmdb_map_size_bytes: self.lmdb_map_size_bytes.or(other.lmdb_map_size_bytes),
             quota_bytes: self.quota_bytes.or(other.quota_bytes),
@@ -517,11 +522,12 @@ impl NodeConfig {
         if self.client.request_timeout_ms == 0 {
             return bad("request_timeout_ms must be at least 1".into());
         }
-        if self.sandbox.fuel_per_call == 0 || self.sandbox.fuel_per_snapshot == 0 {
-            return bad("fuel_per_call and fuel_per_snapshot must be at least 1".into());
-        }
-        if self.sandbox.max_memory_bytes < (1 << 20) {
-            return bad("max_memory_bytes must be at least 1 MiB".into());
+        crate::sandbox::Limits::of(&self.sandbox).check().or_else(bad)?;
+        if self.sandbox.max_result_bytes + (64 << 10) > self.transport.max_message_bytes {
+            return bad(format!(
+                "max_result_bytes ({}) must leave 64 KiB of room under max_message_bytes ({}): a result travels in one message",
+                self.sandbox.max_result_bytes, self.transport.max_message_bytes
+            ));
         }
         if self.snapshot.every_entries == 0 {
             return bad("snapshot_every_entries must be at least 1".into());

@@ -18,11 +18,12 @@ use crate::config::NodeConfig;
 use crate::dial::Dialer;
 use crate::firewall::Refusals;
 use crate::fsm::{Fsm, FsmRequest};
+use crate::limits::LimitsWatch;
 use crate::logging;
 use crate::node::{Node, NodeError, NodeRequest};
 use crate::proto::client_server::ClientServer;
 use crate::proto::peer_server::PeerServer;
-use crate::sandbox::Sandbox;
+use crate::sandbox::{Limits, Sandbox};
 use crate::server::Services;
 use crate::space::{SpaceConfig, SpaceWatch};
 use crate::storage::lmdb::LmdbStore;
@@ -149,7 +150,12 @@ pub async fn run(config: NodeConfig, listener: TcpListener, shutdown: impl Futur
                 );
                 match fsm {
                     Ok(fsm) => {
-                        let _ = started_tx.send(Ok((fsm.trap_counter(), fsm.snapshot_error(), fsm.space_alarms())));
+                        let _ = started_tx.send(Ok((
+                            fsm.trap_counter(),
+                            fsm.snapshot_error(),
+                            fsm.space_alarms(),
+                            fsm.cluster_limits(),
+                        )));
                         fsm.run(fsm_rx)
                     }
                     Err(error) => {
@@ -160,10 +166,11 @@ pub async fn run(config: NodeConfig, listener: TcpListener, shutdown: impl Futur
             })
         })
         .context("cannot start the apply worker thread")?;
-    let (trapped_entries, snapshot_error, space_alarms) = tokio::task::spawn_blocking(move || started_rx.recv())
-        .await
-        .context("waiting for the apply worker")?
-        .context("the apply worker thread stopped while starting")??;
+    let (trapped_entries, snapshot_error, space_alarms, cluster_limits) =
+        tokio::task::spawn_blocking(move || started_rx.recv())
+            .await
+            .context("waiting for the apply worker")?
+            .context("the apply worker thread stopped while starting")??;
 
     let space_config = space_config(&config);
     tracing::info!(
@@ -188,6 +195,7 @@ pub async fn run(config: NodeConfig, listener: TcpListener, shutdown: impl Futur
         applied_rx,
         refusals.clone(),
         SpaceWatch::new(space_config, id, link.space.clone(), space_alarms.clone()),
+        LimitsWatch::new(Limits::of(sandbox.config()), cluster_limits.clone()),
         logging::raft_logger(),
     )?;
     let node_task = tokio::spawn(tracing::Instrument::instrument(node.run(node_rx), span.clone()));
@@ -205,7 +213,9 @@ pub async fn run(config: NodeConfig, listener: TcpListener, shutdown: impl Futur
         snapshot_error,
         space_config,
         space_alarms,
+        cluster_limits,
         max_snapshot_bytes: config.snapshot.max_bytes,
+        max_message_bytes: config.transport.max_message_bytes,
         sandbox,
         plugins: Arc::new(store.clone()),
         stopping: stopping_tx.subscribe(),

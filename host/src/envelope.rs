@@ -31,6 +31,10 @@ pub enum HostEntry {
     /// leader; while any member's is on, writes that grow the state are
     /// refused on every node.
     SpaceAlarm { member: u64, on: bool },
+    /// The sandbox limits every replica uses from here on (see
+    /// `sandbox::Limits`). The first leader records its own; `limits set`
+    /// changes them.
+    Limits(crate::sandbox::Limits),
 }
 
 /// What a normal entry's data means.

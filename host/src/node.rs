@@ -34,6 +34,7 @@ use tokio::sync::{Notify, mpsc, oneshot, watch};
 use crate::envelope::{self, HostEntry};
 use crate::firewall::{self, Channel, Refusal, Refusals};
 use crate::fsm::{Applied, ApplyWaiter, FsmRequest};
+use crate::limits::{LimitsWatch, LogPosition};
 use crate::space::SpaceWatch;
 use crate::storage::persister::{Completion, Persister};
 use crate::storage::staged::Staged;
@@ -270,6 +271,8 @@ pub struct Node<S: LogStore> {
     refusals: Arc<Refusals>,
     /// Space readings, and the leader's alarm proposals.
     space: SpaceWatch,
+    /// The leader's proposal of the sandbox limits, when none are recorded.
+    limits: LimitsWatch,
 }
 
 /// A write the persister has not reported durable yet.
@@ -302,6 +305,7 @@ impl<S: LogStore> Node<S> {
         applied: watch::Receiver<u64>,
         refusals: Arc<Refusals>,
         space: SpaceWatch,
+        limits: LimitsWatch,
         logger: slog::Logger,
     ) -> Result<Node<S>, NodeError> {
         let id = identity.id;
@@ -378,6 +382,7 @@ impl<S: LogStore> Node<S> {
             campaign_when_applied,
             refusals,
             space,
+            limits,
         })
     }
 
@@ -443,6 +448,16 @@ impl<S: LogStore> Node<S> {
         let (leader, mut members) = (self.is_leader(), self.voters());
         members.extend(self.learners());
         for entry in self.space.tick(&self.store, leader, &members) {
+            self.propose_host(entry);
+        }
+        let raft = &self.raw.raft;
+        let position = LogPosition {
+            leading: leader && raft.commit_to_current_term(),
+            committed: raft.raft_log.committed,
+            last_index: raft.raft_log.last_index(),
+            applied: *self.applied.borrow(),
+        };
+        if let Some(entry) = self.limits.tick(position) {
             self.propose_host(entry);
         }
         // Commit-index and applied-index advances are persisted lazily, at

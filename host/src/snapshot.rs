@@ -2,7 +2,8 @@
 //! as of its index, and the plugin's own `snapshot()` bytes.
 //!
 //! ```text
-//! magic        4 bytes   "RSN2" ("RSN1": a header without space alarms)
+//! magic        4 bytes   "RSN3" ("RSN2": a header without sandbox limits,
+//!                        "RSN1": nor space alarms)
 //! header_len   u32 LE
 //! header       bincode   SnapshotHeader
 //! state        rest      the plugin's snapshot() bytes
@@ -15,7 +16,9 @@
 
 use serde::{Deserialize, Serialize};
 
-const MAGIC: &[u8; 4] = b"RSN2";
+const MAGIC: &[u8; 4] = b"RSN3";
+/// Snapshots written before sandbox limits were replicated: read, never written.
+const MAGIC_V2: &[u8; 4] = b"RSN2";
 /// Snapshots written before space alarms were replicated: read, never written.
 const MAGIC_V1: &[u8; 4] = b"RSN1";
 
@@ -58,6 +61,17 @@ pub struct SnapshotHeader {
     pub members: Vec<(u64, String)>,
     /// Members whose space alarm is on as of the snapshot's index.
     pub alarms: Vec<u64>,
+    /// The cluster's sandbox limits as of the snapshot's index (`None`: it
+    /// had recorded none yet).
+    pub limits: Option<crate::sandbox::Limits>,
+}
+
+/// The header of an `RSN2` snapshot.
+#[derive(Deserialize)]
+struct HeaderV2 {
+    plugin_sha256: [u8; 32],
+    members: Vec<(u64, String)>,
+    alarms: Vec<u64>,
 }
 
 /// The header of an `RSN1` snapshot.
@@ -77,7 +91,7 @@ pub enum SnapshotError {
 /// carry a reference instead, so no whole state passes through the raft
 /// loop: the leader's points at its stored snapshot (the transport streams
 /// it from LMDB), a receiver's at the file it wrote (installed from there).
-/// Real snapshot data starts with `RSN1` or `RSN2`, never with these.
+/// Real snapshot data starts with `RSN1`, `RSN2` or `RSN3`, never with these.
 const STORED_REF: &[u8; 4] = b"RSNS";
 const FILE_REF: &[u8; 4] = b"RSNF";
 
@@ -246,7 +260,7 @@ impl Reader {
         let take = wanted.min(piece.len());
         self.pending.extend_from_slice(&piece[..take]);
         let rest = &piece[take..];
-        if self.pending.len() >= 4 && &self.pending[..4] != MAGIC && &self.pending[..4] != MAGIC_V1 {
+        if self.pending.len() >= 4 && ![MAGIC, MAGIC_V2, MAGIC_V1].iter().any(|m| m[..] == self.pending[..4]) {
             return Err(malformed("bad magic"));
         }
         if self.pending.len() < 8 {
@@ -284,6 +298,16 @@ impl Reader {
                 plugin_sha256: v1.plugin_sha256,
                 members: v1.members,
                 alarms: Vec::new(),
+                limits: None,
+            };
+            (header, used)
+        } else if &self.pending[..4] == MAGIC_V2 {
+            let (v2, used): (HeaderV2, usize) = bincode::serde::decode_from_slice(body, limit).map_err(bad)?;
+            let header = SnapshotHeader {
+                plugin_sha256: v2.plugin_sha256,
+                members: v2.members,
+                alarms: v2.alarms,
+                limits: None,
             };
             (header, used)
         } else {
@@ -309,6 +333,7 @@ mod tests {
             plugin_sha256: [7; 32],
             members: vec![(1, "127.0.0.1:1".into())],
             alarms: vec![1],
+            limits: Some(crate::sandbox::Limits::of(&crate::sandbox::SandboxConfig::default())),
         };
         let data = encode(&header, b"state");
         let (decoded, state) = decode(&data).unwrap();
@@ -341,7 +366,37 @@ mod tests {
         assert_eq!(header.members, v1.members);
         assert!(header.alarms.is_empty());
         assert_eq!(state, b"old state");
-        assert!(encode(&header, b"").starts_with(b"RSN2"), "new snapshots carry alarms");
+        assert!(
+            encode(&header, b"").starts_with(b"RSN3"),
+            "new snapshots carry alarms and limits"
+        );
+    }
+
+    /// Snapshots stored before sandbox limits (`RSN2`) still read, with none.
+    #[test]
+    fn a_snapshot_from_before_limits_reads_with_none() {
+        #[derive(Serialize)]
+        struct V2 {
+            plugin_sha256: [u8; 32],
+            members: Vec<(u64, String)>,
+            alarms: Vec<u64>,
+        }
+        let v2 = V2 {
+            plugin_sha256: [4; 32],
+            members: vec![(2, "127.0.0.1:2".into())],
+            alarms: vec![2],
+        };
+        let body = bincode::serde::encode_to_vec(&v2, bincode::config::standard()).unwrap();
+        let mut data = b"RSN2".to_vec();
+        data.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        data.extend_from_slice(&body);
+        data.extend_from_slice(b"state");
+        let (header, state) = decode(&data).unwrap();
+        assert_eq!(
+            (header.plugin_sha256, header.alarms, header.limits),
+            ([4; 32], vec![2], None)
+        );
+        assert_eq!(state, b"state");
     }
 
     #[test]
@@ -359,6 +414,7 @@ mod tests {
             plugin_sha256: [1; 32],
             members: vec![],
             alarms: vec![],
+            limits: None,
         };
         assert_eq!(DataRef::parse(&encode(&header, b"state of some length")), None);
         assert_eq!(DataRef::parse(b"RSNS"), None);
@@ -370,6 +426,7 @@ mod tests {
             plugin_sha256: [9; 32],
             members: vec![(1, "127.0.0.1:1".into()), (2, "127.0.0.1:2".into())],
             alarms: vec![2],
+            limits: None,
         };
         let state: Vec<u8> = (0..200u8).collect();
         let data = encode(&header, &state);
@@ -392,6 +449,6 @@ mod tests {
             assert_eq!(got_header.as_ref(), Some(&header), "pieces of {size}");
             assert_eq!(got_state, state, "pieces of {size}");
         }
-        assert!(Reader::default().push(b"RSN3").is_err());
+        assert!(Reader::default().push(b"RSN9").is_err());
     }
 }

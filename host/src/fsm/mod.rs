@@ -35,7 +35,7 @@ use tokio::sync::{oneshot, watch};
 
 use crate::envelope::{self, HostEntry, Payload};
 use crate::node::ProposeError;
-use crate::sandbox::{CallError, Instance, Plugin, Sandbox};
+use crate::sandbox::{CallError, Instance, Limits, LoadError, Plugin, Sandbox};
 use crate::snapshot::SnapshotConfig;
 use crate::storage::LogStore;
 
@@ -137,6 +137,11 @@ pub struct Fsm<S: LogStore> {
     /// of the node reads it.
     alarms: BTreeSet<u64>,
     alarms_tx: watch::Sender<BTreeSet<u64>>,
+    /// The sandbox limits the cluster recorded as of `applied` (`None`
+    /// before its first `HostEntry::Limits`: this node's flags then), and
+    /// where the rest of the node reads them.
+    cluster_limits: Option<Limits>,
+    limits_tx: watch::Sender<Option<Limits>>,
 }
 
 /// Why the worker stopped.
@@ -200,6 +205,8 @@ impl<S: LogStore> Fsm<S> {
             snapshot_waiters: Vec::new(),
             alarms: BTreeSet::new(),
             alarms_tx: watch::channel(BTreeSet::new()).0,
+            cluster_limits: None,
+            limits_tx: watch::channel(None).0,
         };
         if fsm.restore_stored()? {
             // Status and the raft loop read the applied index from here; raft
@@ -217,6 +224,48 @@ impl<S: LogStore> Fsm<S> {
 
     fn publish_alarms(&self) {
         self.alarms_tx.send_replace(self.alarms.clone());
+    }
+
+    /// The sandbox limits the cluster recorded, as of what this worker
+    /// applied (`None`: none yet).
+    pub fn cluster_limits(&self) -> watch::Receiver<Option<Limits>> {
+        self.limits_tx.subscribe()
+    }
+
+    /// The limits plugin calls run under: the cluster's once recorded.
+    fn limits(&self) -> Limits {
+        self.cluster_limits.unwrap_or_else(|| Limits::of(self.sandbox.config()))
+    }
+
+    /// A fresh instance of `plugin` under the cluster's limits.
+    fn instantiate(&self, plugin: &Plugin) -> Result<Instance, LoadError> {
+        let mut instance = plugin.instantiate()?;
+        instance.set_limits(self.limits());
+        Ok(instance)
+    }
+
+    /// Adopt the limits the log or a snapshot recorded (`at`: where).
+    fn set_cluster_limits(&mut self, limits: Option<Limits>, at: u64) {
+        if self.cluster_limits == limits {
+            return;
+        }
+        self.cluster_limits = limits;
+        let effective = self.limits();
+        self.instance.set_limits(effective);
+        self.limits_tx.send_replace(limits);
+        let local = Limits::of(self.sandbox.config());
+        if let Some(limits) = limits {
+            if limits != local {
+                tracing::warn!(
+                    index = at,
+                    cluster = ?limits,
+                    flags = ?local,
+                    "the cluster's sandbox limits differ from this node's flags; using the cluster's"
+                );
+            } else {
+                tracing::info!(index = at, ?limits, "sandbox limits recorded by the cluster");
+            }
+        }
     }
 
     fn publish_active_plugin(&self) {
@@ -468,6 +517,10 @@ impl<S: LogStore> Fsm<S> {
                     }
                     None
                 }
+                Ok(Payload::Host(HostEntry::Limits(limits))) => {
+                    self.set_cluster_limits(Some(limits), index);
+                    Some(Ok(format!("sandbox limits from index {index}: {limits:?}").into_bytes()))
+                }
                 Ok(Payload::Command(command)) => Some(self.apply_command(index, command)?),
                 Ok(Payload::PluginChunk { sha256, offset, bytes }) => {
                     // Chunks wait in memory for their swap entry; a restart
@@ -565,7 +618,7 @@ impl<S: LogStore> Fsm<S> {
             Ok(plugin) => plugin,
             Err(error) => return reject(error.to_string()),
         };
-        let mut fresh = match plugin.instantiate() {
+        let mut fresh = match self.instantiate(&plugin) {
             Ok(instance) => instance,
             Err(error) => return reject(error.to_string()),
         };
@@ -610,7 +663,8 @@ impl<S: LogStore> Fsm<S> {
             true => {}
             false => {
                 self.plugin = self.first_plugin.clone();
-                self.instance = self.plugin.instantiate()?;
+                self.set_cluster_limits(None, 0);
+                self.instance = self.instantiate(&self.plugin)?;
                 self.staged.clear();
                 self.applied = 0;
                 self.conf_state = ConfState::default();

@@ -143,6 +143,7 @@ impl<S: LogStore> Fsm<S> {
             plugin_sha256: self.plugin.sha256(),
             members: self.members.iter().map(|(id, addr)| (*id, addr.clone())).collect(),
             alarms: self.alarms.iter().copied().collect(),
+            limits: self.cluster_limits,
         };
         let mut metadata = SnapshotMetadata {
             index,
@@ -471,8 +472,9 @@ impl<S: LogStore> Fsm<S> {
                 self.members = header.members.into_iter().collect();
                 self.alarms = header.alarms.into_iter().collect();
                 self.publish_alarms();
+                self.set_cluster_limits(header.limits, index);
                 let plugin = restoring.plugin.clone();
-                let mut instance = plugin.instantiate()?;
+                let mut instance = self.instantiate(&plugin)?;
                 instance
                     .restore_begin(index)
                     .map_err(|e| failed(format!("the plugin's restore() failed: {e}")))?;

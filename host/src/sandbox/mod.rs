@@ -85,6 +85,11 @@ pub struct SandboxConfig {
     pub fuel_per_snapshot: u64,
     /// The most linear memory one instance may have, in bytes.
     pub max_memory_bytes: usize,
+    /// The most bytes one call may hand back to the host (a result, an
+    /// error message, a snapshot chunk), enforced as the guest's data is
+    /// copied out: an oversized result traps alike on every replica.
+    #[serde(default = "default_max_result_bytes")]
+    pub max_result_bytes: usize,
     /// The most stdout/stderr bytes kept from one call for the node's log.
     pub max_output_bytes_per_call: usize,
     /// Where compiled components are cached; `None` compiles every time.
@@ -98,10 +103,82 @@ impl Default for SandboxConfig {
             fuel_per_codec_call: 10_000_000,
             fuel_per_snapshot: 50_000_000_000,
             max_memory_bytes: 1 << 30,
+            max_result_bytes: default_max_result_bytes(),
             max_output_bytes_per_call: 16 * 1024,
             cache_dir: None,
         }
     }
+}
+
+fn default_max_result_bytes() -> usize {
+    16 << 20
+}
+
+/// The limits every replica must share, since they decide what a call
+/// returns: the cluster records them in its log and its snapshots
+/// (`HostEntry::Limits`), and every node uses the cluster's values whatever
+/// its own flags say. Until a cluster has recorded any, a node uses its flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Limits {
+    pub fuel_per_call: u64,
+    pub fuel_per_snapshot: u64,
+    pub max_memory_bytes: u64,
+    pub max_result_bytes: u64,
+}
+
+impl Limits {
+    pub fn of(config: &SandboxConfig) -> Limits {
+        Limits {
+            fuel_per_call: config.fuel_per_call,
+            fuel_per_snapshot: config.fuel_per_snapshot,
+            max_memory_bytes: config.max_memory_bytes as u64,
+            max_result_bytes: config.max_result_bytes as u64,
+        }
+    }
+
+    /// Why these limits cannot work, if they cannot. Checked before they
+    /// are proposed; a committed entry is used as it is on every replica.
+    pub fn check(&self) -> Result<(), String> {
+        const MIB: u64 = 1 << 20;
+        let checks = [
+            (
+                self.fuel_per_call >= 1_000_000,
+                "fuel_per_call must be at least 1000000",
+            ),
+            (
+                self.fuel_per_snapshot >= 1_000_000,
+                "fuel_per_snapshot must be at least 1000000",
+            ),
+            (
+                (MIB..=4 << 30).contains(&self.max_memory_bytes),
+                "max_memory_bytes must be between 1 MiB and 4 GiB (a 32-bit memory)",
+            ),
+            (
+                (4096..=self.max_memory_bytes).contains(&self.max_result_bytes),
+                "max_result_bytes must be at least 4096 and at most max_memory_bytes",
+            ),
+        ];
+        match checks.iter().find(|(ok, _)| !ok) {
+            Some((_, why)) => Err(why.to_string()),
+            None => Ok(()),
+        }
+    }
+
+    fn memory_bytes(&self) -> usize {
+        usize::try_from(self.max_memory_bytes).unwrap_or(usize::MAX)
+    }
+
+    fn result_bytes(&self) -> usize {
+        usize::try_from(self.max_result_bytes).unwrap_or(usize::MAX)
+    }
+}
+
+/// How much of its data a call may copy out to the host, and which limit
+/// that is (for the message when a guest goes past it).
+#[derive(Clone, Copy)]
+struct ResultLimit {
+    bytes: usize,
+    name: &'static str,
 }
 
 /// Extra codec fuel per input byte. A compiled plugin's linear pass costs a
@@ -244,23 +321,19 @@ impl Plugin {
     /// A fresh instance, in the plugin's initial state.
     pub fn instantiate(&self) -> Result<Instance, LoadError> {
         let config = &self.inner.sandbox.config;
+        let limits = Limits::of(config);
         let determinism = Determinism::new(config.max_output_bytes_per_call);
         let state = GuestState {
             wasi: determinism.wasi_ctx(),
             determinism: determinism.clone(),
             table: ResourceTable::new(),
             limiter: MemoryCap {
-                max_bytes: config.max_memory_bytes,
+                max_bytes: limits.memory_bytes(),
                 hit: false,
             },
         };
         let mut store = Store::new(&self.inner.sandbox.engine, state);
         store.limiter(|state| &mut state.limiter);
-        // What one call may hand back to the host (a snapshot() of the whole
-        // state among them): wasmtime's default is 128 MiB, which a kv
-        // state of ~1.3 million keys outgrows while memory has room to
-        // spare. The memory cap already bounds what a guest can return.
-        store.set_hostcall_fuel(config.max_memory_bytes.saturating_add(1 << 20));
         store
             .set_fuel(config.fuel_per_call)
             .map_err(|e| LoadError::Engine(format!("{e:#}")))?;
@@ -277,6 +350,7 @@ impl Plugin {
             plugin: self.clone(),
             poisoned: false,
             whole: WholeState::default(),
+            limits,
         })
     }
 }
@@ -329,6 +403,8 @@ pub struct Instance {
     /// A 0.1.0 plugin's whole-state snapshot being handed out, or restore
     /// being collected, in chunks (0.2.0 plugins stream for themselves).
     whole: WholeState,
+    /// The replicated limits this instance runs under.
+    limits: Limits,
 }
 
 #[derive(Default)]
@@ -373,19 +449,39 @@ impl Instance {
         &self.plugin
     }
 
+    /// Run under `limits` from the next call on (the cluster's, which may
+    /// differ from this node's flags). A lower memory cap than the memory
+    /// has already stops it growing further.
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.limits = limits;
+        self.store.data_mut().limiter.max_bytes = limits.memory_bytes();
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// A call's results: at most `max_result_bytes`.
+    fn result_limit(&self) -> ResultLimit {
+        ResultLimit {
+            bytes: self.limits.result_bytes(),
+            name: "max_result_bytes",
+        }
+    }
+
     /// Whether a trap has made this instance unusable.
     pub fn is_poisoned(&self) -> bool {
         self.poisoned
     }
 
     pub fn apply(&mut self, index: u64, entry: &[u8]) -> Result<Vec<u8>, CallError> {
-        let fuel = self.plugin.inner.sandbox.config.fuel_per_call;
+        let fuel = self.limits.fuel_per_call;
         self.call(index, fuel, |b, s| state_machine!(b, s, call_apply(index, entry)))
     }
 
     /// `index` is the applied index the query reads at (it seeds the clock).
     pub fn query(&mut self, index: u64, request: &[u8]) -> Result<Vec<u8>, CallError> {
-        let fuel = self.plugin.inner.sandbox.config.fuel_per_call;
+        let fuel = self.limits.fuel_per_call;
         self.call(index, fuel, |b, s| state_machine!(b, s, call_query(request)))
     }
 
@@ -394,12 +490,17 @@ impl Instance {
     /// `apply` and `query` may run in between. A 0.1.0 plugin's whole
     /// `snapshot()` is taken here and handed out in pieces.
     pub fn snapshot_begin(&mut self, index: u64) -> Result<(), CallError> {
-        let fuel = self.plugin.inner.sandbox.config.fuel_per_snapshot;
+        let fuel = self.limits.fuel_per_snapshot;
         self.whole.out = Vec::new();
         self.whole.out_at = 0;
         match self.bindings {
             Bindings::V1(_) => {
-                let state = self.call(index, fuel, |b, s| only!(V1, b, s, call_snapshot()))?;
+                // The whole state in one result: the memory cap bounds it.
+                let limit = ResultLimit {
+                    bytes: self.limits.memory_bytes().saturating_add(1 << 20),
+                    name: "a 0.1.0 snapshot: max_memory_bytes + 1 MiB",
+                };
+                let state = self.call_within(index, fuel, limit, |b, s| only!(V1, b, s, call_snapshot()))?;
                 self.whole.out = state;
                 Ok(())
             }
@@ -422,9 +523,14 @@ impl Instance {
             }
             return Ok(chunk);
         }
-        let fuel = self.plugin.inner.sandbox.config.fuel_per_snapshot;
+        let fuel = self.limits.fuel_per_snapshot;
         let max = max_bytes as u32;
-        let chunk = self.call(index, fuel, |b, s| only!(V2, b, s, call_snapshot_next(max)))?;
+        // The chunk asked for, or an error message as large as any result.
+        let limit = ResultLimit {
+            bytes: max_bytes.max(self.limits.result_bytes()),
+            name: "the chunk size asked for, or max_result_bytes",
+        };
+        let chunk = self.call_within(index, fuel, limit, |b, s| only!(V2, b, s, call_snapshot_next(max)))?;
         if chunk.len() > max_bytes {
             return Err(CallError::Guest(format!(
                 "snapshot-next returned {} bytes, more than the {max_bytes} asked for",
@@ -457,7 +563,7 @@ impl Instance {
                 Ok(())
             }
             Bindings::V2(_) => {
-                let fuel = self.plugin.inner.sandbox.config.fuel_per_snapshot;
+                let fuel = self.limits.fuel_per_snapshot;
                 self.call(index, fuel, |b, s| only!(V2, b, s, call_restore_begin()))
             }
         }
@@ -470,12 +576,12 @@ impl Instance {
             restoring.extend_from_slice(chunk);
             return Ok(());
         }
-        let fuel = self.plugin.inner.sandbox.config.fuel_per_snapshot;
+        let fuel = self.limits.fuel_per_snapshot;
         self.call(index, fuel, |b, s| only!(V2, b, s, call_restore_chunk(chunk)))
     }
 
     pub fn restore_finish(&mut self, index: u64) -> Result<(), CallError> {
-        let fuel = self.plugin.inner.sandbox.config.fuel_per_snapshot;
+        let fuel = self.limits.fuel_per_snapshot;
         if let Bindings::V1(_) = self.bindings {
             let state = self.whole.restoring.take();
             let state = state.ok_or_else(|| CallError::Guest("restore-finish without restore-begin".into()))?;
@@ -521,6 +627,18 @@ impl Instance {
         fuel: u64,
         f: impl FnOnce(&Bindings, &mut Store<GuestState>) -> wasmtime::Result<Result<T, String>>,
     ) -> Result<T, CallError> {
+        let limit = self.result_limit();
+        self.call_within(index, fuel, limit, f)
+    }
+
+    /// [`Instance::call`], with what the call may hand back set by `limit`.
+    fn call_within<T>(
+        &mut self,
+        index: u64,
+        fuel: u64,
+        limit: ResultLimit,
+        f: impl FnOnce(&Bindings, &mut Store<GuestState>) -> wasmtime::Result<Result<T, String>>,
+    ) -> Result<T, CallError> {
         if self.poisoned {
             return Err(CallError::Trap("the instance was poisoned by an earlier trap".into()));
         }
@@ -528,6 +646,10 @@ impl Instance {
             .set_fuel(fuel)
             .expect("fuel metering is enabled in the engine config");
         self.store.data_mut().limiter.hit = false;
+        // wasmtime counts the bytes of strings and lists copied out of the
+        // guest against this, and traps past it: the same data traps alike
+        // on every replica, before the host allocates for it.
+        self.store.set_hostcall_fuel(limit.bytes);
         self.determinism.reseed(index);
         // A panic in the host while the guest runs (a host function's bug)
         // must not leave a half-run instance in use: it poisons it.
@@ -551,19 +673,18 @@ impl Instance {
             Err(error) => {
                 self.poisoned = true;
                 let memory_cap_hit = self.store.data().limiter.hit;
-                Err(CallError::Trap(self.describe_trap(&error, fuel, memory_cap_hit)))
+                Err(CallError::Trap(self.describe_trap(&error, fuel, limit, memory_cap_hit)))
             }
         }
     }
 
     /// A short, deterministic description of a trap: every replica produces
     /// the same text, since it is returned to the proposer and recorded.
-    fn describe_trap(&self, error: &wasmtime::Error, fuel: u64, memory_cap_hit: bool) -> String {
-        let config = &self.plugin.inner.sandbox.config;
+    fn describe_trap(&self, error: &wasmtime::Error, fuel: u64, limit: ResultLimit, memory_cap_hit: bool) -> String {
         if memory_cap_hit {
             return format!(
-                "out of memory: the plugin tried to grow its memory past the cap of {} bytes",
-                config.max_memory_bytes
+                "out of memory: the plugin tried to grow its memory past the cap of {} bytes (max_memory_bytes)",
+                self.limits.max_memory_bytes
             );
         }
         match error.downcast_ref::<Trap>() {
@@ -587,8 +708,8 @@ impl Instance {
                 let text = format!("{error:#}");
                 if text.contains("fuel allocated for hostcalls has been exhausted") {
                     return format!(
-                        "the result is too large: a call may hand the host at most {} bytes (max_memory_bytes + 1 MiB)",
-                        config.max_memory_bytes.saturating_add(1 << 20)
+                        "the result is too large: a call may hand the host at most {} bytes ({})",
+                        limit.bytes, limit.name
                     );
                 }
                 format!("{error}").lines().next().unwrap_or("unknown error").to_string()

@@ -218,6 +218,7 @@ fn compiled_components_are_cached_and_a_corrupt_cache_is_recompiled() {
 fn a_snapshot_larger_than_128_mib_round_trips() {
     let sandbox = Sandbox::new(SandboxConfig {
         max_memory_bytes: 1 << 30,
+        max_result_bytes: 256 << 20,
         ..SandboxConfig::default()
     })
     .unwrap();
@@ -233,6 +234,48 @@ fn a_snapshot_larger_than_128_mib_round_trips() {
     let mut restored = plugin.instantiate().unwrap();
     restored.restore(1, &snapshot).unwrap();
     assert_eq!(restored.query(1, b"get big").unwrap().len(), size);
+}
+
+/// Issue 13: a result's size was bounded only by the memory cap, and the
+/// host copied all of it before anything checked. `max_result_bytes` stops
+/// the copy as it runs: the same trap on every replica, with the limit.
+#[test]
+fn a_result_over_max_result_bytes_traps_with_the_limit_and_the_limit_can_change() {
+    let plugin = sandbox().load(EMBEDDED_CHAOS).unwrap();
+    let mut chaos = plugin.instantiate().unwrap();
+    let limits = chaos.limits();
+    chaos.set_limits(Limits {
+        max_result_bytes: 1 << 20,
+        ..limits
+    });
+    chaos.apply(1, format!("fill big {}", 2 << 20).as_bytes()).unwrap();
+    chaos.apply(2, format!("fill small {}", 1 << 20).as_bytes()).unwrap();
+    assert_eq!(
+        chaos.query(2, b"get small").unwrap().len(),
+        1 << 20,
+        "exactly the limit passes"
+    );
+    let error = chaos.query(2, b"get big").unwrap_err();
+    assert_eq!(
+        error,
+        CallError::Trap(
+            "the result is too large: a call may hand the host at most 1048576 bytes (max_result_bytes)".into()
+        )
+    );
+    // A snapshot is not a result: it streams in chunks of the size asked.
+    let mut fresh = plugin.instantiate().unwrap();
+    fresh.set_limits(Limits {
+        max_result_bytes: 1 << 20,
+        ..limits
+    });
+    fresh.apply(1, format!("fill big {}", 2 << 20).as_bytes()).unwrap();
+    assert!(fresh.snapshot(1).unwrap().len() > 2 << 20);
+    // A raised limit lets it through, and so does a cap set the other way.
+    fresh.set_limits(Limits {
+        max_result_bytes: 4 << 20,
+        ..limits
+    });
+    assert_eq!(fresh.query(1, b"get big").unwrap().len(), 2 << 20);
 }
 
 /// Issue 13: a guest's sleep on a WASI clock pollable slept for real on

@@ -20,7 +20,7 @@ use crate::proto;
 use crate::proto::{
     HostError, ProposeRequest, ProposeResponse, QueryRequest, QueryResponse, StatusRequest, StatusResponse,
 };
-use crate::sandbox::CallError;
+use crate::sandbox::{CallError, Limits};
 
 mod peer;
 pub use peer::PeerGuard;
@@ -62,9 +62,13 @@ pub struct Services {
     pub snapshot_error: Arc<std::sync::Mutex<String>>,
     /// The largest snapshot accepted from a leader.
     pub max_snapshot_bytes: u64,
+    /// The largest gRPC message this node sends or accepts.
+    pub max_message_bytes: usize,
     /// This node's space limits, and the members whose space alarm is on.
     pub space_config: crate::space::SpaceConfig,
     pub space_alarms: watch::Receiver<std::collections::BTreeSet<u64>>,
+    /// The sandbox limits the cluster recorded (`None`: none yet).
+    pub cluster_limits: watch::Receiver<Option<Limits>>,
     /// Validates components before a swap is proposed.
     pub sandbox: crate::sandbox::Sandbox,
     pub plugins: Arc<dyn crate::storage::PluginRegistry>,
@@ -179,33 +183,55 @@ impl Services {
             Ok(Ok(Err(error))) => return Err(propose_status(error)),
             Ok(Ok(Ok(applied))) => applied,
         };
-        let (outcome, text, render_error) = self.outcome(applied.result).await;
+        let (outcome, rendered) = self.outcome(applied.result).await?;
         Ok(ProposeResponse {
             index: applied.index,
             outcome: Some(outcome.into_propose()),
-            text,
-            render_error,
+            text: rendered.text,
+            render_error: rendered.render_error,
+            text_is_ok: rendered.text_is_ok,
         })
     }
 
-    /// The outcome, its rendered text, and why rendering failed (if it did:
-    /// the result stands; only its display is lost).
-    async fn outcome(&self, result: Result<Vec<u8>, CallError>) -> (Outcome, String, String) {
-        match result {
-            Ok(bytes) => {
-                let rendered = bytes.clone();
-                let (text, render_error) = match self
-                    .codec_call(rendered.len(), move |codec| codec.render(&rendered))
-                    .await
-                {
-                    Ok(text) => (text, String::new()),
-                    Err(error) => (String::new(), error.to_string()),
-                };
-                (Outcome::Ok(bytes), text, render_error)
-            }
-            Err(CallError::Guest(message)) => (Outcome::PluginError(message), String::new(), String::new()),
-            Err(CallError::Trap(message)) => (Outcome::Trap(message), String::new(), String::new()),
+    /// The outcome and its rendered text. A failed render loses only the
+    /// display: the result stands. A result too large for one of this
+    /// node's messages is a clear error rather than a transport failure.
+    async fn outcome(&self, result: Result<Vec<u8>, CallError>) -> Result<(Outcome, Rendered), Status> {
+        let bytes = match result {
+            Ok(bytes) => bytes,
+            Err(CallError::Guest(message)) => return Ok((Outcome::PluginError(message), Rendered::default())),
+            Err(CallError::Trap(message)) => return Ok((Outcome::Trap(message), Rendered::default())),
+        };
+        let room = self.max_message_bytes.saturating_sub(RESPONSE_ROOM_BYTES);
+        if bytes.len() > room {
+            return Err(Status::resource_exhausted(format!(
+                "the result is {} bytes; this node's answers carry at most {room} (max_message_bytes less 64 KiB): \
+                 raise max_message_bytes, or lower the cluster's max_result_bytes (`raftify-host limits set`)",
+                bytes.len()
+            )));
         }
+        let rendered = if bytes.len() > RENDER_MAX_BYTES {
+            // Rendering costs in proportion to the result, on this node's
+            // request threads: a large one is shown as its bytes.
+            match std::str::from_utf8(&bytes) {
+                Ok(_) => Rendered::same_as_ok(),
+                Err(_) => Rendered::failed(format!(
+                    "not rendered: the result is {} bytes, over the {RENDER_MAX_BYTES} bytes rendered, and not UTF-8",
+                    bytes.len()
+                )),
+            }
+        } else {
+            let input = bytes.clone();
+            match self.codec_call(input.len(), move |codec| codec.render(&input)).await {
+                Ok(text) if text.as_bytes() == bytes.as_slice() => Rendered::same_as_ok(),
+                Ok(text) => Rendered {
+                    text,
+                    ..Rendered::default()
+                },
+                Err(error) => Rendered::failed(error.to_string()),
+            }
+        };
+        Ok((Outcome::Ok(bytes), rendered))
     }
 
     async fn read_index(&self, deadline: tokio::time::Instant) -> Result<u64, Status> {
@@ -219,6 +245,38 @@ impl Services {
             ))),
             Ok(Err(_)) => Err(propose_status(ProposeError::Shutdown)),
             Ok(Ok(result)) => result.map_err(propose_status),
+        }
+    }
+}
+
+/// Results larger than this are not passed to the plugin's `render`.
+const RENDER_MAX_BYTES: usize = 64 << 10;
+
+/// Room left in an answer for everything but the result.
+const RESPONSE_ROOM_BYTES: usize = 64 << 10;
+
+/// A result's text, as an answer carries it: never the result twice.
+#[derive(Default)]
+struct Rendered {
+    text: String,
+    render_error: String,
+    /// The text is the result's bytes as they are (UTF-8), so it is not
+    /// sent a second time.
+    text_is_ok: bool,
+}
+
+impl Rendered {
+    fn same_as_ok() -> Rendered {
+        Rendered {
+            text_is_ok: true,
+            ..Rendered::default()
+        }
+    }
+
+    fn failed(render_error: String) -> Rendered {
+        Rendered {
+            render_error,
+            ..Rendered::default()
         }
     }
 }
@@ -294,6 +352,7 @@ fn host_error(status: Status) -> ProposeResponse {
         })),
         text: String::new(),
         render_error: String::new(),
+        text_is_ok: false,
     }
 }
 
@@ -312,6 +371,14 @@ impl Services {
             Ok(Err(_)) => Err(propose_status(ProposeError::Shutdown)),
             Ok(Ok(result)) => result.map_err(propose_status),
         }
+    }
+
+    /// The sandbox limits plugin calls run under here: the cluster's once
+    /// recorded, else this node's flags.
+    fn limits(&self) -> Limits {
+        self.cluster_limits
+            .borrow()
+            .unwrap_or_else(|| Limits::of(self.sandbox.config()))
     }
 
     async fn node_status(&self) -> Result<crate::node::NodeStatus, Status> {
@@ -507,6 +574,38 @@ impl proto::client_server::Client for Services {
         Ok(Response::new(proto::DisarmAlarmsResponse { members }))
     }
 
+    async fn set_limits(
+        &self,
+        request: Request<proto::SetLimitsRequest>,
+    ) -> Result<Response<proto::SetLimitsResponse>, Status> {
+        self.peer.admit_client(&request)?;
+        let change = request.into_inner();
+        let current = self.limits();
+        let limits = Limits {
+            fuel_per_call: change.fuel_per_call.unwrap_or(current.fuel_per_call),
+            fuel_per_snapshot: change.fuel_per_snapshot.unwrap_or(current.fuel_per_snapshot),
+            max_memory_bytes: change.max_memory_bytes.unwrap_or(current.max_memory_bytes),
+            max_result_bytes: change.max_result_bytes.unwrap_or(current.max_result_bytes),
+        };
+        limits
+            .check()
+            .map_err(|why| Status::invalid_argument(format!("limits refused: {why}")))?;
+        // A result must fit in one message, by this node's transport limit.
+        let room = (self.max_message_bytes as u64).saturating_sub(64 << 10);
+        if limits.max_result_bytes > room {
+            return Err(Status::invalid_argument(format!(
+                "limits refused: max_result_bytes ({}) must leave 64 KiB of room under this node's max_message_bytes ({})",
+                limits.max_result_bytes, self.max_message_bytes
+            )));
+        }
+        let data = envelope::host(&envelope::HostEntry::Limits(limits));
+        let applied = self.ask(|reply| NodeRequest::Propose { data, reply }).await?;
+        Ok(Response::new(proto::SetLimitsResponse {
+            index: applied.index,
+            limits: Some(limits_proto(&limits)),
+        }))
+    }
+
     async fn remove_member(
         &self,
         request: Request<proto::RemoveMemberRequest>,
@@ -630,12 +729,13 @@ impl proto::client_server::Client for Services {
             Ok(Err(_)) => return Err(propose_status(ProposeError::Shutdown)),
             Ok(Ok(answered)) => answered,
         };
-        let (outcome, text, render_error) = self.outcome(result).await;
+        let (outcome, rendered) = self.outcome(result).await?;
         Ok(Response::new(QueryResponse {
             index,
             outcome: Some(outcome.into_query()),
-            text,
-            render_error,
+            text: rendered.text,
+            render_error: rendered.render_error,
+            text_is_ok: rendered.text_is_ok,
         }))
     }
 
@@ -679,6 +779,9 @@ impl proto::client_server::Client for Services {
             fs_free_bytes: space.fs_free_bytes,
             min_free_bytes: self.space_config.min_free_bytes,
             out_of_space: self.peer.link.space.over(),
+            limits: Some(limits_proto(&self.limits())),
+            limits_recorded: self.cluster_limits.borrow().is_some(),
+            local_limits: Some(limits_proto(&Limits::of(self.sandbox.config()))),
             cluster_id: self.peer.link.cluster_id,
             snapshot_error: self.snapshot_error.lock().unwrap_or_else(|e| e.into_inner()).clone(),
             refused: self
@@ -704,5 +807,14 @@ impl proto::client_server::Client for Services {
                 })
                 .collect(),
         }))
+    }
+}
+
+fn limits_proto(limits: &Limits) -> proto::SandboxLimits {
+    proto::SandboxLimits {
+        fuel_per_call: limits.fuel_per_call,
+        fuel_per_snapshot: limits.fuel_per_snapshot,
+        max_memory_bytes: limits.max_memory_bytes,
+        max_result_bytes: limits.max_result_bytes,
     }
 }
