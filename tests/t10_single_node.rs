@@ -305,3 +305,31 @@ fn an_overloaded_node_answers_busy_and_keeps_exactly_the_writes_it_accepted() {
     assert_eq!(node.query("len").unwrap(), ok.to_string());
     assert_eq!(node.propose("set after 1").unwrap(), "OK");
 }
+
+/// A node whose log cannot be written (its disk is full, or its output a
+/// closed pipe) serves on: a failed log write made tracing-subscriber
+/// report it with `eprintln!`, which panicked, and the panic stopped the
+/// apply worker; the startup line was a `println!` that did the same.
+#[test]
+fn a_node_whose_output_cannot_be_written_serves_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let node = Node::spawn_logging_to(
+        std::path::Path::new("/dev/full"),
+        None,
+        &dir.path().join("n1"),
+        &addr,
+        &[],
+        &[],
+    );
+    node.wait_ready();
+    assert_eq!(node.propose("set a 1").unwrap(), "OK");
+    let out = node.cli(&["snapshot", "--addr", &addr]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(node.propose("set b 2").unwrap(), "OK");
+    assert_eq!(node.query("get a").unwrap(), "1");
+    assert_eq!(
+        node.status()["applied_index"].as_u64().unwrap(),
+        node.status_u64("commit_index")
+    );
+}

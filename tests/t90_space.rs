@@ -194,6 +194,17 @@ fn a_node_whose_disk_fills_up_raises_the_alarm_and_keeps_serving() {
             return;
         }
     };
+    // Room set aside, given back with the junk below: the writes that wait
+    // for space then have more than the few MiB the junk held (LMDB grows
+    // its file for them, as nothing was compacted).
+    let ballast = mount.join("ballast");
+    let written = std::process::Command::new("dd")
+        .args(["if=/dev/zero", "bs=1M", "count=12"])
+        .arg(format!("of={}", ballast.display()))
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(written.success());
     let data = mount.join("n1");
     let mut node = Node::start(&data, &free_addr(), &[]);
     let status = node.status();
@@ -251,6 +262,7 @@ fn a_node_whose_disk_fills_up_raises_the_alarm_and_keeps_serving() {
     assert!(node.try_status().is_some(), "the node is up");
     // Space comes back: the waiting write lands, and the rest follow.
     std::fs::remove_file(&junk).unwrap();
+    std::fs::remove_file(&ballast).unwrap();
     writing.join().unwrap().unwrap();
     assert_eq!(node.query("get late39").unwrap(), value(39));
     let log = node.log_text();

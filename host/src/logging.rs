@@ -21,9 +21,27 @@ pub fn init(filter: &str) {
     let filter = std::env::var("RAFTIFY_LOG").unwrap_or_else(|_| filter.to_string());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(env_filter(&filter))
-        .with_writer(std::io::stderr)
+        .with_writer(|| LossyStderr)
         .with_target(true)
         .try_init();
+}
+
+/// stderr, with its failures dropped. A node whose log sits on the disk
+/// that filled up (or whose stderr is a closed pipe) must go on: a failed
+/// write makes tracing-subscriber report it with `eprintln!`, which panics
+/// when stderr itself fails, and that panic stopped the apply worker.
+pub struct LossyStderr;
+
+impl std::io::Write for LossyStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
+    }
 }
 
 fn env_filter(directives: &str) -> tracing_subscriber::EnvFilter {

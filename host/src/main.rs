@@ -1,5 +1,6 @@
 //! `raftify-host`: run a node, or talk to one.
 
+use std::io::Write as _;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -25,8 +26,9 @@ fn main() -> ExitCode {
 }
 
 fn fail(error: anyhow::Error) -> ExitCode {
-    // One line: the chain of causes, no backtrace, no debug dump.
-    eprintln!("error: {error:#}");
+    // One line: the chain of causes, no backtrace, no debug dump (and no
+    // panic if stderr is gone).
+    let _ = writeln!(std::io::stderr(), "error: {error:#}");
     ExitCode::FAILURE
 }
 
@@ -40,7 +42,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     if config.listen.ends_with(":0") {
         config.listen = local.to_string();
     }
-    println!(
+    // Written, not printed: a full disk or a closed pipe under stdout must
+    // not stop the node.
+    let _ = writeln!(
+        std::io::stdout(),
         "raftify-host listening on {} (data dir {})",
         config.listen,
         config.data_dir.display()

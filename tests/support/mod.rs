@@ -145,6 +145,20 @@ impl Node {
 
     fn spawn_full(netns: Option<&str>, data_dir: &Path, addr: &str, extra: &[&str], env: &[(&str, &str)]) -> Node {
         let log = data_dir.with_extension(format!("{}.log", addr.replace([':', '.'], "_")));
+        Node::spawn_logging_to(&log, netns, data_dir, addr, extra, env)
+    }
+
+    /// Start with stdout and stderr appended to `log` (which may be a
+    /// device such as /dev/full: then never call `log_text`).
+    pub fn spawn_logging_to(
+        log: &Path,
+        netns: Option<&str>,
+        data_dir: &Path,
+        addr: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Node {
+        let log = log.to_path_buf();
         let log_file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -254,6 +268,9 @@ impl Node {
     }
 
     pub fn log_text(&self) -> String {
+        if !self.log.is_file() {
+            return format!("(the log went to {}, not a file)", self.log.display());
+        }
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
