@@ -111,6 +111,16 @@ fn a_cluster_swaps_kv_for_kv_v2_under_writes_and_every_replica_follows() {
     let swap_done = Instant::now();
     assert!(out.status.success(), "swap failed: {}", stderr(&out));
     assert!(stdout(&out).contains(&sha(EMBEDDED_KV_V2)), "{}", stdout(&out));
+    // Two phases, told as they go: every voter compiled it before the
+    // swap entry was proposed, off its apply thread.
+    let progress = stderr(&out);
+    for step in ["sent ", "compiled on 3 of 3 voters", "activated at index"] {
+        assert!(progress.contains(step), "no {step:?} in {progress}");
+    }
+    for id in [1, 2, 3] {
+        let log = cluster.node(id).log_text();
+        assert!(log.contains("prepared a plugin for its swap"), "node {id}: {log}");
+    }
     std::thread::sleep(Duration::from_millis(500));
     stop.store(true, Ordering::Relaxed);
     let Writes { acked, failed } = writes.join().unwrap();
@@ -297,5 +307,54 @@ fn a_20_mb_component_gets_through_the_log() {
     assert_eq!(cluster.leader(), leader);
     for id in [1, 2, 3] {
         assert_eq!(cluster.node(id).status()["term"], term, "node {id}");
+    }
+}
+
+/// Issue 13: a swap's entry applied on every node at once, and a node that
+/// could not compile the component paused or failed there. The swap entry
+/// is proposed only once every voter compiled the component; a voter that
+/// never reports it fails the swap by name, and nothing switches.
+#[test]
+fn a_swap_waits_for_every_voter_and_names_the_one_that_never_reports() {
+    let mut cluster = Cluster::start(3, &["--swap-ready-timeout-ms", "3000"]);
+    let dir = cluster.dir.path().to_path_buf();
+    let v2 = plugin_file(&dir, "kv-v2.wasm", EMBEDDED_KV_V2);
+    let leader = cluster.leader();
+    let down = cluster.followers()[0];
+    cluster.kill(down);
+    cluster.node(leader).propose("set a 1").unwrap();
+    let out = cli(&["plugin", "swap", &v2, "--addr", &cluster.node(leader).addr]);
+    assert!(!out.status.success(), "{}", stdout(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!(
+            "node {down} has not reported the component compiled within 3000 ms"
+        )),
+        "{err}"
+    );
+    assert!(err.contains("no swap entry was proposed"), "{err}");
+    for id in cluster.nodes.keys() {
+        assert_eq!(
+            cluster.node(*id).status()["plugin_sha256"],
+            sha(EMBEDDED_KV),
+            "node {id}"
+        );
+    }
+    // Back up, the node catches up and compiles it; the swap goes through.
+    cluster.restart(down);
+    cluster.node(down).wait_ready();
+    cluster.wait_applied(down, cluster.node(leader).status_u64("commit_index"));
+    let out = cli(&["plugin", "swap", &v2, "--addr", &cluster.node(leader).addr]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("compiled on 3 of 3 voters"), "{}", stderr(&out));
+    let commit = cluster.node(leader).status_u64("commit_index");
+    for id in [1, 2, 3] {
+        cluster.wait_applied(id, commit);
+        assert_eq!(
+            cluster.node(id).status()["plugin_sha256"],
+            sha(EMBEDDED_KV_V2),
+            "node {id}"
+        );
+        assert_eq!(cluster.stale(id, "strlen a"), "1");
     }
 }

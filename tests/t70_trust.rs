@@ -58,6 +58,7 @@ fn send(addr: &str, cluster_id: u64, from: u64, messages: &[Message]) -> Result<
             cluster_id,
             from,
             no_space: false,
+            plugins: Vec::new(),
         }],
     )
 }
@@ -280,6 +281,12 @@ fn forged_raft_messages_are_refused_and_no_node_stops() {
             cluster_id: t.cluster_id,
             from,
             no_space: true,
+            // Readiness for a swap, too: bounded, and never a swap by itself.
+            plugins: vec![raftify_host::proto::PluginState {
+                sha256: vec![7; 32],
+                state: 1,
+                error: String::new(),
+            }],
         })
         .collect();
     send_batches(&leader_addr, forged).unwrap();

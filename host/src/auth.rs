@@ -225,6 +225,7 @@ const CLIENT_RPCS: &[(&str, Role)] = &[
     ("TransferLeader", Role::Admin),
     ("Snapshot", Role::Admin),
     ("SwapPlugin", Role::Admin),
+    ("SwapPluginStream", Role::Admin),
     ("DisarmAlarms", Role::Admin),
     ("SetLimits", Role::Admin),
 ];

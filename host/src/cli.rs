@@ -441,7 +441,14 @@ pub async fn run_client(command: Command) -> anyhow::Result<i32> {
         Command::Plugin(PluginCommand::Swap { file, client: args }) => {
             let wasm = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
             let mut client = connect(&args).await?;
-            let response = client.swap_plugin(wasm).await?;
+            let text = args.output == Output::Text;
+            let response = client
+                .swap_plugin_with_progress(wasm, |update| {
+                    if text {
+                        show_swap_progress(update);
+                    }
+                })
+                .await?;
             match args.output {
                 Output::Text => println!("{}", response.message),
                 Output::Json => println!(
@@ -919,6 +926,33 @@ fn print_status(status: &proto::StatusResponse, output: Output) {
                 println!("member:          {} {} {}", m.id, m.addr, role);
             }
         }
+    }
+}
+
+/// One line on stderr per step of a swap (stdout keeps the result).
+fn show_swap_progress(update: &crate::proto::SwapProgress) {
+    match update.stage.as_str() {
+        "validating" => eprintln!("validating and compiling the component on the leader..."),
+        "sent" => eprintln!(
+            "sent {} bytes ({}) to the log, up to index {}",
+            update.bytes,
+            &update.sha256[..update.sha256.len().min(12)],
+            update.index
+        ),
+        "compiling" if update.waiting.is_empty() => {
+            eprintln!("compiled on {} of {} voters", update.ready, update.voters)
+        }
+        "compiling" => {
+            let waiting: Vec<String> = update.waiting.iter().map(u64::to_string).collect();
+            eprintln!(
+                "compiled on {} of {} voters (waiting on node {})",
+                update.ready,
+                update.voters,
+                waiting.join(", ")
+            );
+        }
+        "activated" => eprintln!("activated at index {}", update.index),
+        _ => {}
     }
 }
 

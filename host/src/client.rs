@@ -224,12 +224,66 @@ impl Client {
 
     /// Propose a plugin swap (on the leader, wherever this client points).
     pub async fn swap_plugin(&mut self, wasm: Vec<u8>) -> Result<crate::proto::SwapPluginResponse, ClientError> {
-        let request = crate::proto::SwapPluginRequest { wasm };
-        self.unary(move |mut inner| {
-            let request = request.clone();
-            async move { inner.swap_plugin(request).await }
+        let done = self.swap_plugin_with_progress(wasm, |_| {}).await?;
+        Ok(crate::proto::SwapPluginResponse {
+            index: done.index,
+            sha256: done.sha256,
+            message: done.message,
         })
-        .await
+    }
+
+    /// Swap the cluster's plugin, hearing how it goes: `on_progress` sees
+    /// each update, the last being the activation. The swap may take as
+    /// long as the voters take to compile the component; the client's
+    /// timeout bounds only the wait between two updates (the leader sends
+    /// one a second).
+    pub async fn swap_plugin_with_progress(
+        &mut self,
+        wasm: Vec<u8>,
+        mut on_progress: impl FnMut(&crate::proto::SwapProgress),
+    ) -> Result<crate::proto::SwapProgress, ClientError> {
+        let mut redirects = 0;
+        'again: loop {
+            let request = crate::proto::SwapPluginRequest { wasm: wasm.clone() };
+            let mut inner = self.inner.clone();
+            let mut updates = match self.bounded(inner.swap_plugin_stream(request)).await? {
+                Ok(updates) => updates,
+                Err(status) if redirects < MAX_REDIRECTS && self.follow(&status).await? => {
+                    redirects += 1;
+                    continue;
+                }
+                Err(status) => return Err(ClientError::Rpc(status)),
+            };
+            loop {
+                let update = match tokio::time::timeout(self.timeout, updates.message()).await {
+                    Err(_) => {
+                        return Err(ClientError::Timeout {
+                            addr: self.addr.clone(),
+                            timeout_ms: self.timeout.as_millis() as u64,
+                        });
+                    }
+                    Ok(update) => update.map_err(|status| self.explain(status)),
+                };
+                match update {
+                    Ok(Some(update)) => {
+                        on_progress(&update);
+                        if update.stage == "activated" {
+                            return Ok(update);
+                        }
+                    }
+                    Ok(None) => {
+                        return Err(ClientError::Rpc(tonic::Status::unavailable(
+                            "the swap's progress ended before it was activated",
+                        )));
+                    }
+                    Err(status) if redirects < MAX_REDIRECTS && self.follow(&status).await? => {
+                        redirects += 1;
+                        continue 'again;
+                    }
+                    Err(status) => return Err(ClientError::Rpc(status)),
+                }
+            }
+        }
     }
 
     pub async fn list_plugins(&mut self) -> Result<crate::proto::ListPluginsResponse, ClientError> {

@@ -152,6 +152,10 @@ pub struct RunArgs {
     /// Largest plugin component `plugin swap` accepts [default: 50331648].
     #[arg(long, env = "RAFTIFY_MAX_PLUGIN_BYTES")]
     pub max_plugin_bytes: Option<usize>,
+    /// How long a plugin swap waits for a voter that says nothing of the new
+    /// component before it fails, naming it [default: 60000].
+    #[arg(long, env = "RAFTIFY_SWAP_READY_TIMEOUT_MS")]
+    pub swap_ready_timeout_ms: Option<u64>,
     /// How long a client request may wait for its result [default: 10000].
     #[arg(long, env = "RAFTIFY_REQUEST_TIMEOUT_MS")]
     pub request_timeout_ms: Option<u64>,
@@ -296,6 +300,7 @@ impl RunArgs {
                 request_timeout_ms: args.request_timeout_ms.unwrap_or(client.request_timeout_ms),
                 stream_window: client.stream_window,
                 max_plugin_bytes: args.max_plugin_bytes.unwrap_or(client.max_plugin_bytes),
+                swap_ready_timeout_ms: args.swap_ready_timeout_ms.unwrap_or(client.swap_ready_timeout_ms),
             },
             transport: TransportConfig {
                 max_message_bytes: args.max_message_bytes.unwrap_or(transport.max_message_bytes),
@@ -353,6 +358,7 @@ impl RunArgs {
             fuel_per_snapshot: self.fuel_per_snapshot.or(other.fuel_per_snapshot),
             max_memory_bytes: self.max_memory_bytes.or(other.max_memory_bytes),
             max_result_bytes: self.max_result_bytes.or(other.max_result_bytes),
+            swap_ready_timeout_ms: self.swap_ready_timeout_ms.or(other.swap_ready_timeout_ms),
             compile_cache_dir: self.compile_cache_dir.or(other.compile_cache_dir),
             lmdb_map_size_bytes: self.lmdb_map_size_bytes.or(other.lmdb_map_size_bytes),
             quota_bytes: self.quota_bytes.or(other.quota_bytes),

@@ -118,6 +118,7 @@ pub async fn run(config: NodeConfig, listener: TcpListener, shutdown: impl Futur
         cluster_id: identity.cluster_id,
         self_id: id,
         space: Arc::default(),
+        plugins: Arc::default(),
     };
     let (applied_tx, applied_rx) = watch::channel(0u64);
     let (active_tx, active_rx) = watch::channel(active_plugin);
@@ -130,6 +131,7 @@ pub async fn run(config: NodeConfig, listener: TcpListener, shutdown: impl Futur
     );
     let (fsm_store, fsm_sandbox, snapshot_config) = (store.clone(), sandbox.clone(), config.snapshot.clone());
     let fsm_span = span.clone();
+    let fsm_readiness = link.plugins.clone();
     // The worker is built on its own thread too, not here: building it
     // restores the stored snapshot through the plugin, and no plugin call
     // may run on an async runtime thread (wasmtime-wasi's synchronous WASI
@@ -149,7 +151,8 @@ pub async fn run(config: NodeConfig, listener: TcpListener, shutdown: impl Futur
                     fetcher,
                 );
                 match fsm {
-                    Ok(fsm) => {
+                    Ok(mut fsm) => {
+                        fsm.report_readiness_to(fsm_readiness);
                         let _ = started_tx.send(Ok((
                             fsm.trap_counter(),
                             fsm.snapshot_error(),
@@ -566,6 +569,7 @@ async fn join<S: LogStore>(
         cluster_id: response.cluster_id,
         self_id: response.id,
         space: Arc::default(),
+        plugins: Arc::default(),
     };
     if !identity.members.iter().any(|(i, _)| *i == response.id) {
         identity.members.push((response.id, config.listen.clone()));

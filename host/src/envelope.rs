@@ -35,6 +35,10 @@ pub enum HostEntry {
     /// `sandbox::Limits`). The first leader records its own; `limits set`
     /// changes them.
     Limits(crate::sandbox::Limits),
+    /// The component with this SHA-256 and length, whose chunks precede
+    /// this entry, is to be compiled in the background on every node (the
+    /// first phase of a swap; see `readiness`).
+    PreparePlugin { sha256: [u8; 32], len: u64 },
 }
 
 /// What a normal entry's data means.
@@ -104,6 +108,18 @@ pub fn plugin_swap_entries(wasm: &[u8], sha256: &[u8; 32], chunk_bytes: usize) -
         .map(|(i, piece)| plugin_chunk(sha256, (i * chunk_bytes) as u64, piece))
         .collect();
     entries.push(plugin_swap(sha256, wasm.len() as u64));
+    entries
+}
+
+/// The first phase of a swap: `wasm`'s chunks, then the entry that has
+/// every node compile it (the swap entry follows once all are ready).
+pub fn plugin_prepare_entries(wasm: &[u8], sha256: &[u8; 32], chunk_bytes: usize) -> Vec<Vec<u8>> {
+    let mut entries = plugin_swap_entries(wasm, sha256, chunk_bytes);
+    entries.pop();
+    entries.push(host(&HostEntry::PreparePlugin {
+        sha256: *sha256,
+        len: wasm.len() as u64,
+    }));
     entries
 }
 

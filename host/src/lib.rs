@@ -17,6 +17,7 @@ pub mod limits;
 pub mod listener;
 pub mod logging;
 pub mod node;
+pub mod readiness;
 pub mod sandbox;
 pub mod server;
 pub mod snapshot;

@@ -79,6 +79,9 @@ pub struct Link {
     /// This node's space (its batches tell the leader when it is out), and
     /// what peers' batches said of theirs.
     pub space: Arc<crate::space::SpaceState>,
+    /// The components this node prepares for a swap, and what peers' batches
+    /// said of theirs (see `readiness`).
+    pub plugins: Arc<crate::readiness::PluginReadiness>,
 }
 
 struct Inner {
@@ -260,6 +263,7 @@ async fn peer_task(
                 cluster_id: link.cluster_id,
                 from: link.self_id,
                 no_space: link.space.over(),
+                plugins: link.plugins.to_proto(),
             };
             if stream_tx.send(batch).await.is_err() {
                 let result = call.await;

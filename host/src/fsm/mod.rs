@@ -35,6 +35,7 @@ use tokio::sync::{oneshot, watch};
 
 use crate::envelope::{self, HostEntry, Payload};
 use crate::node::ProposeError;
+use crate::readiness::{PluginReadiness, Preparer, Readiness};
 use crate::sandbox::{CallError, Instance, Limits, LoadError, Plugin, Sandbox};
 use crate::snapshot::SnapshotConfig;
 use crate::storage::LogStore;
@@ -142,6 +143,11 @@ pub struct Fsm<S: LogStore> {
     /// where the rest of the node reads them.
     cluster_limits: Option<Limits>,
     limits_tx: watch::Sender<Option<Limits>>,
+    /// Components being compiled off this thread for their swap, and their
+    /// bytes, assembled when their `PreparePlugin` entry applied.
+    preparer: Preparer,
+    readiness: Arc<PluginReadiness>,
+    prepared_wasm: HashMap<[u8; 32], Arc<Vec<u8>>>,
 }
 
 /// Why the worker stopped.
@@ -180,7 +186,7 @@ impl<S: LogStore> Fsm<S> {
         let mut fsm = Fsm {
             trap_count,
             store,
-            sandbox,
+            sandbox: sandbox.clone(),
             plugin: first_plugin.clone(),
             first_plugin,
             active_tx,
@@ -207,6 +213,9 @@ impl<S: LogStore> Fsm<S> {
             alarms_tx: watch::channel(BTreeSet::new()).0,
             cluster_limits: None,
             limits_tx: watch::channel(None).0,
+            preparer: Preparer::new(sandbox.clone(), Arc::default()),
+            readiness: Arc::default(),
+            prepared_wasm: HashMap::new(),
         };
         if fsm.restore_stored()? {
             // Status and the raft loop read the applied index from here; raft
@@ -224,6 +233,13 @@ impl<S: LogStore> Fsm<S> {
 
     fn publish_alarms(&self) {
         self.alarms_tx.send_replace(self.alarms.clone());
+    }
+
+    /// Report swap preparation through `readiness` (the node's batches
+    /// carry it to the leader).
+    pub fn report_readiness_to(&mut self, readiness: Arc<PluginReadiness>) {
+        self.preparer = Preparer::new(self.sandbox.clone(), readiness.clone());
+        self.readiness = readiness;
     }
 
     /// The sandbox limits the cluster recorded, as of what this worker
@@ -521,6 +537,9 @@ impl<S: LogStore> Fsm<S> {
                     self.set_cluster_limits(Some(limits), index);
                     Some(Ok(format!("sandbox limits from index {index}: {limits:?}").into_bytes()))
                 }
+                Ok(Payload::Host(HostEntry::PreparePlugin { sha256, len })) => {
+                    Some(Ok(self.prepare_plugin(index, sha256, len)?.into_bytes()))
+                }
                 Ok(Payload::Command(command)) => Some(self.apply_command(index, command)?),
                 Ok(Payload::PluginChunk { sha256, offset, bytes }) => {
                     // Chunks wait in memory for their swap entry; a restart
@@ -530,8 +549,21 @@ impl<S: LogStore> Fsm<S> {
                     None
                 }
                 Ok(Payload::PluginSwap { sha256, len }) => {
-                    let wasm = self.component_for_swap(index, &sha256, len)?;
-                    Some(self.apply_swap(index, &sha256, &wasm)?)
+                    // Compiled ahead by the preparer (waiting for it if it
+                    // is still at it), or here, with the same outcome.
+                    let prepared = match self.prepared_wasm.remove(&sha256) {
+                        Some(wasm) => self.preparer.take(&sha256).map(|plugin| (plugin, wasm)),
+                        None => None,
+                    };
+                    let result = match prepared {
+                        Some((plugin, wasm)) => self.apply_swap(index, &sha256, &wasm, Some(plugin))?,
+                        None => {
+                            let wasm = self.component_for_swap(index, &sha256, len)?;
+                            self.apply_swap(index, &sha256, &wasm, None)?
+                        }
+                    };
+                    self.readiness.forget(&sha256);
+                    Some(result)
                 }
                 Err(error) => {
                     // Raft only commits what a leader accepted, and leaders
@@ -566,6 +598,9 @@ impl<S: LogStore> Fsm<S> {
     /// that can obtain them nowhere stops rather than diverge.
     fn component_for_swap(&mut self, index: u64, sha256: &[u8; 32], len: u64) -> Result<Vec<u8>, FsmError> {
         use sha2::Digest as _;
+        if let Some(wasm) = self.prepared_wasm.remove(sha256) {
+            return Ok(Arc::unwrap_or_clone(wasm));
+        }
         let staged = self.staged.remove(sha256).unwrap_or_default();
         let mut wasm = Vec::with_capacity(len.min(1 << 30) as usize);
         for (offset, bytes) in staged {
@@ -594,19 +629,59 @@ impl<S: LogStore> Fsm<S> {
         }
     }
 
+    /// The first phase of a swap (see `readiness`): assemble the component
+    /// from its chunks and compile it on another thread, so that applying
+    /// the swap entry later does not stop this one for the compile.
+    fn prepare_plugin(&mut self, index: u64, sha256: [u8; 32], len: u64) -> Result<String, FsmError> {
+        let hex = hex::encode(sha256);
+        if self.plugin.sha256() == sha256 {
+            return Ok(format!("plugin {hex} is already active"));
+        }
+        let wasm = match self.component_for_swap(index, &sha256, len) {
+            Ok(wasm) => wasm,
+            Err(FsmError::MissingPlugin(what)) => {
+                let error = format!("its chunks do not add up, and no member has it: {what}");
+                self.readiness.set(sha256, Readiness::Failed(error.clone()));
+                return Ok(format!("plugin {hex} cannot be prepared: {error}"));
+            }
+            Err(error) => return Err(error),
+        };
+        use sha2::Digest as _;
+        if wasm.len() as u64 != len || sha2::Sha256::digest(&wasm).as_slice() != sha256 {
+            let error = "its chunks do not match its SHA-256 and length".to_string();
+            self.readiness.set(sha256, Readiness::Failed(error.clone()));
+            return Ok(format!("plugin {hex} cannot be prepared: {error}"));
+        }
+        // A few at most wait for their swap; an older one is read back
+        // from the store if its swap ever comes.
+        if self.prepared_wasm.len() >= 4 {
+            self.prepared_wasm.clear();
+        }
+        let wasm = Arc::new(wasm);
+        self.prepared_wasm.insert(sha256, wasm.clone());
+        let store = self.store.clone();
+        self.preparer.start(sha256, wasm, move |wasm| {
+            store.put_plugin_blob(&sha256, wasm).map_err(|e| e.to_string())
+        });
+        Ok(format!("plugin {hex} is being prepared"))
+    }
+
     /// Switch plugins at `index`, atomically on every replica: validate and
     /// compile the new component, `snapshot()` the old instance, `restore()`
     /// into the new one, switch. Any failure rejects the swap alike on every
     /// replica (all steps are deterministic) and the old plugin stays.
+    /// `prepared`: the plugin compiled ahead from these bytes (checked
+    /// against the hash when they were assembled).
     fn apply_swap(
         &mut self,
         index: u64,
         sha256: &[u8; 32],
         wasm: &[u8],
+        prepared: Option<Plugin>,
     ) -> Result<Result<Vec<u8>, CallError>, FsmError> {
         use sha2::Digest as _;
         let reject = |reason: String| Ok(Err(CallError::Guest(format!("plugin swap rejected: {reason}"))));
-        if sha2::Sha256::digest(wasm).as_slice() != sha256 {
+        if prepared.is_none() && sha2::Sha256::digest(wasm).as_slice() != sha256 {
             return reject("the entry's component does not match its SHA-256".into());
         }
         let hex = hex::encode(sha256);
@@ -614,7 +689,7 @@ impl<S: LogStore> Fsm<S> {
             return Ok(Ok(format!("plugin {hex} is already active").into_bytes()));
         }
         let started = std::time::Instant::now();
-        let plugin = match self.sandbox.load(wasm) {
+        let plugin = match prepared.map_or_else(|| self.sandbox.load(wasm), Ok) {
             Ok(plugin) => plugin,
             Err(error) => return reject(error.to_string()),
         };
@@ -949,6 +1024,106 @@ mod tests {
         })
         .unwrap();
         rx.try_recv().unwrap().result
+    }
+
+    /// The entries of a two-phase swap from `index` on: the chunks and the
+    /// prepare entry, then (once `ready` came) the swap entry.
+    fn prepared_swap_entries(index: u64, wasm: &[u8]) -> (Vec<Entry>, Entry) {
+        use sha2::Digest as _;
+        let sha: [u8; 32] = sha2::Sha256::digest(wasm).into();
+        let mut entries: Vec<Entry> = envelope::plugin_prepare_entries(wasm, &sha, 64 * 1024)
+            .into_iter()
+            .enumerate()
+            .map(|(i, data)| Entry {
+                index: index + i as u64,
+                term: 1,
+                data: data.into(),
+                ..Default::default()
+            })
+            .collect();
+        let swap = Entry {
+            index: index + entries.len() as u64,
+            term: 1,
+            data: envelope::plugin_swap(&sha, wasm.len() as u64).into(),
+            ..Default::default()
+        };
+        entries.shrink_to_fit();
+        (entries, swap)
+    }
+
+    /// Issue 13: a swap compiled the component on every node's apply
+    /// thread as its entry applied, so applying stopped for the compile.
+    /// The prepare entry starts the compile on another thread, reports it
+    /// ready, and the swap takes the compiled plugin; a component that does
+    /// not compile is reported failed and the swap is refused as before.
+    #[test]
+    fn a_prepared_swap_compiles_off_the_apply_thread_and_reports_readiness() {
+        use crate::daemon::{EMBEDDED_KV, EMBEDDED_KV_V2};
+        use sha2::Digest as _;
+        let sha: [u8; 32] = sha2::Sha256::digest(EMBEDDED_KV_V2).into();
+        let mut entries = vec![command(1, "set a 1")];
+        let (prepare, swap) = prepared_swap_entries(2, EMBEDDED_KV_V2);
+        entries.extend(prepare);
+        let after_prepare = entries.len() as u64 + 1;
+        let (bad_prepare, _) = prepared_swap_entries(after_prepare, b"not wasm");
+        entries.extend(bad_prepare);
+        let swap = Entry {
+            index: entries.len() as u64 + 1,
+            ..swap
+        };
+        entries.push(swap.clone());
+        entries.push(command(swap.index + 1, "set b 2"));
+        let store = store_with(&entries);
+        let mut fsm = fsm_over(&store, EMBEDDED_KV, SnapshotConfig::default());
+        let readiness = Arc::new(PluginReadiness::default());
+        fsm.report_readiness_to(readiness.clone());
+
+        let prepared = entries.iter().position(|e| e.index == swap.index).unwrap();
+        apply_all(&mut fsm, entries[..prepared].to_vec());
+        assert_eq!(
+            fsm.plugin.sha256(),
+            sha2::Sha256::digest(EMBEDDED_KV).as_slice(),
+            "not swapped yet"
+        );
+        wait_for(
+            || readiness.own(&sha) == Some(Readiness::Ready),
+            "the component to compile",
+        );
+        assert!(
+            store.plugin_blob(&sha).unwrap().is_some(),
+            "its bytes are stored ahead of the swap"
+        );
+        let bad_sha: [u8; 32] = sha2::Sha256::digest(b"not wasm").into();
+        wait_for(
+            || matches!(readiness.own(&bad_sha), Some(Readiness::Failed(m)) if m.contains("not a valid")),
+            "the bad component to fail",
+        );
+
+        let outcomes = apply_all(&mut fsm, entries[prepared..].to_vec());
+        assert!(
+            matches!(&outcomes[0], Ok(m) if String::from_utf8_lossy(m).contains("is active from index")),
+            "{:?}",
+            outcomes[0]
+        );
+        assert_eq!(fsm.plugin.sha256(), sha);
+        assert_eq!(readiness.own(&sha), None, "forgotten once active");
+        assert_eq!(get(&mut fsm, "a"), "1");
+        assert_eq!(get(&mut fsm, "b"), "2");
+
+        // A replica that never prepared (a restart replays from the start)
+        // reaches the same plugin and state, compiling as the swap applies.
+        let mut replayed = fsm_over(&store, EMBEDDED_KV, SnapshotConfig::default());
+        apply_all(&mut replayed, entries.clone());
+        assert_eq!(replayed.plugin.sha256(), sha);
+        assert_eq!(get(&mut replayed, "b"), "2");
+    }
+
+    fn wait_for(mut condition: impl FnMut() -> bool, what: &str) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !condition() {
+            assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
     }
 
     #[test]

@@ -23,6 +23,7 @@ use crate::proto::{
 use crate::sandbox::{CallError, Limits};
 
 mod peer;
+mod swap;
 pub use peer::PeerGuard;
 
 /// Client-facing limits.
@@ -36,6 +37,14 @@ pub struct ClientConfig {
     pub stream_window: usize,
     /// The largest plugin component `plugin swap` accepts, in bytes.
     pub max_plugin_bytes: usize,
+    /// How long a swap waits for a voter that says nothing of the new
+    /// component (voters still compiling it are waited for).
+    #[serde(default = "default_swap_ready_timeout_ms")]
+    pub swap_ready_timeout_ms: u64,
+}
+
+fn default_swap_ready_timeout_ms() -> u64 {
+    60_000
 }
 
 impl Default for ClientConfig {
@@ -45,6 +54,7 @@ impl Default for ClientConfig {
             request_timeout_ms: 10_000,
             stream_window: 1024,
             max_plugin_bytes: 48 << 20,
+            swap_ready_timeout_ms: default_swap_ready_timeout_ms(),
         }
     }
 }
@@ -447,68 +457,32 @@ impl proto::client_server::Client for Services {
         request: Request<proto::SwapPluginRequest>,
     ) -> Result<Response<proto::SwapPluginResponse>, Status> {
         self.peer.admit_client(&request)?;
+        let done = self.swap(request.into_inner().wasm, None).await?;
+        Ok(Response::new(proto::SwapPluginResponse {
+            index: done.index,
+            sha256: done.sha256,
+            message: done.message,
+        }))
+    }
+
+    type SwapPluginStreamStream = Pin<Box<dyn Stream<Item = Result<proto::SwapProgress, Status>> + Send>>;
+
+    async fn swap_plugin_stream(
+        &self,
+        request: Request<proto::SwapPluginRequest>,
+    ) -> Result<Response<Self::SwapPluginStreamStream>, Status> {
+        self.peer.admit_client(&request)?;
         let wasm = request.into_inner().wasm;
-        // A component lands in every member's store: it grows the state.
-        self.check_space(wasm.len() as u64)?;
-        if wasm.len() > self.config.max_plugin_bytes {
-            return Err(Status::invalid_argument(format!(
-                "the component is {} bytes; the limit is {} (max_plugin_bytes)",
-                wasm.len(),
-                self.config.max_plugin_bytes
-            )));
-        }
-        // Validate and compile before proposing: a bad component never
-        // reaches the log, and the compiled code is cached for this node's
-        // apply. The compile runs off the raft loop.
-        let sandbox = self.sandbox.clone();
-        let (wasm, plugin) = tokio::task::spawn_blocking(move || {
-            let plugin = sandbox.load(&wasm);
-            (wasm, plugin)
-        })
-        .await
-        .map_err(|e| Status::internal(format!("validation task failed: {e}")))?;
-        let plugin = plugin.map_err(|e| Status::invalid_argument(format!("plugin swap rejected: {e}")))?;
-        let sha256 = plugin.sha256();
-        // Keep the bytes here too: a member that starts from a snapshot taken
-        // between the chunks and the swap fetches them from a node that has
-        // them.
-        self.plugins
-            .put_blob(&sha256, &wasm)
-            .map_err(|e| Status::internal(e.to_string()))?;
-        // The component enters the log in chunks no larger than a proposal,
-        // then the swap entry; submitted in order, they commit in order.
-        let mut pending = None;
-        for data in envelope::plugin_swap_entries(&wasm, &sha256, self.config.max_proposal_bytes) {
-            let (reply, answer) = oneshot::channel();
-            self.node
-                .send(NodeRequest::Propose { data, reply })
-                .await
-                .map_err(|_| propose_status(ProposeError::Shutdown))?;
-            if let Some(previous) = pending.replace(answer) {
-                // A chunk that did not commit fails the swap before it is proposed.
-                match tokio::time::timeout(self.timeout(), previous).await {
-                    Ok(Ok(Ok(_))) => {}
-                    Ok(Ok(Err(error))) => return Err(propose_status(error)),
-                    Ok(Err(_)) => return Err(propose_status(ProposeError::Shutdown)),
-                    Err(_) => return Err(propose_status(ProposeError::Timeout(self.config.request_timeout_ms))),
-                }
+        let (progress, updates) = mpsc::channel(16);
+        let services = self.clone();
+        tokio::spawn(async move {
+            if let Err(status) = services.swap(wasm, Some(progress.clone())).await {
+                let _ = progress.send(Err(status)).await;
             }
-        }
-        let pending = pending.expect("at least the swap entry was proposed");
-        drop(wasm);
-        let applied = match tokio::time::timeout(self.timeout(), pending).await {
-            Err(_) => return Err(propose_status(ProposeError::Timeout(self.config.request_timeout_ms))),
-            Ok(Err(_)) => return Err(propose_status(ProposeError::Shutdown)),
-            Ok(Ok(result)) => result.map_err(propose_status)?,
-        };
-        match applied.result {
-            Ok(message) => Ok(Response::new(proto::SwapPluginResponse {
-                index: applied.index,
-                sha256: hex::encode(sha256),
-                message: String::from_utf8_lossy(&message).into_owned(),
-            })),
-            Err(error) => Err(Status::failed_precondition(error.to_string())),
-        }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(
+            updates,
+        ))))
     }
 
     async fn list_plugins(
