@@ -59,6 +59,7 @@ fn send(addr: &str, cluster_id: u64, from: u64, messages: &[Message]) -> Result<
             from,
             no_space: false,
             plugins: Vec::new(),
+            cannot_apply: false,
         }],
     )
 }
@@ -287,6 +288,7 @@ fn forged_raft_messages_are_refused_and_no_node_stops() {
                 state: 1,
                 error: String::new(),
             }],
+            cannot_apply: true,
         })
         .collect();
     send_batches(&leader_addr, forged).unwrap();

@@ -872,6 +872,8 @@ fn print_status(status: &proto::StatusResponse, output: Output) {
         "out_of_space": status.out_of_space,
         "limits": status.limits.as_ref().map(limits_json),
         "limits_recorded": status.limits_recorded,
+        "longest_apply_ms": status.longest_apply_ms,
+        "apply_error": status.apply_error,
         "refused": status.refused.iter().map(|r| (r.reason.clone(), r.count)).collect::<std::collections::BTreeMap<_, _>>(),
         "progress": status.progress.iter().map(|p| json!({
             "id": p.id, "matched": p.matched, "next_index": p.next_index,
@@ -914,6 +916,9 @@ fn print_status(status: &proto::StatusResponse, output: Output) {
                     "space alarm:     on for node {}: writes are refused",
                     members.join(", ")
                 );
+            }
+            if !status.apply_error.is_empty() {
+                println!("apply error:     {}", status.apply_error);
             }
             if !status.snapshot_error.is_empty() {
                 println!("snapshot error:  {}", status.snapshot_error);

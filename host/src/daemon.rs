@@ -119,6 +119,7 @@ pub async fn run(config: NodeConfig, listener: TcpListener, shutdown: impl Futur
         self_id: id,
         space: Arc::default(),
         plugins: Arc::default(),
+        health: Arc::default(),
     };
     let (applied_tx, applied_rx) = watch::channel(0u64);
     let (active_tx, active_rx) = watch::channel(active_plugin);
@@ -132,6 +133,7 @@ pub async fn run(config: NodeConfig, listener: TcpListener, shutdown: impl Futur
     let (fsm_store, fsm_sandbox, snapshot_config) = (store.clone(), sandbox.clone(), config.snapshot.clone());
     let fsm_span = span.clone();
     let fsm_readiness = link.plugins.clone();
+    let fsm_health = link.health.clone();
     // The worker is built on its own thread too, not here: building it
     // restores the stored snapshot through the plugin, and no plugin call
     // may run on an async runtime thread (wasmtime-wasi's synchronous WASI
@@ -153,12 +155,8 @@ pub async fn run(config: NodeConfig, listener: TcpListener, shutdown: impl Futur
                 match fsm {
                     Ok(mut fsm) => {
                         fsm.report_readiness_to(fsm_readiness);
-                        let _ = started_tx.send(Ok((
-                            fsm.trap_counter(),
-                            fsm.snapshot_error(),
-                            fsm.space_alarms(),
-                            fsm.cluster_limits(),
-                        )));
+                        fsm.report_health_to(fsm_health);
+                        let _ = started_tx.send(Ok(fsm.watches()));
                         fsm.run(fsm_rx)
                     }
                     Err(error) => {
@@ -169,11 +167,10 @@ pub async fn run(config: NodeConfig, listener: TcpListener, shutdown: impl Futur
             })
         })
         .context("cannot start the apply worker thread")?;
-    let (trapped_entries, snapshot_error, space_alarms, cluster_limits) =
-        tokio::task::spawn_blocking(move || started_rx.recv())
-            .await
-            .context("waiting for the apply worker")?
-            .context("the apply worker thread stopped while starting")??;
+    let watches = tokio::task::spawn_blocking(move || started_rx.recv())
+        .await
+        .context("waiting for the apply worker")?
+        .context("the apply worker thread stopped while starting")??;
 
     let space_config = space_config(&config);
     tracing::info!(
@@ -197,8 +194,9 @@ pub async fn run(config: NodeConfig, listener: TcpListener, shutdown: impl Futur
         fsm_tx.clone(),
         applied_rx,
         refusals.clone(),
-        SpaceWatch::new(space_config, id, link.space.clone(), space_alarms.clone()),
-        LimitsWatch::new(Limits::of(sandbox.config()), cluster_limits.clone()),
+        link.health.clone(),
+        SpaceWatch::new(space_config, id, link.space.clone(), watches.space_alarms.clone()),
+        LimitsWatch::new(Limits::of(sandbox.config()), watches.cluster_limits.clone()),
         logging::raft_logger(),
     )?;
     let node_task = tokio::spawn(tracing::Instrument::instrument(node.run(node_rx), span.clone()));
@@ -212,11 +210,12 @@ pub async fn run(config: NodeConfig, listener: TcpListener, shutdown: impl Futur
         codec: Arc::new(Codec::new(active_rx)),
         config: config.client.clone(),
         listen: config.listen.clone(),
-        trapped_entries,
-        snapshot_error,
+        trapped_entries: watches.trapped_entries,
+        snapshot_error: watches.snapshot_error,
+        longest_apply_ms: watches.longest_apply_ms,
         space_config,
-        space_alarms,
-        cluster_limits,
+        space_alarms: watches.space_alarms,
+        cluster_limits: watches.cluster_limits,
         max_snapshot_bytes: config.snapshot.max_bytes,
         max_message_bytes: config.transport.max_message_bytes,
         sandbox,
@@ -570,6 +569,7 @@ async fn join<S: LogStore>(
         self_id: response.id,
         space: Arc::default(),
         plugins: Arc::default(),
+        health: Arc::default(),
     };
     if !identity.members.iter().any(|(i, _)| *i == response.id) {
         identity.members.push((response.id, config.listen.clone()));

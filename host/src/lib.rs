@@ -13,6 +13,7 @@ pub mod dial;
 pub mod envelope;
 pub mod firewall;
 pub mod fsm;
+pub mod health;
 pub mod limits;
 pub mod listener;
 pub mod logging;

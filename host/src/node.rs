@@ -269,6 +269,8 @@ pub struct Node<S: LogStore> {
     campaign_when_applied: bool,
     /// Peer messages the firewall refused, by reason.
     refusals: Arc<Refusals>,
+    /// Which peers said they cannot apply (never promoted while so).
+    health: Arc<crate::health::ApplyHealth>,
     /// Space readings, and the leader's alarm proposals.
     space: SpaceWatch,
     /// The leader's proposal of the sandbox limits, when none are recorded.
@@ -304,6 +306,7 @@ impl<S: LogStore> Node<S> {
         fsm: std_mpsc::Sender<FsmRequest>,
         applied: watch::Receiver<u64>,
         refusals: Arc<Refusals>,
+        health: Arc<crate::health::ApplyHealth>,
         space: SpaceWatch,
         limits: LimitsWatch,
         logger: slog::Logger,
@@ -381,6 +384,7 @@ impl<S: LogStore> Node<S> {
             conf_index,
             campaign_when_applied,
             refusals,
+            health,
             space,
             limits,
         })
@@ -793,6 +797,10 @@ impl<S: LogStore> Node<S> {
                 .prs()
                 .get(*learner)
                 .is_some_and(|p| p.matched > 0 && p.recent_active && p.matched.saturating_add(lag) >= last)
+                // One whose log is whole but whose state is not (its
+                // restore fails) would count toward a quorum it cannot
+                // serve: it stays a learner.
+                && !self.health.reported_stalled(*learner)
         });
         if let Some(learner) = caught_up {
             tracing::info!(node = learner, "promoting a caught-up learner to voter");

@@ -82,6 +82,8 @@ pub struct Link {
     /// The components this node prepares for a swap, and what peers' batches
     /// said of theirs (see `readiness`).
     pub plugins: Arc<crate::readiness::PluginReadiness>,
+    /// Whether this node can apply, and what peers' batches said of theirs.
+    pub health: Arc<crate::health::ApplyHealth>,
 }
 
 struct Inner {
@@ -264,6 +266,7 @@ async fn peer_task(
                 from: link.self_id,
                 no_space: link.space.over(),
                 plugins: link.plugins.to_proto(),
+                cannot_apply: link.health.stalled(),
             };
             if stream_tx.send(batch).await.is_err() {
                 let result = call.await;

@@ -22,6 +22,7 @@
 //! (execution is deterministic), so every replica ends in the same state.
 
 mod snapshots;
+mod stall;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -34,6 +35,7 @@ use raft::prelude::{ConfChange, ConfChangeType, ConfState, Entry, EntryType};
 use tokio::sync::{oneshot, watch};
 
 use crate::envelope::{self, HostEntry, Payload};
+use crate::health::ApplyHealth;
 use crate::node::ProposeError;
 use crate::readiness::{PluginReadiness, Preparer, Readiness};
 use crate::sandbox::{CallError, Instance, Limits, LoadError, Plugin, Sandbox};
@@ -148,6 +150,25 @@ pub struct Fsm<S: LogStore> {
     preparer: Preparer,
     readiness: Arc<PluginReadiness>,
     prepared_wasm: HashMap<[u8; 32], Arc<Vec<u8>>>,
+    /// The longest one batch of committed entries took to apply, in ms.
+    longest_apply_ms: Arc<AtomicU64>,
+    /// Set while a restore failed and is retried (see `stall`), and where
+    /// the node reads it.
+    stalled: Option<stall::Stall>,
+    health: Arc<ApplyHealth>,
+}
+
+/// What the rest of the node reads of the apply worker.
+pub struct FsmWatches {
+    /// Entries whose apply trapped.
+    pub trapped_entries: Arc<AtomicU64>,
+    /// Why snapshots keep failing (empty while they succeed).
+    pub snapshot_error: Arc<std::sync::Mutex<String>>,
+    pub space_alarms: watch::Receiver<BTreeSet<u64>>,
+    pub cluster_limits: watch::Receiver<Option<Limits>>,
+    /// The longest one batch of committed entries took to apply, in ms
+    /// (a swap's handover counts; a preparer's compile does not).
+    pub longest_apply_ms: Arc<AtomicU64>,
 }
 
 /// Why the worker stopped.
@@ -216,11 +237,23 @@ impl<S: LogStore> Fsm<S> {
             preparer: Preparer::new(sandbox.clone(), Arc::default()),
             readiness: Arc::default(),
             prepared_wasm: HashMap::new(),
+            longest_apply_ms: Arc::default(),
+            stalled: None,
+            health: Arc::default(),
         };
-        if fsm.restore_stored()? {
+        match fsm.restore_stored() {
             // Status and the raft loop read the applied index from here; raft
             // resumes after the snapshot, so nothing else would report it.
-            fsm.applied_tx.send_replace(fsm.applied);
+            Ok(true) => {
+                fsm.applied_tx.send_replace(fsm.applied);
+            }
+            Ok(false) => {}
+            // Up, and saying why it cannot apply, rather than down.
+            Err(error) if stall::survivable(&error) => {
+                let upto = fsm.store.snapshot_metadata()?.index;
+                fsm.stall(error, upto);
+            }
+            Err(error) => return Err(error),
         }
         fsm.publish_active_plugin();
         Ok(fsm)
@@ -233,6 +266,22 @@ impl<S: LogStore> Fsm<S> {
 
     fn publish_alarms(&self) {
         self.alarms_tx.send_replace(self.alarms.clone());
+    }
+
+    pub fn watches(&self) -> FsmWatches {
+        FsmWatches {
+            trapped_entries: self.trap_counter(),
+            snapshot_error: self.snapshot_error(),
+            space_alarms: self.space_alarms(),
+            cluster_limits: self.cluster_limits(),
+            longest_apply_ms: self.longest_apply_ms.clone(),
+        }
+    }
+
+    /// Report whether this worker can apply through `health`.
+    pub fn report_health_to(&mut self, health: Arc<ApplyHealth>) {
+        health.set(self.health.stalled().then(|| self.health.reason()));
+        self.health = health;
     }
 
     /// Report swap preparation through `readiness` (the node's batches
@@ -319,6 +368,15 @@ impl<S: LogStore> Fsm<S> {
     /// snapshot is being taken, idle moments move it along.
     pub fn run(mut self, requests: mpsc::Receiver<FsmRequest>) -> Result<(), FsmError> {
         loop {
+            if let Some(wait) = self.stall_wait() {
+                match requests.recv_timeout(wait) {
+                    Ok(FsmRequest::Shutdown) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                    Ok(request) => self.handle(request)?,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
+                }
+                self.retry_stalled()?;
+                continue;
+            }
             let request = match requests.try_recv() {
                 Ok(request) => request,
                 Err(mpsc::TryRecvError::Disconnected) => break,
@@ -356,8 +414,14 @@ impl<S: LogStore> Fsm<S> {
     }
 
     fn handle_request(&mut self, request: FsmRequest) -> Result<(), FsmError> {
+        if self.stalled.is_some() {
+            self.handle_stalled(request);
+            return Ok(());
+        }
         match request {
             FsmRequest::Apply { entries, mut waiters } => {
+                let started = std::time::Instant::now();
+                let last = entries.last().map_or(0, |e| e.index);
                 for entry in entries {
                     let index = entry.index;
                     if index <= self.applied {
@@ -370,7 +434,20 @@ impl<S: LogStore> Fsm<S> {
                             reason: format!("committed entries skip from {} to {index}", self.applied),
                         });
                     }
-                    let result = self.apply_entry(&entry)?;
+                    let result = match self.apply_entry(&entry) {
+                        Ok(result) => result,
+                        // A rebuild whose restore failed: stall, and tell
+                        // whoever waits on the rest.
+                        Err(error) if stall::survivable(&error) => {
+                            self.stall(error, last);
+                            self.handle_stalled(FsmRequest::Apply {
+                                entries: Vec::new(),
+                                waiters,
+                            });
+                            return Ok(());
+                        }
+                        Err(error) => return Err(error),
+                    };
                     if let Some(waiter) = waiters.remove(&index) {
                         let result = result.unwrap_or(Ok(Vec::new()));
                         // The proposer may have given up (timeout); that is fine.
@@ -378,6 +455,8 @@ impl<S: LogStore> Fsm<S> {
                     }
                 }
                 self.applied_tx.send_replace(self.applied);
+                let took = started.elapsed().as_millis() as u64;
+                self.longest_apply_ms.fetch_max(took, Ordering::Relaxed);
                 self.serve_pending_queries()?;
                 if self.snapshot_due() {
                     self.start_snapshot()?;
@@ -388,7 +467,14 @@ impl<S: LogStore> Fsm<S> {
             // `run` stops before handing this over.
             FsmRequest::Shutdown => {}
             FsmRequest::Restore { metadata } => {
-                self.restore_installed(&metadata)?;
+                match self.restore_installed(&metadata) {
+                    Ok(()) => {}
+                    Err(error) if stall::survivable(&error) => {
+                        self.stall(error, metadata.index);
+                        return Ok(());
+                    }
+                    Err(error) => return Err(error),
+                }
                 self.applied_tx.send_replace(self.applied);
                 self.serve_pending_queries()?;
             }
@@ -635,6 +721,9 @@ impl<S: LogStore> Fsm<S> {
     fn prepare_plugin(&mut self, index: u64, sha256: [u8; 32], len: u64) -> Result<String, FsmError> {
         let hex = hex::encode(sha256);
         if self.plugin.sha256() == sha256 {
+            // Nothing to compile: the swap entry will say it is active.
+            self.staged.remove(&sha256);
+            self.readiness.set(sha256, Readiness::Ready);
             return Ok(format!("plugin {hex} is already active"));
         }
         let wasm = match self.component_for_swap(index, &sha256, len) {
@@ -746,8 +835,21 @@ impl<S: LogStore> Fsm<S> {
                 self.members.clear();
             }
         }
+        self.replay(upto)?;
+        tracing::info!(
+            upto,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "rebuilt the plugin instance"
+        );
+        Ok(())
+    }
+}
+
+impl<S: LogStore> Fsm<S> {
+    /// Apply the stored log from the applied index on, up to `upto`.
+    fn replay(&mut self, upto: u64) -> Result<(), FsmError> {
         let mut next = self.applied + 1;
-        if next < self.store.first_index()? {
+        if next <= upto && next < self.store.first_index()? {
             return Err(FsmError::Malformed {
                 index: next,
                 reason: "the log was compacted past the latest snapshot".into(),
@@ -764,11 +866,6 @@ impl<S: LogStore> Fsm<S> {
             }
             next = batch.last().map_or(upto + 1, |e| e.index + 1);
         }
-        tracing::info!(
-            upto,
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "rebuilt the plugin instance"
-        );
         Ok(())
     }
 }

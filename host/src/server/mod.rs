@@ -70,6 +70,8 @@ pub struct Services {
     pub trapped_entries: Arc<std::sync::atomic::AtomicU64>,
     /// Why snapshots keep failing ("" while they succeed).
     pub snapshot_error: Arc<std::sync::Mutex<String>>,
+    /// The longest one batch of committed entries took to apply, in ms.
+    pub longest_apply_ms: Arc<std::sync::atomic::AtomicU64>,
     /// The largest snapshot accepted from a leader.
     pub max_snapshot_bytes: u64,
     /// The largest gRPC message this node sends or accepts.
@@ -742,6 +744,8 @@ impl proto::client_server::Client for Services {
                 .map(|(id, addr, voter)| proto::Member { id, addr, voter })
                 .collect(),
             trapped_entries: self.trapped_entries.load(std::sync::atomic::Ordering::Relaxed),
+            longest_apply_ms: self.longest_apply_ms.load(std::sync::atomic::Ordering::Relaxed),
+            apply_error: self.peer.link.health.reason(),
             listen: self.listen.clone(),
             snapshot_index: status.snapshot_index,
             reads_served: status.reads.served,

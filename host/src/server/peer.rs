@@ -98,6 +98,7 @@ impl proto::peer_server::Peer for Services {
             // Only a member's word counts (the leader reads it for members).
             self.peer.link.space.report(batch.from, batch.no_space);
             self.peer.link.plugins.report(batch.from, &batch.plugins);
+            self.peer.link.health.report(batch.from, batch.cannot_apply);
             for bytes in batch.messages {
                 let message = Message::parse_from_bytes(&bytes)
                     .map_err(|e| Status::invalid_argument(format!("malformed raft message: {e}")))?;
