@@ -43,18 +43,37 @@ for _ in $(seq 1 300); do
 done
 leader=$("$bin" status -o json --addr "$addr" | sed -n 's/.*"leader_addr":"\([^"]*\)".*/\1/p')
 echo "== leader at $leader; $clients clients writing for ${load_secs} s; swap to $(basename "$plugin") ($(stat -c %s "$plugin") bytes), cold caches"
-# A closed loop bounded in time: about what the machine does in load_secs.
-"$bin" bench --addr "$leader" --clients "$clients" --requests $((clients * 300 * load_secs)) \
-  >"$dir/bench.txt" 2>&1 &
+# Closed-loop writes in short rounds, from before the swap until a few
+# seconds after it is active; each round reports its own latencies.
+: >"$dir/bench.txt"
+(
+  while [ ! -e "$dir/stop" ]; do
+    "$bin" bench --addr "$leader" --clients "$clients" --requests $((clients * 200)) 2>&1 |
+      grep -E "latency|errors|proposals from" >>"$dir/bench.txt" || true
+  done
+) &
 bench=$!
 pids+=("$bench")
-sleep 3
+sleep "${LEAD_IN_SECS:-5}"
 started=$(date +%s.%N)
-"$bin" plugin swap "$plugin" --addr "$leader" --timeout-ms 120000 2>&1 | sed 's/^/   swap: /'
+"$bin" plugin swap "$plugin" --addr "$leader" --timeout-ms 120000 2>&1 | uniq | sed 's/^/   swap: /'
 ended=$(date +%s.%N)
 echo "== swap took $(echo "$ended - $started" | bc) s"
+sleep "${LEAD_OUT_SECS:-5}"
+touch "$dir/stop"
 wait "$bench" || true
-sed 's/^/   bench: /' "$dir/bench.txt"
+rounds=$(grep -c "proposals from" "$dir/bench.txt" || true)
+errors=$(grep -E "^errors" "$dir/bench.txt" | awk '{s += $2} END {print s + 0}')
+worst=$(grep latency "$dir/bench.txt" | sed 's/.*max \([0-9.]*\).*/\1/' | sort -n | tail -1)
+worst_p99=$(grep latency "$dir/bench.txt" | sed 's/.*p99 \([0-9.]*\).*/\1/' | sort -n | tail -1)
+rates=$(grep "proposals from" "$dir/bench.txt" | sed 's/.*: \([0-9]*\)\/s/\1/' | sort -n | tr '\n' ' ')
+echo "== writes: $rounds rounds of $((clients * 200)); errors $errors; worst round p99 ${worst_p99} ms; longest write ${worst} ms"
+echo "   writes/s per round, sorted: $rates"
+for i in 1 2 3; do
+  grep -h -E "prepared a plugin|swapped the plugin" "$dir/n$i.log" | sed 's/\x1b\[[0-9;]*m//g' |
+    sed -n 's/.*\(prepared a plugin\|swapped the plugin\).*elapsed_ms=\([0-9]*\).*/\1 \2/p; s/.*elapsed_ms=\([0-9]*\).*\(prepared a plugin for its swap\|swapped the plugin\).*/\2 \1/p' |
+    sed "s/^/   node $i: /; s/\$/ ms/"
+done
 for i in 1 2 3; do
   longest=$("$bin" status -o json --addr "127.0.0.1:$((base_port + i - 1))" |
     sed -n 's/.*"longest_apply_ms":\([0-9]*\).*/\1/p')
