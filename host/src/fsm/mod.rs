@@ -1087,12 +1087,9 @@ mod tests {
         assert_eq!(get(&mut restarted, "k9"), "9");
     }
 
-    /// The chunk entries and the swap entry for `wasm`, from `index` on.
-    fn swap_entries(index: u64, wasm: &[u8]) -> Vec<Entry> {
-        use sha2::Digest as _;
-        let sha: [u8; 32] = sha2::Sha256::digest(wasm).into();
-        envelope::plugin_swap_entries(wasm, &sha, 64 * 1024)
-            .into_iter()
+    /// Entries holding `data`, one each, from `index` on.
+    fn entries_from(index: u64, data: Vec<Vec<u8>>) -> Vec<Entry> {
+        data.into_iter()
             .enumerate()
             .map(|(i, data)| Entry {
                 index: index + i as u64,
@@ -1101,6 +1098,13 @@ mod tests {
                 ..Default::default()
             })
             .collect()
+    }
+
+    /// The chunk entries and the swap entry for `wasm`, from `index` on.
+    fn swap_entries(index: u64, wasm: &[u8]) -> Vec<Entry> {
+        use sha2::Digest as _;
+        let sha: [u8; 32] = sha2::Sha256::digest(wasm).into();
+        entries_from(index, envelope::plugin_swap_entries(wasm, &sha, 64 * 1024))
     }
 
     fn command(index: u64, text: &str) -> Entry {
@@ -1128,24 +1132,12 @@ mod tests {
     fn prepared_swap_entries(index: u64, wasm: &[u8]) -> (Vec<Entry>, Entry) {
         use sha2::Digest as _;
         let sha: [u8; 32] = sha2::Sha256::digest(wasm).into();
-        let mut entries: Vec<Entry> = envelope::plugin_prepare_entries(wasm, &sha, 64 * 1024)
-            .into_iter()
-            .enumerate()
-            .map(|(i, data)| Entry {
-                index: index + i as u64,
-                term: 1,
-                data: data.into(),
-                ..Default::default()
-            })
-            .collect();
-        let swap = Entry {
-            index: index + entries.len() as u64,
-            term: 1,
-            data: envelope::plugin_swap(&sha, wasm.len() as u64).into(),
-            ..Default::default()
-        };
-        entries.shrink_to_fit();
-        (entries, swap)
+        let entries = entries_from(index, envelope::plugin_prepare_entries(wasm, &sha, 64 * 1024));
+        let swap = entries_from(
+            index + entries.len() as u64,
+            vec![envelope::plugin_swap(&sha, wasm.len() as u64)],
+        );
+        (entries, swap.into_iter().next().expect("one entry"))
     }
 
     /// Issue 13: a swap compiled the component on every node's apply
@@ -1270,10 +1262,10 @@ mod tests {
     /// A swap's chunks straddle a snapshot: a worker that restores it (a
     /// restart, a lagging node) never saw the chunks before it. It fetches
     /// the component from a member and switches at the same index as
-    /// everyone; when no member has it, it stops rather than go on with
-    /// the old plugin and diverge.
+    /// everyone; when no member has it, it stalls (and retries) rather than
+    /// go on with the old plugin and diverge.
     #[test]
-    fn a_swap_straddling_a_snapshot_fetches_its_component_or_stops_rather_than_diverge() {
+    fn a_swap_straddling_a_snapshot_fetches_its_component_or_stalls_rather_than_diverge() {
         use crate::daemon::{EMBEDDED_KV, EMBEDDED_KV_V2};
         use sha2::Digest as _;
         let mut entries = vec![command(1, "set a hello")];
@@ -1293,20 +1285,42 @@ mod tests {
             store
         };
 
-        // No member has it: the worker stops with the reason, on the swap.
+        // No member has it: the worker stalls with the reason, on the swap.
         let store = snapshotted_mid_swap();
         let mut stranded = fsm_over(&store, EMBEDDED_KV, SnapshotConfig::default());
         assert_eq!(stranded.applied(), 2);
         let (waiters, rest) = (HashMap::new(), entries[2..].to_vec());
-        let error = stranded
-            .handle(FsmRequest::Apply { entries: rest, waiters })
-            .unwrap_err();
+        stranded.handle(FsmRequest::Apply { entries: rest, waiters }).unwrap();
+        let reason = stranded.health.reason();
         assert!(
-            matches!(&error, FsmError::MissingPlugin(m) if m.contains(&format!("for the swap at index {swap_at}"))),
-            "{error}"
+            reason.contains("cannot apply") && reason.contains(&format!("for the swap at index {swap_at}")),
+            "{reason}"
         );
         assert!(stranded.applied() < swap_at, "nothing at or past the swap was applied");
+        assert!(query(&mut stranded, "get a").is_err(), "no reads from a stalled worker");
         assert_eq!(store.plugin_history().unwrap().len(), 1, "still kv, and only kv");
+
+        // A member that has it comes up: the retry restores, replays what
+        // was committed meanwhile, and switches at the same index.
+        let later = snapshotted_mid_swap();
+        let wanted: [u8; 32] = sha2::Sha256::digest(EMBEDDED_KV_V2).into();
+        let available = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let now_available = available.clone();
+        let fetch: PluginFetcher = Box::new(move |sha, _| {
+            (*sha == wanted && now_available.load(Ordering::Relaxed)).then(|| EMBEDDED_KV_V2.to_vec())
+        });
+        let mut recovering = fsm_fetching(&later, EMBEDDED_KV, SnapshotConfig::default(), fetch);
+        let (waiters, rest) = (HashMap::new(), entries[2..].to_vec());
+        recovering.handle(FsmRequest::Apply { entries: rest, waiters }).unwrap();
+        assert!(recovering.health.stalled());
+        available.store(true, Ordering::Relaxed);
+        let metadata = later.snapshot_metadata().unwrap();
+        recovering.handle(FsmRequest::Restore { metadata }).unwrap(); // retry now
+        recovering.retry_stalled().unwrap();
+        assert!(!recovering.health.stalled(), "{}", recovering.health.reason());
+        assert_eq!(recovering.applied(), swap_at + 1);
+        assert_eq!(query(&mut recovering, "get b").unwrap(), b"world");
+        assert_eq!(query(&mut recovering, "strlen a").unwrap(), b"5");
 
         // A member has it: the same switch, at the same index.
         let store = snapshotted_mid_swap();
