@@ -333,3 +333,26 @@ fn a_node_whose_output_cannot_be_written_serves_on() {
         node.status_u64("commit_index")
     );
 }
+
+/// `--log-format json`: every log line is one JSON object with its level,
+/// target and fields (the entry index among them), for log collectors.
+#[test]
+fn json_logs_are_one_object_per_line_with_their_fields() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(&dir.path().join("n1"), &free_addr(), &["--log-format", "json"]);
+    assert_eq!(node.propose("set a 1").unwrap(), "OK");
+    wait_until(Duration::from_secs(10), "the limits line", || {
+        node.log_text().contains("sandbox limits recorded by the cluster")
+    });
+    let log = node.log_text();
+    let mut recorded = None;
+    for line in log.lines().filter(|l| !l.starts_with("raftify-host listening on")) {
+        let value: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(value["level"].is_string() && value["target"].is_string(), "{line}");
+        if value["message"] == "sandbox limits recorded by the cluster" {
+            recorded = Some(value);
+        }
+    }
+    let recorded = recorded.expect("the limits line");
+    assert!(recorded["index"].as_u64().is_some_and(|i| i > 0), "{recorded}");
+}

@@ -210,6 +210,12 @@ pub struct RunArgs {
     #[arg(long, env = "RAFTIFY_UNSAFE_NO_FSYNC")]
     #[serde(default)]
     pub unsafe_no_fsync: bool,
+    /// How log lines are written to stderr: `text` for people, `json` (one
+    /// object per line, fields included) for log collectors. A flag or
+    /// RAFTIFY_LOG_FORMAT only, since logging starts before --config is read.
+    #[arg(long, env = "RAFTIFY_LOG_FORMAT", value_enum, default_value = "text")]
+    #[serde(skip)]
+    pub log_format: crate::logging::LogFormat,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -359,6 +365,7 @@ impl RunArgs {
             max_memory_bytes: self.max_memory_bytes.or(other.max_memory_bytes),
             max_result_bytes: self.max_result_bytes.or(other.max_result_bytes),
             swap_ready_timeout_ms: self.swap_ready_timeout_ms.or(other.swap_ready_timeout_ms),
+            log_format: self.log_format,
             compile_cache_dir: self.compile_cache_dir.or(other.compile_cache_dir),
             lmdb_map_size_bytes: self.lmdb_map_size_bytes.or(other.lmdb_map_size_bytes),
             quota_bytes: self.quota_bytes.or(other.quota_bytes),

@@ -15,15 +15,28 @@ pub const RAFT_TARGET: &str = "raft_rs";
 /// a certificate from another CA), which it logs at debug.
 pub const DEFAULT_FILTER: &str = "info,raft_rs=warn,h2=warn,tower=warn,tonic::transport::server::io_stream=debug";
 
+/// How log lines look.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// For people: time, level, spans, target, message, fields.
+    #[default]
+    Text,
+    /// One JSON object per line, with the event's fields and its spans'.
+    Json,
+}
+
 /// Install the process-wide subscriber. `filter` is an `EnvFilter` directive
 /// (e.g. [`DEFAULT_FILTER`]); `RAFTIFY_LOG` overrides it.
-pub fn init(filter: &str) {
+pub fn init(filter: &str, format: LogFormat) {
     let filter = std::env::var("RAFTIFY_LOG").unwrap_or_else(|_| filter.to_string());
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(env_filter(&filter))
         .with_writer(|| LossyStderr)
-        .with_target(true)
-        .try_init();
+        .with_target(true);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
+    };
 }
 
 /// stderr, with its failures dropped. A node whose log sits on the disk
