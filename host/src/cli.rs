@@ -941,7 +941,8 @@ fn show_swap_progress(update: &crate::proto::SwapProgress) {
         "sent" => eprintln!(
             "sent {} bytes ({}) to the log, up to index {}",
             update.bytes,
-            &update.sha256[..update.sha256.len().min(12)],
+            // From the node: never sliced where it might not split.
+            update.sha256.get(..12).unwrap_or(&update.sha256),
             update.index
         ),
         "compiling" if update.waiting.is_empty() => {
