@@ -637,3 +637,68 @@ fn a_second_membership_change_waits_for_the_first() {
     }
     cluster.kill(leader);
 }
+
+/// Issue 15: `--metrics-listen` serves Prometheus metrics and the health
+/// probes a load balancer or Kubernetes asks: ready once a leader is known
+/// and the start-up log is applied, not ready once the quorum is gone.
+#[test]
+fn metrics_and_health_probes_follow_the_node() {
+    let metrics: Vec<String> = (0..3).map(|_| free_addr()).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let addrs: Vec<String> = (0..3).map(|_| free_addr()).collect();
+    let peers = (1..=3)
+        .map(|i| format!("{i}={}", addrs[i - 1]))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut nodes: Vec<Node> = (1..=3)
+        .map(|i| {
+            let id = i.to_string();
+            let flags = [
+                "--id",
+                id.as_str(),
+                "--peers",
+                peers.as_str(),
+                "--metrics-listen",
+                metrics[i - 1].as_str(),
+            ];
+            Node::spawn(&dir.path().join(format!("n{i}")), &addrs[i - 1], &flags)
+        })
+        .collect();
+    for node in &nodes {
+        node.wait_ready();
+    }
+    wait_until(START_DEADLINE, "every node ready", || {
+        metrics
+            .iter()
+            .all(|m| http_get(m, "/readyz").is_some_and(|(code, _)| code == 200))
+    });
+    assert_eq!(nodes[0].propose("set a 1").unwrap(), "OK");
+    let (code, live) = http_get(&metrics[0], "/livez").unwrap();
+    assert_eq!((code, live.as_str()), (200, r#"{"live":true}"#));
+    let (code, text) = http_get(&metrics[0], "/metrics").unwrap();
+    assert_eq!(code, 200);
+    for line in [
+        "raftify_server_has_leader 1",
+        "raftify_server_voters 3",
+        "raftify_plugin_trapped_entries_total 0",
+    ] {
+        assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+    }
+    assert!(text.contains("raftify_plugin_info{sha256=\""), "{text}");
+    let leaders: usize = metrics
+        .iter()
+        .map(|m| http_get(m, "/metrics").unwrap().1)
+        .filter(|t| t.lines().any(|l| l == "raftify_server_is_leader 1"))
+        .count();
+    assert_eq!(leaders, 1);
+    assert_eq!(http_get(&metrics[0], "/nope").unwrap().0, 404);
+
+    // Two nodes down: the last one loses its quorum, then its leader.
+    nodes[1].kill();
+    nodes[2].kill();
+    wait_until(START_DEADLINE, "node 1 to say it is not ready", || {
+        http_get(&metrics[0], "/readyz").is_some_and(|(code, body)| code == 503 && body.contains("no leader is known"))
+    });
+    assert_eq!(http_get(&metrics[0], "/livez").unwrap().0, 200, "alive all the same");
+    nodes.clear();
+}

@@ -27,6 +27,8 @@ pub struct NodeConfig {
     /// `None`: take it from the data dir, or 1 for a new one-node cluster.
     pub id: Option<u64>,
     pub listen: String,
+    /// Where to serve `/metrics`, `/livez` and `/readyz` over HTTP (none: off).
+    pub metrics_listen: Option<String>,
     pub data_dir: PathBuf,
     /// `None`: the plugin stored in the data dir, or the embedded kv plugin.
     pub plugin: Option<PathBuf>,
@@ -75,6 +77,10 @@ pub struct RunArgs {
     /// Address to serve peers and clients on [default: 127.0.0.1:7070].
     #[arg(long, env = "RAFTIFY_LISTEN")]
     pub listen: Option<String>,
+    /// Serve Prometheus `/metrics` and the `/livez` and `/readyz` probes
+    /// over plain HTTP/1.1 on this address (off unless given).
+    #[arg(long, env = "RAFTIFY_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
     /// Where the node keeps its LMDB and caches [default: ./raftify-data].
     #[arg(long, env = "RAFTIFY_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -265,6 +271,7 @@ impl RunArgs {
         let config = NodeConfig {
             id: args.id,
             listen: args.listen.unwrap_or_else(|| DEFAULT_ADDR.to_string()),
+            metrics_listen: args.metrics_listen,
             plugin: args.plugin,
             peers: match &args.peers {
                 Some(text) => parse_peers(text)?,
@@ -338,6 +345,7 @@ impl RunArgs {
             config: self.config,
             id: self.id.or(other.id),
             listen: self.listen.or(other.listen),
+            metrics_listen: self.metrics_listen.or(other.metrics_listen),
             data_dir: self.data_dir.or(other.data_dir),
             plugin: self.plugin.or(other.plugin),
             peers: self.peers.or(other.peers),
@@ -476,6 +484,14 @@ impl NodeConfig {
             return bad("--id must be a positive integer (0 is raft's \"no node\")".into());
         }
         check_addr(&self.listen).map_err(|e| ConfigError::Invalid(format!("--listen: {e}")))?;
+        if let Some(metrics) = &self.metrics_listen {
+            check_addr(metrics).map_err(|e| ConfigError::Invalid(format!("--metrics-listen: {e}")))?;
+            if *metrics == self.listen {
+                return Err(ConfigError::Invalid(
+                    "--metrics-listen must differ from --listen (HTTP/1.1 there, gRPC here)".into(),
+                ));
+            }
+        }
         if let Some(id) = self.id
             && !self.peers.is_empty()
             && !self.peers.contains_key(&id)

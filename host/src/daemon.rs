@@ -234,6 +234,14 @@ pub async fn run(config: NodeConfig, listener: TcpListener, shutdown: impl Futur
     let _ = std::fs::remove_file(config.data_dir.join("incoming").join("snapshot.partial"));
     // Received snapshots a previous run did not install: raft asks again.
     crate::snapshot::remove_ready_files(&config.data_dir.join("incoming"), u64::MAX);
+    if let Some(addr) = &config.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on --metrics-listen {addr}"))?;
+        let started_commit = raft::Storage::initial_state(&store)?.hard_state.commit;
+        tracing::info!(%addr, "serving /metrics, /livez and /readyz");
+        tokio::spawn(crate::server::http::serve(listener, services.clone(), started_commit));
+    }
     let max = config.transport.max_message_bytes;
     let connections = &config.connections;
     let keepalive = std::time::Duration::from_millis(connections.keepalive_interval_ms);

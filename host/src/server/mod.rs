@@ -22,6 +22,7 @@ use crate::proto::{
 };
 use crate::sandbox::{CallError, Limits};
 
+pub mod http;
 mod peer;
 mod swap;
 pub use peer::PeerGuard;
