@@ -681,6 +681,7 @@ fn metrics_and_health_probes_follow_the_node() {
         "raftify_server_has_leader 1",
         "raftify_server_voters 3",
         "raftify_plugin_trapped_entries_total 0",
+        "raftify_server_leader_changes_seen_total 1",
     ] {
         assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
     }

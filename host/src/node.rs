@@ -134,6 +134,9 @@ pub struct NodeStatus {
     /// On the leader: (id, matched, next index, state, recently active).
     pub progress: Vec<(u64, u64, u64, String, bool)>,
     pub reads: ReadCounts,
+    /// Times this node saw a new leader (the first one included), as
+    /// etcd's `leader_changes_seen_total`.
+    pub leader_changes: u64,
 }
 
 /// Requests into the raft loop.
@@ -254,6 +257,10 @@ pub struct Node<S: LogStore> {
     /// new leader drops read requests until it committed an entry of its
     /// term, so that moment matters too.
     read_leader: (u64, u64, bool),
+    /// New leaders seen in `Ready`s' soft state (see
+    /// `NodeStatus::leader_changes`), and the last one.
+    leader_changes: u64,
+    last_leader: u64,
     read_counts: ReadCounts,
     applied: watch::Receiver<u64>,
     /// The hard state last written, to persist commit-index advances.
@@ -375,6 +382,8 @@ impl<S: LogStore> Node<S> {
                 .map_or(0, |d| d.as_nanos() as u64)
                 ^ u64::from(std::process::id()).rotate_left(32),
             read_leader: (0, 0, false),
+            leader_changes: 0,
+            last_leader: raft::INVALID_ID,
             read_counts: ReadCounts::default(),
             applied,
             hard_state,
@@ -892,6 +901,7 @@ impl<S: LogStore> Node<S> {
             members,
             snapshot_index: self.store.snapshot_metadata().map_or(0, |m| m.index),
             reads: self.read_counts,
+            leader_changes: self.leader_changes,
             progress: if raft.state == StateRole::Leader {
                 let mut progress: Vec<_> = raft
                     .prs()
@@ -921,6 +931,15 @@ impl<S: LogStore> Node<S> {
             self.flush()?;
         }
         let mut ready = self.raw.ready();
+        // As etcd counts: a leader after none, or after another.
+        if let Some(soft) = ready.ss()
+            && soft.leader_id != self.last_leader
+        {
+            if soft.leader_id != raft::INVALID_ID {
+                self.leader_changes += 1;
+            }
+            self.last_leader = soft.leader_id;
+        }
         self.send(ready.take_messages());
         if !ready.snapshot().is_empty() {
             self.install_snapshot(ready.snapshot().clone(), ready.hs().cloned())?;

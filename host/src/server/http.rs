@@ -175,6 +175,11 @@ fn metrics(services: &Services, status: Option<&NodeStatus>) -> Result<String, p
             as_i64((status.members.len() - voters) as u64),
         )?;
         counter(
+            "server_leader_changes_seen_total",
+            "New leaders this node saw, the first one included.",
+            status.leader_changes,
+        )?;
+        counter(
             "server_reads_served_total",
             "Linearizable reads answered.",
             status.reads.served,
