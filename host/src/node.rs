@@ -139,6 +139,16 @@ pub struct NodeStatus {
     pub leader_changes: u64,
 }
 
+impl NodeStatus {
+    /// The address of the leader this node knows, if it knows one.
+    pub fn leader_addr(&self) -> Option<String> {
+        self.members
+            .iter()
+            .find(|(id, _, _)| *id == self.leader_id)
+            .map(|(_, addr, _)| addr.clone())
+    }
+}
+
 /// Requests into the raft loop.
 pub enum NodeRequest {
     Propose {

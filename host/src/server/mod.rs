@@ -719,12 +719,7 @@ impl proto::client_server::Client for Services {
     async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
         self.peer.admit_client(&_request)?;
         let status = self.node_status().await?;
-        let leader_addr = status
-            .members
-            .iter()
-            .find(|(id, _, _)| *id == status.leader_id)
-            .map(|(_, addr, _)| addr.clone())
-            .unwrap_or_default();
+        let leader_addr = status.leader_addr().unwrap_or_default();
         let plugin = self.codec.plugin();
         let space = self.peer.link.space.usage();
         Ok(Response::new(StatusResponse {

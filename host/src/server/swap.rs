@@ -52,14 +52,9 @@ impl Services {
         // component only to be refused, so it sends the caller on first.
         let status = self.node_status().await?;
         if status.role != "leader" {
-            let leader_addr = status
-                .members
-                .iter()
-                .find(|(id, _, _)| *id == status.leader_id)
-                .map(|(_, addr, _)| addr.clone());
             return Err(propose_status(ProposeError::NotLeader {
                 leader_id: status.leader_id,
-                leader_addr,
+                leader_addr: status.leader_addr(),
             }));
         }
         // Validate and compile before proposing: a bad component never
