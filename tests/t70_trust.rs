@@ -60,6 +60,8 @@ fn send(addr: &str, cluster_id: u64, from: u64, messages: &[Message]) -> Result<
             no_space: false,
             plugins: Vec::new(),
             cannot_apply: false,
+            epoch_want: 0,
+            epoch_digest: None,
         }],
     )
 }
@@ -289,11 +291,19 @@ fn forged_raft_messages_are_refused_and_no_node_stops() {
                 error: String::new(),
             }],
             cannot_apply: true,
+            // A want past the log (an epoch per tick, if honoured) and a
+            // digest of the wrong length.
+            epoch_want: u64::MAX,
+            epoch_digest: Some(raftify_host::proto::EpochDigest {
+                index: 1,
+                sha256: vec![1; 7],
+            }),
         })
         .collect();
     send_batches(&leader_addr, forged).unwrap();
     let status = cluster.node(cluster.leader()).status();
     assert_eq!(status["space_alarms"], serde_json::json!([]), "{status}");
+    assert_eq!(status["epoch"]["index"], 0, "no epoch for strangers' wants: {status}");
 
     // The cluster is writable and its replicas agree.
     for i in 0..20 {

@@ -843,7 +843,7 @@ fn print_status(status: &proto::StatusResponse, output: Output) {
         .iter()
         .map(|m| json!({ "id": m.id, "addr": m.addr, "role": if m.voter { "voter" } else { "learner" } }))
         .collect();
-    let value = json!({
+    let mut value = json!({
         "id": status.id,
         "role": status.role,
         "leader_id": status.leader_id,
@@ -879,6 +879,12 @@ fn print_status(status: &proto::StatusResponse, output: Output) {
             "id": p.id, "matched": p.matched, "next_index": p.next_index,
             "state": p.state, "recent_active": p.recent_active,
         })).collect::<Vec<_>>(),
+    });
+    value["epoch"] = json!({
+        "index": status.epoch_index,
+        "sha256": status.epoch_sha256,
+        "divergences": status.divergences,
+        "divergences_total": status.divergences_total,
     });
     match output {
         Output::Json => println!("{value}"),
@@ -922,6 +928,12 @@ fn print_status(status: &proto::StatusResponse, output: Output) {
             }
             if !status.snapshot_error.is_empty() {
                 println!("snapshot error:  {}", status.snapshot_error);
+            }
+            if status.epoch_index > 0 {
+                println!("epoch:           {} {}", status.epoch_index, status.epoch_sha256);
+            }
+            for divergence in &status.divergences {
+                println!("DIVERGED:        {divergence}");
             }
             for r in &status.refused {
                 println!("refused:         {} {}", r.reason, r.count);

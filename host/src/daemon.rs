@@ -120,6 +120,7 @@ pub async fn run(config: NodeConfig, listener: TcpListener, shutdown: impl Futur
         space: Arc::default(),
         plugins: Arc::default(),
         health: Arc::default(),
+        epochs: Arc::default(),
     };
     let (applied_tx, applied_rx) = watch::channel(0u64);
     let (active_tx, active_rx) = watch::channel(active_plugin);
@@ -134,6 +135,7 @@ pub async fn run(config: NodeConfig, listener: TcpListener, shutdown: impl Futur
     let fsm_span = span.clone();
     let fsm_readiness = link.plugins.clone();
     let fsm_health = link.health.clone();
+    let fsm_epochs = link.epochs.clone();
     // The worker is built on its own thread too, not here: building it
     // restores the stored snapshot through the plugin, and no plugin call
     // may run on an async runtime thread (wasmtime-wasi's synchronous WASI
@@ -156,6 +158,7 @@ pub async fn run(config: NodeConfig, listener: TcpListener, shutdown: impl Futur
                     Ok(mut fsm) => {
                         fsm.report_readiness_to(fsm_readiness);
                         fsm.report_health_to(fsm_health);
+                        fsm.report_epochs_to(fsm_epochs);
                         let _ = started_tx.send(Ok(fsm.watches()));
                         fsm.run(fsm_rx)
                     }
@@ -578,6 +581,7 @@ async fn join<S: LogStore>(
         space: Arc::default(),
         plugins: Arc::default(),
         health: Arc::default(),
+        epochs: Arc::default(),
     };
     if !identity.members.iter().any(|(i, _)| *i == response.id) {
         identity.members.push((response.id, config.listen.clone()));

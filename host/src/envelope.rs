@@ -39,6 +39,10 @@ pub enum HostEntry {
     /// this entry, is to be compiled in the background on every node (the
     /// first phase of a swap; see `readiness`).
     PreparePlugin { sha256: [u8; 32], len: u64 },
+    /// Every replica restarts its plugin instance from a snapshot taken
+    /// here, and only such snapshots are stored (see `epochs`). Proposed by
+    /// the leader when a member wants a snapshot.
+    Epoch,
 }
 
 /// What a normal entry's data means.

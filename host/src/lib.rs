@@ -11,6 +11,7 @@ pub mod daemon;
 pub mod debug;
 pub mod dial;
 pub mod envelope;
+pub mod epochs;
 pub mod firewall;
 pub mod fsm;
 pub mod health;

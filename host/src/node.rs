@@ -234,6 +234,9 @@ pub struct ReadCounts {
     pub retried: u64,
 }
 
+/// How long a proposed epoch may take to apply before it is proposed again.
+const EPOCH_RETRY: Duration = Duration::from_secs(3);
+
 /// How often an unanswered ReadIndex request is sent again (etcd: 500 ms).
 /// A request can be lost on the way to a leader that died, dropped by a
 /// leader that has not committed an entry of its term yet, or lost with a
@@ -292,6 +295,9 @@ pub struct Node<S: LogStore> {
     space: SpaceWatch,
     /// The leader's proposal of the sandbox limits, when none are recorded.
     limits: LimitsWatch,
+    /// The last `Epoch` entry this leader proposed: when, and at which
+    /// index it would be (see `epochs`).
+    epoch_proposed: Option<(Instant, u64)>,
 }
 
 /// A write the persister has not reported durable yet.
@@ -406,6 +412,7 @@ impl<S: LogStore> Node<S> {
             health,
             space,
             limits,
+            epoch_proposed: None,
         })
     }
 
@@ -470,6 +477,9 @@ impl<S: LogStore> Node<S> {
         self.retry_reads();
         let (leader, mut members) = (self.is_leader(), self.voters());
         members.extend(self.learners());
+        if leader {
+            self.propose_epoch_if_wanted(&members);
+        }
         for entry in self.space.tick(&self.store, leader, &members) {
             self.propose_host(entry);
         }
@@ -577,6 +587,28 @@ impl<S: LogStore> Node<S> {
             .iter()
             .find(|(member, _)| *member == id)
             .map(|(_, addr)| addr.clone())
+    }
+
+    /// A member (this one too) wants a snapshot past the latest epoch:
+    /// propose one, once at a time (again if it is not applied within
+    /// `EPOCH_RETRY`, since a proposal can be lost with a leader change).
+    fn propose_epoch_if_wanted(&mut self, members: &[u64]) {
+        let epochs = self.transport.link().epochs.clone();
+        let committed = self.raw.raft.raft_log.committed;
+        let want = epochs.want().max(epochs.members_want(members, committed));
+        if want == 0 || want <= epochs.latest() {
+            return;
+        }
+        if let Some((at, index)) = self.epoch_proposed
+            && epochs.latest() < index
+            && at.elapsed() < EPOCH_RETRY
+        {
+            return;
+        }
+        let index = self.raw.raft.raft_log.last_index() + 1;
+        tracing::debug!(want, index, "proposing an epoch");
+        self.propose_host(HostEntry::Epoch);
+        self.epoch_proposed = Some((Instant::now(), index));
     }
 
     /// Propose an entry for the host (no one waits on it).

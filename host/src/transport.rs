@@ -84,6 +84,9 @@ pub struct Link {
     pub plugins: Arc<crate::readiness::PluginReadiness>,
     /// Whether this node can apply, and what peers' batches said of theirs.
     pub health: Arc<crate::health::ApplyHealth>,
+    /// This node's snapshot want and epoch digests, and peers' (see
+    /// `epochs`).
+    pub epochs: Arc<crate::epochs::Epochs>,
 }
 
 struct Inner {
@@ -121,6 +124,12 @@ impl Transport {
             config,
             link,
         }
+    }
+
+    /// What every peer RPC this node makes shares, and the reports its
+    /// batches carry.
+    pub fn link(&self) -> &Link {
+        &self.link
     }
 
     /// Where to report snapshot transfers.
@@ -267,6 +276,14 @@ async fn peer_task(
                 no_space: link.space.over(),
                 plugins: link.plugins.to_proto(),
                 cannot_apply: link.health.stalled(),
+                epoch_want: link.epochs.want(),
+                epoch_digest: link
+                    .epochs
+                    .latest_digest()
+                    .map(|(index, sha256)| crate::proto::EpochDigest {
+                        index,
+                        sha256: sha256.to_vec(),
+                    }),
             };
             if stream_tx.send(batch).await.is_err() {
                 let result = call.await;

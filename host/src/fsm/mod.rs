@@ -21,6 +21,7 @@
 //! to the entry before the trap, skipping every recorded trap. Every replica traps on the same entry
 //! (execution is deterministic), so every replica ends in the same state.
 
+mod epoch;
 mod snapshots;
 mod stall;
 mod swap;
@@ -36,6 +37,7 @@ use raft::prelude::{ConfChange, ConfChangeType, ConfState, Entry, EntryType};
 use tokio::sync::{oneshot, watch};
 
 use crate::envelope::{self, HostEntry, Payload};
+use crate::epochs::Epochs;
 use crate::health::ApplyHealth;
 use crate::node::ProposeError;
 use crate::readiness::{PluginReadiness, Preparer};
@@ -157,6 +159,17 @@ pub struct Fsm<S: LogStore> {
     /// the node reads it.
     stalled: Option<stall::Stall>,
     health: Arc<ApplyHealth>,
+    /// The epoch in progress: the instance that takes over once restored
+    /// from its snapshot and caught up (see `epoch`).
+    successor: Option<epoch::Successor>,
+    /// Wants, the latest epoch and digests, shared with the node.
+    epochs: Arc<Epochs>,
+    /// Epochs begin at `HostEntry::Epoch` entries (unit tests may have
+    /// them begin wherever a snapshot is wanted).
+    epochs_from_log: bool,
+    /// Set while the stored log is applied again (a rebuild, a stall's
+    /// recovery): an epoch crossed then hands over at once.
+    replaying: bool,
 }
 
 /// What the rest of the node reads of the apply worker.
@@ -241,6 +254,10 @@ impl<S: LogStore> Fsm<S> {
             longest_apply_ms: Arc::default(),
             stalled: None,
             health: Arc::default(),
+            successor: None,
+            epochs: Arc::default(),
+            epochs_from_log: true,
+            replaying: false,
         };
         match fsm.restore_stored() {
             // Status and the raft loop read the applied index from here; raft
@@ -283,6 +300,25 @@ impl<S: LogStore> Fsm<S> {
     pub fn report_health_to(&mut self, health: Arc<ApplyHealth>) {
         health.set(self.health.stalled().then(|| self.health.reason()));
         self.health = health;
+    }
+
+    /// Report wants and epoch digests through `epochs` (the node's batches
+    /// carry them; the leader proposes epochs).
+    pub fn report_epochs_to(&mut self, epochs: Arc<Epochs>) {
+        // What the start-up restore recorded.
+        epochs.applied_epoch(self.epochs.latest());
+        if let Some(digest) = self.epochs.latest_digest() {
+            epochs.record(digest);
+        }
+        self.epochs = epochs;
+    }
+
+    /// Begin epochs wherever a snapshot is wanted, without the log's
+    /// `Epoch` entries (unit tests of the snapshot machinery).
+    #[cfg(test)]
+    pub(crate) fn with_local_epochs(mut self) -> Self {
+        self.epochs_from_log = false;
+        self
     }
 
     /// Report swap preparation through `readiness` (the node's batches
@@ -381,8 +417,11 @@ impl<S: LogStore> Fsm<S> {
             let request = match requests.try_recv() {
                 Ok(request) => request,
                 Err(mpsc::TryRecvError::Disconnected) => break,
-                Err(mpsc::TryRecvError::Empty) if self.taking.is_some() => {
-                    if !self.pump_snapshot(snapshots::PUMP_BUDGET, false)? {
+                Err(mpsc::TryRecvError::Empty) if self.taking.is_some() || self.successor.is_some() => {
+                    let moved = self.pump_snapshot(snapshots::PUMP_BUDGET, false)?;
+                    let moved = self.pump_successor(snapshots::PUMP_BUDGET)? || moved;
+                    self.want_epoch()?;
+                    if !moved {
                         // Waiting on the writer: look again shortly.
                         match requests.recv_timeout(std::time::Duration::from_millis(2)) {
                             Ok(request) => request,
@@ -456,13 +495,15 @@ impl<S: LogStore> Fsm<S> {
                     }
                 }
                 self.applied_tx.send_replace(self.applied);
-                let took = started.elapsed().as_millis() as u64;
-                self.longest_apply_ms.fetch_max(took, Ordering::Relaxed);
+                let took = started.elapsed();
+                self.longest_apply_ms
+                    .fetch_max(took.as_millis() as u64, Ordering::Relaxed);
                 self.serve_pending_queries()?;
-                if self.snapshot_due() {
-                    self.start_snapshot()?;
-                }
                 self.pump_snapshot(snapshots::PUMP_BUDGET, false)?;
+                // A catch-up gets twice the batch's time, so it gains on
+                // the log even when entries come as fast as they apply.
+                self.pump_successor(snapshots::PUMP_BUDGET.max(took * 2))?;
+                self.want_epoch()?;
             }
             FsmRequest::Snapshot { reply } => self.want_snapshot(reply)?,
             // `run` stops before handing this over.
@@ -596,6 +637,7 @@ impl<S: LogStore> Fsm<S> {
             self.applied
         );
         self.log_bytes_since_snapshot = self.log_bytes_since_snapshot.saturating_add(entry.data.len() as u64);
+        let mut is_epoch = false;
         let result = match entry.get_entry_type() {
             EntryType::EntryConfChange => {
                 self.track_conf_change(index, &entry.data)?;
@@ -621,8 +663,15 @@ impl<S: LogStore> Fsm<S> {
                     None
                 }
                 Ok(Payload::Host(HostEntry::Limits(limits))) => {
+                    // Commands after this run under other limits, which an
+                    // epoch's catch-up would not know.
+                    self.complete_epoch()?;
                     self.set_cluster_limits(Some(limits), index);
                     Some(Ok(format!("sandbox limits from index {index}: {limits:?}").into_bytes()))
+                }
+                Ok(Payload::Host(HostEntry::Epoch)) => {
+                    is_epoch = true;
+                    None
                 }
                 Ok(Payload::Host(HostEntry::PreparePlugin { sha256, len })) => {
                     Some(Ok(self.prepare_plugin(index, sha256, len)?.into_bytes()))
@@ -662,6 +711,10 @@ impl<S: LogStore> Fsm<S> {
             },
         };
         self.applied = index;
+        // An epoch whose snapshot trapped is recorded as a trap: skipped.
+        if is_epoch && !self.traps.contains_key(&index) {
+            self.begin_epoch()?;
+        }
         Ok(result)
     }
 
@@ -711,6 +764,13 @@ impl<S: LogStore> Fsm<S> {
 impl<S: LogStore> Fsm<S> {
     /// Apply the stored log from the applied index on, up to `upto`.
     fn replay(&mut self, upto: u64) -> Result<(), FsmError> {
+        let was = std::mem::replace(&mut self.replaying, true);
+        let result = self.replay_stored(upto);
+        self.replaying = was;
+        result
+    }
+
+    fn replay_stored(&mut self, upto: u64) -> Result<(), FsmError> {
         let mut next = self.applied + 1;
         if next <= upto && next < self.store.first_index()? {
             return Err(FsmError::Malformed {

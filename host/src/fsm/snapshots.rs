@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use raft::prelude::SnapshotMetadata;
 use tokio::sync::oneshot;
 
+use super::epoch::Feed;
 use super::{Fsm, FsmError};
 use crate::sandbox::{CallError, Instance, Plugin};
 use crate::snapshot::{self, SnapshotHeader, Step};
@@ -107,7 +108,10 @@ struct Restoring {
     started: Instant,
     reader: snapshot::Reader,
     instance: Option<(Plugin, Instance)>,
+    feed: Option<Feed>,
     state_bytes: u64,
+    /// Of the state, for the epoch's digest.
+    hasher: sha2::Sha256,
     error: Option<FsmError>,
 }
 
@@ -134,6 +138,11 @@ impl<S: LogStore> Fsm<S> {
                 return Ok(());
             }
             Err(CallError::Trap(message)) => {
+                // Deterministic: recorded, so a replay through this epoch
+                // skips it rather than trap (and rebuild) again.
+                if self.epochs_from_log {
+                    self.record_trap(index, message.clone())?;
+                }
                 self.rebuild(index)?;
                 self.snapshot_failed(format!("the plugin trapped in snapshot(): {message}"));
                 return Ok(());
@@ -230,11 +239,17 @@ impl<S: LogStore> Fsm<S> {
             let next = self.instance.snapshot_next(self.applied, read_bytes);
             let taking = self.taking.as_mut().expect("checked above");
             taking.plugin_time += started.elapsed();
+            let epoch = taking.metadata.index;
             moved = true;
             match next {
-                Ok(chunk) if chunk.is_empty() => taking.held = Some(ToWriter::Finish),
+                Ok(chunk) if chunk.is_empty() => {
+                    taking.held = Some(ToWriter::Finish);
+                    self.successor_restored();
+                }
                 Ok(chunk) => {
                     taking.state_bytes += chunk.len() as u64;
+                    self.feed_successor(&chunk);
+                    let taking = self.taking.as_mut().expect("checked above");
                     taking.held = Some(ToWriter::Piece(chunk));
                 }
                 Err(CallError::Guest(message)) => {
@@ -243,17 +258,16 @@ impl<S: LogStore> Fsm<S> {
                 }
                 Err(CallError::Trap(message)) => {
                     self.abandon_snapshot()?;
+                    if self.epochs_from_log {
+                        self.record_trap(epoch, message.clone())?;
+                    }
                     self.rebuild(self.applied)?;
                     self.snapshot_failed(format!("the plugin trapped in snapshot(): {message}"));
                 }
             }
         }
-        if self.taking.is_none() && !self.snapshot_waiters.is_empty() {
+        if self.taking.is_none() {
             self.answer_snapshot_waiters();
-            if !self.snapshot_waiters.is_empty() {
-                self.start_snapshot()?;
-                moved = true;
-            }
         }
         Ok(moved)
     }
@@ -301,6 +315,7 @@ impl<S: LogStore> Fsm<S> {
     /// Stop reading the snapshot in progress (the instance is about to be
     /// replaced); one the writer is already storing is waited for.
     pub(super) fn abandon_snapshot(&mut self) -> Result<(), FsmError> {
+        self.drop_successor("the running instance is being replaced");
         let Some(taking) = &mut self.taking else { return Ok(()) };
         if taking.queue.is_none() {
             return self.finish_snapshot();
@@ -322,17 +337,19 @@ impl<S: LogStore> Fsm<S> {
     }
 
     /// Finish the snapshot in progress, if any, and whatever waits.
+    /// (and the epoch it began).
     pub fn wait_for_snapshot(&mut self) -> Result<(), FsmError> {
         while self.taking.is_some() {
             self.pump_snapshot(Duration::ZERO, true)?;
         }
-        Ok(())
+        self.complete_epoch()
     }
 
     /// Someone wants a snapshot at or past the applied index now.
     pub(super) fn want_snapshot(&mut self, reply: oneshot::Sender<Result<u64, String>>) -> Result<(), FsmError> {
         self.snapshot_waiters.push((self.applied, reply));
-        self.pump_snapshot(PUMP_BUDGET, false).map(drop)
+        self.pump_snapshot(PUMP_BUDGET, false)?;
+        self.want_epoch()
     }
 
     /// Answer those whose snapshot is stored.
@@ -475,10 +492,10 @@ impl<S: LogStore> Fsm<S> {
                 self.set_cluster_limits(header.limits, index);
                 let plugin = restoring.plugin.clone();
                 let mut instance = self.instantiate(&plugin)?;
-                instance
-                    .restore_begin(index)
+                let feed = Feed::begin(index, &mut instance)
                     .map_err(|e| failed(format!("the plugin's restore() failed: {e}")))?;
                 restoring.instance = Some((plugin, instance));
+                restoring.feed = Some(feed);
                 std::borrow::Cow::Owned(rest)
             }
             Step::State(bytes) => std::borrow::Cow::Borrowed(bytes),
@@ -487,8 +504,9 @@ impl<S: LogStore> Fsm<S> {
             return Ok(());
         }
         let (_, instance) = restoring.instance.as_mut().expect("the header comes first");
-        instance
-            .restore_chunk(index, &state)
+        let feed = restoring.feed.as_mut().expect("the header comes first");
+        sha2::Digest::update(&mut restoring.hasher, &state);
+        feed.push(instance, &state)
             .map_err(|e| failed(format!("the plugin's restore() failed: {e}")))?;
         restoring.state_bytes += state.len() as u64;
         Ok(())
@@ -503,11 +521,11 @@ impl<S: LogStore> Fsm<S> {
         if let Some(error) = restoring.error {
             return Err(error);
         }
-        let (plugin, mut instance) = restoring
+        let ((plugin, mut instance), feed) = restoring
             .instance
+            .zip(restoring.feed)
             .ok_or_else(|| failed("not a raftify snapshot: truncated header"))?;
-        instance
-            .restore_finish(index)
+        feed.finish(&mut instance)
             .map_err(|e| failed(&format!("the plugin's restore() failed: {e}")))?;
         // A node that starts from a leader's snapshot learns its plugin
         // history from there on.
@@ -516,6 +534,11 @@ impl<S: LogStore> Fsm<S> {
         {
             self.store.activate_plugin(index, &plugin.sha256(), &wasm)?;
         }
+        // Stored snapshots are taken at epochs: this is where the others'
+        // state is compared with the one restored here.
+        self.epochs.applied_epoch(index);
+        self.epochs
+            .record((index, sha2::Digest::finalize(restoring.hasher).into()));
         self.plugin = plugin;
         self.instance = instance;
         self.applied = index;
@@ -542,7 +565,9 @@ impl Restoring {
             started: Instant::now(),
             reader: snapshot::Reader::default(),
             instance: None,
+            feed: None,
             state_bytes: 0,
+            hasher: sha2::Digest::new(),
             error: None,
         }
     }

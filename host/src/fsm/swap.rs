@@ -4,9 +4,10 @@
 
 use std::sync::Arc;
 
+use super::epoch::{Handover, handover};
 use super::{Fsm, FsmError};
 use crate::readiness::Readiness;
-use crate::sandbox::{CallError, Instance, Plugin};
+use crate::sandbox::{CallError, Plugin};
 use crate::storage::LogStore;
 
 impl<S: LogStore> Fsm<S> {
@@ -119,12 +120,13 @@ impl<S: LogStore> Fsm<S> {
             Ok(instance) => instance,
             Err(error) => return reject(error.to_string()),
         };
-        // The old instance's state streams into the new one, a chunk at a
-        // time; a snapshot being taken of the old one is dropped.
+        // An epoch in progress completes first (its catch-up cannot repeat
+        // a swap). The old instance's state streams into the new one, a
+        // chunk at a time.
+        self.complete_epoch()?;
         self.abandon_snapshot()?;
-        let mut state_bytes = 0u64;
-        match handover(index, &mut self.instance, &mut fresh, &mut state_bytes) {
-            Ok(()) => {}
+        let state_bytes = match handover(index, &mut self.instance, &mut fresh) {
+            Ok((state_bytes, _)) => state_bytes,
             Err(Handover::OldTrapped(message)) => {
                 self.rebuild(index - 1)?;
                 return reject(format!("the old plugin trapped in snapshot(): {message}"));
@@ -133,7 +135,7 @@ impl<S: LogStore> Fsm<S> {
                 return reject(format!("the old plugin's snapshot() failed: {message}"));
             }
             Err(Handover::NewFailed(error)) => return reject(format!("the new plugin's restore() failed: {error}")),
-        }
+        };
         self.store.activate_plugin(index, sha256, wasm)?;
         tracing::info!(
             index,
@@ -146,30 +148,5 @@ impl<S: LogStore> Fsm<S> {
         self.plugin = plugin;
         self.instance = fresh;
         Ok(Ok(format!("plugin {hex} is active from index {index}").into_bytes()))
-    }
-}
-
-/// Why a swap's handover of the state failed.
-enum Handover {
-    OldTrapped(String),
-    OldRefused(String),
-    NewFailed(CallError),
-}
-
-/// Stream the old instance's snapshot into the new one, a chunk at a time.
-fn handover(index: u64, old: &mut Instance, new: &mut Instance, bytes: &mut u64) -> Result<(), Handover> {
-    let old_failed = |error: CallError| match error {
-        CallError::Trap(message) => Handover::OldTrapped(message),
-        CallError::Guest(message) => Handover::OldRefused(message),
-    };
-    old.snapshot_begin(index).map_err(old_failed)?;
-    new.restore_begin(index).map_err(Handover::NewFailed)?;
-    loop {
-        let chunk = old.snapshot_next(index, 1 << 20).map_err(old_failed)?;
-        if chunk.is_empty() {
-            return new.restore_finish(index).map_err(Handover::NewFailed);
-        }
-        *bytes += chunk.len() as u64;
-        new.restore_chunk(index, &chunk).map_err(Handover::NewFailed)?;
     }
 }

@@ -18,7 +18,12 @@ fn sandbox() -> Sandbox {
 }
 
 fn fsm_over(store: &MemStore, first: &[u8], config: SnapshotConfig) -> Fsm<MemStore> {
-    fsm_fetching(store, first, config, Box::new(|_, _| None))
+    fsm_fetching(store, first, config, Box::new(|_, _| None)).with_local_epochs()
+}
+
+/// A worker whose epochs come from `Epoch` entries in the log, as a node's.
+fn fsm_logged(store: &MemStore, first: &[u8]) -> Fsm<MemStore> {
+    fsm_fetching(store, first, SnapshotConfig::default(), Box::new(|_, _| None))
 }
 
 /// A worker whose plugin fetches from the members go through `fetch`.
@@ -606,4 +611,113 @@ fn a_large_state_is_snapshotted_once_enough_was_written_since() {
     // almost nothing, so the next waits for 100 more large ones: 1500.
     // With entries counted alone there would be one every 100.
     assert_eq!(snapshots, [100, 200, 400, 700, 1500]);
+}
+
+fn epoch_entry(index: u64) -> Entry {
+    Entry {
+        index,
+        term: 1,
+        data: envelope::host(&HostEntry::Epoch).into(),
+        ..Default::default()
+    }
+}
+
+/// What a plugin keeps beyond its snapshot (its memory's size, the seed
+/// Rust's `HashMap` caches) must not differ between a replica that ran
+/// all along and one restored from a snapshot. At an epoch every replica
+/// goes on from a fresh instance restored from the epoch's snapshot,
+/// however it got there: applying live (the fresh instance takes over at
+/// once, or catches up in the background first), starting from the
+/// epoch's stored snapshot, or replaying after a trap (a handover at once).
+#[test]
+fn after_an_epoch_every_replica_runs_the_same_instance_however_it_got_there() {
+    let log = vec![
+        command(1, "probe first"),
+        command(2, "grow 16"),
+        command(3, "probe grown"),
+        epoch_entry(4),
+        command(5, "set a 1"),
+        command(6, "probe after"),
+        command(7, "panic"),
+    ];
+    let pages = |seen: &str| -> u64 { seen.split_whitespace().nth(1).unwrap().parse().unwrap() };
+
+    // Live, the epoch complete before the entries after it.
+    let live_store = store_with(&log);
+    let mut live = fsm_logged(&live_store, EMBEDDED_CHAOS);
+    apply_all(&mut live, log[..4].to_vec());
+    live.wait_for_snapshot().unwrap();
+    assert_eq!(
+        live_store.snapshot_metadata().unwrap().index,
+        4,
+        "the epoch's snapshot is stored"
+    );
+    apply_all(&mut live, log[4..6].to_vec());
+    let grown = get(&mut live, "grown");
+    let after = get(&mut live, "after");
+    assert!(
+        pages(&after) < pages(&grown),
+        "a fresh instance runs after the epoch: {grown} then {after}"
+    );
+
+    // Live, the entries after the epoch applied by the old instance first.
+    let mut caught_up = fsm_logged(&store_with(&log), EMBEDDED_CHAOS);
+    let outcomes = apply_all(&mut caught_up, log[..6].to_vec());
+    caught_up.wait_for_snapshot().unwrap();
+    assert!(caught_up.successor.is_none());
+    let old = String::from_utf8(outcomes[5].clone().unwrap()).unwrap();
+    assert!(
+        pages(&old) >= pages(&grown),
+        "the running instance answered the proposer: {old}"
+    );
+    assert_eq!(
+        get(&mut caught_up, "after"),
+        after,
+        "the fresh instance caught up and took over"
+    );
+
+    let mut restored = fsm_logged(&live_store, EMBEDDED_CHAOS);
+    assert_eq!(restored.applied(), 4);
+    apply_all(&mut restored, log[4..6].to_vec());
+    assert_eq!(get(&mut restored, "after"), after, "restored from the epoch's snapshot");
+
+    let replay_store = store_with(&log);
+    let mut replayed = fsm_logged(&replay_store, EMBEDDED_CHAOS);
+    apply_all(&mut replayed, log.clone());
+    assert!(
+        replay_store.stored_snapshot().unwrap().is_none(),
+        "the trap's rebuild replayed through the epoch"
+    );
+    assert_eq!(get(&mut replayed, "after"), after, "replayed through the epoch");
+    assert_eq!(get(&mut replayed, "grown"), grown);
+
+    let digest = live.epochs.latest_digest().expect("the live worker hashed its epoch");
+    assert_eq!(digest.0, 4);
+    assert_eq!(
+        caught_up.epochs.latest_digest(),
+        Some(digest),
+        "the same state at the epoch"
+    );
+    assert_eq!(replayed.epochs.latest_digest(), Some(digest));
+}
+
+/// An epoch whose snapshot traps is recorded like a trapped entry: the
+/// rebuild that follows, and every replay after, skip it rather than
+/// trap and rebuild again.
+#[test]
+fn an_epoch_whose_snapshot_traps_is_skipped_by_the_replays_after_it() {
+    let log = vec![
+        command(1, "set a 1"),
+        command(2, "bad-snapshot"),
+        epoch_entry(3),
+        command(4, "set b 2"),
+    ];
+    let store = store_with(&log);
+    let mut fsm = fsm_logged(&store, EMBEDDED_CHAOS);
+    apply_all(&mut fsm, log.clone());
+    assert!(store.traps(0, 10).unwrap().iter().any(|(index, _)| *index == 3));
+    assert_eq!((get(&mut fsm, "a"), get(&mut fsm, "b")), ("1".into(), "2".into()));
+    let mut restarted = fsm_logged(&store, EMBEDDED_CHAOS);
+    apply_all(&mut restarted, log);
+    assert_eq!(get(&mut restarted, "b"), "2");
 }

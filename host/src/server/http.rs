@@ -200,6 +200,16 @@ fn metrics(services: &Services, status: Option<&NodeStatus>) -> Result<String, p
         "The longest one batch of committed entries took to apply.",
         as_i64(services.longest_apply_ms.load(Ordering::Relaxed)),
     )?;
+    counter(
+        "epoch_divergences_total",
+        "Replicas found with another plugin state than this node's at the same epoch.",
+        services.peer.link.epochs.divergences_total(),
+    )?;
+    gauge(
+        "epoch_latest_index",
+        "The latest instance epoch this node applied.",
+        as_i64(services.peer.link.epochs.latest()),
+    )?;
     gauge(
         "apply_stalled",
         "Whether the node cannot apply (its restore failed; see status).",

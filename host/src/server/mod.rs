@@ -742,6 +742,22 @@ impl proto::client_server::Client for Services {
             trapped_entries: self.trapped_entries.load(std::sync::atomic::Ordering::Relaxed),
             longest_apply_ms: self.longest_apply_ms.load(std::sync::atomic::Ordering::Relaxed),
             apply_error: self.peer.link.health.reason(),
+            epoch_index: self.peer.link.epochs.latest(),
+            epoch_sha256: self
+                .peer
+                .link
+                .epochs
+                .latest_digest()
+                .map_or_else(String::new, |(_, sha)| hex::encode(sha)),
+            divergences: self
+                .peer
+                .link
+                .epochs
+                .divergences()
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+            divergences_total: self.peer.link.epochs.divergences_total(),
             listen: self.listen.clone(),
             snapshot_index: status.snapshot_index,
             reads_served: status.reads.served,

@@ -99,6 +99,10 @@ impl proto::peer_server::Peer for Services {
             self.peer.link.space.report(batch.from, batch.no_space);
             self.peer.link.plugins.report(batch.from, &batch.plugins);
             self.peer.link.health.report(batch.from, batch.cannot_apply);
+            let digest = batch
+                .epoch_digest
+                .and_then(|d| Some((d.index, <[u8; 32]>::try_from(d.sha256.as_slice()).ok()?)));
+            self.peer.link.epochs.report(batch.from, batch.epoch_want, digest);
             for bytes in batch.messages {
                 let message = Message::parse_from_bytes(&bytes)
                     .map_err(|e| Status::invalid_argument(format!("malformed raft message: {e}")))?;

@@ -30,6 +30,11 @@
 //! | `sleep-until-later MS` | busy-reads `Instant::now()` until MS ms passed:  |
 //! |                | with one virtual nanosecond per reading, fuel runs out   |
 //! |                | first unless MS is tiny                                  |
+//! | `grow MIB`     | allocates MIB MiB and frees it: linear memory stays grown |
+//! | `probe K`      | stores at K what a plugin sees of its instance beyond its |
+//! |                | state: `memory.size` and a fresh `HashMap`'s key order    |
+//! | query `taint`  | makes this replica's next snapshots differ (a query that  |
+//! |                | changes state: a divergence the host must report)        |
 //!
 //! It only exists as a Wasm component; on other targets the crate is empty.
 
@@ -39,6 +44,9 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use raftify_guest::Plugin;
+
+/// Set by the `taint` query, on the replica that served it only.
+static TAINTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 #[derive(Default)]
 struct Chaos {
@@ -173,6 +181,20 @@ impl Plugin for Chaos {
                 self.map.insert("!bad-snapshot".to_string(), "1".to_string());
                 Ok(b"OK".to_vec())
             }
+            ["grow", mib] => {
+                let mib: usize = mib.parse().map_err(|_| "chaos: grow MIB".to_string())?;
+                let hoard = vec![1u8; mib << 20];
+                std::hint::black_box(&hoard);
+                Ok(b"OK".to_vec())
+            }
+            ["probe", k] => {
+                let pages = core::arch::wasm32::memory_size(0);
+                let keys: std::collections::HashMap<char, ()> = ('a'..='p').map(|c| (c, ())).collect();
+                let order: String = keys.keys().collect();
+                let seen = format!("pages {pages} order {order}");
+                self.map.insert(k.to_string(), seen.clone());
+                Ok(seen.into_bytes())
+            }
             ["print-on-restore"] => {
                 self.map.insert("!print-on-restore".to_string(), "1".to_string());
                 Ok(b"OK".to_vec())
@@ -187,6 +209,10 @@ impl Plugin for Chaos {
             ["len"] => Ok(self.map.len().to_string().into_bytes()),
             ["spin"] => spin(),
             ["panic"] => panic!("chaos: asked to panic in a query"),
+            ["taint"] => {
+                TAINTED.store(true, std::sync::atomic::Ordering::Relaxed);
+                Ok(b"tainted".to_vec())
+            }
             other => Err(format!("chaos: unknown query {other:?}")),
         }
     }
@@ -196,6 +222,9 @@ impl Plugin for Chaos {
             panic!("chaos: snapshot() traps on purpose");
         }
         let mut out = String::new();
+        if TAINTED.load(std::sync::atomic::Ordering::Relaxed) {
+            out.push_str("!tainted 1\n");
+        }
         for (k, v) in &self.map {
             out.push_str(k);
             out.push(' ');
