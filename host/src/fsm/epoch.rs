@@ -27,8 +27,9 @@ use crate::storage::LogStore;
 
 /// Restores are fed in pieces of exactly this size (the last may be
 /// shorter), wherever the bytes come from: how a plugin allocates while it
-/// restores must not depend on the source's chunking.
-pub(super) const RESTORE_PIECE: usize = 1 << 20;
+/// restores must not depend on the source's chunking. Small enough that
+/// one `restore-chunk` stays within a few milliseconds, as a read does.
+pub(super) const RESTORE_PIECE: usize = 256 << 10;
 
 /// Entries a catch-up reads from the store at once, at most.
 const CATCH_UP_BATCH: u64 = 256;

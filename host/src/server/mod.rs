@@ -525,7 +525,20 @@ impl proto::client_server::Client for Services {
             .send(FsmRequest::Snapshot { reply })
             .map_err(|_| propose_status(ProposeError::Shutdown))?;
         let index = match tokio::time::timeout(self.timeout(), answer).await {
-            Err(_) => return Err(propose_status(ProposeError::Timeout(self.config.request_timeout_ms))),
+            Err(_) => {
+                // Snapshots are taken at an epoch the leader logs: none
+                // reached this node in time.
+                let space = self.peer.link.space.over();
+                return Err(Status::unavailable(format!(
+                    "no snapshot within {} ms: snapshots are taken at an epoch entry the leader logs, and none was applied here{}",
+                    self.config.request_timeout_ms,
+                    if space {
+                        " (this node is out of space, and may not be able to log one)"
+                    } else {
+                        " (is a quorum up?)"
+                    }
+                )));
+            }
             Ok(Err(_)) => return Err(propose_status(ProposeError::Shutdown)),
             Ok(Ok(result)) => result.map_err(Status::failed_precondition)?,
         };
@@ -748,6 +761,7 @@ impl proto::client_server::Client for Services {
                 .link
                 .epochs
                 .latest_digest()
+                .filter(|(index, _)| *index == self.peer.link.epochs.latest())
                 .map_or_else(String::new, |(_, sha)| hex::encode(sha)),
             divergences: self
                 .peer
