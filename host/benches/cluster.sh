@@ -12,22 +12,9 @@
 # The bench drives the leader (found through node 1) over one shared
 # connection, as an application would.
 set -euo pipefail
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-if [ -z "${BIN:-}" ]; then
-  cargo build --release --locked --manifest-path "$root/Cargo.toml" -p raftify-host >&2
-fi
-bin="${BIN:-$root/target/release/raftify-host}"
-dir="$(mktemp -d)"
-base_port="${BASE_PORT:-7401}"
-peers=""
-for i in 1 2 3; do peers="$peers${peers:+,}$i=127.0.0.1:$((base_port + i - 1))"; done
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$dir"
-}
-trap cleanup EXIT
+default_base_port=7401
+# shellcheck source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 client_tls=()
 if [ "${TLS:-0}" = 1 ]; then
   "$bin" tls init "$dir/certs" >/dev/null
@@ -39,15 +26,12 @@ for i in 1 2 3; do
   if [ "${TLS:-0}" = 1 ]; then
     node_tls=(--tls-ca "$dir/certs/ca.pem" --tls-cert "$dir/certs/n$i.pem" --tls-key "$dir/certs/n$i-key.pem")
   fi
-  "$bin" run --id "$i" --listen "127.0.0.1:$((base_port + i - 1))" --data-dir "$dir/n$i" --peers "$peers" \
+  "$bin" run --id "$i" --listen "$(node_addr "$i")" --data-dir "$dir/n$i" --peers "$peers" \
     "${node_tls[@]}" >"$dir/n$i.log" 2>&1 &
-  pids+=("$!")
+  pids[$i]=$!
 done
-addr="127.0.0.1:$base_port"
-for _ in $(seq 1 300); do
-  if "$bin" status -o json --addr "$addr" "${client_tls[@]}" 2>/dev/null | grep -q '"leader_id":[1-9]'; then break; fi
-  sleep 0.1
-done
+addr=$(node_addr 1)
+wait_for_leader "$addr" "${client_tls[@]}"
 leader_addr=$("$bin" status -o json --addr "$addr" "${client_tls[@]}" | sed -n 's/.*"leader_addr":"\([^"]*\)".*/\1/p')
 echo "== leader at $leader_addr; TLS ${TLS:-0}; one shared connection"
 addr="$leader_addr"
@@ -58,6 +42,6 @@ for clients in ${CLIENTS:-1 16 64 256}; do
   "$bin" bench --addr "$addr" --clients "$clients" --requests "$requests" "${client_tls[@]}" ${EXTRA:-}
 done
 for i in 1 2 3; do
-  rss_kb=$(ps -o rss= -p "${pids[$((i - 1))]}" | tr -d ' ')
+  rss_kb=$(ps -o rss= -p "${pids[$i]}" | tr -d ' ')
   echo "node $i RSS: $((rss_kb / 1024)) MiB"
 done

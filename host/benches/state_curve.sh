@@ -18,34 +18,20 @@
 #   STEP_MB=50 MAX_MB=200 host/benches/state_curve.sh
 #   NODE_FLAGS="--snapshot-every-entries 1000000" host/benches/state_curve.sh
 set -euo pipefail
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-cargo build --release --locked --manifest-path "$root/Cargo.toml" -p raftify-host >&2
-bin="$root/target/release/raftify-host"
+default_base_port=7501
+# shellcheck source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 step_mb="${STEP_MB:-100}"
 max_mb="${MAX_MB:-600}"
 out="${OUT:-$root/target/state-curve.csv}"
-dir="$(mktemp -d)"
-base_port="${BASE_PORT:-7501}"
-peers=""
-for i in 1 2 3; do peers="$peers${peers:+,}$i=127.0.0.1:$((base_port + i - 1))"; done
-declare -A pids
-cleanup() {
-  for pid in "${pids[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$dir"
-}
-trap cleanup EXIT
 
 start_node() { # id, extra flags...
   local id="$1"
   shift
   # shellcheck disable=SC2086
-  "$bin" run --id "$id" --listen "127.0.0.1:$((base_port + id - 1))" --data-dir "$dir/n$id" ${NODE_FLAGS:-} "$@" \
+  "$bin" run --id "$id" --listen "$(node_addr "$id")" --data-dir "$dir/n$id" ${NODE_FLAGS:-} "$@" \
     >>"$dir/n$id.log" 2>&1 &
   pids[$id]=$!
-}
-status_field() { # addr, field
-  "$bin" status -o json --addr "$1" 2>/dev/null | sed -n "s/.*\"$2\":\([0-9]*\).*/\1/p"
 }
 now() { date +%s.%N; }
 since() { echo "$(now) - $1" | bc; }
@@ -68,13 +54,10 @@ wait_applied() { # addr, index: seconds waited
 rss_mb() { echo $(($(sed -n 's/^RssAnon:[[:space:]]*\([0-9]*\) kB/\1/p' "/proc/$1/status") / 1024)); }
 
 for i in 1 2 3; do start_node "$i" --peers "$peers"; done
-addr="127.0.0.1:$base_port"
-for _ in $(seq 1 300); do
-  if "$bin" status -o json --addr "$addr" 2>/dev/null | grep -q '"leader_id":[1-9]'; then break; fi
-  sleep 0.1
-done
+addr=$(node_addr 1)
+wait_for_leader "$addr"
 leader_id=$(status_field "$addr" leader_id)
-leader="127.0.0.1:$((base_port + leader_id - 1))"
+leader=$(node_addr "$leader_id")
 follower=$((leader_id % 3 + 1))
 value=$(head -c 90 /dev/zero | tr '\0' v)
 # kv state per key: 4+len(key) + 4+len(value) bytes in RKV1.
@@ -122,7 +105,7 @@ while [ "$state" -lt "$max_mb" ]; do
   kill -9 "${pids[$follower]}"
   wait "${pids[$follower]}" 2>/dev/null || true
   start_node "$follower"
-  restart_s=$(wait_applied "127.0.0.1:$((base_port + follower - 1))" "$commit")
+  restart_s=$(wait_applied "$(node_addr "$follower")" "$commit")
 
   join_port=$((base_port + next_id - 1))
   start_node "$next_id" --join "$leader"

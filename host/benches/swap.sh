@@ -9,38 +9,22 @@
 #   CLIENTS=16 SECONDS_OF_LOAD=40 host/benches/swap.sh
 #   BIN=/tmp/old/raftify-host host/benches/swap.sh    # another build, side by side
 set -euo pipefail
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-if [ -z "${BIN:-}" ]; then
-  cargo build --release --locked --manifest-path "$root/Cargo.toml" -p raftify-host >&2
-fi
-bin="${BIN:-$root/target/release/raftify-host}"
+default_base_port=7501
+# shellcheck source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 plugin="${PLUGIN:-$root/target/plugins/kv-py.wasm}"
 [ -f "$plugin" ] || { echo "no $plugin: run plugins/build.sh kv-py first" >&2; exit 1; }
 clients="${CLIENTS:-16}"
 load_secs="${SECONDS_OF_LOAD:-40}"
-dir="$(mktemp -d)"
-base_port="${BASE_PORT:-7501}"
-peers=""
-for i in 1 2 3; do peers="$peers${peers:+,}$i=127.0.0.1:$((base_port + i - 1))"; done
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$dir"
-}
-trap cleanup EXIT
 for i in 1 2 3; do
   # Each node compiles for itself, into an empty cache of its own.
   RAFTIFY_COMPILE_CACHE_DIR="$dir/n$i-compiled" "$bin" run --id "$i" \
-    --listen "127.0.0.1:$((base_port + i - 1))" --data-dir "$dir/n$i" --peers "$peers" \
+    --listen "$(node_addr "$i")" --data-dir "$dir/n$i" --peers "$peers" \
     >"$dir/n$i.log" 2>&1 &
-  pids+=("$!")
+  pids[$i]=$!
 done
-addr="127.0.0.1:$base_port"
-for _ in $(seq 1 300); do
-  if "$bin" status -o json --addr "$addr" 2>/dev/null | grep -q '"leader_id":[1-9]'; then break; fi
-  sleep 0.1
-done
+addr=$(node_addr 1)
+wait_for_leader "$addr"
 leader=$("$bin" status -o json --addr "$addr" | sed -n 's/.*"leader_addr":"\([^"]*\)".*/\1/p')
 echo "== leader at $leader; $clients clients writing for ${load_secs} s; swap to $(basename "$plugin") ($(stat -c %s "$plugin") bytes), cold caches"
 # Closed-loop writes in short rounds, from before the swap until a few
@@ -53,7 +37,7 @@ echo "== leader at $leader; $clients clients writing for ${load_secs} s; swap to
   done
 ) &
 bench=$!
-pids+=("$bench")
+pids[bench]=$bench
 sleep "${LEAD_IN_SECS:-5}"
 started=$(date +%s.%N)
 "$bin" plugin swap "$plugin" --addr "$leader" --timeout-ms 120000 2>&1 | uniq | sed 's/^/   swap: /'
@@ -75,7 +59,7 @@ for i in 1 2 3; do
     sed "s/^/   node $i: /; s/\$/ ms/"
 done
 for i in 1 2 3; do
-  longest=$("$bin" status -o json --addr "127.0.0.1:$((base_port + i - 1))" |
+  longest=$("$bin" status -o json --addr "$(node_addr "$i")" |
     sed -n 's/.*"longest_apply_ms":\([0-9]*\).*/\1/p')
   echo "node $i: longest apply batch ${longest:-?} ms"
 done
