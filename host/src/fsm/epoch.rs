@@ -2,10 +2,10 @@
 //!
 //! At an epoch the worker begins a snapshot as before (`snapshots`), and
 //! feeds every chunk it reads to a **successor**: a fresh instance of the
-//! same plugin being restored, while the running one keeps applying. Once
-//! the successor holds the epoch's state, it catches up by applying the
-//! log after the epoch from the store, a slice at a time between batches,
-//! and then replaces the running instance. A replica restarted from the
+//! same plugin, restored on a thread of its own while the running one
+//! keeps applying. Once the successor holds the epoch's state, that thread
+//! catches it up by applying the log after the epoch from the store; when
+//! it is level, the worker applies the last few entries to it and switches. A replica restarted from the
 //! epoch's snapshot builds the very same instance: the same calls, with
 //! the same bytes, in the same pieces ([`Feed`]), at the same indexes.
 //!
@@ -15,6 +15,10 @@
 //! crosses an epoch hands over at once ([`handover`]). Anything that
 //! replaces the instance drops the successor.
 
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use raft::GetEntriesContext;
@@ -22,6 +26,7 @@ use sha2::{Digest as _, Sha256};
 
 use super::{Fsm, FsmError, REPLAY_BATCH_BYTES};
 use crate::envelope::{self, Payload};
+use crate::epochs::Epochs;
 use crate::sandbox::{CallError, Instance};
 use crate::storage::LogStore;
 
@@ -105,18 +110,6 @@ pub(super) fn handover(index: u64, old: &mut Instance, new: &mut Instance) -> Re
     }
 }
 
-/// The instance that takes over at the epoch in progress.
-pub(super) struct Successor {
-    index: u64,
-    instance: Instance,
-    /// `Some` while the snapshot is being read into it.
-    feed: Option<Feed>,
-    hasher: Sha256,
-    /// The last entry it applied, once restored.
-    caught_up_to: u64,
-    started: Instant,
-}
-
 impl<S: LogStore> Fsm<S> {
     /// The worker wants a snapshot (due, or asked for): with epochs from the
     /// log, the leader is told (through the node's batches) and proposes
@@ -155,23 +148,7 @@ impl<S: LogStore> Fsm<S> {
             // The snapshot failed: the instance goes on (alike everywhere).
             return Ok(());
         }
-        let mut instance = self.instantiate(&self.plugin)?;
-        match Feed::begin(index, &mut instance) {
-            Ok(feed) => {
-                self.successor = Some(Successor {
-                    index,
-                    instance,
-                    feed: Some(feed),
-                    hasher: Sha256::new(),
-                    caught_up_to: index,
-                    started: Instant::now(),
-                });
-            }
-            Err(error) => {
-                tracing::warn!(index, %error, "a fresh instance cannot begin to restore; this epoch keeps the running one")
-            }
-        }
-        Ok(())
+        self.start_successor(index)
     }
 
     /// A replay crossing an epoch: hand over to a fresh instance now.
@@ -204,108 +181,238 @@ impl<S: LogStore> Fsm<S> {
         }
         Ok(())
     }
+}
 
-    /// A chunk of the epoch's snapshot was read: into the successor.
-    pub(super) fn feed_successor(&mut self, chunk: &[u8]) {
-        let Some(successor) = &mut self.successor else { return };
-        let Some(feed) = &mut successor.feed else { return };
-        successor.hasher.update(chunk);
-        if let Err(error) = feed.push(&mut successor.instance, chunk) {
-            self.drop_successor(&format!("it cannot restore the epoch's snapshot: {error}"));
+/// Chunks on their way to the successor, at most.
+const FEED_QUEUE: usize = 4;
+
+/// The instance that takes over at the epoch in progress. It is restored
+/// and caught up on a thread of its own (`epoch`), so neither costs the
+/// apply thread its time; only the last few entries, once it is level,
+/// are applied to it here.
+pub(super) struct Successor {
+    index: u64,
+    /// To the thread; `None` once every chunk was sent.
+    chunks: Option<mpsc::SyncSender<Vec<u8>>>,
+    /// A chunk the full queue could not take yet.
+    held: Option<Vec<u8>>,
+    /// The snapshot was read to its end: close the queue once `held` is in.
+    finishing: bool,
+    /// The apply thread's applied index, which the catch-up runs to.
+    applied: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    done: mpsc::Receiver<Result<(Instance, u64), String>>,
+    started: Instant,
+}
+
+/// What the successor's thread needs.
+struct Restorer<S: LogStore> {
+    index: u64,
+    instance: Instance,
+    store: S,
+    /// Entries after the epoch whose apply trapped before it began.
+    traps: BTreeSet<u64>,
+    epochs: Arc<Epochs>,
+    applied: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+}
+
+impl<S: LogStore> Restorer<S> {
+    /// Restore from the chunks, then apply the log until level with the
+    /// apply thread; hand the instance back with the last index applied.
+    fn run(mut self, chunks: mpsc::Receiver<Vec<u8>>) -> Result<(Instance, u64), String> {
+        let restore_failed = |e: CallError| format!("it cannot restore the epoch's snapshot: {e}");
+        let mut feed = Feed::begin(self.index, &mut self.instance).map_err(restore_failed)?;
+        let mut hasher = Sha256::new();
+        for chunk in chunks {
+            hasher.update(&chunk);
+            feed.push(&mut self.instance, &chunk).map_err(restore_failed)?;
         }
-    }
-
-    /// The epoch's snapshot was read to its end: finish the successor's
-    /// restore and record the snapshot's digest.
-    pub(super) fn successor_restored(&mut self) {
-        let Some(successor) = &mut self.successor else { return };
-        let Some(feed) = successor.feed.take() else { return };
-        let sha: [u8; 32] = std::mem::take(&mut successor.hasher).finalize().into();
-        self.epochs.record((successor.index, sha));
-        if let Err(error) = feed.finish(&mut successor.instance) {
-            self.drop_successor(&format!("it cannot restore the epoch's snapshot: {error}"));
+        if self.stop.load(Ordering::Relaxed) {
+            return Err("stopped".into());
         }
-    }
-
-    /// Catch the restored successor up with the log for about `budget`;
-    /// once it has applied what the running instance has, it takes over.
-    /// Returns whether anything moved.
-    pub(super) fn pump_successor(&mut self, budget: Duration) -> Result<bool, FsmError> {
-        let deadline = Instant::now() + budget;
-        let mut moved = false;
+        self.epochs.record((self.index, hasher.finalize().into()));
+        feed.finish(&mut self.instance).map_err(restore_failed)?;
+        let mut done = self.index;
         loop {
-            let Some(successor) = &self.successor else {
-                return Ok(moved);
-            };
-            if successor.feed.is_some() {
-                return Ok(moved);
+            let target = self.applied.load(Ordering::Relaxed);
+            if done >= target || self.stop.load(Ordering::Relaxed) {
+                return Ok((self.instance, done));
             }
-            let next = successor.caught_up_to + 1;
-            if next > self.applied {
-                self.switch_to_successor();
-                return Ok(true);
+            let upto = target.min(done + CATCH_UP_BATCH);
+            done = catch_up(&self.store, &mut self.instance, &self.traps, done + 1, upto)?;
+        }
+    }
+}
+
+/// Apply the plugin commands in `from..=upto` from the store to `instance`
+/// (recorded traps skipped, as in any replay; nothing else in a catch-up
+/// touches the instance). Returns the last index applied.
+fn catch_up<S: LogStore>(
+    store: &S,
+    instance: &mut Instance,
+    traps: &BTreeSet<u64>,
+    from: u64,
+    upto: u64,
+) -> Result<u64, String> {
+    let mut done = from - 1;
+    while done < upto {
+        let batch = store
+            .entries(done + 1, upto + 1, REPLAY_BATCH_BYTES, GetEntriesContext::empty(false))
+            .map_err(|e| format!("the log after the epoch cannot be read: {e}"))?;
+        if batch.is_empty() {
+            return Err("the log after the epoch is not in the store".into());
+        }
+        for entry in &batch {
+            done = entry.index;
+            if entry.get_entry_type() != raft::prelude::EntryType::EntryNormal || traps.contains(&entry.index) {
+                continue;
             }
-            if moved && Instant::now() >= deadline {
-                return Ok(moved);
-            }
-            moved = true;
-            let upto = self.applied.min(next + CATCH_UP_BATCH - 1);
-            let batch = match self
-                .store
-                .entries(next, upto + 1, REPLAY_BATCH_BYTES, GetEntriesContext::empty(false))
+            if let Ok(Payload::Command(command)) = envelope::open(&entry.data)
+                && let Err(CallError::Trap(message)) = instance.apply(entry.index, command)
             {
-                Ok(batch) if !batch.is_empty() => batch,
-                Ok(_) => {
-                    self.drop_successor("the log after the epoch is not in the store");
-                    return Ok(true);
-                }
-                Err(error) => {
-                    self.drop_successor(&format!("the log after the epoch cannot be read: {error}"));
-                    return Ok(true);
-                }
-            };
-            for entry in &batch {
-                self.catch_up_entry(entry);
+                return Err(format!(
+                    "it trapped at index {} where the running instance did not ({message}): the plugin is not deterministic",
+                    entry.index
+                ));
             }
         }
     }
+    Ok(done)
+}
 
-    /// What the successor does with one entry: the plugin commands the
-    /// running instance applied (recorded traps are skipped, as in any
-    /// replay); nothing else in a catch-up touches the instance.
-    fn catch_up_entry(&mut self, entry: &raft::prelude::Entry) {
-        let Some(successor) = &mut self.successor else { return };
-        successor.caught_up_to = entry.index;
-        if entry.get_entry_type() != raft::prelude::EntryType::EntryNormal || self.traps.contains_key(&entry.index) {
-            return;
-        }
-        if let Ok(Payload::Command(command)) = envelope::open(&entry.data)
-            && let Err(CallError::Trap(message)) = successor.instance.apply(entry.index, command)
-        {
-            let why = format!(
-                "it trapped at index {} where the running instance did not ({message}): the plugin is not deterministic",
-                entry.index
-            );
-            tracing::error!(index = entry.index, "{why}");
-            self.drop_successor(&why);
+impl<S: LogStore> Fsm<S> {
+    /// Start the successor for the epoch at `index`: a fresh instance on a
+    /// thread of its own, fed the snapshot's chunks as they are read.
+    fn start_successor(&mut self, index: u64) -> Result<(), FsmError> {
+        let instance = self.instantiate(&self.plugin)?;
+        let (chunks, receiver) = mpsc::sync_channel(FEED_QUEUE);
+        let (report, done) = mpsc::sync_channel(1);
+        let applied = Arc::new(AtomicU64::new(self.applied));
+        let stop = Arc::new(AtomicBool::new(false));
+        let restorer = Restorer {
+            index,
+            instance,
+            store: self.store.clone(),
+            traps: self.traps.range(index + 1..).map(|(i, _)| *i).collect(),
+            epochs: self.epochs.clone(),
+            applied: applied.clone(),
+            stop: stop.clone(),
+        };
+        let span = tracing::Span::current();
+        std::thread::Builder::new()
+            .name("epoch".into())
+            .spawn(move || {
+                let _entered = span.enter();
+                let _ = report.send(restorer.run(receiver));
+            })
+            .map_err(crate::storage::StoreError::Io)?;
+        self.successor = Some(Successor {
+            index,
+            chunks: Some(chunks),
+            held: None,
+            finishing: false,
+            applied,
+            stop,
+            done,
+            started: Instant::now(),
+        });
+        Ok(())
+    }
+
+    /// A chunk of the epoch's snapshot was read: to the successor.
+    pub(super) fn feed_successor(&mut self, chunk: &[u8]) {
+        if let Some(successor) = &mut self.successor {
+            debug_assert!(successor.held.is_none());
+            successor.held = Some(chunk.to_vec());
+            self.flush_successor(false);
         }
     }
 
-    fn switch_to_successor(&mut self) {
-        let Some(successor) = self.successor.take() else { return };
-        self.instance = successor.instance;
-        tracing::info!(
-            index = successor.index,
-            caught_up = self.applied - successor.index,
-            elapsed_ms = successor.started.elapsed().as_millis() as u64,
-            "instance epoch: a fresh instance restored from the snapshot took over"
-        );
+    /// The epoch's snapshot was read to its end.
+    pub(super) fn successor_restored(&mut self) {
+        if let Some(successor) = &mut self.successor {
+            successor.finishing = true;
+            self.flush_successor(false);
+        }
+    }
+
+    /// Hand the held chunk over (waiting for room, with `block`); whether
+    /// the successor can take another.
+    pub(super) fn flush_successor(&mut self, block: bool) -> bool {
+        let Some(successor) = &mut self.successor else {
+            return true;
+        };
+        if let (Some(chunk), Some(chunks)) = (successor.held.take(), &successor.chunks) {
+            let sent = if block {
+                chunks.send(chunk).map_err(drop)
+            } else {
+                match chunks.try_send(chunk) {
+                    Ok(()) => Ok(()),
+                    Err(mpsc::TrySendError::Full(chunk)) => {
+                        successor.held = Some(chunk);
+                        return false;
+                    }
+                    Err(mpsc::TrySendError::Disconnected(_)) => Err(()),
+                }
+            };
+            if sent.is_err() {
+                // The thread stopped; its report says why.
+                successor.chunks = None;
+            }
+        }
+        if successor.finishing && successor.held.is_none() {
+            successor.chunks = None;
+        }
+        true
+    }
+
+    /// Tell the catch-up how far to go; once the successor is level, apply
+    /// what came since to it here and switch (with `block`, wait for
+    /// that). Returns whether the epoch ended (switched, or dropped).
+    pub(super) fn pump_successor(&mut self, block: bool) -> Result<bool, FsmError> {
+        self.flush_successor(block);
+        let Some(successor) = &self.successor else {
+            return Ok(false);
+        };
+        successor.applied.store(self.applied, Ordering::Relaxed);
+        let report = if block {
+            successor.done.recv().map_err(|_| "its thread stopped".to_string())
+        } else {
+            match successor.done.try_recv() {
+                Ok(report) => Ok(report),
+                Err(mpsc::TryRecvError::Empty) => return Ok(false),
+                Err(mpsc::TryRecvError::Disconnected) => Err("its thread stopped".to_string()),
+            }
+        };
+        let successor = self.successor.take().expect("checked above");
+        let caught_up = report.and_then(|level| level).and_then(|(mut instance, done)| {
+            let traps: BTreeSet<u64> = self.traps.range(done + 1..).map(|(i, _)| *i).collect();
+            if done < self.applied {
+                catch_up(&self.store, &mut instance, &traps, done + 1, self.applied)?;
+            }
+            Ok(instance)
+        });
+        match caught_up {
+            Ok(instance) => {
+                self.instance = instance;
+                tracing::info!(
+                    index = successor.index,
+                    caught_up = self.applied - successor.index,
+                    elapsed_ms = successor.started.elapsed().as_millis() as u64,
+                    "instance epoch: a fresh instance restored from the snapshot took over"
+                );
+            }
+            Err(why) => tracing::warn!(index = successor.index, "the epoch's fresh instance was dropped: {why}"),
+        }
+        Ok(true)
     }
 
     /// Give the epoch in progress up: the running instance goes on.
     pub(super) fn drop_successor(&mut self, why: &str) {
         if let Some(successor) = self.successor.take() {
-            tracing::warn!(index = successor.index, "the epoch's fresh instance was dropped: {why}");
+            successor.stop.store(true, Ordering::Relaxed);
+            tracing::debug!(index = successor.index, "the epoch's fresh instance was dropped: {why}");
         }
     }
 
@@ -313,15 +420,20 @@ impl<S: LogStore> Fsm<S> {
     /// catch-up, the switch. Before an entry whose effect a catch-up could
     /// not repeat.
     pub(super) fn complete_epoch(&mut self) -> Result<(), FsmError> {
-        while self.successor.as_ref().is_some_and(|s| s.feed.is_some()) {
-            if self.taking.is_none() {
+        while let Some(successor) = &self.successor
+            && successor.chunks.is_some()
+        {
+            if self.taking.is_none() && !successor.finishing {
                 self.drop_successor("its snapshot was abandoned");
-                break;
+                return Ok(());
             }
-            self.pump_snapshot(Duration::ZERO, true)?;
+            self.flush_successor(true);
+            if self.taking.is_some() {
+                self.pump_snapshot(Duration::ZERO, true)?;
+            }
         }
-        while self.successor.is_some() {
-            self.pump_successor(Duration::from_secs(3600))?;
+        if self.successor.is_some() {
+            self.pump_successor(true)?;
         }
         Ok(())
     }

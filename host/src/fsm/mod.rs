@@ -419,7 +419,7 @@ impl<S: LogStore> Fsm<S> {
                 Err(mpsc::TryRecvError::Disconnected) => break,
                 Err(mpsc::TryRecvError::Empty) if self.taking.is_some() || self.successor.is_some() => {
                     let moved = self.pump_snapshot(snapshots::PUMP_BUDGET, false)?;
-                    let moved = self.pump_successor(snapshots::PUMP_BUDGET)? || moved;
+                    let moved = self.pump_successor(false)? || moved;
                     self.want_epoch()?;
                     if !moved {
                         // Waiting on the writer: look again shortly.
@@ -500,9 +500,7 @@ impl<S: LogStore> Fsm<S> {
                     .fetch_max(took.as_millis() as u64, Ordering::Relaxed);
                 self.serve_pending_queries()?;
                 self.pump_snapshot(snapshots::PUMP_BUDGET, false)?;
-                // A catch-up gets twice the batch's time, so it gains on
-                // the log even when entries come as fast as they apply.
-                self.pump_successor(snapshots::PUMP_BUDGET.max(took * 2))?;
+                self.pump_successor(false)?;
                 self.want_epoch()?;
             }
             FsmRequest::Snapshot { reply } => self.want_snapshot(reply)?,

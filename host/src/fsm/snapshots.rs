@@ -234,6 +234,10 @@ impl<S: LogStore> Fsm<S> {
             if !block && Instant::now() >= deadline {
                 break;
             }
+            // The epoch's fresh instance restores at its own pace.
+            if !self.flush_successor(block) {
+                break;
+            }
             let started = Instant::now();
             let read_bytes = self.config.chunk_bytes.clamp(1, MAX_READ_BYTES);
             let next = self.instance.snapshot_next(self.applied, read_bytes);
