@@ -9,8 +9,9 @@
 //! kv-v1 in turn) and forced snapshots, with a small snapshot interval.
 //! Each round then checks: the history is linearizable, every acknowledged
 //! append is in the list exactly once (and nothing else is), the replicas
-//! are identical after healing, no node panicked, and the longest stretch
-//! without a successful read and without a successful write.
+//! are identical after healing and agreed at every epoch, no node
+//! panicked, and the longest stretch without a successful read and without
+//! a successful write.
 //!
 //! Partitions need network namespaces (CAP_NET_ADMIN, as root in CI); where
 //! they cannot be made the round says so and deals the other faults.
@@ -686,6 +687,13 @@ fn round(seed: u64, seconds: u64, deck: &mut Deck) {
             !text.contains("panicked"),
             "{}",
             explain(&format!("a node panicked; {}:\n{text}", log.display()))
+        );
+        // Every epoch's state hash agreed with the others' (the snapshot
+        // faults are epochs on every replica).
+        assert!(
+            !text.contains("REPLICAS DIVERGED"),
+            "{}",
+            explain(&format!("replicas diverged at an epoch; {}:\n{text}", log.display()))
         );
     }
 

@@ -50,17 +50,22 @@ snapshot_ms() {
   grep 'took a snapshot' "$dir/n$1.log" | tail -1 |
     sed 's/\x1b\[[0-9;]*m//g' | sed -n 's/.*plugin_ms=\([0-9]*\) elapsed_ms=\([0-9]*\).*/\2 ms (plugin \1 ms)/p'
 }
+# A build from before epochs (BIN=) only snapshots: wait for that instead.
+done_line='instance epoch: a fresh instance'
+"$bin" status -o json --addr "$leader" | grep -q '"epoch"' || done_line='took a snapshot'
 epoch() { # label
   local t0 t1 i
   local -A before
-  for i in 1 2 3; do before[$i]=$(grep -c 'instance epoch: a fresh instance' "$dir/n$i.log" || true); done
+  for i in 1 2 3; do before[$i]=$(grep -c "$done_line" "$dir/n$i.log" || true); done
   t0=$(date +%s%N)
   "$bin" snapshot --addr "$leader" --timeout-ms 600000 >/dev/null
   t1=$(date +%s%N)
-  # Every node's fresh instance takes over (bounded: 10 minutes).
+  # Every node's fresh instance takes over (bounded: 10 minutes); a build
+  # from before epochs snapshots on the leader only.
   for i in 1 2 3; do
     for _ in $(seq 1 6000); do
-      [ "$(grep -c 'instance epoch: a fresh instance' "$dir/n$i.log" || true)" -gt "${before[$i]}" ] && break
+      [ "$(grep -c "$done_line" "$dir/n$i.log" || true)" -gt "${before[$i]}" ] && break
+      [ "$done_line" = 'took a snapshot' ] && [ "$i" != "$leader_id" ] && break
       sleep 0.1
     done
   done
