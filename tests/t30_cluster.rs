@@ -641,10 +641,14 @@ fn a_second_membership_change_waits_for_the_first() {
 /// Issue 15: `--metrics-listen` serves Prometheus metrics and the health
 /// probes a load balancer or Kubernetes asks: ready once a leader is known
 /// and the start-up log is applied, not ready once the quorum is gone.
+/// The metrics pass `promtool check metrics` and move with writes, a trap
+/// and a snapshot.
 #[test]
 fn metrics_and_health_probes_follow_the_node() {
     let metrics: Vec<String> = (0..3).map(|_| free_addr()).collect();
     let dir = tempfile::tempdir().unwrap();
+    let chaos = dir.path().join("chaos.wasm");
+    std::fs::write(&chaos, raftify_host::daemon::EMBEDDED_CHAOS).unwrap();
     let addrs: Vec<String> = (0..3).map(|_| free_addr()).collect();
     let peers = (1..=3)
         .map(|i| format!("{i}={}", addrs[i - 1]))
@@ -660,6 +664,8 @@ fn metrics_and_health_probes_follow_the_node() {
                 peers.as_str(),
                 "--metrics-listen",
                 metrics[i - 1].as_str(),
+                "--plugin",
+                chaos.to_str().unwrap(),
             ];
             Node::spawn(&dir.path().join(format!("n{i}")), &addrs[i - 1], &flags)
         })
@@ -686,6 +692,29 @@ fn metrics_and_health_probes_follow_the_node() {
         assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
     }
     assert!(text.contains("raftify_plugin_info{sha256=\""), "{text}");
+    promtool_accepts(&text);
+
+    // A trap and a snapshot (an epoch on every node) move their counters;
+    // each write was an fsync and a plugin call.
+    assert!(nodes[0].propose("panic").unwrap_err().contains("panicked"));
+    let out = nodes[0].cli(&["snapshot", "--addr", &nodes[0].addr]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let value = |text: &str, name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+    };
+    let text = http_get(&metrics[0], "/metrics").unwrap().1;
+    assert_eq!(value(&text, "raftify_plugin_traps_total{kind=\"panic\"}"), 1.0);
+    assert_eq!(value(&text, "raftify_snapshot_saved_total"), 1.0);
+    assert!(value(&text, "raftify_snapshot_state_bytes") > 0.0);
+    assert!(value(&text, "raftify_disk_wal_fsync_duration_seconds_count") >= 2.0);
+    assert!(value(&text, "raftify_disk_backend_commit_duration_seconds_count") >= 1.0);
+    assert!(value(&text, "raftify_plugin_apply_duration_seconds_count") >= 2.0);
+    assert!(value(&text, "raftify_plugin_apply_fuel_count") >= 2.0);
+    assert!(value(&text, "raftify_server_proposals_committed_total") >= value(&text, "raftify_epoch_latest_index"));
+    assert_eq!(value(&text, "raftify_server_proposals_pending"), 0.0);
+    promtool_accepts(&text);
     let leaders: usize = metrics
         .iter()
         .map(|m| http_get(m, "/metrics").unwrap().1)
@@ -702,4 +731,32 @@ fn metrics_and_health_probes_follow_the_node() {
     });
     assert_eq!(http_get(&metrics[0], "/livez").unwrap().0, 200, "alive all the same");
     nodes.clear();
+}
+
+/// `promtool check metrics` (Debian's `prometheus` package, installed on
+/// first use by `support/promtool.sh`) finds nothing wrong with `text`.
+fn promtool_accepts(text: &str) {
+    use std::io::Write as _;
+    static PROMTOOL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let promtool = PROMTOOL.get_or_init(|| {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/support/promtool.sh");
+        let out = std::process::Command::new("bash").arg(script).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    });
+    let mut child = std::process::Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (apt-get install prometheus) runs");
+    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+        "promtool check metrics: {}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

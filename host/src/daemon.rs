@@ -121,6 +121,7 @@ pub async fn run(config: NodeConfig, listener: TcpListener, shutdown: impl Futur
         plugins: Arc::default(),
         health: Arc::default(),
         epochs: Arc::default(),
+        metrics: Arc::default(),
     };
     let (applied_tx, applied_rx) = watch::channel(0u64);
     let (active_tx, active_rx) = watch::channel(active_plugin);
@@ -136,6 +137,7 @@ pub async fn run(config: NodeConfig, listener: TcpListener, shutdown: impl Futur
     let fsm_readiness = link.plugins.clone();
     let fsm_health = link.health.clone();
     let fsm_epochs = link.epochs.clone();
+    let fsm_metrics = link.metrics.clone();
     // The worker is built on its own thread too, not here: building it
     // restores the stored snapshot through the plugin, and no plugin call
     // may run on an async runtime thread (wasmtime-wasi's synchronous WASI
@@ -159,6 +161,7 @@ pub async fn run(config: NodeConfig, listener: TcpListener, shutdown: impl Futur
                         fsm.report_readiness_to(fsm_readiness);
                         fsm.report_health_to(fsm_health);
                         fsm.report_epochs_to(fsm_epochs);
+                        fsm.report_metrics_to(fsm_metrics);
                         let _ = started_tx.send(Ok(fsm.watches()));
                         fsm.run(fsm_rx)
                     }
@@ -582,6 +585,7 @@ async fn join<S: LogStore>(
         plugins: Arc::default(),
         health: Arc::default(),
         epochs: Arc::default(),
+        metrics: Arc::default(),
     };
     if !identity.members.iter().any(|(i, _)| *i == response.id) {
         identity.members.push((response.id, config.listen.clone()));

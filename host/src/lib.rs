@@ -18,6 +18,7 @@ pub mod health;
 pub mod limits;
 pub mod listener;
 pub mod logging;
+pub mod metrics;
 pub mod node;
 pub mod readiness;
 pub mod sandbox;

@@ -137,6 +137,8 @@ pub struct NodeStatus {
     /// Times this node saw a new leader (the first one included), as
     /// etcd's `leader_changes_seen_total`.
     pub leader_changes: u64,
+    /// Proposals this node's raft loop waits to see committed.
+    pub pending_proposals: u64,
 }
 
 impl NodeStatus {
@@ -372,8 +374,10 @@ impl<S: LogStore> Node<S> {
             }
             out
         };
+        let fsync = transport.link().metrics.wal_fsync.clone();
+        let written = move |took: Duration| fsync.observe(took.as_secs_f64());
         let persister =
-            Persister::start_waiting_for_space(store.clone(), done, move || wake.notify_one(), out_of_space)
+            Persister::start_waiting_for_space(store.clone(), done, move || wake.notify_one(), out_of_space, written)
                 .map_err(|e| NodeError::Store(StoreError::Io(e)))?;
         // A one-voter cluster need not wait an election timeout; raft lets
         // it campaign once its configuration entries are applied.
@@ -641,6 +645,7 @@ impl<S: LogStore> Node<S> {
         }
         let before = self.raw.raft.raft_log.last_index();
         if let Err(error) = self.raw.propose(Vec::new(), data) {
+            self.transport.link().metrics.proposals_failed.inc();
             let _ = reply.send(Err(ProposeError::Dropped(error.to_string())));
             return;
         }
@@ -944,6 +949,7 @@ impl<S: LogStore> Node<S> {
             snapshot_index: self.store.snapshot_metadata().map_or(0, |m| m.index),
             reads: self.read_counts,
             leader_changes: self.leader_changes,
+            pending_proposals: self.proposals.len() as u64,
             progress: if raft.state == StateRole::Leader {
                 let mut progress: Vec<_> = raft
                     .prs()
@@ -1245,6 +1251,7 @@ impl<S: LogStore> Node<S> {
             if index == entry.index && proposal.term == entry.term {
                 return Some(proposal);
             }
+            self.transport.link().metrics.proposals_failed.inc();
             let _ = proposal.waiter.send(Err(ProposeError::Overwritten(index)));
         }
         None

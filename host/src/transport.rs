@@ -87,6 +87,8 @@ pub struct Link {
     /// This node's snapshot want and epoch digests, and peers' (see
     /// `epochs`).
     pub epochs: Arc<crate::epochs::Epochs>,
+    /// What this node measures as it happens, for `/metrics`.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 struct Inner {

@@ -39,6 +39,7 @@ use tokio::sync::{oneshot, watch};
 use crate::envelope::{self, HostEntry, Payload};
 use crate::epochs::Epochs;
 use crate::health::ApplyHealth;
+use crate::metrics::Metrics;
 use crate::node::ProposeError;
 use crate::readiness::{PluginReadiness, Preparer};
 use crate::sandbox::{CallError, Instance, Limits, LoadError, Plugin, Sandbox};
@@ -170,6 +171,8 @@ pub struct Fsm<S: LogStore> {
     /// Set while the stored log is applied again (a rebuild, a stall's
     /// recovery): an epoch crossed then hands over at once.
     replaying: bool,
+    /// What `/metrics` shows of applying, traps, swaps and snapshots.
+    metrics: Arc<Metrics>,
 }
 
 /// What the rest of the node reads of the apply worker.
@@ -258,6 +261,7 @@ impl<S: LogStore> Fsm<S> {
             epochs: Arc::default(),
             epochs_from_log: true,
             replaying: false,
+            metrics: Arc::default(),
         };
         match fsm.restore_stored() {
             // Status and the raft loop read the applied index from here; raft
@@ -311,6 +315,11 @@ impl<S: LogStore> Fsm<S> {
             epochs.record(digest);
         }
         self.epochs = epochs;
+    }
+
+    /// Record applies, traps, swaps and snapshots in `metrics`.
+    pub fn report_metrics_to(&mut self, metrics: Arc<Metrics>) {
+        self.metrics = metrics;
     }
 
     /// Begin epochs wherever a snapshot is wanted, without the log's
@@ -720,8 +729,12 @@ impl<S: LogStore> Fsm<S> {
         if let Some(message) = self.traps.get(&index) {
             return Ok(Err(CallError::Trap(message.clone())));
         }
+        let started = std::time::Instant::now();
         let result = self.instance.apply(index, command);
+        self.metrics.apply_duration.observe(started.elapsed().as_secs_f64());
+        self.metrics.apply_fuel.observe(self.instance.last_call_fuel() as f64);
         if let Err(CallError::Trap(message)) = &result {
+            self.metrics.trapped(message);
             tracing::warn!(index, plugin = %self.plugin.sha256_hex(), %message, "apply trapped; the entry has no effect");
             self.record_trap(index, message.clone())?;
             self.rebuild(index - 1)?;

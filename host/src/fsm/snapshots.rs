@@ -75,7 +75,14 @@ fn write_snapshot<S: LogStore>(
     queue: mpsc::Receiver<ToWriter>,
     metadata: SnapshotMetadata,
     compact_to: u64,
+    commit: prometheus::Histogram,
 ) -> Result<bool, StoreError> {
+    let timed = |write: &mut dyn FnMut() -> Result<(), StoreError>| {
+        let started = Instant::now();
+        write()?;
+        commit.observe(started.elapsed().as_secs_f64());
+        Ok::<(), StoreError>(())
+    };
     let mut save = store.begin_snapshot_save()?;
     // Pieces are gathered into chunks of about a MiB: one transaction (and
     // fsync) each, a short turn at the write lock the log's writes share.
@@ -85,15 +92,18 @@ fn write_snapshot<S: LogStore>(
             ToWriter::Piece(piece) => {
                 chunk.extend_from_slice(&piece);
                 if chunk.len() >= crate::storage::lmdb::SNAPSHOT_CHUNK_BYTES {
-                    store.put_snapshot_piece(&mut save, &chunk)?;
+                    timed(&mut || store.put_snapshot_piece(&mut save, &chunk))?;
                     chunk.clear();
                 }
             }
             ToWriter::Finish => {
                 if !chunk.is_empty() {
-                    store.put_snapshot_piece(&mut save, &chunk)?;
+                    timed(&mut || store.put_snapshot_piece(&mut save, &chunk))?;
                 }
-                return store.finish_snapshot_save(save, &metadata, compact_to);
+                let started = Instant::now();
+                let stored = store.finish_snapshot_save(save, &metadata, compact_to);
+                commit.observe(started.elapsed().as_secs_f64());
+                return stored;
             }
         }
     }
@@ -172,11 +182,12 @@ impl<S: LogStore> Fsm<S> {
         let store = self.store.clone();
         let span = tracing::Span::current();
         let for_writer = metadata.clone();
+        let commit = self.metrics.backend_commit.clone();
         let writer = std::thread::Builder::new()
             .name("snapshot".into())
             .spawn(move || {
                 let _entered = span.enter();
-                write_snapshot(store, pieces, for_writer, compact_to)
+                write_snapshot(store, pieces, for_writer, compact_to, commit)
             })
             .map_err(StoreError::Io)?;
         self.log_bytes_since_snapshot = 0;
@@ -300,6 +311,13 @@ impl<S: LogStore> Fsm<S> {
         if stored {
             self.snapshot_index = self.snapshot_index.max(index);
             self.snapshot_bytes = taking.state_bytes;
+            self.metrics.snapshots.inc();
+            self.metrics
+                .snapshot_duration
+                .observe(taking.started.elapsed().as_secs_f64());
+            self.metrics
+                .snapshot_bytes
+                .set(taking.state_bytes.min(i64::MAX as u64) as i64);
             tracing::info!(
                 index,
                 state_bytes = taking.state_bytes,

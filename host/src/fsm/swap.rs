@@ -147,6 +147,7 @@ impl<S: LogStore> Fsm<S> {
         );
         self.plugin = plugin;
         self.instance = fresh;
+        self.metrics.swaps.inc();
         Ok(Ok(format!("plugin {hex} is active from index {index}").into_bytes()))
     }
 }

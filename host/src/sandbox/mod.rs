@@ -351,6 +351,7 @@ impl Plugin {
             poisoned: false,
             whole: WholeState::default(),
             limits,
+            last_fuel: 0,
         })
     }
 }
@@ -405,6 +406,8 @@ pub struct Instance {
     whole: WholeState,
     /// The replicated limits this instance runs under.
     limits: Limits,
+    /// The fuel the latest call used.
+    last_fuel: u64,
 }
 
 #[derive(Default)]
@@ -452,6 +455,11 @@ impl Instance {
     /// Run under `limits` from the next call on (the cluster's, which may
     /// differ from this node's flags). A lower memory cap than the memory
     /// has already stops it growing further.
+    /// The fuel the latest call used (all of its budget if it ran out).
+    pub fn last_call_fuel(&self) -> u64 {
+        self.last_fuel
+    }
+
     pub fn set_limits(&mut self, limits: Limits) {
         self.limits = limits;
         self.store.data_mut().limiter.max_bytes = limits.memory_bytes();
@@ -654,6 +662,7 @@ impl Instance {
         // A panic in the host while the guest runs (a host function's bug)
         // must not leave a half-run instance in use: it poisons it.
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&self.bindings, &mut self.store)));
+        self.last_fuel = fuel.saturating_sub(self.store.get_fuel().unwrap_or(0));
         self.log_output();
         let result = match result {
             Ok(result) => result,

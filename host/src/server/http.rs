@@ -2,13 +2,15 @@
 //! not speak gRPC: Prometheus metrics and health probes.
 //!
 //! - `/metrics`: the node's state in the Prometheus text format, read when
-//!   scraped (`prometheus` crate; names follow etcd's under `raftify_`);
+//!   scraped, and what it measured as it happened (`crate::metrics`:
+//!   fsync, snapshot-write, apply and fuel histograms, traps by kind,
+//!   swaps, snapshots); `prometheus` crate, names as etcd's under `raftify_`;
 //! - `/livez`: 200 while the node's raft loop answers;
 //! - `/readyz`: 200 once the node knows a leader, has applied what was
 //!   committed when it started, and can apply; 503 with the reasons in JSON
 //!   otherwise (as etcd's `readyz` means).
 //!
-//! Histograms (fsync, apply and round-trip durations) are not here yet.
+//! Peer round-trip times and bytes sent and received are not here yet.
 
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
@@ -157,6 +159,23 @@ fn metrics(services: &Services, status: Option<&NodeStatus>) -> Result<String, p
             "The index applied to the plugin.",
             as_i64(status.applied_index),
         )?;
+        // etcd's names for the same two readings: every entry committed or
+        // applied was a proposal of some node.
+        counter(
+            "server_proposals_committed_total",
+            "Entries committed (the raft commit index).",
+            status.commit_index,
+        )?;
+        counter(
+            "server_proposals_applied_total",
+            "Entries applied (the applied index).",
+            status.applied_index,
+        )?;
+        gauge(
+            "server_proposals_pending",
+            "Proposals this node waits to see committed.",
+            as_i64(status.pending_proposals),
+        )?;
         gauge(
             "server_snapshot_index",
             "The latest stored snapshot's index.",
@@ -195,11 +214,12 @@ fn metrics(services: &Services, status: Option<&NodeStatus>) -> Result<String, p
         "Entries whose apply trapped (they had no effect).",
         services.trapped_entries.load(Ordering::Relaxed),
     )?;
-    gauge(
-        "apply_longest_batch_milliseconds",
+    let longest = prometheus::Gauge::new(
+        "apply_longest_batch_seconds",
         "The longest one batch of committed entries took to apply.",
-        as_i64(services.longest_apply_ms.load(Ordering::Relaxed)),
     )?;
+    longest.set(services.longest_apply_ms.load(Ordering::Relaxed) as f64 / 1000.0);
+    registry.register(Box::new(longest))?;
     counter(
         "epoch_divergences_total",
         "Replicas found with another plugin state than this node's at the same epoch.",
@@ -257,6 +277,7 @@ fn metrics(services: &Services, status: Option<&NodeStatus>) -> Result<String, p
         .with_label_values(&[services.codec.plugin().sha256_hex().as_str()])
         .set(1);
     registry.register(Box::new(plugin))?;
+    services.peer.link.metrics.register(&registry)?;
     let mut text = Vec::new();
     TextEncoder::new().encode(&registry.gather(), &mut text)?;
     Ok(String::from_utf8_lossy(&text).into_owned())

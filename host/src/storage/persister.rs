@@ -41,7 +41,7 @@ impl Persister {
         done: std_mpsc::Sender<Completion>,
         wake: impl Fn() + Send + 'static,
     ) -> std::io::Result<Persister> {
-        Persister::start_waiting_for_space(store, done, wake, |_| false)
+        Persister::start_waiting_for_space(store, done, wake, |_| false, |_| {})
     }
 
     /// As `start`, but a write that fails for lack of space (`out_of_space`
@@ -50,12 +50,13 @@ impl Persister {
     /// every `SPACE_RETRY` until space comes back. Meanwhile nothing more
     /// becomes durable, so raft acknowledges nothing more, and the node
     /// stays up serving what it has. Only a shutdown ends the wait (with
-    /// the error).
+    /// the error). `written` is told how long each write took.
     pub fn start_waiting_for_space<S: LogStore>(
         store: S,
         done: std_mpsc::Sender<Completion>,
         wake: impl Fn() + Send + 'static,
         out_of_space: impl Fn(&StoreError) -> bool + Send + 'static,
+        written: impl Fn(std::time::Duration) + Send + 'static,
     ) -> std::io::Result<Persister> {
         let (jobs, queue) = std_mpsc::channel::<(u64, WriteBatch)>();
         let stop = Arc::new(AtomicBool::new(false));
@@ -76,7 +77,11 @@ impl Persister {
                     seq = next_seq;
                     bytes += next_bytes;
                 }
+                let started = std::time::Instant::now();
                 let mut result = store.write(batch.clone());
+                if result.is_ok() {
+                    written(started.elapsed());
+                }
                 let mut waited = false;
                 while let Err(error) = &result
                     && out_of_space(error)
