@@ -715,6 +715,7 @@ fn metrics_and_health_probes_follow_the_node() {
     assert!(value(&text, "raftify_server_proposals_committed_total") >= value(&text, "raftify_epoch_latest_index"));
     assert_eq!(value(&text, "raftify_server_proposals_pending"), 0.0);
     promtool_accepts(&text);
+    dashboard_names_only(&text);
     let leaders: usize = metrics
         .iter()
         .map(|m| http_get(m, "/metrics").unwrap().1)
@@ -759,4 +760,33 @@ fn promtool_accepts(text: &str) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Every metric the Grafana dashboard (`host/dashboards/raftify.json`)
+/// queries is one the node serves.
+fn dashboard_names_only(scrape: &str) {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/dashboards/raftify.json");
+    let dashboard: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let served: Vec<&str> = scrape
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.split(' ').next())
+        .collect();
+    let panels = dashboard["panels"].as_array().unwrap();
+    assert!(panels.len() >= 10, "{} panels", panels.len());
+    for target in panels.iter().flat_map(|p| p["targets"].as_array().unwrap()) {
+        let expr = target["expr"].as_str().unwrap();
+        for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+            if !word.starts_with("raftify_") {
+                continue;
+            }
+            let base = ["_bucket", "_count", "_sum"]
+                .iter()
+                .find_map(|suffix| word.strip_suffix(suffix))
+                .unwrap_or(word);
+            assert!(
+                served.contains(&word) || served.contains(&base),
+                "the dashboard queries {word}, which /metrics does not serve"
+            );
+        }
+    }
 }

@@ -266,7 +266,9 @@ fn a_node_whose_disk_fills_up_raises_the_alarm_and_keeps_serving() {
     // the snapshot.
     std::fs::remove_file(&junk).unwrap();
     std::fs::remove_file(&ballast).unwrap();
-    writing.join().unwrap().unwrap();
+    if let Err(e) = writing.join().unwrap() {
+        panic!("{e}\n{}", node.log_text());
+    }
     // It is answered: taken, or (a state this size does not fit in what
     // is free yet) failed with the reason, the node up either way.
     match snapshot.join().unwrap() {

@@ -330,6 +330,8 @@ impl RunArgs {
                 log_percent: args.snapshot_log_percent.unwrap_or(snapshot.log_percent),
                 chunk_bytes: args.snapshot_chunk_bytes.unwrap_or(snapshot.chunk_bytes),
                 max_bytes: args.max_snapshot_bytes.unwrap_or(snapshot.max_bytes),
+                // Set from the space reserve when the node starts.
+                reserve_bytes: 0,
             },
             quota_bytes: args.quota_bytes,
             min_free_bytes: args.min_free_bytes,

@@ -132,7 +132,8 @@ pub async fn run(config: NodeConfig, listener: TcpListener, shutdown: impl Futur
         link.clone(),
         config.transport.max_message_bytes,
     );
-    let (fsm_store, fsm_sandbox, snapshot_config) = (store.clone(), sandbox.clone(), config.snapshot.clone());
+    let (fsm_store, fsm_sandbox, mut snapshot_config) = (store.clone(), sandbox.clone(), config.snapshot.clone());
+    snapshot_config.reserve_bytes = space_config(&config).min_free_bytes;
     let fsm_span = span.clone();
     let fsm_readiness = link.plugins.clone();
     let fsm_health = link.health.clone();

@@ -39,6 +39,10 @@ pub struct SnapshotConfig {
     pub chunk_bytes: usize,
     /// The largest snapshot a node accepts from a leader.
     pub max_bytes: u64,
+    /// Free disk a snapshot being stored leaves alone (the space reserve,
+    /// `min_free_bytes`): the log needs it to go on, and a snapshot that
+    /// would eat into it fails instead (0: no check).
+    pub reserve_bytes: u64,
 }
 
 impl Default for SnapshotConfig {
@@ -49,6 +53,7 @@ impl Default for SnapshotConfig {
             log_percent: 25,
             chunk_bytes: 1 << 20,
             max_bytes: 8 << 30,
+            reserve_bytes: 0,
         }
     }
 }

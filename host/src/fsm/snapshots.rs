@@ -29,7 +29,7 @@ use super::epoch::Feed;
 use super::{Fsm, FsmError};
 use crate::sandbox::{CallError, Instance, Plugin};
 use crate::snapshot::{self, SnapshotHeader, Step};
-use crate::storage::{LogStore, StoreError};
+use crate::storage::{LogStore, SnapshotSave, StoreError};
 
 /// How long the worker reads a snapshot from the plugin before it looks at
 /// its requests again: what a snapshot in progress may add to an apply's
@@ -75,6 +75,7 @@ fn write_snapshot<S: LogStore>(
     queue: mpsc::Receiver<ToWriter>,
     metadata: SnapshotMetadata,
     compact_to: u64,
+    reserve: u64,
     commit: prometheus::Histogram,
 ) -> Result<bool, StoreError> {
     let timed = |write: &mut dyn FnMut() -> Result<(), StoreError>| {
@@ -84,6 +85,42 @@ fn write_snapshot<S: LogStore>(
         Ok::<(), StoreError>(())
     };
     let mut save = store.begin_snapshot_save()?;
+    let written = write_pieces(&store, &mut save, queue, metadata, compact_to, reserve, timed);
+    // A save that failed or was given up drops what it stored (a full disk
+    // needs that space back for the log).
+    if !matches!(written, Ok(true)) {
+        if let Err(error) = store.abort_snapshot_save(&save) {
+            tracing::warn!(%error, "could not drop the pieces of a snapshot that was not stored");
+        }
+    }
+    written
+}
+
+fn write_pieces<S: LogStore>(
+    store: &S,
+    save: &mut SnapshotSave,
+    queue: mpsc::Receiver<ToWriter>,
+    metadata: SnapshotMetadata,
+    compact_to: u64,
+    reserve: u64,
+    timed: impl Fn(&mut dyn FnMut() -> Result<(), StoreError>) -> Result<(), StoreError>,
+) -> Result<bool, StoreError> {
+    // A chunk that would take the disk under the reserve fails the
+    // snapshot (as a full disk would) before LMDB tries: the log's writes
+    // need that space, and a write that fills the disk to the last byte can
+    // leave LMDB failing until space comes back.
+    let room = |bytes: usize| -> Result<(), StoreError> {
+        match store.space() {
+            Ok(usage)
+                if reserve > 0
+                    && usage.fs_total_bytes > 0
+                    && usage.fs_free_bytes < reserve.saturating_add(bytes as u64) =>
+            {
+                Err(StoreError::Io(std::io::Error::from_raw_os_error(28)))
+            }
+            _ => Ok(()),
+        }
+    };
     // Pieces are gathered into chunks of about a MiB: one transaction (and
     // fsync) each, a short turn at the write lock the log's writes share.
     let mut chunk = Vec::with_capacity(crate::storage::lmdb::SNAPSHOT_CHUNK_BYTES);
@@ -92,17 +129,21 @@ fn write_snapshot<S: LogStore>(
             ToWriter::Piece(piece) => {
                 chunk.extend_from_slice(&piece);
                 if chunk.len() >= crate::storage::lmdb::SNAPSHOT_CHUNK_BYTES {
-                    timed(&mut || store.put_snapshot_piece(&mut save, &chunk))?;
+                    room(chunk.len())?;
+                    timed(&mut || store.put_snapshot_piece(save, &chunk))?;
                     chunk.clear();
                 }
             }
             ToWriter::Finish => {
                 if !chunk.is_empty() {
-                    timed(&mut || store.put_snapshot_piece(&mut save, &chunk))?;
+                    room(chunk.len())?;
+                    timed(&mut || store.put_snapshot_piece(save, &chunk))?;
                 }
-                let started = Instant::now();
-                let stored = store.finish_snapshot_save(save, &metadata, compact_to);
-                commit.observe(started.elapsed().as_secs_f64());
+                let mut stored = Ok(false);
+                timed(&mut || {
+                    stored = store.finish_snapshot_save(save.clone(), &metadata, compact_to);
+                    Ok(())
+                })?;
                 return stored;
             }
         }
@@ -183,11 +224,12 @@ impl<S: LogStore> Fsm<S> {
         let span = tracing::Span::current();
         let for_writer = metadata.clone();
         let commit = self.metrics.backend_commit.clone();
+        let reserve = self.config.reserve_bytes;
         let writer = std::thread::Builder::new()
             .name("snapshot".into())
             .spawn(move || {
                 let _entered = span.enter();
-                write_snapshot(store, pieces, for_writer, compact_to, commit)
+                write_snapshot(store, pieces, for_writer, compact_to, reserve, commit)
             })
             .map_err(StoreError::Io)?;
         self.log_bytes_since_snapshot = 0;

@@ -831,6 +831,14 @@ impl LogStore for LmdbStore {
         Ok(())
     }
 
+    fn abort_snapshot_save(&self, save: &SnapshotSave) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        let (_turn, mut txn) = inner.write_in_turn()?;
+        inner.snapshot_chunks.delete_range(&mut txn, &chunks_of(save.id))?;
+        txn.commit()?;
+        Ok(())
+    }
+
     fn finish_snapshot_save(
         &self,
         save: SnapshotSave,

@@ -279,6 +279,11 @@ impl LogStore for MemStore {
         Ok(())
     }
 
+    fn abort_snapshot_save(&self, save: &SnapshotSave) -> Result<(), StoreError> {
+        self.wl().saves.remove(&save.id);
+        Ok(())
+    }
+
     fn finish_snapshot_save(
         &self,
         save: SnapshotSave,

@@ -251,6 +251,11 @@ pub trait LogStore: Storage + Clone + Send + Sync + 'static {
     /// Store the next piece of a save (its own transaction).
     fn put_snapshot_piece(&self, save: &mut SnapshotSave, piece: &[u8]) -> Result<(), StoreError>;
 
+    /// Drop the pieces a save stored so far (it failed, or was given up):
+    /// they would hold their space until the next save finished, and on a
+    /// full disk that space is what the log needs to go on.
+    fn abort_snapshot_save(&self, save: &SnapshotSave) -> Result<(), StoreError>;
+
     /// Make a save's pieces the stored snapshot, with `metadata`, and drop
     /// the log up to `compact_to` (as [`LogStore::save_snapshot`]).
     /// `Ok(false)` if it was superseded: a newer snapshot was stored (or
@@ -309,7 +314,7 @@ impl<S: LogStore> SnapshotPieces for S {
 }
 
 /// A snapshot being stored piece by piece ([`LogStore::begin_snapshot_save`]).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct SnapshotSave {
     /// The save's number: its pieces' key prefix.
     id: u64,

@@ -505,6 +505,31 @@ fn lmdb_stores_a_large_snapshot_in_chunks_and_keeps_only_the_latest() {
     assert!(store.stored_snapshot().unwrap().unwrap().data.is_empty());
 }
 
+/// A save that failed or was given up drops its pieces at once: on a full
+/// disk, their space is what the log needs to go on.
+#[test]
+fn lmdb_drops_the_pieces_of_an_aborted_save() {
+    let (store, _dir) = lmdb();
+    append(&store, entries(1..=10, 2));
+    let mut save = store.begin_snapshot_save().unwrap();
+    store
+        .put_snapshot_piece(&mut save, &patterned(3 * SNAPSHOT_CHUNK_BYTES, 1))
+        .unwrap();
+    assert_eq!(store.chunk_count_for_test(), 3);
+    store.abort_snapshot_save(&save).unwrap();
+    assert_eq!(store.chunk_count_for_test(), 0);
+    // The next save is stored whole, and the aborted one is not it.
+    let mut next = store.begin_snapshot_save().unwrap();
+    let data = patterned(SNAPSHOT_CHUNK_BYTES + 5, 2);
+    store.put_snapshot_piece(&mut next, &data).unwrap();
+    assert!(
+        store
+            .finish_snapshot_save(next, &snapshot_at(6, 2, vec![1], b"").take_metadata(), 6)
+            .unwrap()
+    );
+    assert_eq!(store.stored_snapshot().unwrap().unwrap().data.as_ref(), data.as_slice());
+}
+
 /// Components the history replaced before what the snapshot and the log
 /// cover are freed; the first, the ones still needed, and the history stay.
 #[test]
