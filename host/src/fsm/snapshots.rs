@@ -88,10 +88,10 @@ fn write_snapshot<S: LogStore>(
     let written = write_pieces(&store, &mut save, queue, metadata, compact_to, reserve, timed);
     // A save that failed or was given up drops what it stored (a full disk
     // needs that space back for the log).
-    if !matches!(written, Ok(true)) {
-        if let Err(error) = store.abort_snapshot_save(&save) {
-            tracing::warn!(%error, "could not drop the pieces of a snapshot that was not stored");
-        }
+    if !matches!(written, Ok(true))
+        && let Err(error) = store.abort_snapshot_save(&save)
+    {
+        tracing::warn!(%error, "could not drop the pieces of a snapshot that was not stored");
     }
     written
 }
