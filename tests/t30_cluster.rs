@@ -714,7 +714,27 @@ fn metrics_and_health_probes_follow_the_node() {
     assert!(value(&text, "raftify_plugin_apply_fuel_count") >= 2.0);
     assert!(value(&text, "raftify_server_proposals_committed_total") >= value(&text, "raftify_epoch_latest_index"));
     assert_eq!(value(&text, "raftify_server_proposals_pending"), 0.0);
+    // Peer traffic both ways, and the leader's heartbeat round trips, per
+    // peer.
+    let sum = |text: &str, name: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with(&format!("{name}{{")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert!(sum(&text, "raftify_network_peer_sent_bytes_total") > 0.0, "{text}");
+    assert!(sum(&text, "raftify_network_peer_received_bytes_total") > 0.0, "{text}");
+    let leader_text = metrics
+        .iter()
+        .map(|m| http_get(m, "/metrics").unwrap().1)
+        .find(|t| t.lines().any(|l| l == "raftify_server_is_leader 1"))
+        .unwrap();
+    assert!(
+        sum(&leader_text, "raftify_network_peer_round_trip_time_seconds_count") >= 2.0,
+        "{leader_text}"
+    );
     promtool_accepts(&text);
+    promtool_accepts(&leader_text);
     dashboard_names_only(&text);
     let leaders: usize = metrics
         .iter()

@@ -4,7 +4,14 @@
 //! scrape registers these (they are handles onto the same values) next to
 //! the readings it takes.
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use std::collections::HashSet;
+use std::sync::Mutex;
+
+use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+
+/// Peers a node labels its received bytes with, at most (others: `other`):
+/// a batch names its sender, and a stranger may name any.
+const MAX_PEER_LABELS: usize = 64;
 
 /// Seconds, from half a millisecond to about 8 s (etcd's disk buckets).
 fn disk_buckets() -> Vec<f64> {
@@ -38,6 +45,12 @@ pub struct Metrics {
     /// Proposals this node accepted into its raft loop and could not get
     /// committed (dropped by raft, a lost leadership, a timeout).
     pub proposals_failed: IntCounter,
+    /// Raft message bytes sent to and received from each peer, and the
+    /// round trip of a heartbeat to each (the leader's).
+    pub peer_sent_bytes: IntCounterVec,
+    pub peer_received_bytes: IntCounterVec,
+    pub peer_round_trip: HistogramVec,
+    received_labels: Mutex<HashSet<u64>>,
 }
 
 impl Default for Metrics {
@@ -88,6 +101,29 @@ impl Default for Metrics {
                 "server_proposals_failed_total",
                 "Proposals accepted by this node that could not be committed.",
             ),
+            peer_sent_bytes: IntCounterVec::new(
+                Opts::new("network_peer_sent_bytes_total", "Raft message bytes sent to a peer."),
+                &["to"],
+            )
+            .expect("a valid counter"),
+            peer_received_bytes: IntCounterVec::new(
+                Opts::new(
+                    "network_peer_received_bytes_total",
+                    "Raft message bytes received from a peer.",
+                ),
+                &["from"],
+            )
+            .expect("a valid counter"),
+            peer_round_trip: HistogramVec::new(
+                HistogramOpts::new(
+                    "network_peer_round_trip_time_seconds",
+                    "From a heartbeat to a peer until its answer came back.",
+                )
+                .buckets(prometheus::exponential_buckets(0.0001, 2.0, 16).expect("valid buckets")),
+                &["to"],
+            )
+            .expect("a valid histogram"),
+            received_labels: Mutex::default(),
         }
     }
 }
@@ -112,6 +148,21 @@ impl Metrics {
         self.traps.with_label_values(&[kind]).inc();
     }
 
+    /// `bytes` of raft messages came from `from` (bounded labels).
+    pub fn received(&self, from: u64, bytes: u64) {
+        let mut labels = self.received_labels.lock().unwrap_or_else(|e| e.into_inner());
+        let label = if labels.contains(&from) || labels.len() < MAX_PEER_LABELS {
+            labels.insert(from);
+            from.to_string()
+        } else {
+            "other".to_string()
+        };
+        drop(labels);
+        self.peer_received_bytes
+            .with_label_values(&[label.as_str()])
+            .inc_by(bytes);
+    }
+
     /// Add these to a scrape's registry.
     pub fn register(&self, registry: &Registry) -> Result<(), prometheus::Error> {
         registry.register(Box::new(self.wal_fsync.clone()))?;
@@ -123,6 +174,9 @@ impl Metrics {
         registry.register(Box::new(self.snapshots.clone()))?;
         registry.register(Box::new(self.snapshot_duration.clone()))?;
         registry.register(Box::new(self.snapshot_bytes.clone()))?;
-        registry.register(Box::new(self.proposals_failed.clone()))
+        registry.register(Box::new(self.proposals_failed.clone()))?;
+        registry.register(Box::new(self.peer_sent_bytes.clone()))?;
+        registry.register(Box::new(self.peer_received_bytes.clone()))?;
+        registry.register(Box::new(self.peer_round_trip.clone()))
     }
 }

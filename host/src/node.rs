@@ -300,6 +300,9 @@ pub struct Node<S: LogStore> {
     /// The last `Epoch` entry this leader proposed: when, and at which
     /// index it would be (see `epochs`).
     epoch_proposed: Option<(Instant, u64)>,
+    /// When the latest heartbeat to each peer left, until it is answered
+    /// (the round-trip metric; heartbeats go only to members).
+    heartbeats_out: HashMap<u64, Instant>,
 }
 
 /// A write the persister has not reported durable yet.
@@ -417,6 +420,7 @@ impl<S: LogStore> Node<S> {
             space,
             limits,
             epoch_proposed: None,
+            heartbeats_out: HashMap::new(),
         })
     }
 
@@ -558,6 +562,16 @@ impl<S: LogStore> Node<S> {
         if let Err(reason) = firewall::check(&message, channel, &self.view(message.from)) {
             self.refusals.record(reason, &message);
             return;
+        }
+        if message.get_msg_type() == raft::prelude::MessageType::MsgHeartbeatResponse
+            && let Some(sent) = self.heartbeats_out.remove(&message.from)
+        {
+            self.transport
+                .link()
+                .metrics
+                .peer_round_trip
+                .with_label_values(&[message.from.to_string().as_str()])
+                .observe(sent.elapsed().as_secs_f64());
         }
         if let Err(error) = self.raw.step(message) {
             tracing::debug!(%error, "dropped a raft message");
@@ -1076,6 +1090,14 @@ impl<S: LogStore> Node<S> {
     }
 
     fn send(&mut self, messages: Vec<Message>) {
+        // A heartbeat's round trip, from the latest one sent (heartbeats
+        // come a tick apart, far more than a round trip; after a partition
+        // the wait is not counted as one).
+        for message in &messages {
+            if message.get_msg_type() == raft::prelude::MessageType::MsgHeartbeat {
+                self.heartbeats_out.insert(message.to, Instant::now());
+            }
+        }
         for peer in self.transport.send(messages) {
             self.raw.report_unreachable(peer);
         }

@@ -270,7 +270,12 @@ async fn peer_task(
             let Some(batch) = batches.recv().await else {
                 return;
             };
-            let messages = batch.iter().filter_map(|m| m.write_to_bytes().ok()).collect();
+            let messages: Vec<Vec<u8>> = batch.iter().filter_map(|m| m.write_to_bytes().ok()).collect();
+            let bytes: usize = messages.iter().map(Vec::len).sum();
+            link.metrics
+                .peer_sent_bytes
+                .with_label_values(&[id.to_string().as_str()])
+                .inc_by(bytes as u64);
             let batch = RaftBatch {
                 messages,
                 cluster_id: link.cluster_id,

@@ -3,14 +3,13 @@
 //!
 //! - `/metrics`: the node's state in the Prometheus text format, read when
 //!   scraped, and what it measured as it happened (`crate::metrics`:
-//!   fsync, snapshot-write, apply and fuel histograms, traps by kind,
-//!   swaps, snapshots); `prometheus` crate, names as etcd's under `raftify_`;
+//!   fsync, snapshot-write, apply, fuel and peer round-trip histograms,
+//!   peer bytes, traps by kind, swaps, snapshots); `prometheus` crate, names
+//!   as etcd's under `raftify_`;
 //! - `/livez`: 200 while the node's raft loop answers;
 //! - `/readyz`: 200 once the node knows a leader, has applied what was
 //!   committed when it started, and can apply; 503 with the reasons in JSON
 //!   otherwise (as etcd's `readyz` means).
-//!
-//! Peer round-trip times and bytes sent and received are not here yet.
 
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;

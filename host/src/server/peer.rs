@@ -103,6 +103,8 @@ impl proto::peer_server::Peer for Services {
                 .epoch_digest
                 .and_then(|d| Some((d.index, <[u8; 32]>::try_from(d.sha256.as_slice()).ok()?)));
             self.peer.link.epochs.report(batch.from, batch.epoch_want, digest);
+            let bytes: usize = batch.messages.iter().map(Vec::len).sum();
+            self.peer.link.metrics.received(batch.from, bytes as u64);
             for bytes in batch.messages {
                 let message = Message::parse_from_bytes(&bytes)
                     .map_err(|e| Status::invalid_argument(format!("malformed raft message: {e}")))?;
