@@ -42,7 +42,8 @@ for name in "${names[@]}"; do
 done
 
 if [ "${#rust[@]}" -gt 0 ]; then
-  if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2; then
+  # Not a pipe into grep -q: under pipefail its early exit can fail the test.
+  if ! grep -qx wasm32-wasip2 <<<"$(rustup target list --installed 2>/dev/null)"; then
     rustup target add wasm32-wasip2
   fi
   cargo build --release --locked --target wasm32-wasip2 \

@@ -15,7 +15,10 @@ unittests() {
   local out
   out="$(cd "$1" && python3 -m unittest discover -s tests 2>&1)" || { echo "$out"; return 1; }
   echo "$out" | tail -n 3
-  if ! echo "$out" | grep -Eq '^Ran [1-9][0-9]* tests?'; then
+  # A here-string, not a pipe: under pipefail, `echo | grep -q` fails when
+  # grep exits before echo has written everything (SIGPIPE), which a busy
+  # machine makes happen.
+  if ! grep -Eq '^Ran [1-9][0-9]* tests?' <<<"$out"; then
     echo "$1: unittest found no tests" >&2
     return 1
   fi

@@ -37,7 +37,7 @@ wait_for_leader() { # addr, extra client flags...
   local addr="$1"
   shift
   for _ in $(seq 1 300); do
-    if "$bin" status -o json --addr "$addr" "$@" 2>/dev/null | grep -q '"leader_id":[1-9]'; then return; fi
+    if grep -q '"leader_id":[1-9]' <<<"$("$bin" status -o json --addr "$addr" "$@" 2>/dev/null)"; then return; fi
     sleep 0.1
   done
   echo "no leader at $addr within 30 s" >&2

@@ -52,7 +52,7 @@ snapshot_ms() {
 }
 # A build from before epochs (BIN=) only snapshots: wait for that instead.
 done_line='instance epoch: a fresh instance'
-"$bin" status -o json --addr "$leader" | grep -q '"epoch"' || done_line='took a snapshot'
+grep -q '"epoch"' <<<"$("$bin" status -o json --addr "$leader")" || done_line='took a snapshot'
 epoch() { # label
   local t0 t1 i
   local -A before
