@@ -52,6 +52,12 @@ pub struct BenchArgs {
     /// Per-request timeout, in milliseconds.
     #[arg(long, default_value_t = 15_000)]
     pub timeout_ms: u64,
+    /// Drive an etcd member's v3 KV API at --addr instead (the yardstick,
+    /// `host/benches/vs_etcd.sh`): writes `Put` key `k{n}` with the value,
+    /// --queries `Range` it (linearizable, or serializable with --consistency
+    /// stale), every client over one shared connection to the first address.
+    #[arg(long, conflicts_with_all = ["stream", "command_template"])]
+    pub etcd: bool,
     #[command(flatten)]
     pub security: crate::cli::SecurityArgs,
 }
@@ -79,8 +85,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<i32> {
     let value = "x".repeat(args.value_size);
     let timeout = Duration::from_millis(args.timeout_ms);
     let mut clients = Vec::with_capacity(args.addr.len());
+    let etcd = match args.etcd {
+        true => Some(crate::etcd::Kv::connect(&args.addr[0], timeout).await?),
+        false => None,
+    };
     let dialer = args.security.dialer()?;
-    for addr in &args.addr {
+    for addr in args.addr.iter().filter(|_| !args.etcd) {
         clients.push(Client::connect_with(addr, timeout, &dialer).await?);
     }
     if args.stream {
@@ -97,7 +107,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<i32> {
     let progress = tokio::spawn(report_progress(done.clone(), args.requests, started));
     let mut tasks = Vec::with_capacity(args.clients);
     for c in 0..args.clients {
-        let mut client = clients[c % clients.len()].clone();
+        let mut client = clients.get(c % clients.len().max(1)).cloned();
+        let mut etcd = etcd.clone();
         let (next, done) = (next.clone(), done.clone());
         let (template, value) = (template.clone(), value.clone());
         let (total, queries, stream) = (args.requests, args.queries, args.stream);
@@ -111,9 +122,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<i32> {
                 errors: 0,
                 first_error: None,
             };
-            let mut stream = match stream {
-                false => None,
-                true => match ProposalStream::open(&client).await {
+            let mut stream = match (stream, &client) {
+                (true, Some(client)) => match ProposalStream::open(client).await {
                     Ok(stream) => Some(stream),
                     Err(error) => {
                         totals.errors = 1;
@@ -121,34 +131,29 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<i32> {
                         return totals;
                     }
                 },
+                _ => None,
             };
             loop {
                 let n = next.fetch_add(1, Ordering::Relaxed);
                 if n >= total {
                     return totals;
                 }
-                let text = template.replace("{n}", &n.to_string()).replace("{v}", &value);
                 let sent = Instant::now();
-                let outcome = if queries {
-                    match client.query_text(&text, consistency).await {
-                        Ok(r) => match r.outcome {
-                            Some(query_response::Outcome::Ok(_)) => Ok(()),
-                            other => Err(format!("{other:?}")),
-                        },
-                        Err(e) => Err(e.to_string()),
+                let outcome = match (&mut etcd, &mut client) {
+                    (Some(kv), _) => {
+                        let key = format!("k{n}").into_bytes();
+                        let linearizable = consistency == ProtoConsistency::Linearizable;
+                        let called = match queries {
+                            true => kv.get(key, linearizable).await,
+                            false => kv.put(key, value.as_bytes().to_vec()).await,
+                        };
+                        called.map_err(|status| format!("etcd: {}", status.message()))
                     }
-                } else {
-                    let response = match &mut stream {
-                        Some(stream) => stream.propose(text).await,
-                        None => client.propose_text(&text).await.map_err(|e| e.to_string()),
-                    };
-                    match response {
-                        Ok(r) => match r.outcome {
-                            Some(propose_response::Outcome::Ok(_)) => Ok(()),
-                            other => Err(format!("{other:?}")),
-                        },
-                        Err(e) => Err(e),
+                    (None, Some(client)) => {
+                        let text = template.replace("{n}", &n.to_string()).replace("{v}", &value);
+                        raftify_call(client, &mut stream, &text, queries, consistency).await
                     }
+                    (None, None) => Err("no client".to_string()),
                 };
                 let micros = sent.elapsed().as_micros() as u64;
                 match outcome {
@@ -222,6 +227,37 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<i32> {
         }
     }
     Ok(if errors == 0 { 0 } else { 1 })
+}
+
+/// One request to raftify-host: a query, or a proposal (over the client's
+/// stream if it has one).
+async fn raftify_call(
+    client: &mut Client,
+    stream: &mut Option<ProposalStream>,
+    text: &str,
+    queries: bool,
+    consistency: ProtoConsistency,
+) -> Result<(), String> {
+    if queries {
+        return match client.query_text(text, consistency).await {
+            Ok(r) => match r.outcome {
+                Some(query_response::Outcome::Ok(_)) => Ok(()),
+                other => Err(format!("{other:?}")),
+            },
+            Err(e) => Err(e.to_string()),
+        };
+    }
+    let response = match stream {
+        Some(stream) => stream.propose(text.to_string()).await,
+        None => client.propose_text(text).await.map_err(|e| e.to_string()),
+    };
+    match response {
+        Ok(r) => match r.outcome {
+            Some(propose_response::Outcome::Ok(_)) => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+        Err(e) => Err(e),
+    }
 }
 
 /// One client's `ProposeStream`: a request goes in, its response comes out.

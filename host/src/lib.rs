@@ -12,6 +12,7 @@ pub mod debug;
 pub mod dial;
 pub mod envelope;
 pub mod epochs;
+pub mod etcd;
 pub mod firewall;
 pub mod fsm;
 pub mod health;
