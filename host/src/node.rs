@@ -1170,6 +1170,14 @@ impl<S: LogStore> Node<S> {
             ..Default::default()
         })?;
         tracing::info!(index, bytes, "installed a snapshot from the leader");
+        // Until the apply worker has restored it, this node cannot apply:
+        // its batches say so from the acknowledgement of this install on,
+        // so a leader never promotes it in the gap before a restore that
+        // then fails.
+        if !self.health.stalled() {
+            self.health
+                .set(Some(format!("restoring the leader's snapshot at index {index}")));
+        }
         self.fsm
             .send(FsmRequest::Restore {
                 metadata: snapshot.get_metadata().clone(),

@@ -517,7 +517,8 @@ impl<S: LogStore> Fsm<S> {
             FsmRequest::Shutdown => {}
             FsmRequest::Restore { metadata } => {
                 match self.restore_installed(&metadata) {
-                    Ok(()) => {}
+                    // The raft loop said "restoring" when it installed it.
+                    Ok(()) => self.health.set(None),
                     Err(error) if stall::survivable(&error) => {
                         self.stall(error, metadata.index);
                         return Ok(());
