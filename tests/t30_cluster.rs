@@ -616,7 +616,10 @@ fn a_second_membership_change_waits_for_the_first() {
     // "retry shortly": the refusal itself is what this test is about.
     let second_addr = free_addr();
     let err = tokio::runtime::Runtime::new().unwrap().block_on(async {
-        let mut client = Client::connect(&via, Duration::from_secs(5)).await.unwrap();
+        // A generous deadline: the answer is a refusal, quick, but a CI
+        // machine running the suite's clusters in parallel once took more
+        // than 5 s to give it.
+        let mut client = Client::connect(&via, Duration::from_secs(20)).await.unwrap();
         client.join(&second_addr, 0).await.unwrap_err().to_string()
     });
     assert!(err.contains("another membership change is in progress"), "{err}");
