@@ -738,7 +738,8 @@ fn metrics_and_health_probes_follow_the_node() {
     );
     promtool_accepts(&text);
     promtool_accepts(&leader_text);
-    dashboard_names_only(&text);
+    // Per-peer metrics appear once observed (round trips on the leader).
+    dashboard_names_only(&format!("{text}\n{leader_text}"));
     let leaders: usize = metrics
         .iter()
         .map(|m| http_get(m, "/metrics").unwrap().1)
