@@ -592,9 +592,13 @@ fn joins_are_idempotent_by_address_and_removed_ids_are_never_reused() {
 
 #[test]
 fn a_second_membership_change_waits_for_the_first() {
-    // A long election timeout: the leader keeps leading for 3 s without a
-    // quorum, the window in which its first change cannot commit.
-    let mut cluster = Cluster::start(3, &["--election-ticks", "30"]);
+    // A long election timeout: the leader keeps leading for at least 8 s
+    // without a quorum (check-quorum steps it down after one election
+    // timeout), the window in which its first change cannot commit. With
+    // 3 s, a loaded CI machine once spent the whole window starting the
+    // first `member add` and polling for it, and the refused join then
+    // found no leader at all.
+    let mut cluster = Cluster::start(3, &["--election-ticks", "80"]);
     let leader = cluster.leader();
     let via = cluster.node(leader).addr.clone();
     let followers = cluster.followers();
@@ -616,10 +620,7 @@ fn a_second_membership_change_waits_for_the_first() {
     // "retry shortly": the refusal itself is what this test is about.
     let second_addr = free_addr();
     let err = tokio::runtime::Runtime::new().unwrap().block_on(async {
-        // A generous deadline: the answer is a refusal, quick, but a CI
-        // machine running the suite's clusters in parallel once took more
-        // than 5 s to give it.
-        let mut client = Client::connect(&via, Duration::from_secs(20)).await.unwrap();
+        let mut client = Client::connect(&via, Duration::from_secs(5)).await.unwrap();
         client.join(&second_addr, 0).await.unwrap_err().to_string()
     });
     assert!(err.contains("another membership change is in progress"), "{err}");
