@@ -1,7 +1,7 @@
 //! Snapshots through the real binary: compaction, catch-up of a late joiner
 //! by snapshot, a 64 MiB state, a kill during install (of the receiver and
 //! of the sender), disaster recovery
-//! with --force-new-cluster, and `debug persisted`.
+//! with --force-new-cluster, backup and restore, and `debug persisted`.
 
 mod support;
 
@@ -333,4 +333,138 @@ fn a_state_past_128_mib_snapshots_restarts_and_reaches_a_new_node() {
     );
     let got = cli(&["query", "get big070", "--consistency", "stale", "--addr", &joiner.addr]);
     assert_eq!(stdout(&got), format!("70{value}"));
+}
+
+/// Issue 15: a backup of a running cluster (`snapshot save`) restores into
+/// a new cluster (`snapshot restore`, then joins) with every key and the
+/// same plugin; `debug snapshot` describes the file; a damaged or cut
+/// file is refused and leaves no data dir behind.
+#[test]
+fn a_backup_of_a_running_cluster_restores_into_a_new_one() {
+    let plugins = tempfile::tempdir().unwrap();
+    let v2 = plugins.path().join("kv-v2.wasm");
+    std::fs::write(&v2, raftify_host::daemon::EMBEDDED_KV_V2).unwrap();
+    let v2_sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
+        raftify_host::daemon::EMBEDDED_KV_V2,
+    ));
+    let mut cluster = Cluster::start(3, &["--plugin", v2.to_str().unwrap()]);
+    let leader = cluster.leader();
+    let file = write_file(
+        cluster.dir.path(),
+        "keys.txt",
+        (0..2000).map(|i| format!("set b{i} {i}")),
+    );
+    propose_file(cluster.node(leader), &file);
+
+    // From a follower: any member can be backed up.
+    let follower = cluster.followers()[0];
+    let backup = cluster.dir.path().join("cluster.backup");
+    let backup_path = backup.to_str().unwrap();
+    let out = cli(&[
+        "snapshot",
+        "save",
+        backup_path,
+        "-o",
+        "json",
+        "--addr",
+        &cluster.node(follower).addr,
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let saved: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(saved["index"].as_u64().unwrap() > 2000, "{saved}");
+    assert_eq!(saved["plugin_sha256"], v2_sha.as_str());
+    // Written after the backup: not in it.
+    assert_eq!(cluster.node(leader).propose("set later 1").unwrap(), "OK");
+
+    let out = cli(&["debug", "snapshot", backup_path, "-o", "json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let described: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(described["index"], saved["index"]);
+    assert_eq!(described["voters"].as_array().unwrap().len(), 3);
+    assert_eq!(described["taken_from_node"], follower);
+    assert_eq!(described["checksum"], "ok");
+
+    // A damaged file and a cut one are refused, and nothing is made.
+    let good = std::fs::read(&backup).unwrap();
+    let restored_dir = cluster.dir.path().join("restored");
+    let new_addr = free_addr();
+    let restore = |file: &str| {
+        cli(&[
+            "snapshot",
+            "restore",
+            file,
+            "--data-dir",
+            restored_dir.to_str().unwrap(),
+            "--id",
+            "1",
+            "--listen",
+            &new_addr,
+        ])
+    };
+    let damaged = cluster.dir.path().join("damaged.backup");
+    let mut bytes = good.clone();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x40;
+    std::fs::write(&damaged, &bytes).unwrap();
+    let err = outcome(restore(damaged.to_str().unwrap())).unwrap_err();
+    assert!(err.contains("checksum does not match"), "{err}");
+    std::fs::write(&damaged, &good[..good.len() - 1000]).unwrap();
+    let err = outcome(restore(damaged.to_str().unwrap())).unwrap_err();
+    assert!(err.contains("truncated"), "{err}");
+    assert!(
+        !restored_dir.exists(),
+        "a refused restore left {}",
+        restored_dir.display()
+    );
+    for id in [1, 2, 3] {
+        cluster.kill(id);
+    }
+
+    // The new cluster: the restored node, then two that join it.
+    let out = restore(backup_path);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let first = Node::start(&restored_dir, &new_addr, &[]);
+    wait_until(Duration::from_secs(30), "the restored node to lead", || {
+        first.try_status().is_some_and(|s| s["role"] == "leader")
+    });
+    let status = first.status();
+    assert_eq!(status["members"].as_array().unwrap().len(), 1, "{status}");
+    assert_eq!(first.query("get b1999").unwrap(), "1999");
+    assert_eq!(first.query("len").unwrap(), "2000");
+    assert_eq!(first.query("get later").unwrap(), "(nil)");
+    let plugins = outcome(cli(&["plugin", "list", "-o", "json", "--addr", &first.addr])).unwrap();
+    assert!(plugins.contains(&v2_sha), "{plugins}");
+    assert_eq!(first.propose("set after restore").unwrap(), "OK");
+
+    let others = tempfile::tempdir().unwrap();
+    let joiners: Vec<Node> = (0..2)
+        .map(|i| {
+            Node::start(
+                &others.path().join(format!("j{i}")),
+                &free_addr(),
+                &["--join", &new_addr],
+            )
+        })
+        .collect();
+    let commit = first.status_u64("commit_index");
+    for joiner in &joiners {
+        wait_until(Duration::from_secs(60), "a joiner to catch up", || {
+            joiner
+                .try_status()
+                .is_some_and(|s| s["applied_index"].as_u64() >= Some(commit))
+        });
+        let stale = |text: &str| {
+            outcome(joiner.cli(&["query", text, "--consistency", "stale", "--addr", &joiner.addr])).unwrap()
+        };
+        assert_eq!(stale("get b777"), "777");
+        assert_eq!(stale("get after"), "restore");
+        assert_eq!(stale("len"), "2001");
+    }
+    wait_until(Duration::from_secs(60), "three voters", || {
+        first.try_status().is_some_and(|s| {
+            s["members"]
+                .as_array()
+                .is_some_and(|m| m.len() == 3 && m.iter().all(|m| m["role"] == "voter"))
+        })
+    });
 }

@@ -224,6 +224,7 @@ const CLIENT_RPCS: &[(&str, Role)] = &[
     ("RemoveMember", Role::Admin),
     ("TransferLeader", Role::Admin),
     ("Snapshot", Role::Admin),
+    ("SaveSnapshot", Role::Admin),
     ("SwapPlugin", Role::Admin),
     ("SwapPluginStream", Role::Admin),
     ("DisarmAlarms", Role::Admin),

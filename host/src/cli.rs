@@ -14,6 +14,8 @@ use crate::config::{DEFAULT_ADDR, RunArgs};
 use crate::proto::{self, Consistency as ProtoConsistency, ProposeRequest, ProposeResponse, propose_response};
 use crate::sandbox::{Sandbox, SandboxConfig};
 
+mod backup;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "raftify-host",
@@ -44,8 +46,10 @@ pub enum Command {
     /// Leadership.
     #[command(subcommand)]
     Leader(LeaderCommand),
-    /// Take a snapshot on the node at --addr now and compact its log.
-    Snapshot(ClientArgs),
+    /// Take a snapshot on the node at --addr now and compact its log; or
+    /// back it up to a file (`save`), or make a new cluster from one
+    /// (`restore`).
+    Snapshot(SnapshotArgs),
     /// Replace or list the state machine plugin.
     #[command(subcommand)]
     Plugin(PluginCommand),
@@ -127,6 +131,21 @@ pub enum DebugCommand {
     /// Print a live node's raft state: indexes, snapshot, plugin, and on the
     /// leader the replication progress of every member.
     Node(ClientArgs),
+    /// Describe a backup file (`snapshot save`): index, members, plugin,
+    /// sizes, after checking every byte of it.
+    Snapshot {
+        file: PathBuf,
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct SnapshotArgs {
+    #[command(subcommand)]
+    pub action: Option<backup::SnapshotAction>,
+    #[command(flatten)]
+    pub client: ClientArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -534,7 +553,14 @@ pub async fn run_client(command: Command) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        Command::Snapshot(args) => {
+        Command::Debug(DebugCommand::Snapshot { file, output }) => backup::describe(file, output).await,
+        Command::Snapshot(SnapshotArgs {
+            action: Some(action), ..
+        }) => backup::run(action).await,
+        Command::Snapshot(SnapshotArgs {
+            action: None,
+            client: args,
+        }) => {
             let mut client = connect(&args).await?;
             let response = client.snapshot().await?;
             match args.output {

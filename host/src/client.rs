@@ -34,6 +34,9 @@ pub enum ClientError {
     Rpc(tonic::Status),
     #[error("no answer from {addr} within {timeout_ms} ms")]
     Timeout { addr: String, timeout_ms: u64 },
+    /// Writing what the node sent failed here.
+    #[error("cannot write the answer: {0}")]
+    Write(std::io::Error),
 }
 
 impl ClientError {
@@ -42,6 +45,7 @@ impl ClientError {
     pub fn is_retryable(&self) -> bool {
         match self {
             ClientError::Connect { .. } | ClientError::Timeout { .. } => true,
+            ClientError::Write(_) => false,
             ClientError::Rpc(status) => matches!(
                 status.code(),
                 tonic::Code::Unavailable
@@ -220,6 +224,38 @@ impl Client {
         self.bounded(inner.snapshot(crate::proto::SnapshotRequest {}))
             .await?
             .map_err(ClientError::Rpc)
+    }
+
+    /// Back up this node's state (see [`crate::backup`]): `on_piece` gets
+    /// the backup file's bytes in order, the first call with the whole
+    /// file's size, and stops the transfer by failing. The node first takes
+    /// a snapshot, at the next epoch the leader logs; the client's timeout
+    /// bounds that and then each wait for a piece. Returns the bytes
+    /// received.
+    pub async fn save_snapshot(
+        &mut self,
+        mut on_piece: impl FnMut(&[u8], u64) -> std::io::Result<()>,
+    ) -> Result<u64, ClientError> {
+        let mut inner = self.inner.clone();
+        let mut chunks = self
+            .bounded(inner.save_snapshot(crate::proto::SaveSnapshotRequest {}))
+            .await?
+            .map_err(ClientError::Rpc)?;
+        let mut received = 0u64;
+        loop {
+            let chunk = match tokio::time::timeout(self.timeout, chunks.message()).await {
+                Err(_) => {
+                    return Err(ClientError::Timeout {
+                        addr: self.addr.clone(),
+                        timeout_ms: self.timeout.as_millis() as u64,
+                    });
+                }
+                Ok(chunk) => chunk.map_err(|status| ClientError::Rpc(self.explain(status)))?,
+            };
+            let Some(chunk) = chunk else { return Ok(received) };
+            on_piece(&chunk.data, chunk.total_bytes).map_err(ClientError::Write)?;
+            received += chunk.data.len() as u64;
+        }
     }
 
     /// Propose a plugin swap (on the leader, wherever this client points).

@@ -227,6 +227,7 @@ pub async fn run(config: NodeConfig, listener: TcpListener, shutdown: impl Futur
         max_message_bytes: config.transport.max_message_bytes,
         sandbox,
         plugins: Arc::new(store.clone()),
+        snapshots: Arc::new(store.clone()),
         stopping: stopping_tx.subscribe(),
         peer: Arc::new(crate::server::PeerGuard {
             link,
@@ -454,7 +455,7 @@ fn bootstrap_batch(id: u64, members: &[(u64, String)]) -> anyhow::Result<WriteBa
 /// several they derive it from the member list they were all given (as
 /// etcd derives its cluster id from `--initial-cluster`); a one-node
 /// cluster mixes in the time and the process, so no two are alike.
-fn new_cluster_id(members: &[(u64, String)]) -> u64 {
+pub(crate) fn new_cluster_id(members: &[(u64, String)]) -> u64 {
     let mut hash = Sha256::new();
     hash.update(b"raftify-cluster\0");
     let mut sorted = members.to_vec();

@@ -2,6 +2,7 @@
 //! a sandboxed WebAssembly component. ARCHITECTURE.md is the codemap.
 
 pub mod auth;
+pub mod backup;
 pub mod bench;
 pub mod cli;
 pub mod client;

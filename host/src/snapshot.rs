@@ -252,6 +252,11 @@ pub enum Step<'a> {
 }
 
 impl Reader {
+    /// The bytes of magic, length and header, once the header is complete.
+    pub fn header_len(&self) -> usize {
+        self.header_len
+    }
+
     pub fn push<'a>(&mut self, piece: &'a [u8]) -> Result<Step<'a>, SnapshotError> {
         if self.done {
             return Ok(Step::State(piece));

@@ -85,6 +85,8 @@ pub struct Services {
     /// Validates components before a swap is proposed.
     pub sandbox: crate::sandbox::Sandbox,
     pub plugins: Arc<dyn crate::storage::PluginRegistry>,
+    /// The stored snapshot, for backups.
+    pub snapshots: Arc<dyn crate::storage::SnapshotSource>,
     /// Turns true when the node starts shutting down.
     pub stopping: watch::Receiver<bool>,
     pub peer: Arc<PeerGuard>,
@@ -95,6 +97,34 @@ type Pending = oneshot::Receiver<Result<Applied, ProposeError>>;
 impl Services {
     fn timeout(&self) -> Duration {
         Duration::from_millis(self.config.request_timeout_ms)
+    }
+
+    /// Take a snapshot on this node now (at the next epoch entry the
+    /// leader logs), returning its index.
+    async fn take_snapshot(&self) -> Result<u64, Status> {
+        let (reply, answer) = oneshot::channel();
+        self.fsm
+            .send(FsmRequest::Snapshot { reply })
+            .map_err(|_| propose_status(ProposeError::Shutdown))?;
+        let index = match tokio::time::timeout(self.timeout(), answer).await {
+            Err(_) => {
+                // Snapshots are taken at an epoch the leader logs: none
+                // reached this node in time.
+                let space = self.peer.link.space.over();
+                return Err(Status::unavailable(format!(
+                    "no snapshot within {} ms: snapshots are taken at an epoch entry the leader logs, and none was applied here{}",
+                    self.config.request_timeout_ms,
+                    if space {
+                        " (this node is out of space, and may not be able to log one)"
+                    } else {
+                        " (is a quorum up?)"
+                    }
+                )));
+            }
+            Ok(Err(_)) => return Err(propose_status(ProposeError::Shutdown)),
+            Ok(Ok(result)) => result.map_err(Status::failed_precondition)?,
+        };
+        Ok(index)
     }
 
     /// A codec call, inline: its fuel budget keeps it to milliseconds.
@@ -517,35 +547,42 @@ impl proto::client_server::Client for Services {
 
     async fn snapshot(
         &self,
-        _request: Request<proto::SnapshotRequest>,
+        request: Request<proto::SnapshotRequest>,
     ) -> Result<Response<proto::SnapshotResponse>, Status> {
-        self.peer.admit_client(&_request)?;
-        let (reply, answer) = oneshot::channel();
-        self.fsm
-            .send(FsmRequest::Snapshot { reply })
-            .map_err(|_| propose_status(ProposeError::Shutdown))?;
-        let index = match tokio::time::timeout(self.timeout(), answer).await {
-            Err(_) => {
-                // Snapshots are taken at an epoch the leader logs: none
-                // reached this node in time.
-                let space = self.peer.link.space.over();
-                return Err(Status::unavailable(format!(
-                    "no snapshot within {} ms: snapshots are taken at an epoch entry the leader logs, and none was applied here{}",
-                    self.config.request_timeout_ms,
-                    if space {
-                        " (this node is out of space, and may not be able to log one)"
-                    } else {
-                        " (is a quorum up?)"
-                    }
-                )));
-            }
-            Ok(Err(_)) => return Err(propose_status(ProposeError::Shutdown)),
-            Ok(Ok(result)) => result.map_err(Status::failed_precondition)?,
-        };
+        self.peer.admit_client(&request)?;
+        let index = self.take_snapshot().await?;
         let first_index = self.node_status().await?.first_index;
         Ok(Response::new(proto::SnapshotResponse { index, first_index }))
     }
 
+    type SaveSnapshotStream = Pin<Box<dyn Stream<Item = Result<proto::BackupChunk, Status>> + Send>>;
+
+    async fn save_snapshot(
+        &self,
+        request: Request<proto::SaveSnapshotRequest>,
+    ) -> Result<Response<Self::SaveSnapshotStream>, Status> {
+        self.peer.admit_client(&request)?;
+        self.take_snapshot().await?;
+        let (chunks, stream) = mpsc::channel(4);
+        let (snapshots, plugins) = (self.snapshots.clone(), self.plugins.clone());
+        let taken_by = (self.peer.link.cluster_id, self.peer.link.self_id);
+        // Pieces well under the message limit, whatever it is set to.
+        let piece_bytes = (self.max_message_bytes / 2).clamp(1, 1 << 20);
+        tokio::task::spawn_blocking(move || {
+            let mut send = |data: Vec<u8>, total_bytes: u64| {
+                chunks
+                    .blocking_send(Ok(proto::BackupChunk { data, total_bytes }))
+                    .is_ok()
+            };
+            if let Err(error) = crate::backup::stream(&*snapshots, &*plugins, taken_by, piece_bytes, &mut send) {
+                tracing::warn!("a backup failed: {error:#}");
+                let _ = chunks.blocking_send(Err(Status::unavailable(format!("the backup failed: {error:#}"))));
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(
+            stream,
+        ))))
+    }
     async fn disarm_alarms(
         &self,
         request: Request<proto::DisarmAlarmsRequest>,

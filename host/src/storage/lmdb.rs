@@ -863,6 +863,16 @@ impl LogStore for LmdbStore {
         })
     }
 
+    fn stored_snapshot_len(&self) -> Result<Option<(u64, u64)>, StoreError> {
+        self.read(|inner, txn| {
+            let metadata = inner.snapshot_meta(txn)?;
+            if metadata.index == 0 {
+                return Ok(None);
+            }
+            Ok(Some((metadata.index, self.stored_len(txn)?)))
+        })
+    }
+
     fn install_snapshot(&self, snapshot: &Snapshot, hard_state: &HardState) -> Result<(), StoreError> {
         let _guard = self.snapshot_guard();
         let location = self.write_chunks(&snapshot.data)?;

@@ -276,6 +276,18 @@ pub trait LogStore: Storage + Clone + Send + Sync + 'static {
         piece: &mut dyn FnMut(&SnapshotMetadata, &[u8]) -> std::ops::ControlFlow<()>,
     ) -> Result<Option<SnapshotMetadata>, StoreError>;
 
+    /// The stored snapshot's index and the size of its data (`None`: no
+    /// snapshot stored), without handing the data over where the store
+    /// knows it.
+    fn stored_snapshot_len(&self) -> Result<Option<(u64, u64)>, StoreError> {
+        let mut len = 0u64;
+        let metadata = self.read_snapshot(&mut |_, piece| {
+            len += piece.len() as u64;
+            std::ops::ControlFlow::Continue(())
+        })?;
+        Ok(metadata.map(|metadata| (metadata.index, len)))
+    }
+
     /// Piece number `piece` of the stored snapshot, if it is still the one
     /// at `index` (each piece is read in a transaction of its own).
     fn snapshot_piece(&self, index: u64, piece: u32) -> Result<SnapshotPiece, StoreError>;
@@ -330,6 +342,31 @@ impl SnapshotSave {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+}
+
+/// Read access to the stored snapshot, for backups (the gRPC services are
+/// not generic over the store).
+pub trait SnapshotSource: Send + Sync {
+    /// See [`LogStore::read_snapshot`].
+    fn read(
+        &self,
+        piece: &mut dyn FnMut(&SnapshotMetadata, &[u8]) -> std::ops::ControlFlow<()>,
+    ) -> Result<Option<SnapshotMetadata>, StoreError>;
+    /// See [`LogStore::stored_snapshot_len`].
+    fn index_and_len(&self) -> Result<Option<(u64, u64)>, StoreError>;
+}
+
+impl<S: LogStore> SnapshotSource for S {
+    fn read(
+        &self,
+        piece: &mut dyn FnMut(&SnapshotMetadata, &[u8]) -> std::ops::ControlFlow<()>,
+    ) -> Result<Option<SnapshotMetadata>, StoreError> {
+        self.read_snapshot(piece)
+    }
+
+    fn index_and_len(&self) -> Result<Option<(u64, u64)>, StoreError> {
+        self.stored_snapshot_len()
     }
 }
 

@@ -318,6 +318,7 @@ fn read_back<S: LogStore>(store: &S) -> Option<(u64, Vec<u8>)> {
 fn a_snapshot_saved_in_pieces_reads_back_in_pieces<S: LogStore>(store: S) {
     append(&store, entries(1..=10, 2));
     assert_eq!(read_back(&store), None);
+    assert_eq!(store.stored_snapshot_len().unwrap(), None);
     let data: Vec<u8> = (0..5000u32).flat_map(|i| i.to_le_bytes()).collect();
     let mut save = store.begin_snapshot_save().unwrap();
     for piece in data.chunks(3001) {
@@ -327,6 +328,7 @@ fn a_snapshot_saved_in_pieces_reads_back_in_pieces<S: LogStore>(store: S) {
     let metadata = snapshot_at(8, 2, vec![1], &[]).take_metadata();
     assert!(store.finish_snapshot_save(save, &metadata, 5).unwrap());
     assert_eq!(read_back(&store), Some((8, data.clone())));
+    assert_eq!(store.stored_snapshot_len().unwrap(), Some((8, data.len() as u64)));
     assert_eq!(store.stored_snapshot().unwrap().unwrap().data.to_vec(), data);
     assert_eq!(store.first_index().unwrap(), 6);
 
@@ -337,6 +339,7 @@ fn a_snapshot_saved_in_pieces_reads_back_in_pieces<S: LogStore>(store: S) {
     let metadata = snapshot_at(10, 2, vec![1], &[]).take_metadata();
     assert!(!store.finish_snapshot_save(stale, &metadata, 5).unwrap());
     assert_eq!(read_back(&store), Some((9, b"newer".to_vec())));
+    assert_eq!(store.stored_snapshot_len().unwrap(), Some((9, 5)));
     // So is one older than what is stored.
     let old = store.begin_snapshot_save().unwrap();
     let metadata = snapshot_at(7, 2, vec![1], &[]).take_metadata();
