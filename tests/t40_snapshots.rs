@@ -383,6 +383,8 @@ fn a_backup_of_a_running_cluster_restores_into_a_new_one() {
     assert_eq!(described["voters"].as_array().unwrap().len(), 3);
     assert_eq!(described["taken_from_node"], follower);
     assert_eq!(described["checksum"], "ok");
+    let old_cluster_id = cluster.node(leader).status()["cluster_id"].clone();
+    assert_eq!(described["cluster_id"], old_cluster_id);
 
     // A damaged file and a cut one are refused, and nothing is made.
     let good = std::fs::read(&backup).unwrap();
@@ -429,6 +431,8 @@ fn a_backup_of_a_running_cluster_restores_into_a_new_one() {
     });
     let status = first.status();
     assert_eq!(status["members"].as_array().unwrap().len(), 1, "{status}");
+    // A new cluster: the old one's nodes would be refused as strangers.
+    assert_ne!(status["cluster_id"], old_cluster_id);
     assert_eq!(first.query("get b1999").unwrap(), "1999");
     assert_eq!(first.query("len").unwrap(), "2000");
     assert_eq!(first.query("get later").unwrap(), "(nil)");

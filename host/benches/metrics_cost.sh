@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# The cost of metrics on the write path (issue 15): two 3-node clusters of
+# the release build side by side, one run with --metrics-listen on every
+# node and scraped once a second (a busy Prometheus; the default interval
+# is 15 s), the other without. Rounds alternate between them; each line is
+# the median of ROUNDS rounds, with the range. The node records its
+# histograms and counters either way (they are cheap atomic adds); this
+# measures what serving and scraping them add.
+#
+#   host/benches/metrics_cost.sh                # 1 and 64 clients, 3 rounds
+#   CLIENTS="64" ROUNDS=5 host/benches/metrics_cost.sh
+set -euo pipefail
+default_base_port=7801
+# shellcheck source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+clients_list="${CLIENTS:-1 64}"
+rounds="${ROUNDS:-3}"
+requests="${REQUESTS:-20000}"
+
+# Cluster "m" (metrics) on BASE_PORT.., cluster "p" (plain) on BASE_PORT+10..
+other_peers=""
+for i in 1 2 3; do other_peers="$other_peers${other_peers:+,}$i=127.0.0.1:$((base_port + 9 + i))"; done
+for i in 1 2 3; do
+  "$bin" run --id "$i" --listen "$(node_addr "$i")" --data-dir "$dir/m$i" --peers "$peers" \
+    --metrics-listen "127.0.0.1:$((base_port + 19 + i))" >"$dir/m$i.log" 2>&1 &
+  pids[m$i]=$!
+  "$bin" run --id "$i" --listen "127.0.0.1:$((base_port + 9 + i))" --data-dir "$dir/p$i" --peers "$other_peers" \
+    >"$dir/p$i.log" 2>&1 &
+  pids[p$i]=$!
+done
+leader_of() { "$bin" status -o json --addr "$1" | sed -n 's/.*"leader_addr":"\([^"]*\)".*/\1/p'; }
+wait_for_leader "$(node_addr 1)"
+wait_for_leader "127.0.0.1:$((base_port + 10))"
+m_leader=$(leader_of "$(node_addr 1)")
+p_leader=$(leader_of "127.0.0.1:$((base_port + 10))")
+# The scraper: every node of cluster m, once a second, for the whole run.
+(
+  while true; do
+    for i in 1 2 3; do curl -sf "http://127.0.0.1:$((base_port + 19 + i))/metrics" >/dev/null || true; done
+    sleep 1
+  done
+) &
+pids[scraper]=$!
+echo "== with metrics: leader $m_leader; without: leader $p_leader; $rounds rounds of $requests requests" >&2
+
+bench() { # leader, clients: "writes/s p99_ms"
+  "$bin" bench --addr "$1" --clients "$2" --requests "$requests" -o json 2>/dev/null | python3 -c 'import json,sys
+r=json.load(sys.stdin)
+assert r["errors"]==0, r["first_error"]
+print(r["throughput_per_second"], r["latency_ms"]["p99"])'
+}
+cpu_ms() { # user+system CPU ms of the named processes so far
+  local total=0 pid
+  for pid in "$@"; do
+    total=$((total + $(awk '{print $14 + $15}' "/proc/$pid/stat") * 1000 / $(getconf CLK_TCK)))
+  done
+  echo "$total"
+}
+printf '| clients | with --metrics-listen, scraped 1/s | without | ratio | server CPU per write |\n|---|---|---|---|---|\n'
+for clients in $clients_list; do
+  m=() p=()
+  m_cpu=0 p_cpu=0
+  for _ in $(seq 1 "$rounds"); do
+    before=$(cpu_ms "${pids[m1]}" "${pids[m2]}" "${pids[m3]}")
+    m+=("$(bench "$m_leader" "$clients")")
+    m_cpu=$((m_cpu + $(cpu_ms "${pids[m1]}" "${pids[m2]}" "${pids[m3]}") - before))
+    before=$(cpu_ms "${pids[p1]}" "${pids[p2]}" "${pids[p3]}")
+    p+=("$(bench "$p_leader" "$clients")")
+    p_cpu=$((p_cpu + $(cpu_ms "${pids[p1]}" "${pids[p2]}" "${pids[p3]}") - before))
+  done
+  python3 - "$clients" "$m_cpu" "$p_cpu" "$((rounds * requests))" "$rounds" "${m[@]}" "${p[@]}" <<'PY'
+import statistics, sys
+clients, m_cpu, p_cpu, ops, n = sys.argv[1], *map(float, sys.argv[2:5]), int(sys.argv[5])
+rows = [tuple(map(float, x.split())) for x in sys.argv[6:]]
+def show(rows):
+    rates, p99 = [x[0] for x in rows], [x[1] for x in rows]
+    return statistics.median(rates), f"{statistics.median(rates):,.0f}/s ({min(rates):,.0f}-{max(rates):,.0f}), p99 {statistics.median(p99):.1f} ms"
+(mr, mt), (pr, pt) = show(rows[:n]), show(rows[n:])
+print(f"| {clients} | {mt} | {pt} | {mr / pr:.2f} | {1000 * m_cpu / ops:.0f} vs {1000 * p_cpu / ops:.0f} us |")
+PY
+done
+echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"
