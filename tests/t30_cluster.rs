@@ -66,7 +66,7 @@ fn every_node_accepts_proposals_and_every_replica_converges() {
 }
 
 #[test]
-fn the_bench_tool_drives_a_cluster_through_a_follower_by_unary_calls_and_by_streams() {
+fn the_bench_tool_finds_the_leader_or_drives_a_follower_and_says_which_over_how_many_connections() {
     let cluster = Cluster::start(3, &[]);
     let follower = cluster.followers()[0];
     let addr = cluster.node(follower).addr.clone();
@@ -94,10 +94,46 @@ fn the_bench_tool_drives_a_cluster_through_a_follower_by_unary_calls_and_by_stre
         assert_eq!(report["ok"], 300, "{report}");
         assert_eq!(report["errors"], 0, "{report}");
         assert_eq!(report["stream"], mode.is_some(), "{report}");
+        // Given a follower's address, it finds the leader and drives it
+        // over one connection shared by every client.
+        let leader_id = cluster.leader();
+        assert!(
+            report["drove"]
+                .as_str()
+                .unwrap()
+                .starts_with(&format!("node {leader_id} ")),
+            "{report}"
+        );
+        assert_eq!(report["connections"], 1, "{report}");
     }
-    // Every write landed, once: 300 keys from each mode.
+    // Driving a follower: writes follow its leader hint, one connection
+    // per client; linearizable reads are served there, over one.
+    let run = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec![
+            "bench",
+            "--addr",
+            &addr,
+            "--clients",
+            "4",
+            "--requests",
+            "40",
+            "-o",
+            "json",
+        ];
+        args.extend(extra);
+        let out = cli(&args);
+        assert!(out.status.success(), "bench {extra:?}: {}", stderr(&out));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let writes = run(&["--target", "follower", "--command-template", "set f{n} {v}"]);
+    assert!(writes["drove"].as_str().unwrap().contains("a follower"), "{writes}");
+    assert_eq!(writes["connections"], 5, "{writes}");
+    let reads = run(&["--target", "follower", "--queries", "--command-template", "get f{n}"]);
+    assert_eq!(reads["errors"], 0, "{reads}");
+    assert_eq!(reads["connections"], 1, "{reads}");
+    // Every write landed, once: 300 keys from each mode, and 40.
     let leader = cluster.node(cluster.leader());
-    assert_eq!(leader.query("len").unwrap(), "600");
+    assert_eq!(leader.query("len").unwrap(), "640");
     assert_eq!(leader.query("get s299").unwrap(), "x".repeat(10));
     assert_eq!(leader.query("get u0").unwrap(), "x".repeat(10));
 }

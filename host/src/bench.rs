@@ -58,14 +58,67 @@ pub struct BenchArgs {
     /// stale), every client over one shared connection to the first address.
     #[arg(long, conflicts_with_all = ["stream", "command_template"])]
     pub etcd: bool,
+    /// Which node the clients drive, all over one shared connection: the
+    /// leader (found through the first --addr), a follower (writes then
+    /// follow its leader hint, each client on a connection of its own;
+    /// linearizable reads are served there), or the --addr nodes as given
+    /// (clients spread over them).
+    #[arg(long, value_enum, default_value_t = Target::Leader)]
+    pub target: Target,
     #[command(flatten)]
     pub security: crate::cli::SecurityArgs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Target {
+    Leader,
+    Follower,
+    Given,
+}
+
+/// The node(s) a run drives: one connection per address.
+async fn open_clients(args: &BenchArgs, timeout: Duration) -> anyhow::Result<(Vec<Client>, String)> {
+    let dialer = args.security.dialer()?;
+    let first = Client::connect_with(&args.addr[0], timeout, &dialer).await?;
+    if args.target == Target::Given && !args.stream {
+        let mut clients = vec![first];
+        for addr in &args.addr[1..] {
+            clients.push(Client::connect_with(addr, timeout, &dialer).await?);
+        }
+        let driven = format!("the nodes given ({})", args.addr.join(", "));
+        return Ok((clients, driven));
+    }
+    let status = first.clone().status().await?;
+    if status.leader_id == 0 || status.leader_addr.is_empty() {
+        bail!("no leader is known yet at {}", args.addr[0]);
+    }
+    // Streams do not follow leader hints: they always go to the leader.
+    let (id, addr, role) = match args.target {
+        Target::Follower if !args.stream => {
+            let follower = status
+                .members
+                .iter()
+                .find(|m| m.id != status.leader_id && m.voter)
+                .with_context(|| format!("the cluster at {} has no follower", args.addr[0]))?;
+            (follower.id, follower.addr.clone(), "a follower")
+        }
+        _ => (status.leader_id, status.leader_addr.clone(), "the leader"),
+    };
+    let client = if addr == first.addr() {
+        first
+    } else {
+        first.connect_to(&addr).await?
+    };
+    Ok((vec![client], format!("node {id} at {addr}, {role}")))
 }
 
 struct Totals {
     histogram: Histogram<u64>,
     errors: u64,
     first_error: Option<String>,
+    /// The client moved to this node (following a leader hint), on a
+    /// connection of its own.
+    moved_to: Option<String>,
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<i32> {
@@ -84,23 +137,20 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<i32> {
     });
     let value = "x".repeat(args.value_size);
     let timeout = Duration::from_millis(args.timeout_ms);
-    let mut clients = Vec::with_capacity(args.addr.len());
+    let mut clients: Vec<Client> = Vec::new();
     let etcd = match args.etcd {
         true => Some(crate::etcd::Kv::connect(&args.addr[0], timeout).await?),
         false => None,
     };
-    let dialer = args.security.dialer()?;
-    for addr in args.addr.iter().filter(|_| !args.etcd) {
-        clients.push(Client::connect_with(addr, timeout, &dialer).await?);
-    }
-    if args.stream {
-        // Streams do not follow leader hints: open them on the leader.
-        let status = clients[0].status().await?;
-        if status.leader_id == 0 || status.leader_addr.is_empty() {
-            bail!("no leader is known yet; --stream needs one");
+    let driven = match args.etcd {
+        true => format!("etcd at {}", args.addr[0]),
+        false => {
+            let (opened, driven) = open_clients(&args, timeout).await?;
+            clients = opened;
+            driven
         }
-        clients = vec![clients[0].connect_to(&status.leader_addr).await?];
-    }
+    };
+    let first_addrs: Vec<String> = clients.iter().map(|c| c.addr().to_string()).collect();
     let next = Arc::new(AtomicU64::new(0));
     let done = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
@@ -121,7 +171,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<i32> {
                 histogram: Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds"),
                 errors: 0,
                 first_error: None,
+                moved_to: None,
             };
+            let started_at = client.as_ref().map(|c| c.addr().to_string());
             let mut stream = match (stream, &client) {
                 (true, Some(client)) => match ProposalStream::open(client).await {
                     Ok(stream) => Some(stream),
@@ -136,6 +188,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<i32> {
             loop {
                 let n = next.fetch_add(1, Ordering::Relaxed);
                 if n >= total {
+                    let now_at = client.as_ref().map(|c| c.addr().to_string());
+                    if now_at != started_at {
+                        totals.moved_to = now_at;
+                    }
                     return totals;
                 }
                 let sent = Instant::now();
@@ -170,8 +226,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<i32> {
     let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds");
     let mut errors = 0;
     let mut first_error = None;
+    // The shared connections, and one more for each client that moved.
+    let mut connections = if args.etcd { 1 } else { first_addrs.len() };
+    let mut moved = std::collections::BTreeSet::new();
     for task in tasks {
         let totals = task.await.context("a bench client panicked")?;
+        if let Some(addr) = totals.moved_to {
+            connections += 1;
+            moved.insert(addr);
+        }
         histogram.add(&totals.histogram).context("merging histograms")?;
         errors += totals.errors;
         if first_error.is_none() {
@@ -186,6 +249,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<i32> {
     let report = json!({
         "mode": if args.queries { "queries" } else { "proposals" },
         "stream": args.stream,
+        "drove": driven,
+        "connections": connections,
+        "moved_to": moved,
         "clients": args.clients,
         "requests": args.requests,
         "ok": ok,
@@ -205,6 +271,16 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<i32> {
         Output::Json => println!("{report}"),
         Output::Text => {
             eprintln!();
+            println!(
+                "drove {driven} over {connections} connection{}{}",
+                if connections == 1 { "" } else { "s" },
+                if moved.is_empty() {
+                    String::new()
+                } else {
+                    let moved: Vec<&str> = moved.iter().map(String::as_str).collect();
+                    format!(" (clients that followed a leader hint to {})", moved.join(", "))
+                }
+            );
             println!(
                 "{} {} from {} clients in {:.2} s: {:.0}/s",
                 ok,
