@@ -480,6 +480,18 @@ fn is_dns_name(host: &str) -> bool {
 }
 
 impl NodeConfig {
+    /// What `raftify-host run --listen LISTEN --data-dir DATA_DIR` runs
+    /// with: every other field at its default (change them as needed, e.g.
+    /// `peers`, `join`, `plugin`).
+    pub fn new(listen: &str, data_dir: impl Into<PathBuf>) -> Result<NodeConfig, ConfigError> {
+        RunArgs {
+            listen: Some(listen.to_string()),
+            data_dir: Some(data_dir.into()),
+            ..RunArgs::default()
+        }
+        .resolve()
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |message: String| Err(ConfigError::Invalid(message));
         if self.id == Some(0) {

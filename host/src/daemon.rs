@@ -53,6 +53,17 @@ const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// Run a node on an already-bound listener until `shutdown` resolves.
 pub async fn run(config: NodeConfig, listener: TcpListener, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    serve(config, listener, shutdown, None).await
+}
+
+/// [`run`], handing the node's services to `started` once it serves (the
+/// library API, [`crate::api::Node`], calls them in process).
+pub(crate) async fn serve(
+    config: NodeConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+    started: Option<tokio::sync::oneshot::Sender<Services>>,
+) -> anyhow::Result<()> {
     // Credentials first: a bad certificate or auth file fails the start
     // before anything is written.
     let (dialer, server_tls) = match &config.tls {
@@ -242,6 +253,7 @@ pub async fn run(config: NodeConfig, listener: TcpListener, shutdown: impl Futur
     let _ = std::fs::remove_file(config.data_dir.join("incoming").join("snapshot.partial"));
     // Received snapshots a previous run did not install: raft asks again.
     crate::snapshot::remove_ready_files(&config.data_dir.join("incoming"), u64::MAX);
+    let services_for_api = services.clone();
     if let Some(addr) = &config.metrics_listen {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -285,6 +297,9 @@ pub async fn run(config: NodeConfig, listener: TcpListener, shutdown: impl Futur
     // storage error is fatal: better down than wrong). On shutdown the server
     // stops taking requests and lets those in flight finish, for a bounded
     // time: peers and streaming clients may hold connections open forever.
+    if let Some(started) = started {
+        let _ = started.send(services_for_api);
+    }
     let mut node_task = node_task;
     let mut server = Box::pin(server);
     tokio::pin!(shutdown);

@@ -1,6 +1,44 @@
 //! raftify-host: a Raft replicated-state-machine host whose state machine is
 //! a sandboxed WebAssembly component. ARCHITECTURE.md is the codemap.
+//!
+//! The binary, `raftify-host`, runs a node and talks to one. This crate
+//! also runs nodes inside a Rust program, as raftify's `Raft::bootstrap`
+//! and `raft.propose` do: start a node with a plugin, let a second join it,
+//! propose through the leader's handle and read the result back.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use raftify_host::{Consistency, Node, NodeConfig};
+//!
+//! # async fn guide() -> anyhow::Result<()> {
+//! // A one-node cluster on 127.0.0.1:7001 running the embedded kv plugin
+//! // (set `plugin` to run a component of your own).
+//! let mut config = NodeConfig::new("127.0.0.1:7001", "data/n1")?;
+//! config.plugin = None;
+//! let first = Node::start(config).await?;
+//! first.handle().wait_for_leader(Duration::from_secs(10)).await?;
+//!
+//! // A second node joins through the first; the cluster gives it an id,
+//! // and promotes it to voter once it has caught up.
+//! let mut config = NodeConfig::new("127.0.0.1:7002", "data/n2")?;
+//! config.join = Some(first.addr().to_string());
+//! let second = Node::start(config).await?;
+//!
+//! // Propose on the leader, in process; read on any node.
+//! let applied = first.handle().propose("set greeting hello").await?;
+//! println!("applied at index {}: {}", applied.index, applied.text);
+//! let read = second.handle().query("get greeting", Consistency::Linearizable).await?;
+//! assert_eq!(read.text, "hello");
+//!
+//! second.stop().await?;
+//! first.stop().await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! `host/examples/embedded.rs` runs three nodes this way.
 
+pub mod api;
 pub mod auth;
 pub mod backup;
 pub mod bench;
@@ -30,6 +68,9 @@ pub mod space;
 pub mod storage;
 pub mod tls;
 pub mod transport;
+
+pub use api::{Applied, Consistency, Error, ErrorKind, Node, NodeHandle, NodeStatus, PluginFailure};
+pub use config::NodeConfig;
 
 /// Generated gRPC code (proto/raftify.proto).
 pub mod proto {

@@ -60,6 +60,17 @@ impl Default for ClientConfig {
     }
 }
 
+/// Marks a request made in this process, through [`crate::api::NodeHandle`]
+/// (a remote request cannot carry it: extensions never cross the wire). It
+/// needs no client certificate; tokens are checked by a layer in front of
+/// the services, which in-process calls do not pass.
+#[derive(Debug, Clone, Copy)]
+pub struct InProcess;
+
+fn in_process<T>(request: &Request<T>) -> bool {
+    request.extensions().get::<InProcess>().is_some()
+}
+
 /// Shared by both services.
 #[derive(Clone)]
 pub struct Services {

@@ -36,7 +36,7 @@ impl PeerGuard {
     /// A peer RPC must come over mutual TLS (when TLS is on) from this
     /// cluster (when this node has a cluster id).
     pub(super) fn admit<T>(&self, request: &Request<T>, cluster_id: Option<u64>) -> Result<(), Status> {
-        if self.tls && !crate::tls::has_client_cert(request) {
+        if self.tls && !crate::tls::has_client_cert(request) && !super::in_process(request) {
             self.refusals
                 .record_rpc(Refusal::NoClientCert, "a peer connection without a client certificate");
             return Err(Status::unauthenticated(
@@ -65,7 +65,7 @@ impl PeerGuard {
 
     /// Client RPCs: a client certificate only if the node asks for one.
     pub(super) fn admit_client<T>(&self, request: &Request<T>) -> Result<(), Status> {
-        if self.require_client_cert && !crate::tls::has_client_cert(request) {
+        if self.require_client_cert && !crate::tls::has_client_cert(request) && !super::in_process(request) {
             return Err(Status::unauthenticated(
                 "this node requires a client certificate signed by its CA (--tls-cert/--tls-key)",
             ));
