@@ -63,6 +63,7 @@ pub mod node;
 pub mod readiness;
 pub mod sandbox;
 pub mod server;
+pub mod sessions;
 pub mod snapshot;
 pub mod space;
 pub mod storage;
