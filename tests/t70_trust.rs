@@ -457,6 +457,7 @@ fn forged_and_oversized_snapshots_are_refused_with_memory_held_to_a_chunk() {
                 members: vec![(u64::MAX, "127.0.0.1:1".into())],
                 alarms: vec![],
                 limits: None,
+                ..Default::default()
             },
         ),
         (
@@ -466,6 +467,7 @@ fn forged_and_oversized_snapshots_are_refused_with_memory_held_to_a_chunk() {
                 members: members.clone(),
                 alarms: vec![],
                 limits: None,
+                ..Default::default()
             },
         ),
     ] {

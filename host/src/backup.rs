@@ -438,6 +438,7 @@ pub fn restore(
             members: vec![(id, listen.to_string())],
             alarms: Vec::new(),
             limits: backup.header.limits,
+            sessions: backup.header.sessions.clone(),
         };
         let data_path = building.join("restored-snapshot");
         let mut data = std::io::BufWriter::new(std::fs::File::create(&data_path)?);
@@ -515,6 +516,7 @@ mod tests {
             members: vec![(1, "127.0.0.1:1".into()), (2, "127.0.0.1:2".into())],
             alarms: vec![2],
             limits: None,
+            sessions: Default::default(),
         };
         let data = snapshot::encode(&header, state);
         let meta = BackupMeta {

@@ -149,18 +149,24 @@ fn describe(entry: &Entry, codec: Option<&Codec>) -> Value {
                 "plugin-swap",
                 format!("swap to plugin {} ({len} bytes)", hex::encode(sha256)),
             ),
-            Ok(Payload::Command(command)) => {
-                let text = match codec.map(|c| c.decode(command)) {
-                    Some(Ok(text)) => text,
-                    Some(Err(e)) => format!("<{} bytes the plugin cannot decode: {e}>", command.len()),
-                    None => format!("<{} bytes; no plugin stored>", command.len()),
-                };
-                ("command", text)
-            }
+            Ok(Payload::Command(command)) => ("command", decoded(codec, command)),
+            Ok(Payload::SessionCommand { session, seq, command }) => (
+                "session",
+                format!("session {session} seq {seq}: {}", decoded(codec, command)),
+            ),
             Err(e) => ("malformed", e.to_string()),
         },
     };
     json!({ "index": entry.index, "term": entry.term, "type": kind, "text": text })
+}
+
+/// A command's text, through the plugin's codec.
+fn decoded(codec: Option<&Codec>, command: &[u8]) -> String {
+    match codec.map(|c| c.decode(command)) {
+        Some(Ok(text)) => text,
+        Some(Err(e)) => format!("<{} bytes the plugin cannot decode: {e}>", command.len()),
+        None => format!("<{} bytes; no plugin stored>", command.len()),
+    }
 }
 
 /// Render `persisted` as text.

@@ -6,7 +6,10 @@
 //! - [`PLUGIN_CHUNK`]: a piece of a new plugin component: its SHA-256 (32
 //!   bytes), the piece's offset (u64 big-endian), then the bytes;
 //! - [`PLUGIN_SWAP`]: switch to the component with this SHA-256 (32 bytes)
-//!   and length (u64 big-endian), whose chunks precede it in the log.
+//!   and length (u64 big-endian), whose chunks precede it in the log;
+//! - [`SESSION_COMMAND`]: a plugin command of a client session: the
+//!   session's id and the command's sequence number (u64 big-endian each),
+//!   then the command (see `sessions`).
 //!
 //! A component (tens of megabytes for a Python or JS runtime) travels in
 //! chunks of at most `max_proposal_bytes`, so no single entry makes a raft
@@ -21,6 +24,7 @@ pub const COMMAND: u8 = 0x01;
 pub const HOST: u8 = 0x02;
 pub const PLUGIN_SWAP: u8 = 0x03;
 pub const PLUGIN_CHUNK: u8 = 0x04;
+pub const SESSION_COMMAND: u8 = 0x05;
 
 /// An entry addressed to the host rather than the plugin.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,6 +47,8 @@ pub enum HostEntry {
     /// here, and only such snapshots are stored (see `epochs`). Proposed by
     /// the leader when a member wants a snapshot.
     Epoch,
+    /// Open a client session; its id is this entry's index (see `sessions`).
+    OpenSession,
 }
 
 /// What a normal entry's data means.
@@ -51,6 +57,12 @@ pub enum Payload<'a> {
     /// Raft's own empty entry.
     Empty,
     Command(&'a [u8]),
+    /// A command numbered `seq` in session `session`.
+    SessionCommand {
+        session: u64,
+        seq: u64,
+        command: &'a [u8],
+    },
     Host(HostEntry),
     PluginChunk {
         sha256: [u8; 32],
@@ -74,6 +86,15 @@ pub enum EnvelopeError {
 pub fn command(entry: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(entry.len() + 1);
     out.push(COMMAND);
+    out.extend_from_slice(entry);
+    out
+}
+
+pub fn session_command(session: u64, seq: u64, entry: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(entry.len() + 17);
+    out.push(SESSION_COMMAND);
+    out.extend_from_slice(&session.to_be_bytes());
+    out.extend_from_slice(&seq.to_be_bytes());
     out.extend_from_slice(entry);
     out
 }
@@ -141,6 +162,16 @@ pub fn open(data: &[u8]) -> Result<Payload<'_>, EnvelopeError> {
     match data.split_first() {
         None => Ok(Payload::Empty),
         Some((&COMMAND, rest)) => Ok(Payload::Command(rest)),
+        Some((&SESSION_COMMAND, rest)) => {
+            if rest.len() < 16 {
+                return Err(EnvelopeError::BadHostEntry("session command entry is truncated".into()));
+            }
+            Ok(Payload::SessionCommand {
+                session: u64::from_be_bytes(rest[..8].try_into().expect("8 bytes")),
+                seq: u64::from_be_bytes(rest[8..16].try_into().expect("8 bytes")),
+                command: &rest[16..],
+            })
+        }
         Some((&HOST, rest)) => {
             let (entry, used) =
                 bincode::serde::decode_from_slice(rest, bincode::config::standard().with_limit::<{ 1 << 20 }>())
@@ -196,6 +227,19 @@ mod tests {
                 offset: 6,
                 bytes: b"g"
             }
+        );
+        assert_eq!(
+            open(&session_command(7, 3, b"incr n")).unwrap(),
+            Payload::SessionCommand {
+                session: 7,
+                seq: 3,
+                command: b"incr n"
+            }
+        );
+        assert!(open(&[SESSION_COMMAND, 0, 0, 0]).is_err());
+        assert_eq!(
+            open(&host(&HostEntry::OpenSession)).unwrap(),
+            Payload::Host(HostEntry::OpenSession)
         );
         assert!(open(&[PLUGIN_SWAP, 1, 2]).is_err());
         assert!(open(&[PLUGIN_CHUNK, 1, 2]).is_err());

@@ -2,8 +2,8 @@
 //! as of its index, and the plugin's own `snapshot()` bytes.
 //!
 //! ```text
-//! magic        4 bytes   "RSN3" ("RSN2": a header without sandbox limits,
-//!                        "RSN1": nor space alarms)
+//! magic        4 bytes   "RSN4" ("RSN3": a header without client sessions,
+//!                        "RSN2": nor sandbox limits, "RSN1": nor space alarms)
 //! header_len   u32 LE
 //! header       bincode   SnapshotHeader
 //! state        rest      the plugin's snapshot() bytes
@@ -16,7 +16,9 @@
 
 use serde::{Deserialize, Serialize};
 
-const MAGIC: &[u8; 4] = b"RSN3";
+const MAGIC: &[u8; 4] = b"RSN4";
+/// Snapshots written before client sessions were replicated: read, never written.
+const MAGIC_V3: &[u8; 4] = b"RSN3";
 /// Snapshots written before sandbox limits were replicated: read, never written.
 const MAGIC_V2: &[u8; 4] = b"RSN2";
 /// Snapshots written before space alarms were replicated: read, never written.
@@ -58,7 +60,7 @@ impl Default for SnapshotConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotHeader {
     /// SHA-256 of the plugin whose `snapshot()` made the state.
     pub plugin_sha256: [u8; 32],
@@ -69,6 +71,17 @@ pub struct SnapshotHeader {
     /// The cluster's sandbox limits as of the snapshot's index (`None`: it
     /// had recorded none yet).
     pub limits: Option<crate::sandbox::Limits>,
+    /// The client sessions as of the snapshot's index.
+    pub sessions: crate::sessions::Sessions,
+}
+
+/// The header of an `RSN3` snapshot.
+#[derive(Deserialize)]
+struct HeaderV3 {
+    plugin_sha256: [u8; 32],
+    members: Vec<(u64, String)>,
+    alarms: Vec<u64>,
+    limits: Option<crate::sandbox::Limits>,
 }
 
 /// The header of an `RSN2` snapshot.
@@ -96,7 +109,7 @@ pub enum SnapshotError {
 /// carry a reference instead, so no whole state passes through the raft
 /// loop: the leader's points at its stored snapshot (the transport streams
 /// it from LMDB), a receiver's at the file it wrote (installed from there).
-/// Real snapshot data starts with `RSN1`, `RSN2` or `RSN3`, never with these.
+/// Real snapshot data starts with `RSN1` to `RSN4`, never with these.
 const STORED_REF: &[u8; 4] = b"RSNS";
 const FILE_REF: &[u8; 4] = b"RSNF";
 
@@ -199,8 +212,14 @@ pub fn read_file_header(path: &std::path::Path) -> Result<SnapshotHeader, Snapsh
     }
 }
 
-/// The most header bytes a snapshot may have (its members' addresses).
-const MAX_HEADER_BYTES: usize = 1 << 20;
+/// The most header bytes a snapshot may have: its members' addresses and
+/// its session table, whose own limits keep it well under this.
+const MAX_HEADER_BYTES: usize = 80 << 20;
+const _: () = assert!(
+    crate::sessions::MAX_SESSIONS
+        * (crate::sessions::MAX_KEPT_BYTES_PER_SESSION + crate::sessions::MAX_KEPT_PER_SESSION * 32 + 64)
+        < MAX_HEADER_BYTES
+);
 
 /// The bytes before the plugin state: magic, header length, header.
 pub fn encode_header(header: &SnapshotHeader) -> Vec<u8> {
@@ -270,7 +289,11 @@ impl Reader {
         let take = wanted.min(piece.len());
         self.pending.extend_from_slice(&piece[..take]);
         let rest = &piece[take..];
-        if self.pending.len() >= 4 && ![MAGIC, MAGIC_V2, MAGIC_V1].iter().any(|m| m[..] == self.pending[..4]) {
+        if self.pending.len() >= 4
+            && ![MAGIC, MAGIC_V3, MAGIC_V2, MAGIC_V1]
+                .iter()
+                .any(|m| m[..] == self.pending[..4])
+        {
             return Err(malformed("bad magic"));
         }
         if self.pending.len() < 8 {
@@ -309,6 +332,7 @@ impl Reader {
                 members: v1.members,
                 alarms: Vec::new(),
                 limits: None,
+                sessions: Default::default(),
             };
             (header, used)
         } else if &self.pending[..4] == MAGIC_V2 {
@@ -318,6 +342,17 @@ impl Reader {
                 members: v2.members,
                 alarms: v2.alarms,
                 limits: None,
+                sessions: Default::default(),
+            };
+            (header, used)
+        } else if &self.pending[..4] == MAGIC_V3 {
+            let (v3, used): (HeaderV3, usize) = bincode::serde::decode_from_slice(body, limit).map_err(bad)?;
+            let header = SnapshotHeader {
+                plugin_sha256: v3.plugin_sha256,
+                members: v3.members,
+                alarms: v3.alarms,
+                limits: v3.limits,
+                sessions: Default::default(),
             };
             (header, used)
         } else {
@@ -344,6 +379,12 @@ mod tests {
             members: vec![(1, "127.0.0.1:1".into())],
             alarms: vec![1],
             limits: Some(crate::sandbox::Limits::of(&crate::sandbox::SandboxConfig::default())),
+            sessions: {
+                let mut sessions = crate::sessions::Sessions::default();
+                let id = sessions.open(3);
+                sessions.record(4, id, 1, &Ok(b"kept".to_vec()));
+                sessions
+            },
         };
         let data = encode(&header, b"state");
         let (decoded, state) = decode(&data).unwrap();
@@ -377,9 +418,37 @@ mod tests {
         assert!(header.alarms.is_empty());
         assert_eq!(state, b"old state");
         assert!(
-            encode(&header, b"").starts_with(b"RSN3"),
+            encode(&header, b"").starts_with(b"RSN4"),
             "new snapshots carry alarms and limits"
         );
+    }
+
+    /// Snapshots stored before client sessions (`RSN3`) still read, with none.
+    #[test]
+    fn a_snapshot_from_before_sessions_reads_with_none() {
+        #[derive(Serialize)]
+        struct V3 {
+            plugin_sha256: [u8; 32],
+            members: Vec<(u64, String)>,
+            alarms: Vec<u64>,
+            limits: Option<crate::sandbox::Limits>,
+        }
+        let limits = Some(crate::sandbox::Limits::of(&crate::sandbox::SandboxConfig::default()));
+        let v3 = V3 {
+            plugin_sha256: [4; 32],
+            members: vec![(2, "127.0.0.1:2".into())],
+            alarms: vec![2],
+            limits,
+        };
+        let body = bincode::serde::encode_to_vec(&v3, bincode::config::standard()).unwrap();
+        let mut data = b"RSN3".to_vec();
+        data.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        data.extend_from_slice(&body);
+        data.extend_from_slice(b"v3 state");
+        let (header, state) = decode(&data).unwrap();
+        assert_eq!((header.alarms.as_slice(), header.limits), (&[2u64][..], limits));
+        assert_eq!(header.sessions, Default::default());
+        assert_eq!(state, b"v3 state");
     }
 
     /// Snapshots stored before sandbox limits (`RSN2`) still read, with none.
@@ -425,6 +494,7 @@ mod tests {
             members: vec![],
             alarms: vec![],
             limits: None,
+            sessions: Default::default(),
         };
         assert_eq!(DataRef::parse(&encode(&header, b"state of some length")), None);
         assert_eq!(DataRef::parse(b"RSNS"), None);
@@ -437,6 +507,7 @@ mod tests {
             members: vec![(1, "127.0.0.1:1".into()), (2, "127.0.0.1:2".into())],
             alarms: vec![2],
             limits: None,
+            sessions: Default::default(),
         };
         let state: Vec<u8> = (0..200u8).collect();
         let data = encode(&header, &state);

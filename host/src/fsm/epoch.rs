@@ -212,6 +212,9 @@ struct Restorer<S: LogStore> {
     store: S,
     /// Entries after the epoch whose apply trapped before it began.
     traps: BTreeSet<u64>,
+    /// Session commands after the epoch the apply thread answered without
+    /// the plugin (retries of applied sequences), as it goes.
+    answered: Arc<std::sync::Mutex<BTreeSet<u64>>>,
     epochs: Arc<Epochs>,
     applied: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
@@ -240,18 +243,27 @@ impl<S: LogStore> Restorer<S> {
                 return Ok((self.instance, done));
             }
             let upto = target.min(done + CATCH_UP_BATCH);
-            done = catch_up(&self.store, &mut self.instance, &self.traps, done + 1, upto)?;
+            done = catch_up(
+                &self.store,
+                &mut self.instance,
+                &self.traps,
+                &self.answered,
+                done + 1,
+                upto,
+            )?;
         }
     }
 }
 
 /// Apply the plugin commands in `from..=upto` from the store to `instance`
-/// (recorded traps skipped, as in any replay; nothing else in a catch-up
+/// (recorded traps skipped, as in any replay, and session commands the
+/// apply thread answered without the plugin; nothing else in a catch-up
 /// touches the instance). Returns the last index applied.
 fn catch_up<S: LogStore>(
     store: &S,
     instance: &mut Instance,
     traps: &BTreeSet<u64>,
+    answered: &std::sync::Mutex<BTreeSet<u64>>,
     from: u64,
     upto: u64,
 ) -> Result<u64, String> {
@@ -268,9 +280,19 @@ fn catch_up<S: LogStore>(
             if entry.get_entry_type() != raft::prelude::EntryType::EntryNormal || traps.contains(&entry.index) {
                 continue;
             }
-            if let Ok(Payload::Command(command)) = envelope::open(&entry.data)
-                && let Err(CallError::Trap(message)) = instance.apply(entry.index, command)
-            {
+            let command = match envelope::open(&entry.data) {
+                Ok(Payload::Command(command)) => command,
+                Ok(Payload::SessionCommand { command, .. })
+                    if !answered
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .contains(&entry.index) =>
+                {
+                    command
+                }
+                _ => continue,
+            };
+            if let Err(CallError::Trap(message)) = instance.apply(entry.index, command) {
                 return Err(format!(
                     "it trapped at index {} where the running instance did not ({message}): the plugin is not deterministic",
                     entry.index
@@ -295,6 +317,10 @@ impl<S: LogStore> Fsm<S> {
             instance,
             store: self.store.clone(),
             traps: self.traps.range(index + 1..).map(|(i, _)| *i).collect(),
+            answered: {
+                self.answered = Arc::default();
+                self.answered.clone()
+            },
             epochs: self.epochs.clone(),
             applied: applied.clone(),
             stop: stop.clone(),
@@ -389,7 +415,14 @@ impl<S: LogStore> Fsm<S> {
         let caught_up = report.and_then(|level| level).and_then(|(mut instance, done)| {
             let traps: BTreeSet<u64> = self.traps.range(done + 1..).map(|(i, _)| *i).collect();
             if done < self.applied {
-                catch_up(&self.store, &mut instance, &traps, done + 1, self.applied)?;
+                catch_up(
+                    &self.store,
+                    &mut instance,
+                    &traps,
+                    &self.answered,
+                    done + 1,
+                    self.applied,
+                )?;
             }
             Ok(instance)
         });

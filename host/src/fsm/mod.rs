@@ -43,6 +43,7 @@ use crate::metrics::Metrics;
 use crate::node::ProposeError;
 use crate::readiness::{PluginReadiness, Preparer};
 use crate::sandbox::{CallError, Instance, Limits, LoadError, Plugin, Sandbox};
+use crate::sessions::{Decision, Sessions};
 use crate::snapshot::SnapshotConfig;
 use crate::storage::LogStore;
 
@@ -173,6 +174,20 @@ pub struct Fsm<S: LogStore> {
     replaying: bool,
     /// What `/metrics` shows of applying, traps, swaps and snapshots.
     metrics: Arc<Metrics>,
+    /// Client sessions as of `applied` (see `sessions`), and their count
+    /// and kept bytes for `status`.
+    sessions: Sessions,
+    session_usage: Arc<SessionUsage>,
+    /// Session commands answered without the plugin while an epoch is in
+    /// progress: its catch-up skips them (see `epoch`).
+    answered: Arc<std::sync::Mutex<BTreeSet<u64>>>,
+}
+
+/// How many sessions are open and the bytes of results they keep.
+#[derive(Debug, Default)]
+pub struct SessionUsage {
+    pub sessions: AtomicU64,
+    pub kept_bytes: AtomicU64,
 }
 
 /// What the rest of the node reads of the apply worker.
@@ -186,6 +201,7 @@ pub struct FsmWatches {
     /// The longest one batch of committed entries took to apply, in ms
     /// (a swap's handover counts; a preparer's compile does not).
     pub longest_apply_ms: Arc<AtomicU64>,
+    pub sessions: Arc<SessionUsage>,
 }
 
 /// Why the worker stopped.
@@ -262,6 +278,9 @@ impl<S: LogStore> Fsm<S> {
             epochs_from_log: true,
             replaying: false,
             metrics: Arc::default(),
+            sessions: Sessions::default(),
+            session_usage: Arc::default(),
+            answered: Arc::default(),
         };
         match fsm.restore_stored() {
             // Status and the raft loop read the applied index from here; raft
@@ -286,6 +305,12 @@ impl<S: LogStore> Fsm<S> {
         self.alarms_tx.subscribe()
     }
 
+    fn publish_session_usage(&self) {
+        let (sessions, bytes) = self.sessions.usage();
+        self.session_usage.sessions.store(sessions, Ordering::Relaxed);
+        self.session_usage.kept_bytes.store(bytes, Ordering::Relaxed);
+    }
+
     fn publish_alarms(&self) {
         self.alarms_tx.send_replace(self.alarms.clone());
     }
@@ -297,6 +322,7 @@ impl<S: LogStore> Fsm<S> {
             space_alarms: self.space_alarms(),
             cluster_limits: self.cluster_limits(),
             longest_apply_ms: self.longest_apply_ms.clone(),
+            sessions: self.session_usage.clone(),
         }
     }
 
@@ -685,6 +711,28 @@ impl<S: LogStore> Fsm<S> {
                     Some(Ok(self.prepare_plugin(index, sha256, len)?.into_bytes()))
                 }
                 Ok(Payload::Command(command)) => Some(self.apply_command(index, command)?),
+                Ok(Payload::Host(HostEntry::OpenSession)) => {
+                    let id = self.sessions.open(index);
+                    self.publish_session_usage();
+                    Some(Ok(id.to_be_bytes().to_vec()))
+                }
+                Ok(Payload::SessionCommand { session, seq, command }) => {
+                    let result = match self.sessions.decide(index, session, seq) {
+                        Decision::Answer(result) => {
+                            if self.successor.is_some() {
+                                self.answered.lock().unwrap_or_else(|e| e.into_inner()).insert(index);
+                            }
+                            result
+                        }
+                        Decision::Apply => {
+                            let result = self.apply_command(index, command)?;
+                            self.sessions.record(index, session, seq, &result);
+                            result
+                        }
+                    };
+                    self.publish_session_usage();
+                    Some(result)
+                }
                 Ok(Payload::PluginChunk { sha256, offset, bytes }) => {
                     // Chunks wait in memory for their swap entry; a restart
                     // replays them, and a node that starts from a snapshot
@@ -761,6 +809,7 @@ impl<S: LogStore> Fsm<S> {
                 self.applied = 0;
                 self.conf_state = ConfState::default();
                 self.members.clear();
+                self.sessions = Sessions::default();
             }
         }
         self.replay(upto)?;

@@ -204,6 +204,7 @@ impl<S: LogStore> Fsm<S> {
             members: self.members.iter().map(|(id, addr)| (*id, addr.clone())).collect(),
             alarms: self.alarms.iter().copied().collect(),
             limits: self.cluster_limits,
+            sessions: self.sessions.clone(),
         };
         let mut metadata = SnapshotMetadata {
             index,
@@ -554,6 +555,8 @@ impl<S: LogStore> Fsm<S> {
                 self.alarms = header.alarms.into_iter().collect();
                 self.publish_alarms();
                 self.set_cluster_limits(header.limits, index);
+                self.sessions = header.sessions;
+                self.publish_session_usage();
                 let plugin = restoring.plugin.clone();
                 let mut instance = self.instantiate(&plugin)?;
                 let feed = Feed::begin(index, &mut instance)

@@ -1,7 +1,7 @@
 //! Unit tests of the apply worker, against the in-memory store.
 
 use super::*;
-use crate::daemon::EMBEDDED_CHAOS;
+use crate::daemon::{EMBEDDED_CHAOS, EMBEDDED_KV};
 use crate::readiness::Readiness;
 use crate::sandbox::{Sandbox, SandboxConfig};
 use crate::storage::WriteBatch;
@@ -720,4 +720,106 @@ fn an_epoch_whose_snapshot_traps_is_skipped_by_the_replays_after_it() {
     let mut restarted = fsm_logged(&store, EMBEDDED_CHAOS);
     apply_all(&mut restarted, log);
     assert_eq!(get(&mut restarted, "b"), "2");
+}
+
+fn session_entry(index: u64, entry: &HostEntry) -> Entry {
+    Entry {
+        index,
+        term: 1,
+        data: envelope::host(entry).into(),
+        ..Default::default()
+    }
+}
+
+fn in_session(index: u64, session: u64, seq: u64, text: &str) -> Entry {
+    Entry {
+        index,
+        term: 1,
+        data: envelope::session_command(session, seq, text.as_bytes()).into(),
+        ..Default::default()
+    }
+}
+
+/// Issue 16: a session's sequence applies once however often it is
+/// retried, and every replica decides alike however it got its state:
+/// live (the epoch's fresh instance taking over before the retry, or
+/// catching up past it), restored from the epoch's snapshot (which holds
+/// the session table), or replaying the log.
+#[test]
+fn a_session_command_applies_once_however_often_it_is_retried_and_wherever_a_replica_starts() {
+    let log = vec![
+        session_entry(1, &HostEntry::OpenSession),
+        in_session(2, 1, 1, "incr n"),
+        in_session(3, 1, 1, "incr n"),
+        in_session(4, 1, 2, "incr n"),
+        epoch_entry(5),
+        in_session(6, 1, 2, "incr n"),
+        in_session(7, 1, 3, "incr n"),
+        in_session(8, 999, 1, "incr n"),
+        command(9, "incr n"),
+    ];
+    let check = |outcomes: &[Result<Vec<u8>, CallError>], from: u64| {
+        let expected: [(u64, Option<&str>); 8] = [
+            (2, Some("1")),
+            (3, Some("1")),
+            (4, Some("2")),
+            (5, None),
+            (6, Some("2")),
+            (7, Some("3")),
+            (8, None),
+            (9, Some("4")),
+        ];
+        for (i, outcome) in outcomes.iter().enumerate() {
+            let index = from + i as u64;
+            let Some((_, wanted)) = expected.iter().find(|(at, _)| *at == index) else {
+                continue;
+            };
+            match wanted {
+                Some(text) => assert_eq!(outcome, &Ok(text.as_bytes().to_vec()), "index {index}"),
+                None if index == 8 => {
+                    assert!(
+                        matches!(outcome, Err(CallError::Guest(m)) if m.contains("unknown")),
+                        "{outcome:?}"
+                    )
+                }
+                None => {}
+            }
+        }
+    };
+
+    let live_store = store_with(&log);
+    let mut live = fsm_logged(&live_store, EMBEDDED_KV);
+    let first = apply_all(&mut live, log[..5].to_vec());
+    assert_eq!(
+        first[0],
+        Ok(1u64.to_be_bytes().to_vec()),
+        "the session's id is its entry's index"
+    );
+    check(&first, 1);
+    live.wait_for_snapshot().unwrap();
+    assert_eq!(live_store.snapshot_metadata().unwrap().index, 5);
+    check(&apply_all(&mut live, log[5..].to_vec()), 6);
+    assert_eq!(get(&mut live, "n"), "4");
+    assert_eq!(live.sessions.usage().0, 1);
+
+    // The retry at 6 is answered while the fresh instance catches up: it
+    // must not apply it either.
+    let mut caught_up = fsm_logged(&store_with(&log), EMBEDDED_KV);
+    check(&apply_all(&mut caught_up, log.clone()), 1);
+    caught_up.wait_for_snapshot().unwrap();
+    caught_up.complete_epoch().unwrap();
+    assert!(caught_up.successor.is_none());
+    assert_eq!(get(&mut caught_up, "n"), "4");
+
+    // From the epoch's snapshot: the table comes with it.
+    let mut restored = fsm_logged(&live_store, EMBEDDED_KV);
+    assert_eq!(restored.applied(), 5);
+    check(&apply_all(&mut restored, log[5..].to_vec()), 6);
+    assert_eq!(get(&mut restored, "n"), "4");
+    assert_eq!(restored.sessions, live.sessions);
+
+    let mut replayed = fsm_logged(&store_with(&log), EMBEDDED_KV);
+    replayed.rebuild(9).unwrap();
+    assert_eq!(get(&mut replayed, "n"), "4");
+    assert_eq!(replayed.sessions, live.sessions);
 }
