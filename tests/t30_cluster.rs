@@ -851,3 +851,94 @@ fn dashboard_names_only(scrape: &str) {
         }
     }
 }
+
+/// Issue 16: clients whose proposals run in sessions (the CLI's default)
+/// and retry what a fault left unknown lose nothing and double nothing,
+/// whether the leader dies (SIGKILL) or stalls past the election timeout
+/// (SIGSTOP): afterwards every acknowledged `append` is in the list once,
+/// no value is there twice, and no client got an unknown outcome.
+#[test]
+fn appends_retried_in_sessions_apply_exactly_once_across_a_leader_kill_and_a_pause() {
+    for fault in ["-KILL", "-STOP"] {
+        let cluster = Cluster::start(3, &[]);
+        let old_leader = cluster.leader();
+        let addrs: Vec<String> = cluster.addrs.values().cloned().collect();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // Library clients, each over one connection, as an application's.
+        let clients: Vec<_> = (0..4)
+            .map(|c| {
+                let (addrs, stop) = (addrs.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    let runtime = tokio::runtime::Runtime::new().unwrap();
+                    runtime.block_on(async move {
+                        let (mut acked, mut unknown) = (Vec::new(), Vec::new());
+                        let addr = &addrs[c % addrs.len()];
+                        let mut client = Client::connect(addr, Duration::from_secs(2)).await.unwrap();
+                        let mut session = client.open_session().await.unwrap();
+                        for i in 0.. {
+                            if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                                break;
+                            }
+                            let value = format!("c{c}-{i}");
+                            let command = format!("append log {value}");
+                            match client
+                                .propose_in(&mut session, &command, false, Duration::from_secs(60))
+                                .await
+                            {
+                                Ok(response) => {
+                                    assert_eq!(response.rendered(), "OK", "{response:?}");
+                                    acked.push(value);
+                                }
+                                Err(error) => unknown.push(format!("{value}: {error}")),
+                            }
+                        }
+                        (acked, unknown, session.retries())
+                    })
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_secs(1));
+        cluster.node(old_leader).signal(fault);
+        let survivors: Vec<u64> = cluster.nodes.keys().copied().filter(|id| *id != old_leader).collect();
+        wait_until(Duration::from_secs(30), "a new leader", || {
+            survivors
+                .iter()
+                .any(|id| cluster.node(*id).try_status().is_some_and(|s| s["role"] == "leader"))
+        });
+        // Writes go on under the new leader for a while.
+        std::thread::sleep(Duration::from_secs(2));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (mut acked, mut unknown, mut retried) = (Vec::new(), Vec::new(), 0);
+        for client in clients {
+            let (a, u, r) = client.join().unwrap();
+            acked.extend(a);
+            unknown.extend(u);
+            retried += r;
+        }
+        if fault == "-STOP" {
+            cluster.node(old_leader).signal("-CONT");
+        }
+        let reader = cluster.node(survivors[0]);
+        let list = reader.query("get log").unwrap();
+        let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
+        for value in list.split_whitespace() {
+            *seen.entry(value).or_default() += 1;
+        }
+        assert!(unknown.is_empty(), "{fault}: outcomes left unknown: {unknown:?}");
+        let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+        assert!(twice.is_empty(), "{fault}: applied twice: {twice:?}");
+        for value in &acked {
+            assert_eq!(
+                seen.get(value.as_str()),
+                Some(&1),
+                "{fault}: acknowledged {value} is missing"
+            );
+        }
+        assert!(acked.len() > 8, "{fault}: only {} appends", acked.len());
+        eprintln!(
+            "{fault}: {} appends acknowledged, {} in the list, {retried} needed a retry",
+            acked.len(),
+            seen.len()
+        );
+    }
+}

@@ -168,6 +168,7 @@ async fn run(client: &mut Client, kind: Kind, command: &[u8]) -> Result<String, 
                 .propose(ProposeRequest {
                     command: Some(command),
                     frees_space: false,
+                    ..Default::default()
                 })
                 .await
             {

@@ -240,6 +240,7 @@ impl NodeHandle {
         let request = proto::ProposeRequest {
             command: Some(command),
             frees_space: false,
+            ..Default::default()
         };
         let response = self.services.propose(local(request)).await?.into_inner();
         let result = match response.outcome {

@@ -220,6 +220,7 @@ const CLIENT_RPCS: &[(&str, Role)] = &[
     ("ListPlugins", Role::Read),
     ("Propose", Role::Write),
     ("ProposeStream", Role::Write),
+    ("OpenSession", Role::Write),
     ("Join", Role::Admin),
     ("RemoveMember", Role::Admin),
     ("TransferLeader", Role::Admin),
@@ -435,7 +436,7 @@ mod tests {
         let t = table();
         let expected = |rpc: &str| match rpc {
             "Query" | "Status" | "ListPlugins" => Role::Read,
-            "Propose" | "ProposeStream" => Role::Write,
+            "Propose" | "ProposeStream" | "OpenSession" => Role::Write,
             _ => Role::Admin,
         };
         for rpc in proto_client_rpcs() {

@@ -358,6 +358,7 @@ impl ProposalStream {
         let request = ProposeRequest {
             command: Some(propose_request::Command::Text(text)),
             frees_space: false,
+            ..Default::default()
         };
         if self.requests.send(request).await.is_err() {
             return Err("the proposal stream closed".into());

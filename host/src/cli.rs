@@ -299,6 +299,17 @@ pub struct ProposeArgs {
     /// cluster's space alarm refuses other writes.
     #[arg(long)]
     pub frees_space: bool,
+    /// Propose without a session: an answer that leaves the outcome
+    /// unknown ("may or may not have been committed") is not retried.
+    /// With one (the default, for a single command), such a proposal is
+    /// retried with the same sequence number, which the cluster applies at
+    /// most once.
+    #[arg(long)]
+    pub no_session: bool,
+    /// How long a proposal in a session is retried, in milliseconds (each
+    /// attempt waits up to --timeout-ms).
+    #[arg(long, default_value_t = 60_000)]
+    pub retry_for_ms: u64,
     #[command(flatten)]
     pub client: ClientArgs,
 }
@@ -739,10 +750,27 @@ async fn propose(args: ProposeArgs) -> anyhow::Result<i32> {
     let mut client = connect(&args.client).await?;
     let Some(file) = &args.file else {
         let text = args.text.as_deref().unwrap_or_default();
-        let response = if args.frees_space {
-            client.propose_freeing(text).await?
+        let response = if args.no_session {
+            if args.frees_space {
+                client.propose_freeing(text).await?
+            } else {
+                client.propose_text(text).await?
+            }
         } else {
-            client.propose_text(text).await?
+            let mut session = client
+                .open_session()
+                .await
+                .context("cannot open a session (nothing was proposed)")?;
+            let retry_for = Duration::from_millis(args.retry_for_ms);
+            let response = client.propose_in(&mut session, text, args.frees_space, retry_for).await;
+            if session.retries() > 0 {
+                eprintln!(
+                    "retried {} times (session {}, sequence 1): applied at most once",
+                    session.retries(),
+                    session.id()
+                );
+            }
+            response?
         };
         return Ok(if print(&show_propose(response), args.client.output) {
             0
@@ -763,6 +791,7 @@ async fn propose(args: ProposeArgs) -> anyhow::Result<i32> {
     let requests = futures::stream::iter(lines.into_iter().map(move |line| ProposeRequest {
         command: Some(proto::propose_request::Command::Text(line)),
         frees_space,
+        ..Default::default()
     }));
     let mut responses = raw
         .propose_stream(requests)
@@ -882,6 +911,8 @@ fn print_status(status: &proto::StatusResponse, output: Output) {
         "plugin_sha256": status.plugin_sha256,
         "plugin_size": status.plugin_size,
         "trapped_entries": status.trapped_entries,
+        "sessions": status.sessions,
+        "session_kept_bytes": status.session_kept_bytes,
         "listen": status.listen,
         "members": members,
         "snapshot_index": status.snapshot_index,
@@ -928,6 +959,10 @@ fn print_status(status: &proto::StatusResponse, output: Output) {
                 status.plugin_sha256, status.plugin_size
             );
             println!("trapped entries: {}", status.trapped_entries);
+            println!(
+                "sessions:        {} ({} bytes of results kept)",
+                status.sessions, status.session_kept_bytes
+            );
             println!("cluster id:      {:016x}", status.cluster_id);
             println!(
                 "reads:           {} served, {} retried",

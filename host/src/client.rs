@@ -58,6 +58,51 @@ impl ClientError {
     }
 }
 
+/// Whether a sequenced proposal that failed so is sent again. Sending it
+/// again is always safe (the cluster applies a sequence once); this keeps
+/// only the answers that are definite: a request that can never succeed,
+/// credentials refused, or the cluster out of space.
+fn worth_retrying_in_session(error: &ClientError) -> bool {
+    use tonic::Code;
+    match error {
+        ClientError::Connect { .. } | ClientError::Timeout { .. } => true,
+        ClientError::Write(_) => false,
+        ClientError::Rpc(status) => match status.code() {
+            Code::InvalidArgument
+            | Code::PermissionDenied
+            | Code::Unauthenticated
+            | Code::Unimplemented
+            | Code::OutOfRange
+            | Code::AlreadyExists
+            | Code::NotFound => false,
+            Code::FailedPrecondition => status.metadata().get(NOT_LEADER_KEY).is_some(),
+            Code::ResourceExhausted => !status.message().starts_with("no space"),
+            _ => true,
+        },
+    }
+}
+
+/// A client session (see [`Client::open_session`]): its id and the next
+/// sequence number.
+#[derive(Debug, Clone)]
+pub struct Session {
+    id: u64,
+    next: u64,
+    members: Vec<String>,
+    retries: u64,
+}
+
+impl Session {
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Attempts made again after an answer that left the outcome unknown.
+    pub fn retries(&self) -> u64 {
+        self.retries
+    }
+}
+
 /// The generated gRPC client, with the token interceptor.
 pub type RawClient = ClientClient<InterceptedService<Channel, TokenInterceptor>>;
 
@@ -135,8 +180,79 @@ impl Client {
         self.propose(ProposeRequest {
             command: Some(propose_request::Command::Text(text.to_string())),
             frees_space,
+            ..Default::default()
         })
         .await
+    }
+
+    /// Open a session for exactly-once proposals (on the leader); it
+    /// remembers the members, to find the next leader through if this one
+    /// goes away.
+    pub async fn open_session(&mut self) -> Result<Session, ClientError> {
+        let opened = self
+            .unary(|mut inner| async move { inner.open_session(crate::proto::OpenSessionRequest {}).await })
+            .await?;
+        let members = self.status().await?.members.into_iter().map(|m| m.addr).collect();
+        Ok(Session {
+            id: opened.session_id,
+            next: 1,
+            members,
+            retries: 0,
+        })
+    }
+
+    /// Propose `text` in `session`, exactly once: an answer that leaves
+    /// the outcome unknown (a timeout, a lost leader or connection, a busy
+    /// node) is retried with the same sequence number, through the other
+    /// members if need be, until a definite answer or `retry_for` has
+    /// passed (each attempt bounded by the client's timeout). Retrying
+    /// cannot apply the command twice: the cluster answers a sequence it
+    /// applied with that apply's result.
+    pub async fn propose_in(
+        &mut self,
+        session: &mut Session,
+        text: &str,
+        frees_space: bool,
+        retry_for: Duration,
+    ) -> Result<ProposeResponse, ClientError> {
+        let seq = session.next;
+        session.next += 1;
+        let request = ProposeRequest {
+            command: Some(propose_request::Command::Text(text.to_string())),
+            frees_space,
+            session_id: session.id,
+            sequence: seq,
+        };
+        let deadline = tokio::time::Instant::now() + retry_for;
+        let mut backoff = Duration::from_millis(20);
+        let mut next_member = 0usize;
+        loop {
+            let error = match self.propose(request.clone()).await {
+                Ok(response) => match &response.outcome {
+                    // A stream's host error; not sent on unary calls.
+                    Some(crate::proto::propose_response::Outcome::HostError(_)) => {
+                        ClientError::Rpc(tonic::Status::unavailable(response.rendered().into_owned()))
+                    }
+                    _ => return Ok(response),
+                },
+                Err(error) => error,
+            };
+            if !worth_retrying_in_session(&error) || tokio::time::Instant::now() + backoff >= deadline {
+                return Err(error);
+            }
+            session.retries += 1;
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_millis(500));
+            // This node may be gone (or cut off): the next attempt goes
+            // through another member, which points at the leader.
+            if !session.members.is_empty() {
+                let addr = session.members[next_member % session.members.len()].clone();
+                next_member += 1;
+                if let Ok(other) = self.connect_to(&addr).await {
+                    *self = other;
+                }
+            }
+        }
     }
 
     /// Bound a unary call by the client's timeout. (Streams are not bounded:

@@ -239,6 +239,7 @@ pub(crate) async fn serve(
         sandbox,
         plugins: Arc::new(store.clone()),
         snapshots: Arc::new(store.clone()),
+        sessions: watches.sessions,
         stopping: stopping_tx.subscribe(),
         peer: Arc::new(crate::server::PeerGuard {
             link,

@@ -98,6 +98,8 @@ pub struct Services {
     pub plugins: Arc<dyn crate::storage::PluginRegistry>,
     /// The stored snapshot, for backups.
     pub snapshots: Arc<dyn crate::storage::SnapshotSource>,
+    /// How many client sessions are open, as the apply worker last said.
+    pub sessions: Arc<crate::fsm::SessionUsage>,
     /// Turns true when the node starts shutting down.
     pub stopping: watch::Receiver<bool>,
     pub peer: Arc<PeerGuard>,
@@ -214,11 +216,18 @@ impl Services {
         if !frees_space {
             self.check_space(entry.len() as u64)?;
         }
-        let (reply, pending) = oneshot::channel();
-        let request = NodeRequest::Propose {
-            data: envelope::command(&entry),
-            reply,
+        let data = match (request.session_id, request.sequence) {
+            (0, 0) => envelope::command(&entry),
+            (0, _) => {
+                return Err(Status::invalid_argument(
+                    "a sequence number needs a session_id (OpenSession)",
+                ));
+            }
+            (_, 0) => return Err(Status::invalid_argument("a session's sequence numbers start at 1")),
+            (session, seq) => envelope::session_command(session, seq, &entry),
         };
+        let (reply, pending) = oneshot::channel();
+        let request = NodeRequest::Propose { data, reply };
         match self.node.try_send(request) {
             Ok(()) => Ok(pending),
             Err(mpsc::error::TrySendError::Full(_)) => Err(Status::resource_exhausted(
@@ -566,6 +575,22 @@ impl proto::client_server::Client for Services {
         Ok(Response::new(proto::SnapshotResponse { index, first_index }))
     }
 
+    async fn open_session(
+        &self,
+        request: Request<proto::OpenSessionRequest>,
+    ) -> Result<Response<proto::OpenSessionResponse>, Status> {
+        self.peer.admit_client(&request)?;
+        let data = envelope::host(&envelope::HostEntry::OpenSession);
+        let applied = self.ask(|reply| NodeRequest::Propose { data, reply }).await?;
+        let session_id = applied
+            .result
+            .ok()
+            .and_then(|bytes| bytes.try_into().ok())
+            .map(u64::from_be_bytes)
+            .ok_or_else(|| Status::internal("the session opened without an id"))?;
+        Ok(Response::new(proto::OpenSessionResponse { session_id }))
+    }
+
     type SaveSnapshotStream = Pin<Box<dyn Stream<Item = Result<proto::BackupChunk, Status>> + Send>>;
 
     async fn save_snapshot(
@@ -820,6 +845,8 @@ impl proto::client_server::Client for Services {
                 .map(ToString::to_string)
                 .collect(),
             divergences_total: self.peer.link.epochs.divergences_total(),
+            sessions: self.sessions.sessions.load(std::sync::atomic::Ordering::Relaxed),
+            session_kept_bytes: self.sessions.kept_bytes.load(std::sync::atomic::Ordering::Relaxed),
             listen: self.listen.clone(),
             snapshot_index: status.snapshot_index,
             reads_served: status.reads.served,
