@@ -252,6 +252,18 @@ fn debug_persisted_shows_every_entry_decoded_by_the_plugin() {
         .map(|e| e["text"].as_str().unwrap())
         .collect();
     assert_eq!(commands, ["set a 1", "incr n 1"]);
+    // The CLI proposed them in sessions: each entry says which, and the
+    // session's opening entry is there too.
+    let entries = json["entries"].as_array().unwrap();
+    assert!(
+        entries
+            .iter()
+            .filter(|e| e["type"] == "command")
+            .all(|e| e["sequence"] == 1 && e["session"].is_u64()),
+        "{json}"
+    );
+    assert!(entries.iter().any(|e| e["text"] == "OpenSession"), "{json}");
+    assert!(text.contains("(session "), "{text}");
     assert_eq!(json["conf_state"]["voters"], serde_json::json!([1]));
 
     let missing = cli(&["debug", "persisted", dir.path().join("nothing").to_str().unwrap()]);

@@ -43,6 +43,10 @@ pub struct BenchArgs {
     /// leader (still one in flight) instead of one unary call each.
     #[arg(long, conflicts_with = "queries")]
     pub stream: bool,
+    /// Each client opens a session and proposes in it (exactly once, as
+    /// `propose` does by default), to measure what sessions cost.
+    #[arg(long, conflicts_with_all = ["queries", "stream", "etcd"])]
+    pub session: bool,
     /// Consistency of --queries.
     #[arg(long, value_enum, default_value_t = Consistency::Linearizable)]
     pub consistency: Consistency,
@@ -161,7 +165,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<i32> {
         let mut etcd = etcd.clone();
         let (next, done) = (next.clone(), done.clone());
         let (template, value) = (template.clone(), value.clone());
-        let (total, queries, stream) = (args.requests, args.queries, args.stream);
+        let (total, queries, stream, in_session) = (args.requests, args.queries, args.stream, args.session);
         let consistency = match args.consistency {
             Consistency::Linearizable => ProtoConsistency::Linearizable,
             Consistency::Stale => ProtoConsistency::Stale,
@@ -174,6 +178,17 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<i32> {
                 moved_to: None,
             };
             let started_at = client.as_ref().map(|c| c.addr().to_string());
+            let mut session = None;
+            if let (true, Some(client)) = (in_session, client.as_mut()) {
+                match client.open_session().await {
+                    Ok(opened) => session = Some(opened),
+                    Err(error) => {
+                        totals.errors = 1;
+                        totals.first_error = Some(format!("cannot open a session: {error}"));
+                        return totals;
+                    }
+                }
+            }
             let mut stream = match (stream, &client) {
                 (true, Some(client)) => match ProposalStream::open(client).await {
                     Ok(stream) => Some(stream),
@@ -207,7 +222,16 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<i32> {
                     }
                     (None, Some(client)) => {
                         let text = template.replace("{n}", &n.to_string()).replace("{v}", &value);
-                        raftify_call(client, &mut stream, &text, queries, consistency).await
+                        match &mut session {
+                            Some(session) => match client.propose_in(session, &text, false, timeout).await {
+                                Ok(r) => match r.outcome {
+                                    Some(propose_response::Outcome::Ok(_)) => Ok(()),
+                                    other => Err(format!("{other:?}")),
+                                },
+                                Err(e) => Err(e.to_string()),
+                            },
+                            None => raftify_call(client, &mut stream, &text, queries, consistency).await,
+                        }
                     }
                     (None, None) => Err("no client".to_string()),
                 };
@@ -249,6 +273,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<i32> {
     let report = json!({
         "mode": if args.queries { "queries" } else { "proposals" },
         "stream": args.stream,
+        "session": args.session,
         "drove": driven,
         "connections": connections,
         "moved_to": moved,

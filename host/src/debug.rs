@@ -150,10 +150,16 @@ fn describe(entry: &Entry, codec: Option<&Codec>) -> Value {
                 format!("swap to plugin {} ({len} bytes)", hex::encode(sha256)),
             ),
             Ok(Payload::Command(command)) => ("command", decoded(codec, command)),
-            Ok(Payload::SessionCommand { session, seq, command }) => (
-                "session",
-                format!("session {session} seq {seq}: {}", decoded(codec, command)),
-            ),
+            Ok(Payload::SessionCommand { session, seq, command }) => {
+                return json!({
+                    "index": entry.index,
+                    "term": entry.term,
+                    "type": "command",
+                    "text": decoded(codec, command),
+                    "session": session,
+                    "sequence": seq,
+                });
+            }
             Err(e) => ("malformed", e.to_string()),
         },
     };
@@ -172,8 +178,12 @@ fn decoded(codec: Option<&Codec>, command: &[u8]) -> String {
 /// Render `persisted` as text.
 pub fn print_persisted(value: &Value) {
     for entry in value["entries"].as_array().into_iter().flatten() {
+        let in_session = match (entry["session"].as_u64(), entry["sequence"].as_u64()) {
+            (Some(session), Some(seq)) => format!("  (session {session}, sequence {seq})"),
+            _ => String::new(),
+        };
         println!(
-            "{:>8} {:>4} {:<12} {}",
+            "{:>8} {:>4} {:<12} {}{in_session}",
             entry["index"],
             entry["term"],
             entry["type"].as_str().unwrap_or_default(),

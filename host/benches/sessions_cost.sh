@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The cost of sessions on the write path (issue 16): one 3-node cluster of
+# the release build, benched at 1 and 64 clients with `--session` (each
+# client opens a session and proposes exactly once in it) and without,
+# rounds alternated; each line is the median of ROUNDS rounds, with the
+# range.
+#
+#   host/benches/sessions_cost.sh
+#   CLIENTS="64" ROUNDS=5 host/benches/sessions_cost.sh
+set -euo pipefail
+default_base_port=7951
+# shellcheck source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+clients_list="${CLIENTS:-1 64}"
+rounds="${ROUNDS:-3}"
+requests="${REQUESTS:-20000}"
+for i in 1 2 3; do
+  "$bin" run --id "$i" --listen "$(node_addr "$i")" --data-dir "$dir/n$i" --peers "$peers" >"$dir/n$i.log" 2>&1 &
+  pids[n$i]=$!
+done
+wait_for_leader "$(node_addr 1)"
+bench() { # clients, extra flags: "writes/s p99_ms"
+  local clients="$1"
+  shift
+  "$bin" bench --addr "$(node_addr 1)" --clients "$clients" --requests "$requests" -o json "$@" 2>/dev/null |
+    python3 -c 'import json,sys
+r=json.load(sys.stdin)
+assert r["errors"]==0, r["first_error"]
+print(r["throughput_per_second"], r["latency_ms"]["p99"])'
+}
+printf '| clients | in sessions | without | ratio |\n|---|---|---|---|\n'
+for clients in $clients_list; do
+  with=() without=()
+  for _ in $(seq 1 "$rounds"); do
+    with+=("$(bench "$clients" --session)")
+    without+=("$(bench "$clients")")
+  done
+  python3 - "$clients" "$rounds" "${with[@]}" "${without[@]}" <<'PY'
+import statistics, sys
+clients, n = sys.argv[1], int(sys.argv[2])
+rows = [tuple(map(float, x.split())) for x in sys.argv[3:]]
+def show(rows):
+    rates, p99 = [x[0] for x in rows], [x[1] for x in rows]
+    return statistics.median(rates), f"{statistics.median(rates):,.0f}/s ({min(rates):,.0f}-{max(rates):,.0f}), p99 {statistics.median(p99):.1f} ms"
+(wr, wt), (pr, pt) = show(rows[:n]), show(rows[n:])
+print(f"| {clients} | {wt} | {pt} | {wr / pr:.2f} |")
+PY
+done
+echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"
