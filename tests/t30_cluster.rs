@@ -942,3 +942,56 @@ fn appends_retried_in_sessions_apply_exactly_once_across_a_leader_kill_and_a_pau
         );
     }
 }
+
+/// Issue 16: `propose --file` proposes in a session too. The leader dies
+/// while the file streams in; the CLI sends what had no answer again to
+/// the next leader, and every line is applied exactly once, in the
+/// answers and in the state.
+#[test]
+fn a_file_of_appends_survives_its_leader_dying_mid_stream_exactly_once() {
+    let mut cluster = Cluster::start(3, &[]);
+    let leader = cluster.leader();
+    let lines: String = (0..3000).map(|i| format!("append log v{i}\n")).collect();
+    let file = cluster.dir.path().join("appends.txt");
+    std::fs::write(&file, lines).unwrap();
+    let via = cluster.node(cluster.followers()[0]).addr.clone();
+    let writer = {
+        let file = file.clone();
+        std::thread::spawn(move || {
+            cli(&[
+                "propose",
+                "--file",
+                file.to_str().unwrap(),
+                "--addr",
+                &via,
+                "--timeout-ms",
+                "3000",
+            ])
+        })
+    };
+    let node = cluster.node(leader);
+    wait_until(Duration::from_secs(30), "some appends to be applied", || {
+        node.status_u64("applied_index") > 300
+    });
+    cluster.kill(leader);
+    let out = writer.join().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let answers: Vec<String> = stdout(&out).lines().map(str::to_string).collect();
+    assert_eq!(answers.len(), 3000);
+    assert!(
+        answers.iter().all(|a| a == "OK"),
+        "{:?}",
+        answers.iter().find(|a| *a != "OK")
+    );
+    assert!(
+        stderr(&out).contains("sent some commands again"),
+        "the leader died after the stream: {}",
+        stderr(&out)
+    );
+    let survivor = cluster.nodes.keys().next().copied().unwrap();
+    let list = cluster.node(survivor).query("get log").unwrap();
+    let values: Vec<&str> = list.split_whitespace().collect();
+    let unique: std::collections::BTreeSet<&str> = values.iter().copied().collect();
+    assert_eq!(values.len(), 3000, "{} values, {} distinct", values.len(), unique.len());
+    assert_eq!(unique.len(), 3000);
+}

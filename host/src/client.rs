@@ -97,6 +97,11 @@ impl Session {
         self.id
     }
 
+    /// The members' addresses when it was opened.
+    pub fn members(&self) -> &[String] {
+        &self.members
+    }
+
     /// Attempts made again after an answer that left the outcome unknown.
     pub fn retries(&self) -> u64 {
         self.retries
