@@ -43,10 +43,11 @@ pub struct BenchArgs {
     /// leader (still one in flight) instead of one unary call each.
     #[arg(long, conflicts_with = "queries")]
     pub stream: bool,
-    /// Each client opens a session and proposes in it (exactly once, as
-    /// `propose` does by default), to measure what sessions cost.
-    #[arg(long, conflicts_with_all = ["queries", "stream", "etcd"])]
-    pub session: bool,
+    /// Proposals without a session. By default each client opens one and
+    /// proposes in it, exactly once, as `propose` does (not with --stream,
+    /// --queries or --etcd).
+    #[arg(long)]
+    pub no_session: bool,
     /// Consistency of --queries.
     #[arg(long, value_enum, default_value_t = Consistency::Linearizable)]
     pub consistency: Consistency,
@@ -165,7 +166,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<i32> {
         let mut etcd = etcd.clone();
         let (next, done) = (next.clone(), done.clone());
         let (template, value) = (template.clone(), value.clone());
-        let (total, queries, stream, in_session) = (args.requests, args.queries, args.stream, args.session);
+        let in_session = !args.no_session && !args.queries && !args.stream && !args.etcd;
+        let (total, queries, stream) = (args.requests, args.queries, args.stream);
         let consistency = match args.consistency {
             Consistency::Linearizable => ProtoConsistency::Linearizable,
             Consistency::Stale => ProtoConsistency::Stale,
@@ -273,7 +275,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<i32> {
     let report = json!({
         "mode": if args.queries { "queries" } else { "proposals" },
         "stream": args.stream,
-        "session": args.session,
+        "session": !args.no_session && !args.queries && !args.stream && !args.etcd,
         "drove": driven,
         "connections": connections,
         "moved_to": moved,
