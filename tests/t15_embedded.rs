@@ -84,6 +84,24 @@ async fn three_nodes_in_one_process_propose_read_and_change_their_membership() {
     let invalid = leader.handle().propose("frobnicate").await.unwrap_err();
     assert_eq!(invalid.kind(), ErrorKind::Invalid, "{invalid}");
 
+    // Exactly once: a sequence sent again returns its first result, through
+    // any handle; a follower's refuses it as any write.
+    let session = leader.handle().open_session().await.unwrap();
+    let first = leader.handle().propose_in(session, 1, "incr hits").await.unwrap();
+    assert_eq!(text(&first), "1");
+    let again = leader.handle().propose_in(session, 1, "incr hits").await.unwrap();
+    assert_eq!(text(&again), "1", "sequence 1 applied twice");
+    assert_eq!(
+        text(&leader.handle().propose_in(session, 2, "incr hits").await.unwrap()),
+        "2"
+    );
+    let refused = follower.handle().propose_in(session, 3, "incr hits").await.unwrap_err();
+    assert_eq!(refused.kind(), ErrorKind::NotLeader);
+    let zero = leader.handle().propose_in(session, 0, "incr hits").await.unwrap_err();
+    assert_eq!(zero.kind(), ErrorKind::Invalid, "{zero}");
+    let status = leader.handle().status().await.unwrap();
+    assert_eq!(status.sessions, 1);
+
     // A fourth node joins through a follower's address and catches up; the
     // leader removes it again.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

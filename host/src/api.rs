@@ -142,6 +142,13 @@ pub enum PluginFailure {
     Trap(String),
 }
 
+/// A client session for exactly-once proposals ([`NodeHandle::open_session`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Session {
+    /// The session's id: the index of the entry that opened it.
+    pub id: u64,
+}
+
 /// How fresh a read must be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Consistency {
@@ -181,6 +188,15 @@ pub enum ErrorKind {
 impl Error {
     pub fn kind(&self) -> ErrorKind {
         self.kind
+    }
+
+    /// Whether a write may or may not have taken effect: send it again in
+    /// its session (the same sequence) to learn which, safely.
+    pub fn outcome_unknown(&self) -> bool {
+        matches!(
+            self.kind,
+            ErrorKind::Timeout | ErrorKind::Unavailable | ErrorKind::Internal
+        )
     }
 
     /// With [`ErrorKind::NotLeader`]: the leader's address, if known.
@@ -236,12 +252,42 @@ impl NodeHandle {
         self.propose_command(propose_request::Command::Entry(entry)).await
     }
 
-    async fn propose_command(&self, command: propose_request::Command) -> Result<Applied, Error> {
-        let request = proto::ProposeRequest {
-            command: Some(command),
-            frees_space: false,
+    /// Open a client session (on the leader), for exactly-once proposals
+    /// with [`NodeHandle::propose_in`].
+    pub async fn open_session(&self) -> Result<Session, Error> {
+        let opened = self
+            .services
+            .open_session(local(proto::OpenSessionRequest {}))
+            .await?
+            .into_inner();
+        Ok(Session { id: opened.session_id })
+    }
+
+    /// Propose `text` as number `sequence` (1, 2, 3, ...) of `session`.
+    /// Every replica applies it at most once: sent again, through this
+    /// handle or another node's, after an error that left the outcome
+    /// unknown ([`Error::outcome_unknown`]), it returns the first apply's
+    /// result. A session keeps its last 128 results: keep no more in
+    /// flight.
+    pub async fn propose_in(&self, session: Session, sequence: u64, text: &str) -> Result<Applied, Error> {
+        self.send_proposal(proto::ProposeRequest {
+            command: Some(propose_request::Command::Text(text.to_string())),
+            session_id: session.id,
+            sequence,
             ..Default::default()
-        };
+        })
+        .await
+    }
+
+    async fn propose_command(&self, command: propose_request::Command) -> Result<Applied, Error> {
+        self.send_proposal(proto::ProposeRequest {
+            command: Some(command),
+            ..Default::default()
+        })
+        .await
+    }
+
+    async fn send_proposal(&self, request: proto::ProposeRequest) -> Result<Applied, Error> {
         let response = self.services.propose(local(request)).await?.into_inner();
         let result = match response.outcome {
             Some(propose_response::Outcome::Ok(bytes)) => Ok(bytes),

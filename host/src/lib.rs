@@ -70,7 +70,7 @@ pub mod storage;
 pub mod tls;
 pub mod transport;
 
-pub use api::{Applied, Consistency, Error, ErrorKind, Node, NodeHandle, NodeStatus, PluginFailure};
+pub use api::{Applied, Consistency, Error, ErrorKind, Node, NodeHandle, NodeStatus, PluginFailure, Session};
 pub use config::NodeConfig;
 
 /// Generated gRPC code (proto/raftify.proto).
