@@ -27,16 +27,7 @@ wait_for_leader "$(node_addr 1)"
 leader_id=$(status_field "$(node_addr 1)" leader_id)
 leader=$(node_addr "$leader_id")
 follower=$(node_addr $((leader_id % 3 + 1)))
-value=$(head -c 90 /dev/zero | tr '\0' v)
-keys=$((state_mb * 1000000 / 108))
-echo "== filling $state_mb MB ($keys keys) through the leader, node $leader_id" >&2
-seq 0 $((keys - 1)) | sed "s/.*/set key& $value/" >"$dir/cmds"
-"$bin" propose --addr "$leader" --timeout-ms 120000 --file "$dir/cmds" >"$dir/out"
-if [ "$(grep -vc '^OK$' "$dir/out")" != 0 ]; then
-  echo "not every write was acknowledged" >&2
-  exit 1
-fi
-rm "$dir/cmds" "$dir/out"
+fill_kv "$leader" "$state_mb"
 
 t0=$(now)
 "$bin" snapshot save "$dir/backup" --addr "$follower" --timeout-ms 600000 >&2

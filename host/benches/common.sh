@@ -43,3 +43,21 @@ wait_for_leader() { # addr, extra client flags...
   echo "no leader at $addr within 30 s" >&2
   exit 1
 }
+
+# Fill the cluster through `addr` with `mb` MB of kv state in 100-byte
+# values (keys key0, key1, ...), every write acknowledged; sets `keys`.
+fill_kv() { # addr, mb
+  local addr="$1" mb="$2" value
+  value=$(head -c 90 /dev/zero | tr '\0' v)
+  # kv state per key: 4+len(key) + 4+len(value) bytes in RKV1.
+  keys=$((mb * 1000000 / 108))
+  echo "== filling $mb MB ($keys keys) through $addr" >&2
+  seq 0 $((keys - 1)) | sed "s/.*/set key& $value/" >"$dir/cmds"
+  "$bin" propose --addr "$addr" --timeout-ms 120000 --file "$dir/cmds" >"$dir/out"
+  if [ "$(grep -vc '^OK$' "$dir/out")" != 0 ]; then
+    echo "not every write was acknowledged:" >&2
+    grep -v '^OK$' "$dir/out" | head -3 >&2
+    exit 1
+  fi
+  rm "$dir/cmds" "$dir/out"
+}

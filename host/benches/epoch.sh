@@ -30,16 +30,7 @@ addr=$(node_addr 1)
 wait_for_leader "$addr"
 leader_id=$(status_field "$addr" leader_id)
 leader=$(node_addr "$leader_id")
-value=$(head -c 90 /dev/zero | tr '\0' v)
-keys=$((size_mb * 1000000 / 108))
-echo "== filling $size_mb MB ($keys keys) through node $leader_id" >&2
-seq 0 $((keys - 1)) | sed "s/.*/set key& $value/" >"$dir/cmds"
-"$bin" propose --addr "$leader" --timeout-ms 120000 --file "$dir/cmds" >"$dir/out"
-if [ "$(grep -vc '^OK$' "$dir/out")" != 0 ]; then
-  echo "not every write was acknowledged" >&2
-  exit 1
-fi
-rm "$dir/cmds" "$dir/out"
+fill_kv "$leader" "$size_mb"
 
 # The last "took over" line of a node's log: its elapsed_ms and caught_up.
 took_over() {
