@@ -29,6 +29,8 @@ const MAGIC: &[u8; 4] = b"RBK1";
 /// The most bytes a file's metadata may declare (its member lists).
 const MAX_META_BYTES: u32 = 1 << 20;
 const CHECKSUM_BYTES: u64 = 32;
+/// The largest plugin a backup may carry (it is read into memory whole).
+const MAX_PLUGIN_BYTES: u64 = 1 << 30;
 /// How much of the file is read at a time.
 const BUFFER_BYTES: usize = 1 << 20;
 
@@ -245,6 +247,12 @@ impl Backup {
             .map_err(|e| not_backup(format!("its metadata does not decode: {e}")))?;
         if used != meta_bytes.len() {
             return Err(not_backup("its metadata has trailing bytes".into()));
+        }
+        if meta.plugin_bytes > MAX_PLUGIN_BYTES {
+            return Err(not_backup(format!(
+                "it declares a plugin of {} bytes",
+                meta.plugin_bytes
+            )));
         }
         let plugin_offset = 8 + u64::from(meta_len);
         let expected = plugin_offset

@@ -173,7 +173,10 @@ impl Sessions {
 
     /// Sessions open, and the bytes of results they keep.
     pub fn usage(&self) -> (u64, u64) {
-        let bytes = self.sessions.values().map(|s| s.kept_bytes as u64).sum();
+        let bytes = self
+            .sessions
+            .values()
+            .fold(0u64, |sum, s| sum.saturating_add(s.kept_bytes as u64));
         (self.sessions.len() as u64, bytes)
     }
 }
