@@ -823,3 +823,36 @@ fn a_session_command_applies_once_however_often_it_is_retried_and_wherever_a_rep
     assert_eq!(get(&mut replayed, "n"), "4");
     assert_eq!(replayed.sessions, live.sessions);
 }
+
+/// Issue 16: the session table is the host's, not the plugin's: a hot swap
+/// keeps it, so a retry after the swap is answered, not applied again by
+/// the new plugin; a restart replays to the same table.
+#[test]
+fn sessions_survive_a_hot_swap_and_a_restart() {
+    use crate::daemon::EMBEDDED_KV_V2;
+    let mut log = vec![session_entry(1, &HostEntry::OpenSession), in_session(2, 1, 1, "incr n")];
+    let swap = swap_entries(3, EMBEDDED_KV_V2);
+    let after = 3 + swap.len() as u64;
+    log.extend(swap);
+    log.push(in_session(after, 1, 1, "incr n"));
+    log.push(in_session(after + 1, 1, 2, "incr n"));
+    let store = store_with(&log);
+    let mut fsm = fsm_logged(&store, EMBEDDED_KV);
+    let outcomes = apply_all(&mut fsm, log.clone());
+    let last = outcomes.len();
+    assert_eq!(outcomes[1], Ok(b"1".to_vec()));
+    assert_eq!(
+        outcomes[last - 2],
+        Ok(b"1".to_vec()),
+        "the retry after the swap applied again"
+    );
+    assert_eq!(outcomes[last - 1], Ok(b"2".to_vec()));
+    let v2: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(EMBEDDED_KV_V2).into();
+    assert_eq!(fsm.plugin.sha256(), v2);
+    assert_eq!(get(&mut fsm, "n"), "2");
+
+    let mut restarted = fsm_logged(&store, EMBEDDED_KV);
+    restarted.rebuild(after + 1).unwrap();
+    assert_eq!(get(&mut restarted, "n"), "2");
+    assert_eq!(restarted.sessions, fsm.sessions);
+}
