@@ -61,3 +61,31 @@ fill_kv() { # addr, mb
   fi
   rm "$dir/cmds" "$dir/out"
 }
+
+# One closed-loop bench round: "writes/s p99_ms" (fails on any error).
+bench_rate() { # addr, clients, requests, extra bench flags...
+  local addr="$1" clients="$2" requests="$3"
+  shift 3
+  "$bin" bench --addr "$addr" --clients "$clients" --requests "$requests" -o json "$@" 2>/dev/null |
+    python3 -c 'import json,sys
+r=json.load(sys.stdin)
+assert r["errors"]==0, r["first_error"]
+print(r["throughput_per_second"], r["latency_ms"]["p99"])'
+}
+
+# A markdown row comparing two sets of N `bench_rate` rounds, A then B:
+# "| LABEL | A median (range), p99 | B ... | ratio |" and EXTRA as a last
+# column if given.
+compare_row() { # label, n, extra, A rounds..., B rounds...
+  python3 - "$@" <<'PY'
+import statistics, sys
+label, n, extra = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+rows = [tuple(map(float, x.split())) for x in sys.argv[4:]]
+def show(rows):
+    rates, p99 = [x[0] for x in rows], [x[1] for x in rows]
+    text = f"{statistics.median(rates):,.0f}/s ({min(rates):,.0f}-{max(rates):,.0f}), p99 {statistics.median(p99):.1f} ms"
+    return statistics.median(rates), text
+(ar, at), (br, bt) = show(rows[:n]), show(rows[n:])
+print(f"| {label} | {at} | {bt} | {ar / br:.2f} |" + (f" {extra} |" if extra else ""))
+PY
+}

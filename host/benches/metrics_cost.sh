@@ -43,12 +43,7 @@ p_leader=$(leader_of "127.0.0.1:$((base_port + 10))")
 pids[scraper]=$!
 echo "== with metrics: leader $m_leader; without: leader $p_leader; $rounds rounds of $requests requests" >&2
 
-bench() { # leader, clients: "writes/s p99_ms"
-  "$bin" bench --addr "$1" --clients "$2" --requests "$requests" -o json 2>/dev/null | python3 -c 'import json,sys
-r=json.load(sys.stdin)
-assert r["errors"]==0, r["first_error"]
-print(r["throughput_per_second"], r["latency_ms"]["p99"])'
-}
+bench() { bench_rate "$1" "$2" "$requests"; } # leader, clients
 cpu_ms() { # user+system CPU ms of the named processes so far
   local total=0 pid
   for pid in "$@"; do
@@ -68,15 +63,7 @@ for clients in $clients_list; do
     p+=("$(bench "$p_leader" "$clients")")
     p_cpu=$((p_cpu + $(cpu_ms "${pids[p1]}" "${pids[p2]}" "${pids[p3]}") - before))
   done
-  python3 - "$clients" "$m_cpu" "$p_cpu" "$((rounds * requests))" "$rounds" "${m[@]}" "${p[@]}" <<'PY'
-import statistics, sys
-clients, m_cpu, p_cpu, ops, n = sys.argv[1], *map(float, sys.argv[2:5]), int(sys.argv[5])
-rows = [tuple(map(float, x.split())) for x in sys.argv[6:]]
-def show(rows):
-    rates, p99 = [x[0] for x in rows], [x[1] for x in rows]
-    return statistics.median(rates), f"{statistics.median(rates):,.0f}/s ({min(rates):,.0f}-{max(rates):,.0f}), p99 {statistics.median(p99):.1f} ms"
-(mr, mt), (pr, pt) = show(rows[:n]), show(rows[n:])
-print(f"| {clients} | {mt} | {pt} | {mr / pr:.2f} | {1000 * m_cpu / ops:.0f} vs {1000 * p_cpu / ops:.0f} us |")
-PY
+  cpu="$((1000 * m_cpu / (rounds * requests))) vs $((1000 * p_cpu / (rounds * requests))) us"
+  compare_row "$clients" "$rounds" "$cpu" "${m[@]}" "${p[@]}"
 done
 echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"

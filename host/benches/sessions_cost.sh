@@ -23,11 +23,7 @@ wait_for_leader "$(node_addr 1)"
 bench() { # clients, extra flags: "writes/s p99_ms"
   local clients="$1"
   shift
-  "$bin" bench --addr "$(node_addr 1)" --clients "$clients" --requests "$requests" -o json "$@" 2>/dev/null |
-    python3 -c 'import json,sys
-r=json.load(sys.stdin)
-assert r["errors"]==0, r["first_error"]
-print(r["throughput_per_second"], r["latency_ms"]["p99"])'
+  bench_rate "$(node_addr 1)" "$clients" "$requests" "$@"
 }
 printf '| clients | in sessions | without | ratio |\n|---|---|---|---|\n'
 for clients in $clients_list; do
@@ -43,15 +39,6 @@ for clients in $clients_list; do
       with+=("$(bench "$clients")")
     fi
   done
-  python3 - "$clients" "$rounds" "${with[@]}" "${without[@]}" <<'PY'
-import statistics, sys
-clients, n = sys.argv[1], int(sys.argv[2])
-rows = [tuple(map(float, x.split())) for x in sys.argv[3:]]
-def show(rows):
-    rates, p99 = [x[0] for x in rows], [x[1] for x in rows]
-    return statistics.median(rates), f"{statistics.median(rates):,.0f}/s ({min(rates):,.0f}-{max(rates):,.0f}), p99 {statistics.median(p99):.1f} ms"
-(wr, wt), (pr, pt) = show(rows[:n]), show(rows[n:])
-print(f"| {clients} | {wt} | {pt} | {wr / pr:.2f} |")
-PY
+  compare_row "$clients" "$rounds" "" "${with[@]}" "${without[@]}"
 done
 echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"
