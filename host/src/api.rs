@@ -298,11 +298,7 @@ impl NodeHandle {
             }
             None => return Err(tonic::Status::internal("an answer without an outcome").into()),
         };
-        Ok(Applied {
-            index: response.index,
-            text: shown(&result, response.text, response.text_is_ok),
-            result,
-        })
+        Ok(Applied::new(response.index, result, response.text, response.text_is_ok))
     }
 
     /// Read from the state machine, with a query given as text for the
@@ -322,11 +318,7 @@ impl NodeHandle {
             Some(query_response::Outcome::Trap(message)) => Err(PluginFailure::Trap(message)),
             None => return Err(tonic::Status::internal("an answer without an outcome").into()),
         };
-        Ok(Applied {
-            index: response.index,
-            text: shown(&result, response.text, response.text_is_ok),
-            result,
-        })
+        Ok(Applied::new(response.index, result, response.text, response.text_is_ok))
     }
 
     /// Register a node at `addr` as a learner (promoted to voter once it
@@ -404,12 +396,15 @@ impl NodeHandle {
     }
 }
 
-/// The text an answer carries for a result (the result's bytes themselves
-/// when the node said they are their own text).
-fn shown(result: &Result<Vec<u8>, PluginFailure>, text: String, text_is_ok: bool) -> String {
-    match result {
-        Ok(bytes) if text_is_ok => String::from_utf8_lossy(bytes).into_owned(),
-        Ok(_) => text,
-        Err(failure) => failure.to_string(),
+impl Applied {
+    /// From an answer's parts: its text is the result's bytes themselves
+    /// when the node said they are their own text.
+    fn new(index: u64, result: Result<Vec<u8>, PluginFailure>, text: String, text_is_ok: bool) -> Applied {
+        let text = match &result {
+            Ok(bytes) if text_is_ok => String::from_utf8_lossy(bytes).into_owned(),
+            Ok(_) => text,
+            Err(failure) => failure.to_string(),
+        };
+        Applied { index, result, text }
     }
 }
