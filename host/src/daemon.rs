@@ -428,7 +428,7 @@ async fn settle_identity<S: LogStore>(
 /// AddNode conf change per member, at term 1) exactly as every initial
 /// member writes them, so their logs agree and a node that joins later
 /// learns the initial configuration by replaying the log.
-fn bootstrap_batch(id: u64, members: &[(u64, String)]) -> anyhow::Result<WriteBatch> {
+pub(crate) fn bootstrap_batch(id: u64, members: &[(u64, String)]) -> anyhow::Result<WriteBatch> {
     use protobuf::Message as _;
     use raft::prelude::{ConfChange, ConfChangeType, Entry, EntryType, HardState};
     let mut entries = Vec::with_capacity(members.len());

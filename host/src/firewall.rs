@@ -28,7 +28,7 @@ pub const MAX_TERM_OR_INDEX: u64 = 1 << 62;
 /// How far above the highest node id this node knows a sender's id may be.
 /// A node that lags behind recent joins still hears the newcomers (one of
 /// them may be the leader), while made-up ids far off are refused. Join
-/// ids are held to the same window (see `node.rs`).
+/// ids are held to the same window (see `node/membership.rs`).
 pub const MAX_UNKNOWN_ID_GAP: u64 = 64;
 
 /// The ids a node may have: never 0, and small enough for any arithmetic.

@@ -1,0 +1,223 @@
+//! The raft side of a node: a sans-IO [`core`] that owns the `RawNode`
+//! and its bookkeeping, and the [`driver`] task that runs it, doing its IO
+//! (the persister, the transport, the apply worker's queue).
+//!
+//! - `core.rs`: events in (tick, request, message, persisted, applied),
+//!   actions out (send, persist, apply, restore, peer change, snapshot);
+//! - `membership.rs`: joins, removals, promotions, leadership transfer;
+//! - `reads.rs`: ReadIndex requests and their retries;
+//! - `driver.rs`: the tokio task;
+//! - `tests.rs`: clusters of cores driven by hand, with no IO at all.
+
+mod core;
+mod driver;
+mod membership;
+mod reads;
+mod ready;
+#[cfg(test)]
+mod tests;
+
+pub use driver::Node;
+
+use raft::StateRole;
+use raft::prelude::Message;
+use tokio::sync::oneshot;
+
+use crate::firewall::Refusal;
+use crate::fsm::ApplyWaiter;
+use crate::storage::StoreError;
+
+/// Raft timing and flow-control settings. All are named limits with
+/// defaults; see `config.rs` for the flags that set them.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RaftConfig {
+    /// How often the raft clock ticks.
+    pub tick_interval_ms: u64,
+    /// Ticks without a leader before a follower campaigns.
+    pub election_ticks: usize,
+    /// Ticks between a leader's heartbeats.
+    pub heartbeat_ticks: usize,
+    /// Append messages in flight to one follower before waiting for acks.
+    pub max_inflight_messages: usize,
+    /// Bytes of entries in one append message.
+    pub max_entries_bytes_per_message: u64,
+    /// Proposals this node is waiting on before it answers "busy".
+    pub max_pending_proposals: usize,
+    /// A learner is promoted to voter once it is within this many entries
+    /// of the leader's log.
+    pub promote_lag_entries: u64,
+}
+
+impl Default for RaftConfig {
+    fn default() -> Self {
+        RaftConfig {
+            tick_interval_ms: 100,
+            election_ticks: 10,
+            heartbeat_ticks: 2,
+            max_inflight_messages: 256,
+            max_entries_bytes_per_message: 1 << 20,
+            max_pending_proposals: 100_000,
+            promote_lag_entries: 64,
+        }
+    }
+}
+
+/// Why a proposal or read did not produce a result.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProposeError {
+    #[error("not the leader{}", leader_hint(*.leader_id, .leader_addr))]
+    NotLeader {
+        leader_id: u64,
+        leader_addr: Option<String>,
+    },
+    #[error("busy: {0} proposals are already waiting; retry later")]
+    Busy(usize),
+    #[error("the proposal was dropped by raft: {0}")]
+    Dropped(String),
+    #[error("the proposal was lost: a new leader replaced the entry at index {0} before it committed")]
+    Overwritten(u64),
+    #[error("no result within {0} ms; the proposal may or may not have been committed")]
+    Timeout(u64),
+    /// A read (never a write) that could not be served in time: no leader,
+    /// no quorum, or this node is behind the read index.
+    #[error(
+        "the read was not served within {0} ms (no leader or quorum confirmed it yet); it wrote nothing, so retrying is safe"
+    )]
+    ReadTimeout(u64),
+    #[error("the node is shutting down")]
+    Shutdown,
+    /// Not now, but retrying soon may work (e.g. a membership change is in
+    /// progress, or leadership is moving).
+    #[error("{0}")]
+    Retry(String),
+    /// The request can never succeed as asked.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn leader_hint(leader_id: u64, leader_addr: &Option<String>) -> String {
+    match (leader_id, leader_addr) {
+        (0, _) => ": no leader is known yet".to_string(),
+        (id, Some(addr)) => format!(": the leader is node {id} at {addr}"),
+        (id, None) => format!(": the leader is node {id}"),
+    }
+}
+
+/// A snapshot of the node's state for `status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeStatus {
+    pub id: u64,
+    pub role: String,
+    pub leader_id: u64,
+    pub term: u64,
+    pub commit_index: u64,
+    pub applied_index: u64,
+    pub first_index: u64,
+    pub last_index: u64,
+    /// (id, address, voter)
+    pub members: Vec<(u64, String, bool)>,
+    pub snapshot_index: u64,
+    /// On the leader: (id, matched, next index, state, recently active).
+    pub progress: Vec<(u64, u64, u64, String, bool)>,
+    pub reads: ReadCounts,
+    /// Times this node saw a new leader (the first one included), as
+    /// etcd's `leader_changes_seen_total`.
+    pub leader_changes: u64,
+    /// Proposals this node's raft loop waits to see committed.
+    pub pending_proposals: u64,
+}
+
+impl NodeStatus {
+    /// The address of the leader this node knows, if it knows one.
+    pub fn leader_addr(&self) -> Option<String> {
+        self.members
+            .iter()
+            .find(|(id, _, _)| *id == self.leader_id)
+            .map(|(_, addr, _)| addr.clone())
+    }
+}
+
+/// Requests into the raft loop.
+pub enum NodeRequest {
+    Propose {
+        data: Vec<u8>,
+        reply: ApplyWaiter,
+    },
+    /// Add a node at `addr` as a learner; the waiter's result is its id
+    /// (u64 big-endian). `requested_id` 0 lets the leader pick.
+    Join {
+        addr: String,
+        requested_id: u64,
+        reply: ApplyWaiter,
+    },
+    RemoveMember {
+        id: u64,
+        reply: ApplyWaiter,
+    },
+    TransferLeader {
+        id: u64,
+        reply: oneshot::Sender<Result<(), ProposeError>>,
+    },
+    /// The transport finished (or failed) sending a snapshot to `to`.
+    SnapshotSent {
+        to: u64,
+        ok: bool,
+    },
+    ReadIndex {
+        reply: oneshot::Sender<Result<u64, ProposeError>>,
+    },
+    /// A raft message from `Peer.Stream`.
+    Raft(Box<Message>),
+    /// Would the firewall let this `MsgSnapshot` (data not yet received)
+    /// through? Asked before a transfer starts.
+    CheckSnapshot {
+        message: Box<Message>,
+        reply: oneshot::Sender<Result<(), Refusal>>,
+    },
+    /// A `MsgSnapshot` from `Peer.InstallSnapshot`, its data received and
+    /// its header checked.
+    Snapshot(Box<Message>),
+    Status {
+        reply: oneshot::Sender<NodeStatus>,
+    },
+    /// The node is about to stop: if it leads, hand leadership to the most
+    /// caught-up other voter. Answers the voter chosen, if any.
+    StepDown {
+        reply: oneshot::Sender<Option<u64>>,
+    },
+    /// `alarm disarm`: on the leader, propose every space alarm off.
+    /// Answers how many were on.
+    DisarmAlarms {
+        reply: oneshot::Sender<Result<usize, ProposeError>>,
+    },
+    /// Stop the loop: the daemon is shutting down.
+    Shutdown,
+}
+
+/// Why the raft loop stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("raft: {0}")]
+    Raft(#[from] raft::Error),
+    #[error("storage: {0}")]
+    Store(#[from] StoreError),
+    #[error("the apply worker stopped")]
+    FsmGone,
+}
+
+/// Linearizable reads this node answered since it started, and how many of
+/// them needed their ReadIndex request sent again.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReadCounts {
+    pub served: u64,
+    pub retried: u64,
+}
+
+pub fn role_name(role: StateRole) -> &'static str {
+    match role {
+        StateRole::Leader => "leader",
+        StateRole::Follower => "follower",
+        StateRole::Candidate => "candidate",
+        StateRole::PreCandidate => "pre-candidate",
+    }
+}
