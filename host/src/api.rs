@@ -19,9 +19,10 @@ use tokio::sync::oneshot;
 use tonic::Request;
 
 use crate::config::NodeConfig;
+use crate::dial::{LEADER_ADDR_KEY, NOT_LEADER_KEY};
 use crate::proto::client_server::Client as _;
 use crate::proto::{self, propose_request, propose_response, query_request, query_response};
-use crate::server::{LEADER_ADDR_KEY, NOT_LEADER_KEY, Services};
+use crate::server::Services;
 
 pub use crate::proto::StatusResponse as NodeStatus;
 

@@ -417,7 +417,7 @@ pub fn restore(
     if id == 0 {
         bail!("--id must be at least 1");
     }
-    crate::config::check_addr(listen).map_err(|e| anyhow::anyhow!("--listen: {e}"))?;
+    crate::dial::check_addr(listen).map_err(|e| anyhow::anyhow!("--listen: {e}"))?;
     if dir.exists() && std::fs::read_dir(dir)?.next().is_some() {
         bail!(
             "{} is not empty: restore makes a new data dir, and never overwrites one",
@@ -473,7 +473,7 @@ pub fn restore(
         };
         store.install_snapshot_file(&data_path, &metadata, &hard_state)?;
         let members = vec![(id, listen.to_string())];
-        let cluster_id = crate::daemon::new_cluster_id(&members);
+        let cluster_id = crate::storage::new_cluster_id(&members);
         store.set_identity(&NodeIdentity {
             id,
             members,

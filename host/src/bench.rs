@@ -10,7 +10,7 @@ use clap::Args;
 use hdrhistogram::Histogram;
 use serde_json::json;
 
-use crate::cli::{Consistency, Output};
+use crate::cli::common::{Consistency, Output, SecurityArgs};
 use crate::client::Client;
 use crate::config::DEFAULT_ADDR;
 use crate::proto::{
@@ -71,7 +71,7 @@ pub struct BenchArgs {
     #[arg(long, value_enum, default_value_t = Target::Leader)]
     pub target: Target,
     #[command(flatten)]
-    pub security: crate::cli::SecurityArgs,
+    pub security: SecurityArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -4,16 +4,22 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 
 use crate::client::Client;
-use crate::config::{DEFAULT_ADDR, RunArgs};
+use crate::config::RunArgs;
 use crate::proto::{self, Consistency as ProtoConsistency, ProposeResponse, propose_response};
 use crate::sandbox::{Sandbox, SandboxConfig};
 
 mod backup;
+pub mod common;
 mod propose;
+mod status;
+
+use common::connect;
+pub use common::{ClientArgs, Consistency, Output, SecurityArgs};
+use status::{cluster_status, limits_json, print_limits, print_members, print_status};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -218,56 +224,6 @@ pub enum LeaderCommand {
     },
 }
 
-#[derive(Debug, Clone, Args)]
-pub struct ClientArgs {
-    /// Any member of the cluster; requests follow the leader from there.
-    #[arg(long, env = "RAFTIFY_ADDR", default_value = DEFAULT_ADDR)]
-    pub addr: String,
-    /// Output format.
-    #[arg(short = 'o', long, value_enum, default_value_t = Output::Text)]
-    pub output: Output,
-    /// How long to wait for an answer, in milliseconds.
-    #[arg(long, env = "RAFTIFY_TIMEOUT_MS", default_value_t = 15_000)]
-    pub timeout_ms: u64,
-    #[command(flatten)]
-    pub security: SecurityArgs,
-}
-
-/// How a client proves itself and checks the node: TLS and a token.
-#[derive(Debug, Clone, Default, Args)]
-pub struct SecurityArgs {
-    /// Dial over TLS, trusting nodes whose certificate this CA (PEM) signed.
-    #[arg(long, env = "RAFTIFY_TLS_CA")]
-    pub tls_ca: Option<PathBuf>,
-    /// A client certificate (PEM) to present, signed by the node's CA.
-    #[arg(long, env = "RAFTIFY_TLS_CERT", requires_all = ["tls_ca", "tls_key"])]
-    pub tls_cert: Option<PathBuf>,
-    /// The private key of --tls-cert (PEM).
-    #[arg(long, env = "RAFTIFY_TLS_KEY", requires_all = ["tls_ca", "tls_cert"])]
-    pub tls_key: Option<PathBuf>,
-    /// The bearer token for a node run with --auth-file.
-    #[arg(long, env = "RAFTIFY_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
-}
-
-impl SecurityArgs {
-    pub fn dialer(&self) -> anyhow::Result<crate::dial::Dialer> {
-        let mut dialer = crate::dial::Dialer::default();
-        if let Some(ca) = &self.tls_ca {
-            let files = crate::tls::TlsFiles {
-                ca: ca.clone(),
-                cert: self.tls_cert.clone(),
-                key: self.tls_key.clone(),
-            };
-            dialer = dialer.with_tls(crate::tls::client_config(&files, None)?);
-        }
-        if let Some(token) = &self.token {
-            dialer = dialer.with_token(token).map_err(|e| anyhow::anyhow!("--token: {e}"))?;
-        }
-        Ok(dialer)
-    }
-}
-
 #[derive(Debug, Args)]
 pub struct StatusArgs {
     /// Ask every member (as `etcdctl endpoint status --cluster` does) and
@@ -277,12 +233,6 @@ pub struct StatusArgs {
     pub cluster: bool,
     #[command(flatten)]
     pub client: ClientArgs,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Output {
-    Text,
-    Json,
 }
 
 #[derive(Debug, Args)]
@@ -323,17 +273,6 @@ pub struct QueryArgs {
     pub consistency: Consistency,
     #[command(flatten)]
     pub client: ClientArgs,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Consistency {
-    Linearizable,
-    Stale,
-}
-
-async fn connect(args: &ClientArgs) -> anyhow::Result<Client> {
-    let dialer = args.security.dialer()?;
-    Ok(Client::connect_with(&args.addr, Duration::from_millis(args.timeout_ms), &dialer).await?)
 }
 
 /// What one proposal or query came to, for printing.
@@ -731,197 +670,6 @@ where
     }
 }
 
-fn print_members(members: &[proto::Member], leader_id: u64, output: Output) {
-    for m in members {
-        let role = if m.voter { "voter" } else { "learner" };
-        let leader = m.id == leader_id;
-        match output {
-            Output::Text => println!("{}\t{}\t{}{}", m.id, m.addr, role, if leader { "\tleader" } else { "" }),
-            Output::Json => println!(
-                "{}",
-                json!({ "id": m.id, "addr": m.addr, "role": role, "leader": leader })
-            ),
-        }
-    }
-}
-
-/// `status --cluster`: every member's view, one row each. Exits 1 when a
-/// member is unhealthy (did not answer, or knows no leader).
-async fn cluster_status(args: &ClientArgs) -> anyhow::Result<i32> {
-    let mut client = connect(args).await?;
-    let first = client.status().await?;
-    let timeout = Duration::from_millis(args.timeout_ms.min(3_000));
-    let dialer = args.security.dialer()?;
-    let mut rows = Vec::new();
-    for member in &first.members {
-        let status = match Client::connect_with(&member.addr, timeout, &dialer).await {
-            Ok(mut c) => c.status().await.map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        rows.push((member, status));
-    }
-    let leader_last = rows
-        .iter()
-        .filter_map(|(_, s)| s.as_ref().ok())
-        .find(|s| s.role == "leader")
-        .map(|s| s.last_index);
-    let mut healthy_all = true;
-    let mut json_rows = Vec::new();
-    if args.output == Output::Text {
-        println!(
-            "{:>4}  {:<22} {:<10} {:>6} {:>10} {:>10} {:<12} {:>8}  healthy",
-            "id", "address", "role", "term", "commit", "applied", "plugin", "lag"
-        );
-    }
-    for (member, status) in &rows {
-        let healthy = status.as_ref().is_ok_and(|s| s.leader_id != 0);
-        healthy_all &= healthy;
-        match status {
-            Ok(s) => {
-                let lag = leader_last.map(|last| last.saturating_sub(s.applied_index));
-                let plugin: String = s.plugin_sha256.chars().take(12).collect();
-                json_rows.push(json!({
-                    "id": member.id, "addr": member.addr, "role": s.role, "term": s.term,
-                    "commit_index": s.commit_index, "applied_index": s.applied_index,
-                    "plugin_sha256": s.plugin_sha256, "lag": lag, "healthy": healthy,
-                }));
-                if args.output == Output::Text {
-                    let lag = lag.map_or("?".to_string(), |l| l.to_string());
-                    println!(
-                        "{:>4}  {:<22} {:<10} {:>6} {:>10} {:>10} {:<12} {:>8}  {}",
-                        member.id, member.addr, s.role, s.term, s.commit_index, s.applied_index, plugin, lag, healthy
-                    );
-                }
-            }
-            Err(error) => {
-                json_rows.push(json!({ "id": member.id, "addr": member.addr, "healthy": false, "error": error }));
-                if args.output == Output::Text {
-                    println!("{:>4}  {:<22} unreachable: {error}", member.id, member.addr);
-                }
-            }
-        }
-    }
-    if args.output == Output::Json {
-        println!("{}", serde_json::Value::Array(json_rows));
-    }
-    Ok(if healthy_all { 0 } else { 1 })
-}
-
-fn print_status(status: &proto::StatusResponse, output: Output) {
-    let members: Vec<_> = status
-        .members
-        .iter()
-        .map(|m| json!({ "id": m.id, "addr": m.addr, "role": if m.voter { "voter" } else { "learner" } }))
-        .collect();
-    let mut value = json!({
-        "id": status.id,
-        "role": status.role,
-        "leader_id": status.leader_id,
-        "leader_addr": status.leader_addr,
-        "term": status.term,
-        "commit_index": status.commit_index,
-        "applied_index": status.applied_index,
-        "first_index": status.first_index,
-        "last_index": status.last_index,
-        "plugin_sha256": status.plugin_sha256,
-        "plugin_size": status.plugin_size,
-        "trapped_entries": status.trapped_entries,
-        "sessions": status.sessions,
-        "session_kept_bytes": status.session_kept_bytes,
-        "listen": status.listen,
-        "members": members,
-        "snapshot_index": status.snapshot_index,
-        "cluster_id": format!("{:016x}", status.cluster_id),
-        "snapshot_error": status.snapshot_error,
-        "reads_served": status.reads_served,
-        "reads_retried": status.reads_retried,
-        "space_alarms": status.space_alarms,
-        "store_file_bytes": status.store_file_bytes,
-        "store_live_bytes": status.store_live_bytes,
-        "quota_bytes": status.quota_bytes,
-        "fs_free_bytes": status.fs_free_bytes,
-        "min_free_bytes": status.min_free_bytes,
-        "out_of_space": status.out_of_space,
-        "limits": status.limits.as_ref().map(limits_json),
-        "limits_recorded": status.limits_recorded,
-        "longest_apply_ms": status.longest_apply_ms,
-        "apply_error": status.apply_error,
-        "refused": status.refused.iter().map(|r| (r.reason.clone(), r.count)).collect::<std::collections::BTreeMap<_, _>>(),
-        "progress": status.progress.iter().map(|p| json!({
-            "id": p.id, "matched": p.matched, "next_index": p.next_index,
-            "state": p.state, "recent_active": p.recent_active,
-        })).collect::<Vec<_>>(),
-    });
-    value["epoch"] = json!({
-        "index": status.epoch_index,
-        "sha256": status.epoch_sha256,
-        "divergences": status.divergences,
-        "divergences_total": status.divergences_total,
-    });
-    match output {
-        Output::Json => println!("{value}"),
-        Output::Text => {
-            println!("id:              {}", status.id);
-            println!("listen:          {}", status.listen);
-            println!("role:            {}", status.role);
-            println!("leader:          {} {}", status.leader_id, status.leader_addr);
-            println!("term:            {}", status.term);
-            println!("commit index:    {}", status.commit_index);
-            println!("applied index:   {}", status.applied_index);
-            println!("log:             {}..={}", status.first_index, status.last_index);
-            println!(
-                "plugin:          {} ({} bytes)",
-                status.plugin_sha256, status.plugin_size
-            );
-            println!("trapped entries: {}", status.trapped_entries);
-            println!(
-                "sessions:        {} ({} bytes of results kept)",
-                status.sessions, status.session_kept_bytes
-            );
-            println!("cluster id:      {:016x}", status.cluster_id);
-            println!(
-                "reads:           {} served, {} retried",
-                status.reads_served, status.reads_retried
-            );
-            println!(
-                "store:           {} bytes in use of a {} byte quota; file {} bytes; {} bytes free on disk (reserve {}){}",
-                status.store_live_bytes,
-                status.quota_bytes,
-                status.store_file_bytes,
-                status.fs_free_bytes,
-                status.min_free_bytes,
-                if status.out_of_space { "; OUT OF SPACE" } else { "" }
-            );
-            if !status.space_alarms.is_empty() {
-                let members: Vec<String> = status.space_alarms.iter().map(u64::to_string).collect();
-                println!(
-                    "space alarm:     on for node {}: writes are refused",
-                    members.join(", ")
-                );
-            }
-            if !status.apply_error.is_empty() {
-                println!("apply error:     {}", status.apply_error);
-            }
-            if !status.snapshot_error.is_empty() {
-                println!("snapshot error:  {}", status.snapshot_error);
-            }
-            if status.epoch_index > 0 {
-                println!("epoch:           {} {}", status.epoch_index, status.epoch_sha256);
-            }
-            for divergence in &status.divergences {
-                println!("DIVERGED:        {divergence}");
-            }
-            for r in &status.refused {
-                println!("refused:         {} {}", r.reason, r.count);
-            }
-            for m in &status.members {
-                let role = if m.voter { "voter" } else { "learner" };
-                println!("member:          {} {} {}", m.id, m.addr, role);
-            }
-        }
-    }
-}
-
 /// One line on stderr per step of a swap (stdout keeps the result).
 fn show_swap_progress(update: &crate::proto::SwapProgress) {
     match update.stage.as_str() {
@@ -947,32 +695,6 @@ fn show_swap_progress(update: &crate::proto::SwapProgress) {
         }
         "activated" => eprintln!("activated at index {}", update.index),
         _ => {}
-    }
-}
-
-fn limits_json(limits: &crate::proto::SandboxLimits) -> serde_json::Value {
-    json!({
-        "fuel_per_call": limits.fuel_per_call,
-        "fuel_per_snapshot": limits.fuel_per_snapshot,
-        "max_memory_bytes": limits.max_memory_bytes,
-        "max_result_bytes": limits.max_result_bytes,
-    })
-}
-
-/// One line per limit; where this node's flag differs, it says so.
-fn print_limits(limits: &crate::proto::SandboxLimits, local: &crate::proto::SandboxLimits) {
-    let rows = [
-        ("fuel_per_call", limits.fuel_per_call, local.fuel_per_call),
-        ("fuel_per_snapshot", limits.fuel_per_snapshot, local.fuel_per_snapshot),
-        ("max_memory_bytes", limits.max_memory_bytes, local.max_memory_bytes),
-        ("max_result_bytes", limits.max_result_bytes, local.max_result_bytes),
-    ];
-    for (name, value, flag) in rows {
-        if value == flag {
-            println!("  {name:<18} {value}");
-        } else {
-            println!("  {name:<18} {value}   (this node's flag says {flag}, unused)");
-        }
     }
 }
 

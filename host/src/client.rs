@@ -7,12 +7,12 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 use crate::dial::{Dialer, TokenInterceptor};
+use crate::dial::{LEADER_ADDR_KEY, NOT_LEADER_KEY};
 use crate::proto::client_client::ClientClient;
 use crate::proto::{
     Consistency, ProposeRequest, ProposeResponse, QueryRequest, QueryResponse, StatusRequest, StatusResponse,
     propose_request, query_request,
 };
-use crate::server::{LEADER_ADDR_KEY, NOT_LEADER_KEY};
 
 /// How many times a request follows a leader hint before giving up.
 const MAX_REDIRECTS: usize = 3;

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 use serde::Deserialize;
 
+pub use crate::dial::check_addr;
 use crate::listener::ConnectionConfig;
 use crate::node::RaftConfig;
 use crate::sandbox::SandboxConfig;
@@ -429,54 +430,6 @@ pub fn parse_peers(text: &str) -> Result<BTreeMap<u64, String>, ConfigError> {
         return Err(ConfigError::Peers("no peers given".into()));
     }
     Ok(peers)
-}
-
-/// `HOST:PORT`, where HOST is an IPv4 literal, a bracketed IPv6 literal or
-/// a DNS name (letters, digits, `-` and `.`; labels of 1 to 63 characters),
-/// and PORT is 1 to 65535. Addresses travel in the replicated log and into
-/// URIs, so nothing else is let in.
-///
-/// ```
-/// use raftify_host::config::check_addr;
-/// assert!(check_addr("127.0.0.1:7001").is_ok());
-/// assert!(check_addr("[::1]:7001").is_ok());
-/// assert!(check_addr("node-1.example:7001").is_ok());
-/// assert!(check_addr("[::1]:1:2").is_err());
-/// assert!(check_addr("evil host\n:1").is_err());
-/// ```
-pub fn check_addr(addr: &str) -> Result<(), String> {
-    let bad = || format!("{addr:?} is not HOST:PORT");
-    let (host, port) = addr.rsplit_once(':').ok_or_else(bad)?;
-    if !matches!(port.parse::<u16>(), Ok(p) if p > 0) || port.starts_with('+') {
-        return Err(bad());
-    }
-    let valid_host = if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
-        v6.parse::<std::net::Ipv6Addr>().is_ok()
-    } else if host.parse::<std::net::Ipv4Addr>().is_ok() {
-        true
-    } else {
-        is_dns_name(host)
-    };
-    if !valid_host {
-        return Err(format!(
-            "{addr:?} is not HOST:PORT: {host:?} is not an IP address or host name"
-        ));
-    }
-    Ok(())
-}
-
-fn is_dns_name(host: &str) -> bool {
-    let label_ok = |label: &str| {
-        (1..=63).contains(&label.len())
-            && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-            && !label.starts_with('-')
-            && !label.ends_with('-')
-    };
-    !host.is_empty()
-        && host.len() <= 253
-        && host.split('.').all(label_ok)
-        // All-numeric dotted names are malformed IPv4, not names.
-        && !host.split('.').all(|l| l.bytes().all(|b| b.is_ascii_digit()))
 }
 
 impl NodeConfig {

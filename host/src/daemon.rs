@@ -3,7 +3,6 @@
 //! all on shutdown.
 
 use std::future::Future;
-use std::path::Path;
 
 use std::sync::Arc;
 
@@ -48,6 +47,10 @@ pub const EMBEDDED_HELLO: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/hell
 /// Bounds the raft loop's request queue (proposals, reads, peer messages).
 const NODE_QUEUE: usize = 65_536;
 
+/// Bounds the transport's reports of finished snapshot transfers (a few at
+/// a time: one per peer in flight; a full queue makes the report wait).
+const SNAPSHOT_REPORTS: usize = 64;
+
 /// How long a shutting-down node waits for in-flight requests.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 
@@ -88,7 +91,7 @@ pub(crate) async fn serve(
              use --tls-ca/--tls-cert/--tls-key (and --auth-file)"
         );
     }
-    let _one_process = lock_data_dir(&config.data_dir)?;
+    let _one_process = crate::storage::lmdb::lock_data_dir(&config.data_dir)?;
     let store = LmdbStore::open(&config.data_dir.join("lmdb"), &config.lmdb)
         .with_context(|| format!("cannot open the data dir {}", config.data_dir.display()))?;
     // Validate the plugin before writing anything, so a bad plugin leaves a
@@ -199,7 +202,8 @@ pub(crate) async fn serve(
     let (node_tx, node_rx) = mpsc::channel(NODE_QUEUE);
     let refusals = Arc::new(Refusals::default());
     let transport = Transport::new(link.clone(), config.transport.clone());
-    transport.report_to(node_tx.clone());
+    let (snapshots_sent, snapshots_sent_rx) = mpsc::channel(SNAPSHOT_REPORTS);
+    transport.report_to(snapshots_sent);
     transport.serve_snapshots_from(Arc::new(store.clone()));
     for (peer, addr) in &identity.members {
         transport.set_peer(*peer, addr.clone());
@@ -217,7 +221,10 @@ pub(crate) async fn serve(
         LimitsWatch::new(Limits::of(sandbox.config()), watches.cluster_limits.clone()),
         logging::raft_logger(),
     )?;
-    let node_task = tokio::spawn(tracing::Instrument::instrument(node.run(node_rx), span.clone()));
+    let node_task = tokio::spawn(tracing::Instrument::instrument(
+        node.run(node_rx, snapshots_sent_rx),
+        span.clone(),
+    ));
 
     let stop_node = node_tx.clone();
     let stop_fsm = fsm_tx.clone();
@@ -461,36 +468,10 @@ pub(crate) fn bootstrap_batch(id: u64, members: &[(u64, String)]) -> anyhow::Res
             id,
             members: members.to_vec(),
             max_id: members.iter().map(|(i, _)| *i).max().unwrap_or(id),
-            cluster_id: new_cluster_id(members),
+            cluster_id: crate::storage::new_cluster_id(members),
         }),
         applied_index: None,
     })
-}
-
-/// A new cluster's id. Initial members bootstrap independently, so with
-/// several they derive it from the member list they were all given (as
-/// etcd derives its cluster id from `--initial-cluster`); a one-node
-/// cluster mixes in the time and the process, so no two are alike.
-pub(crate) fn new_cluster_id(members: &[(u64, String)]) -> u64 {
-    let mut hash = Sha256::new();
-    hash.update(b"raftify-cluster\0");
-    let mut sorted = members.to_vec();
-    sorted.sort();
-    for (id, addr) in &sorted {
-        hash.update(format!("{id}={addr}\0").as_bytes());
-    }
-    if members.len() == 1 {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        hash.update(now.to_le_bytes());
-        hash.update(std::process::id().to_le_bytes());
-    }
-    let digest = hash.finalize();
-    let mut id = [0u8; 8];
-    id.copy_from_slice(&digest[..8]);
-    // 0 means "no cluster id" (old data dirs).
-    u64::from_le_bytes(id).max(1)
 }
 
 fn is_loopback(addr: &str) -> bool {
@@ -654,32 +635,6 @@ fn space_config(config: &NodeConfig) -> SpaceConfig {
         min_free_bytes: config
             .min_free_bytes
             .unwrap_or_else(|| crate::space::default_min_free(filesystem_bytes)),
-    }
-}
-
-/// One process per data dir: an exclusive lock on `DATA_DIR/LOCK`, held
-/// while the node runs and released by the kernel when the process ends,
-/// however it ends. LMDB's own lock file lets several processes share one
-/// environment, which two nodes must never do.
-pub fn lock_data_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create the data dir {}", dir.display()))?;
-    let path = dir.join("LOCK");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("cannot open {}", path.display()))?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => bail!(
-            "the data dir {} is in use by another raftify-host process (it holds {}); one process per data dir",
-            dir.display(),
-            path.display()
-        ),
-        Err(std::fs::TryLockError::Error(error)) => {
-            Err(error).with_context(|| format!("cannot lock {}", path.display()))
-        }
     }
 }
 

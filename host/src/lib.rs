@@ -60,6 +60,7 @@ pub mod listener;
 pub mod logging;
 pub mod metrics;
 pub mod node;
+pub mod outcome;
 pub mod readiness;
 pub mod sandbox;
 pub mod server;

@@ -6,7 +6,6 @@
 //! alarm is on, every node refuses proposals that would grow the state.
 
 use std::collections::{BTreeSet, HashMap};
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -43,17 +42,7 @@ pub fn default_min_free(filesystem_bytes: u64) -> u64 {
 const CLEAR_BELOW_PERCENT: u64 = 90;
 const CLEAR_ABOVE_RESERVE_PERCENT: u64 = 125;
 
-/// One reading of a node's space.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct SpaceUsage {
-    /// The LMDB data file's size on disk.
-    pub file_bytes: u64,
-    /// Pages in use by the databases (what the quota counts).
-    pub live_bytes: u64,
-    /// Free and total bytes of the data dir's filesystem (0 when unknown).
-    pub fs_free_bytes: u64,
-    pub fs_total_bytes: u64,
-}
+pub use crate::storage::{SpaceUsage, filesystem};
 
 impl SpaceUsage {
     /// Whether the alarm should be on, given whether it was.
@@ -274,12 +263,6 @@ impl SpaceWatch {
             })
             .collect()
     }
-}
-
-/// Free and total bytes of the filesystem holding `dir`.
-pub fn filesystem(dir: &Path) -> std::io::Result<(u64, u64)> {
-    let stats = fs4::statvfs(dir)?;
-    Ok((stats.available_space(), stats.total_space()))
 }
 
 #[cfg(test)]

@@ -29,11 +29,18 @@ use tokio::sync::mpsc;
 use sha2::{Digest, Sha256};
 
 use crate::dial::Dialer;
-use crate::node::NodeRequest;
 use crate::proto::peer_client::PeerClient;
 use crate::proto::{RaftBatch, SnapshotChunk};
 use crate::snapshot::DataRef;
 use crate::storage::{SnapshotPiece, SnapshotPieces};
+
+/// A snapshot transfer finished (or failed): raft hears of it through
+/// `report_snapshot`, and sends again after a failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnapshotSent {
+    pub to: u64,
+    pub ok: bool,
+}
 
 /// Transport limits.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -95,7 +102,7 @@ struct Inner {
     self_id: u64,
     peers: HashMap<u64, Peer>,
     /// Where snapshot outcomes are reported (the raft loop).
-    reports: Option<mpsc::Sender<NodeRequest>>,
+    reports: Option<mpsc::Sender<SnapshotSent>>,
     /// Where snapshots that raft sends by reference are read from.
     snapshots: Option<Arc<dyn SnapshotPieces>>,
 }
@@ -135,7 +142,7 @@ impl Transport {
     }
 
     /// Where to report snapshot transfers.
-    pub fn report_to(&self, node: mpsc::Sender<NodeRequest>) {
+    pub fn report_to(&self, node: mpsc::Sender<SnapshotSent>) {
         self.lock().reports = Some(node);
     }
 
@@ -322,7 +329,7 @@ async fn send_snapshot(
     mut message: Message,
     config: TransportConfig,
     link: Link,
-    reports: mpsc::Sender<NodeRequest>,
+    reports: mpsc::Sender<SnapshotSent>,
     store: Option<Arc<dyn SnapshotPieces>>,
 ) {
     let to = message.to;
@@ -380,7 +387,7 @@ async fn send_snapshot(
         ),
         Err(error) => tracing::warn!(peer = to, index, %error, "sending a snapshot failed; raft will retry"),
     }
-    let _ = reports.send(NodeRequest::SnapshotSent { to, ok }).await;
+    let _ = reports.send(SnapshotSent { to, ok }).await;
 }
 
 /// Aborts a task when dropped (a transfer that ended stops its producer).

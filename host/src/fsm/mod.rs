@@ -40,31 +40,13 @@ use crate::envelope::{self, HostEntry, Payload};
 use crate::epochs::Epochs;
 use crate::health::ApplyHealth;
 use crate::metrics::Metrics;
-use crate::node::ProposeError;
 use crate::readiness::{PluginReadiness, Preparer};
 use crate::sandbox::{CallError, Instance, Limits, LoadError, Plugin, Sandbox};
 use crate::sessions::{Decision, Sessions};
 use crate::snapshot::SnapshotConfig;
 use crate::storage::LogStore;
 
-/// The outcome of applying one proposal.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Applied {
-    pub index: u64,
-    pub result: Result<Vec<u8>, CallError>,
-}
-
-/// The outcome of a query.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Answered {
-    /// The applied index the query read at.
-    pub index: u64,
-    pub result: Result<Vec<u8>, CallError>,
-}
-
-/// Where the outcome of a proposal goes: the apply result, or why the host
-/// could not get it committed.
-pub type ApplyWaiter = oneshot::Sender<Result<Applied, ProposeError>>;
+pub use crate::outcome::{Answered, Applied, ApplyWaiter};
 
 pub enum FsmRequest {
     /// Committed entries in log order, and the waiters for those this node

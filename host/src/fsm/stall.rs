@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use super::{Answered, Fsm, FsmError, FsmRequest};
-use crate::node::ProposeError;
+use crate::outcome::ProposeError;
 use crate::sandbox::CallError;
 use crate::storage::LogStore;
 

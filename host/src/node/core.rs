@@ -28,9 +28,9 @@ use super::{NodeError, NodeStatus, ProposeError, RaftConfig, ReadCounts, role_na
 use crate::envelope::{self, HostEntry};
 use crate::epochs::Epochs;
 use crate::firewall::{self, Channel, Refusal, Refusals};
-use crate::fsm::Applied;
 use crate::health::ApplyHealth;
 use crate::limits::LogPosition;
+use crate::outcome::Applied;
 use crate::storage::staged::Staged;
 use crate::storage::{LogStore, NodeIdentity, WriteBatch};
 

@@ -33,12 +33,13 @@ use tokio::sync::{Notify, mpsc, oneshot, watch};
 use super::core::{Action, Core, CoreParts, Installing, Reply};
 use super::{NodeError, NodeRequest, RaftConfig};
 use crate::firewall::{Channel, Refusals};
-use crate::fsm::{ApplyWaiter, FsmRequest};
+use crate::fsm::FsmRequest;
 use crate::limits::LimitsWatch;
+use crate::outcome::ApplyWaiter;
 use crate::space::SpaceWatch;
 use crate::storage::persister::{Completion, Persister};
 use crate::storage::{LogStore, NodeIdentity, StoreError};
-use crate::transport::Transport;
+use crate::transport::{SnapshotSent, Transport};
 
 /// Who waits on a read index.
 pub(crate) type ReadWaiter = oneshot::Sender<super::core::ReadIndexed>;
@@ -145,7 +146,12 @@ impl<S: LogStore> Node<S> {
     }
 
     /// Run until a `Shutdown` request, `requests` closing, or a fatal error.
-    pub async fn run(mut self, mut requests: mpsc::Receiver<NodeRequest>) -> Result<(), NodeError> {
+    /// `snapshots_sent` are the transport's reports of snapshot transfers.
+    pub async fn run(
+        mut self,
+        mut requests: mpsc::Receiver<NodeRequest>,
+        mut snapshots_sent: mpsc::Receiver<SnapshotSent>,
+    ) -> Result<(), NodeError> {
         let mut ticker = tokio::time::interval(self.tick_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -165,6 +171,7 @@ impl<S: LogStore> Node<S> {
                         }
                     }
                 }
+                Some(SnapshotSent { to, ok }) = snapshots_sent.recv() => self.core.snapshot_sent(to, ok),
                 _ = self.persisted_wake.notified() => {
                     while let Ok(completion) = self.persisted.try_recv() {
                         self.core.persisted(completion?);
@@ -209,7 +216,6 @@ impl<S: LogStore> Node<S> {
             NodeRequest::TransferLeader { id, reply } => {
                 let _ = reply.send(self.core.transfer_leader(id));
             }
-            NodeRequest::SnapshotSent { to, ok } => self.core.snapshot_sent(to, ok),
             NodeRequest::ReadIndex { reply } => self.core.read_index(reply, Instant::now()),
             NodeRequest::Raft(message) => self.step(*message, Channel::Stream),
             NodeRequest::Snapshot(message) => self.step(*message, Channel::InstallSnapshot),

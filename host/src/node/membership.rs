@@ -7,7 +7,7 @@ use raft::prelude::{ConfChange, ConfChangeType, ConfState};
 use super::ProposeError;
 use super::core::{Action, Core, Proposed, ReadIndexed, Reply};
 use crate::firewall;
-use crate::fsm::Applied;
+use crate::outcome::Applied;
 use crate::storage::{LogStore, WriteBatch};
 
 impl<S: LogStore, W: Reply<Proposed>, R: Reply<ReadIndexed>> Core<S, W, R> {

@@ -24,7 +24,8 @@ use raft::prelude::Message;
 use tokio::sync::oneshot;
 
 use crate::firewall::Refusal;
-use crate::fsm::ApplyWaiter;
+use crate::outcome::ApplyWaiter;
+pub use crate::outcome::ProposeError;
 use crate::storage::StoreError;
 
 /// Raft timing and flow-control settings. All are named limits with
@@ -59,47 +60,6 @@ impl Default for RaftConfig {
             max_pending_proposals: 100_000,
             promote_lag_entries: 64,
         }
-    }
-}
-
-/// Why a proposal or read did not produce a result.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ProposeError {
-    #[error("not the leader{}", leader_hint(*.leader_id, .leader_addr))]
-    NotLeader {
-        leader_id: u64,
-        leader_addr: Option<String>,
-    },
-    #[error("busy: {0} proposals are already waiting; retry later")]
-    Busy(usize),
-    #[error("the proposal was dropped by raft: {0}")]
-    Dropped(String),
-    #[error("the proposal was lost: a new leader replaced the entry at index {0} before it committed")]
-    Overwritten(u64),
-    #[error("no result within {0} ms; the proposal may or may not have been committed")]
-    Timeout(u64),
-    /// A read (never a write) that could not be served in time: no leader,
-    /// no quorum, or this node is behind the read index.
-    #[error(
-        "the read was not served within {0} ms (no leader or quorum confirmed it yet); it wrote nothing, so retrying is safe"
-    )]
-    ReadTimeout(u64),
-    #[error("the node is shutting down")]
-    Shutdown,
-    /// Not now, but retrying soon may work (e.g. a membership change is in
-    /// progress, or leadership is moving).
-    #[error("{0}")]
-    Retry(String),
-    /// The request can never succeed as asked.
-    #[error("{0}")]
-    Invalid(String),
-}
-
-fn leader_hint(leader_id: u64, leader_addr: &Option<String>) -> String {
-    match (leader_id, leader_addr) {
-        (0, _) => ": no leader is known yet".to_string(),
-        (id, Some(addr)) => format!(": the leader is node {id} at {addr}"),
-        (id, None) => format!(": the leader is node {id}"),
     }
 }
 
@@ -157,11 +117,6 @@ pub enum NodeRequest {
     TransferLeader {
         id: u64,
         reply: oneshot::Sender<Result<(), ProposeError>>,
-    },
-    /// The transport finished (or failed) sending a snapshot to `to`.
-    SnapshotSent {
-        to: u64,
-        ok: bool,
     },
     ReadIndex {
         reply: oneshot::Sender<Result<u64, ProposeError>>,

@@ -9,7 +9,7 @@ use raft::prelude::{ConfChange, Entry, EntryType, Message};
 
 use super::core::{Action, Core, InFlight, Installing, Proposal, Proposed, ReadIndexed, Reply};
 use super::{NodeError, ProposeError};
-use crate::fsm::Applied;
+use crate::outcome::Applied;
 use crate::storage::{LogStore, WriteBatch};
 
 impl<S: LogStore, W: Reply<Proposed>, R: Reply<ReadIndexed>> Core<S, W, R> {

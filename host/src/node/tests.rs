@@ -13,7 +13,7 @@ use tokio::sync::oneshot;
 use super::core::{Action, Core, CoreParts, Installing, Proposed, ReadIndexed};
 use super::{ProposeError, RaftConfig};
 use crate::firewall::{Channel, Refusal, Refusals};
-use crate::fsm::ApplyWaiter;
+use crate::outcome::ApplyWaiter;
 use crate::storage::mem::MemStore;
 use raft::Storage as _;
 
@@ -120,7 +120,7 @@ impl TestNode {
                     for entry in entries {
                         self.applied.insert(entry.index, entry.data.to_vec());
                         if let Some(waiter) = waiters.remove(&entry.index) {
-                            let _ = waiter.send(Ok(crate::fsm::Applied {
+                            let _ = waiter.send(Ok(crate::outcome::Applied {
                                 index: entry.index,
                                 result: Ok(entry.data.to_vec()),
                             }));

@@ -370,11 +370,7 @@ impl Outcome {
     }
 }
 
-/// The metadata key carrying the leader's address on "not leader" errors.
-pub const LEADER_ADDR_KEY: &str = "raftify-leader-addr";
-/// The metadata key marking a "not the leader" error: the request was not
-/// proposed, so it is safe to send again (to the leader).
-pub const NOT_LEADER_KEY: &str = "raftify-not-leader";
+pub use crate::dial::{LEADER_ADDR_KEY, NOT_LEADER_KEY};
 
 fn propose_status(error: ProposeError) -> Status {
     let message = error.to_string();
@@ -474,7 +470,7 @@ impl proto::client_server::Client for Services {
         }
         self.peer.admit_client(&request)?;
         let request = request.into_inner();
-        if crate::config::check_addr(&request.addr).is_err() {
+        if crate::dial::check_addr(&request.addr).is_err() {
             return Err(Status::invalid_argument(format!("{:?} is not HOST:PORT", request.addr)));
         }
         let applied = self

@@ -298,7 +298,7 @@ impl Services {
         if let Some((id, addr)) = header
             .members
             .iter()
-            .find(|(_, addr)| crate::config::check_addr(addr).is_err())
+            .find(|(_, addr)| crate::dial::check_addr(addr).is_err())
         {
             return Err(self
                 .peer

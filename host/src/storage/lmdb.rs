@@ -768,10 +768,10 @@ impl LogStore for LmdbStore {
         })
     }
 
-    fn space(&self) -> Result<crate::space::SpaceUsage, StoreError> {
+    fn space(&self) -> Result<super::SpaceUsage, StoreError> {
         let env = &self.inner.env;
-        let (fs_free_bytes, fs_total_bytes) = crate::space::filesystem(&self.inner.dir).unwrap_or((0, 0));
-        Ok(crate::space::SpaceUsage {
+        let (fs_free_bytes, fs_total_bytes) = super::filesystem(&self.inner.dir).unwrap_or((0, 0));
+        Ok(super::SpaceUsage {
             file_bytes: env.real_disk_size()?,
             live_bytes: env.non_free_pages_size()?,
             fs_free_bytes,
@@ -971,6 +971,33 @@ pub struct DefragReport {
     pub elapsed: std::time::Duration,
 }
 
+/// One process per data dir: an exclusive lock on `DATA_DIR/LOCK`, held
+/// while the node runs and released by the kernel when the process ends,
+/// however it ends. LMDB's own lock file lets several processes share one
+/// environment, which two nodes must never do.
+pub fn lock_data_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
+    use anyhow::Context as _;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create the data dir {}", dir.display()))?;
+    let path = dir.join("LOCK");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "the data dir {} is in use by another raftify-host process (it holds {}); one process per data dir",
+            dir.display(),
+            path.display()
+        ),
+        Err(std::fs::TryLockError::Error(error)) => {
+            Err(error).with_context(|| format!("cannot lock {}", path.display()))
+        }
+    }
+}
+
 /// Compact the store of a node that is not running, in place: LMDB's
 /// compacting copy (only pages in use, in order) to a file beside the
 /// original, synced, then renamed over it. A crash before the rename leaves
@@ -979,7 +1006,7 @@ pub struct DefragReport {
 pub fn defrag(data_dir: &Path) -> anyhow::Result<DefragReport> {
     use anyhow::Context as _;
     let started = std::time::Instant::now();
-    let _lock = crate::daemon::lock_data_dir(data_dir)?;
+    let _lock = lock_data_dir(data_dir)?;
     let dir = data_dir.join("lmdb");
     let data = dir.join("data.mdb");
     let before_bytes = std::fs::metadata(&data)

@@ -136,6 +136,51 @@ impl WriteBatch {
     }
 }
 
+/// A new cluster's id. Initial members bootstrap independently, so with
+/// several they derive it from the member list they were all given (as
+/// etcd derives its cluster id from `--initial-cluster`); a one-node
+/// cluster mixes in the time and the process, so no two are alike.
+pub(crate) fn new_cluster_id(members: &[(u64, String)]) -> u64 {
+    use sha2::Digest as _;
+    let mut hash = <sha2::Sha256 as sha2::Digest>::new();
+    hash.update(b"raftify-cluster\0");
+    let mut sorted = members.to_vec();
+    sorted.sort();
+    for (id, addr) in &sorted {
+        hash.update(format!("{id}={addr}\0").as_bytes());
+    }
+    if members.len() == 1 {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        hash.update(now.to_le_bytes());
+        hash.update(std::process::id().to_le_bytes());
+    }
+    let digest = hash.finalize();
+    let mut id = [0u8; 8];
+    id.copy_from_slice(&digest[..8]);
+    // 0 means "no cluster id" (old data dirs).
+    u64::from_le_bytes(id).max(1)
+}
+
+/// Free and total bytes of the filesystem holding `dir`.
+pub fn filesystem(dir: &std::path::Path) -> std::io::Result<(u64, u64)> {
+    let stats = fs4::statvfs(dir)?;
+    Ok((stats.available_space(), stats.total_space()))
+}
+
+/// One reading of a node's space (`space.rs` interprets it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SpaceUsage {
+    /// The LMDB data file's size on disk.
+    pub file_bytes: u64,
+    /// Pages in use by the databases (what the quota counts).
+    pub live_bytes: u64,
+    /// Free and total bytes of the data dir's filesystem (0 when unknown).
+    pub fs_free_bytes: u64,
+    pub fs_total_bytes: u64,
+}
+
 /// What a node persists about itself besides raft state.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NodeIdentity {
@@ -160,8 +205,8 @@ pub type StoredPlugin = ([u8; 32], Vec<u8>);
 pub trait LogStore: Storage + Clone + Send + Sync + 'static {
     /// What the store holds and what its filesystem has left (zeros where
     /// the store cannot tell).
-    fn space(&self) -> Result<crate::space::SpaceUsage, StoreError> {
-        Ok(crate::space::SpaceUsage::default())
+    fn space(&self) -> Result<SpaceUsage, StoreError> {
+        Ok(SpaceUsage::default())
     }
 
     /// Persist `batch` atomically and durably.
