@@ -552,6 +552,7 @@ impl<S: LogStore> Fsm<S> {
         Ok(())
     }
 
+    #[cfg(test)]
     pub fn applied(&self) -> u64 {
         self.applied
     }

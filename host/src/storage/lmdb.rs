@@ -802,6 +802,7 @@ impl LogStore for LmdbStore {
         })
     }
 
+    #[cfg(test)]
     fn save_snapshot(&self, snapshot: &Snapshot, compact_to: u64) -> Result<(), StoreError> {
         let _guard = self.snapshot_guard();
         if snapshot.get_metadata().index <= self.snapshot_metadata()?.index {

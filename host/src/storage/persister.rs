@@ -36,6 +36,7 @@ pub struct Persister {
 impl Persister {
     /// Start the thread. It reports on `done` and calls `wake` after each
     /// report (the raft loop's signal to look).
+    #[cfg(test)]
     pub fn start<S: LogStore>(
         store: S,
         done: std_mpsc::Sender<Completion>,
