@@ -53,6 +53,9 @@ enum Kept {
     Trap(String),
     /// Applied; its result of this many bytes was too large to keep.
     TooLarge(u64),
+    /// Applied; its result of this many bytes was dropped to keep the
+    /// session within `MAX_KEPT_BYTES_PER_SESSION`.
+    Dropped(u64),
 }
 
 impl Kept {
@@ -60,7 +63,7 @@ impl Kept {
         match self {
             Kept::Ok(bytes) => bytes.len(),
             Kept::Guest(message) | Kept::Trap(message) => message.len(),
-            Kept::TooLarge(_) => 0,
+            Kept::TooLarge(_) | Kept::Dropped(_) => 0,
         }
     }
 }
@@ -132,6 +135,10 @@ impl Sessions {
                 Kept::TooLarge(len) => Err(CallError::Guest(format!(
                     "sequence {seq} of session {id} was applied; its result ({len} bytes) was too large to keep"
                 ))),
+                Kept::Dropped(len) => Err(CallError::Guest(format!(
+                    "sequence {seq} of session {id} was applied; its result ({len} bytes) was dropped to keep the \
+                     session within {MAX_KEPT_BYTES_PER_SESSION} bytes of results"
+                ))),
             });
         }
         if seq < session.floor {
@@ -162,12 +169,23 @@ impl Sessions {
         if let Some(old) = session.kept.insert(seq, kept) {
             session.kept_bytes -= old.bytes();
         }
-        while session.kept.len() > MAX_KEPT_PER_SESSION || session.kept_bytes > MAX_KEPT_BYTES_PER_SESSION {
+        // Past the count, the oldest sequence goes (and is refused from
+        // then on). Past the bytes, the oldest results go but their
+        // sequences stay, answered "applied": a client keeps at most
+        // `MAX_KEPT_PER_SESSION` in flight, so a sequence it still waits
+        // on is never below the floor, whatever the results weigh.
+        while session.kept.len() > MAX_KEPT_PER_SESSION {
             let Some((oldest, dropped)) = session.kept.pop_first() else {
                 break;
             };
             session.kept_bytes -= dropped.bytes();
             session.floor = session.floor.max(oldest + 1);
+        }
+        let mut oldest_first = session.kept.values_mut();
+        while session.kept_bytes > MAX_KEPT_BYTES_PER_SESSION {
+            let Some(kept) = oldest_first.next() else { break };
+            session.kept_bytes -= kept.bytes();
+            *kept = Kept::Dropped(kept.bytes() as u64);
         }
     }
 
@@ -265,6 +283,41 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(sessions.usage().1 <= MAX_KEPT_BYTES_PER_SESSION as u64);
+    }
+
+    /// A client with up to `MAX_KEPT_PER_SESSION` proposals in flight (as
+    /// `propose --file` keeps) never has one refused as "older than kept"
+    /// before it was applied, however large the results: the byte limit
+    /// drops results, not the record that a sequence was applied.
+    #[test]
+    fn a_window_of_proposals_in_flight_is_never_refused_unapplied_whatever_the_result_sizes() {
+        let mut sessions = Sessions::default();
+        let id = sessions.open(1);
+        let window = MAX_KEPT_PER_SESSION as u64;
+        let result = vec![b'r'; 2 << 10];
+        let mut index = 1;
+        // Sequence 1 of the window is the slow one: 2..=window apply first.
+        for seq in 2..=window {
+            index += 1;
+            assert_eq!(sessions.decide(index, id, seq), Decision::Apply);
+            sessions.record(index, id, seq, &Ok(result.clone()));
+        }
+        assert!(sessions.usage().1 <= MAX_KEPT_BYTES_PER_SESSION as u64);
+        index += 1;
+        assert_eq!(
+            sessions.decide(index, id, 1),
+            Decision::Apply,
+            "sequence 1 was never applied"
+        );
+        sessions.record(index, id, 1, &Ok(result.clone()));
+        // A retry of one whose result was dropped learns it was applied.
+        index += 1;
+        match sessions.decide(index, id, 2) {
+            Decision::Answer(Err(CallError::Guest(message))) => {
+                assert!(message.contains("was applied"), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
