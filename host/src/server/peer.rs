@@ -11,7 +11,7 @@ use raft::prelude::Message;
 use tokio::sync::oneshot;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{Services, propose_status};
+use super::Services;
 use crate::firewall::{Refusal, Refusals};
 use crate::node::{NodeRequest, ProposeError};
 use crate::proto;
@@ -116,7 +116,7 @@ impl proto::peer_server::Peer for Services {
                     continue;
                 }
                 if self.node.send(NodeRequest::Raft(Box::new(message))).await.is_err() {
-                    return Err(propose_status(ProposeError::Shutdown));
+                    return Err(Status::from(ProposeError::Shutdown));
                 }
             }
         }
@@ -192,8 +192,8 @@ impl proto::peer_server::Peer for Services {
         self.node
             .send(check)
             .await
-            .map_err(|_| propose_status(ProposeError::Shutdown))?;
-        if let Err(reason) = answer.await.map_err(|_| propose_status(ProposeError::Shutdown))? {
+            .map_err(|_| Status::from(ProposeError::Shutdown))?;
+        if let Err(reason) = answer.await.map_err(|_| Status::from(ProposeError::Shutdown))? {
             self.peer.refusals.record(reason, &message);
             return Err(Status::failed_precondition(format!(
                 "snapshot refused: {}",
@@ -270,7 +270,7 @@ impl proto::peer_server::Peer for Services {
         self.node
             .send(NodeRequest::Snapshot(Box::new(message)))
             .await
-            .map_err(|_| propose_status(ProposeError::Shutdown))?;
+            .map_err(|_| Status::from(ProposeError::Shutdown))?;
         Ok(Response::new(proto::SnapshotAck { received_bytes: total }))
     }
 }

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
 
-use super::{Services, propose_status};
+use super::Services;
 use crate::envelope;
 use crate::node::{NodeRequest, ProposeError};
 use crate::proto::SwapProgress;
@@ -52,7 +52,7 @@ impl Services {
         // component only to be refused, so it sends the caller on first.
         let status = self.node_status().await?;
         if status.role != "leader" {
-            return Err(propose_status(ProposeError::NotLeader {
+            return Err(Status::from(ProposeError::NotLeader {
                 leader_id: status.leader_id,
                 leader_addr: status.leader_addr(),
             }));
@@ -137,7 +137,7 @@ impl Services {
             self.node
                 .send(NodeRequest::Propose { data, reply })
                 .await
-                .map_err(|_| propose_status(ProposeError::Shutdown))?;
+                .map_err(|_| Status::from(ProposeError::Shutdown))?;
             if let Some(previous) = pending.replace(answer) {
                 self.applied_within(previous).await?;
             }
@@ -152,9 +152,9 @@ impl Services {
         answer: oneshot::Receiver<Result<crate::fsm::Applied, ProposeError>>,
     ) -> Result<crate::fsm::Applied, Status> {
         match tokio::time::timeout(self.timeout(), answer).await {
-            Err(_) => Err(propose_status(ProposeError::Timeout(self.config.request_timeout_ms))),
-            Ok(Err(_)) => Err(propose_status(ProposeError::Shutdown)),
-            Ok(Ok(result)) => result.map_err(propose_status),
+            Err(_) => Err(Status::from(ProposeError::Timeout(self.config.request_timeout_ms))),
+            Ok(Err(_)) => Err(Status::from(ProposeError::Shutdown)),
+            Ok(Ok(result)) => result.map_err(Status::from),
         }
     }
 
@@ -217,7 +217,7 @@ impl Services {
                 told = Some((ready, Instant::now()));
             }
             if *self.stopping.borrow() {
-                return Err(propose_status(ProposeError::Shutdown));
+                return Err(Status::from(ProposeError::Shutdown));
             }
             tokio::time::sleep(POLL_EVERY).await;
         }
