@@ -16,17 +16,15 @@ other="${OTHER:?set OTHER to the other build of raftify-host}"
 clients_list="${CLIENTS:-1 64}"
 rounds="${ROUNDS:-4}"
 requests="${REQUESTS:-20000}"
-other_peers=""
-for i in 1 2 3; do other_peers="$other_peers${other_peers:+,}$i=127.0.0.1:$((base_port + 9 + i))"; done
 for i in 1 2 3; do
   "$bin" run --id "$i" --listen "$(node_addr "$i")" --data-dir "$dir/a$i" --peers "$peers" >"$dir/a$i.log" 2>&1 &
   pids[a$i]=$!
-  "$other" run --id "$i" --listen "127.0.0.1:$((base_port + 9 + i))" --data-dir "$dir/b$i" --peers "$other_peers" \
+  "$other" run --id "$i" --listen "$(other_addr "$i")" --data-dir "$dir/b$i" --peers "$other_peers" \
     >"$dir/b$i.log" 2>&1 &
   pids[b$i]=$!
 done
 wait_for_leader "$(node_addr 1)"
-wait_for_leader "127.0.0.1:$((base_port + 10))"
+wait_for_leader "$(other_addr 1)"
 printf '| clients | this build | OTHER | ratio |\n|---|---|---|---|\n'
 for clients in $clients_list; do
   this=() that=()
@@ -35,9 +33,9 @@ for clients in $clients_list; do
   for r in $(seq 1 "$rounds"); do
     if [ $((r % 2)) = 1 ]; then
       this+=("$(bench_rate "$(node_addr 1)" "$clients" "$requests")")
-      that+=("$(bench_rate "127.0.0.1:$((base_port + 10))" "$clients" "$requests")")
+      that+=("$(bench_rate "$(other_addr 1)" "$clients" "$requests")")
     else
-      that+=("$(bench_rate "127.0.0.1:$((base_port + 10))" "$clients" "$requests")")
+      that+=("$(bench_rate "$(other_addr 1)" "$clients" "$requests")")
       this+=("$(bench_rate "$(node_addr 1)" "$clients" "$requests")")
     fi
   done

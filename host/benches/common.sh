@@ -11,8 +11,15 @@ fi
 bin="${BIN:-$root/target/release/raftify-host}"
 dir="$(mktemp -d)"
 base_port="${BASE_PORT:-$default_base_port}"
-peers=""
-for i in 1 2 3; do peers="$peers${peers:+,}$i=127.0.0.1:$((base_port + i - 1))"; done
+# The address of node `id`; of node `id` of a second cluster beside it
+# (for the scripts that compare two), on BASE_PORT + 10...
+node_addr() { echo "127.0.0.1:$((base_port + $1 - 1))"; }
+other_addr() { echo "127.0.0.1:$((base_port + 9 + $1))"; }
+peers="" other_peers=""
+for i in 1 2 3; do
+  peers="$peers${peers:+,}$i=$(node_addr "$i")"
+  other_peers="$other_peers${other_peers:+,}$i=$(other_addr "$i")"
+done
 # Every process a script starts, by name: killed at exit.
 declare -A pids
 cleanup() {
@@ -22,8 +29,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# The address of node `id`.
-node_addr() { echo "127.0.0.1:$((base_port + $1 - 1))"; }
 
 # A number from `status -o json` of the node at `addr`.
 status_field() { # addr, field, extra client flags...

@@ -18,21 +18,19 @@ rounds="${ROUNDS:-3}"
 requests="${REQUESTS:-20000}"
 
 # Cluster "m" (metrics) on BASE_PORT.., cluster "p" (plain) on BASE_PORT+10..
-other_peers=""
-for i in 1 2 3; do other_peers="$other_peers${other_peers:+,}$i=127.0.0.1:$((base_port + 9 + i))"; done
 for i in 1 2 3; do
   "$bin" run --id "$i" --listen "$(node_addr "$i")" --data-dir "$dir/m$i" --peers "$peers" \
     --metrics-listen "127.0.0.1:$((base_port + 19 + i))" >"$dir/m$i.log" 2>&1 &
   pids[m$i]=$!
-  "$bin" run --id "$i" --listen "127.0.0.1:$((base_port + 9 + i))" --data-dir "$dir/p$i" --peers "$other_peers" \
+  "$bin" run --id "$i" --listen "$(other_addr "$i")" --data-dir "$dir/p$i" --peers "$other_peers" \
     >"$dir/p$i.log" 2>&1 &
   pids[p$i]=$!
 done
 leader_of() { "$bin" status -o json --addr "$1" | sed -n 's/.*"leader_addr":"\([^"]*\)".*/\1/p'; }
 wait_for_leader "$(node_addr 1)"
-wait_for_leader "127.0.0.1:$((base_port + 10))"
+wait_for_leader "$(other_addr 1)"
 m_leader=$(leader_of "$(node_addr 1)")
-p_leader=$(leader_of "127.0.0.1:$((base_port + 10))")
+p_leader=$(leader_of "$(other_addr 1)")
 # The scraper: every node of cluster m, once a second, for the whole run.
 (
   while true; do

@@ -626,7 +626,7 @@ pub async fn run_client(command: Command) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Defrag(args) => {
-            let report = crate::storage::lmdb::defrag(&args.data_dir)?;
+            let report = crate::storage::data_dir::defrag(&args.data_dir)?;
             println!(
                 "compacted {}: {} -> {} bytes in {} ms",
                 args.data_dir.display(),

@@ -91,7 +91,7 @@ pub(crate) async fn serve(
              use --tls-ca/--tls-cert/--tls-key (and --auth-file)"
         );
     }
-    let _one_process = crate::storage::lmdb::lock_data_dir(&config.data_dir)?;
+    let _one_process = crate::storage::data_dir::lock_data_dir(&config.data_dir)?;
     let store = LmdbStore::open(&config.data_dir.join("lmdb"), &config.lmdb)
         .with_context(|| format!("cannot open the data dir {}", config.data_dir.display()))?;
     // Validate the plugin before writing anything, so a bad plugin leaves a

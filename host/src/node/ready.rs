@@ -55,13 +55,7 @@ impl<S: LogStore, W: Reply<Proposed>, R: Reply<ReadIndexed>> Core<S, W, R> {
             self.installing = Some(ready);
             return Ok(Some(Installing { snapshot, hard_state }));
         }
-        self.serve_reads(ready.take_read_states());
-        let committed = ready.take_committed_entries();
-        self.apply_committed(committed)?;
-        let mut batch = WriteBatch {
-            entries: ready.take_entries(),
-            ..Default::default()
-        };
+        let mut batch = self.reads_and_commits(&mut ready)?;
         let mut vote_changed = false;
         if let Some(hard_state) = ready.hs() {
             // Term and vote must be durable before any message that depends
@@ -131,13 +125,7 @@ impl<S: LogStore, W: Reply<Proposed>, R: Reply<ReadIndexed>> Core<S, W, R> {
                 .set(Some(format!("restoring the leader's snapshot at index {index}")));
         }
         self.push(Action::Restore(metadata));
-        self.serve_reads(ready.take_read_states());
-        let committed = ready.take_committed_entries();
-        self.apply_committed(committed)?;
-        let mut batch = WriteBatch {
-            entries: ready.take_entries(),
-            ..Default::default()
-        };
+        let mut batch = self.reads_and_commits(&mut ready)?;
         if let Some(hard_state) = ready.hs() {
             self.hard_state = hard_state.clone();
             self.hard_state_dirty = true;
@@ -158,6 +146,18 @@ impl<S: LogStore, W: Reply<Proposed>, R: Reply<ReadIndexed>> Core<S, W, R> {
         self.send(ready.take_persisted_messages());
         self.advance_append(ready)?;
         self.advance_apply()
+    }
+
+    /// Serve the `Ready`'s reads, hand its committed entries to the apply
+    /// side, and answer the write its new entries need.
+    fn reads_and_commits(&mut self, ready: &mut raft::Ready) -> Result<WriteBatch, NodeError> {
+        self.serve_reads(ready.take_read_states());
+        let committed = ready.take_committed_entries();
+        self.apply_committed(committed)?;
+        Ok(WriteBatch {
+            entries: ready.take_entries(),
+            ..Default::default()
+        })
     }
 
     /// `advance_append` (the `Ready`'s writes are durable), and what it

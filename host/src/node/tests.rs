@@ -273,6 +273,24 @@ impl Cluster {
         self.tick(1);
     }
 
+    /// Start node `id`, which the leader added: as the daemon starts a
+    /// joiner, with an identity naming the members and no log.
+    fn start_joiner(&mut self, id: u64) {
+        let store = MemStore::new();
+        store
+            .write(WriteBatch {
+                identity: Some(NodeIdentity {
+                    id,
+                    members: (1..=id).map(|id| (id, addr(id))).collect(),
+                    max_id: id,
+                    cluster_id: 0,
+                }),
+                ..Default::default()
+            })
+            .unwrap();
+        self.nodes.insert(id, TestNode::new(store, id));
+    }
+
     /// Tick until one of `ids` leads (their election timeouts are random);
     /// answers which.
     fn tick_until_a_leader_among(&mut self, ids: &[u64]) -> u64 {
@@ -475,20 +493,7 @@ fn a_caught_up_learner_is_promoted_but_one_that_cannot_apply_is_not() {
     cluster.node(1).core.join(addr(4), 0, reply);
     cluster.settle();
     answer(joined).unwrap();
-    // The joiner starts as the daemon starts one: an identity, no log.
-    let store = MemStore::new();
-    store
-        .write(WriteBatch {
-            identity: Some(NodeIdentity {
-                id: 4,
-                members: (1..=4).map(|id| (id, addr(id))).collect(),
-                max_id: 4,
-                cluster_id: 0,
-            }),
-            ..Default::default()
-        })
-        .unwrap();
-    cluster.nodes.insert(4, TestNode::new(store, 4));
+    cluster.start_joiner(4);
     cluster.node(1).health.report(4, true);
     cluster.tick(10);
     assert_eq!(
@@ -538,19 +543,7 @@ fn a_learner_behind_a_compacted_log_gets_the_leaders_snapshot() {
     let first = snapshot_at(leader, joined_at - 1);
     leader.store.save_snapshot(&first, joined_at - 1).unwrap();
 
-    let store = MemStore::new();
-    store
-        .write(WriteBatch {
-            identity: Some(NodeIdentity {
-                id: 4,
-                members: (1..=4).map(|id| (id, addr(id))).collect(),
-                max_id: 4,
-                cluster_id: 0,
-            }),
-            ..Default::default()
-        })
-        .unwrap();
-    cluster.nodes.insert(4, TestNode::new(store, 4));
+    cluster.start_joiner(4);
     cluster.tick(3);
     assert!(
         cluster.node(1).wanted_snapshot,

@@ -10,6 +10,7 @@
 //! [`mem::MemStore`] is the in-memory twin for tests. Both pass the same
 //! conformance suite (`tests.rs`).
 
+pub mod data_dir;
 pub mod lmdb;
 /// The in-memory store, for unit tests (and the conformance suite).
 #[cfg(test)]
