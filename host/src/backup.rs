@@ -22,6 +22,7 @@ use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::plugin_id::PluginId;
 use crate::snapshot::{self, SnapshotHeader};
 use crate::storage::{PluginRegistry, SnapshotSource};
 
@@ -333,7 +334,7 @@ impl Backup {
         file.seek(SeekFrom::Start(self.plugin_offset))?;
         let mut wasm = vec![0u8; self.meta.plugin_bytes as usize];
         file.read_exact(&mut wasm)?;
-        if Sha256::digest(&wasm)[..] != self.meta.plugin_sha256 {
+        if !PluginId(self.meta.plugin_sha256).matches(&wasm) {
             bail!("{} changed while it was read", self.path.display());
         }
         Ok(wasm)

@@ -7,7 +7,6 @@ use std::future::Future;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
-use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
@@ -20,6 +19,7 @@ use crate::fsm::{Fsm, FsmRequest};
 use crate::limits::LimitsWatch;
 use crate::logging;
 use crate::node::{Node, NodeError, NodeRequest};
+use crate::plugin_id::PluginId;
 use crate::proto::client_server::ClientServer;
 use crate::proto::peer_server::PeerServer;
 use crate::sandbox::{Limits, Sandbox};
@@ -111,7 +111,7 @@ pub(crate) async fn serve(
     }
     if let Some(wasm) = cluster_plugin {
         // A joiner runs the plugin the cluster's log starts with.
-        let sha: [u8; 32] = Sha256::digest(&wasm).into();
+        let sha = PluginId::of(&wasm).0;
         store.activate_plugin(0, &sha, &wasm)?;
     } else if let Some((plugin, wasm)) = &new_plugin {
         store.activate_plugin(0, &plugin.sha256(), wasm)?;
@@ -650,7 +650,7 @@ fn choose_plugin<S: LogStore>(store: &S, config: &NodeConfig) -> anyhow::Result<
     match (history.last(), given) {
         (Some(_), None) => Ok(None),
         (Some((_, active)), Some(given)) => {
-            let given_sha: [u8; 32] = Sha256::digest(&given).into();
+            let given_sha = PluginId::of(&given).0;
             if !history.iter().any(|(_, sha)| *sha == given_sha) {
                 bail!(
                     "this data dir runs plugin {}, not the --plugin given ({}); drop --plugin to restart \

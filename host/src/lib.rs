@@ -61,6 +61,7 @@ pub mod logging;
 pub(crate) mod metrics;
 pub(crate) mod node;
 pub(crate) mod outcome;
+pub(crate) mod plugin_id;
 pub(crate) mod readiness;
 pub mod sandbox;
 pub(crate) mod server;

@@ -26,9 +26,8 @@ use protobuf::Message as _;
 use raft::prelude::{Message, MessageType};
 use tokio::sync::mpsc;
 
-use sha2::{Digest, Sha256};
-
 use crate::dial::Dialer;
+use crate::plugin_id::PluginId;
 use crate::proto::peer_client::PeerClient;
 use crate::proto::{RaftBatch, SnapshotChunk};
 use crate::snapshot::DataRef;
@@ -490,7 +489,7 @@ pub async fn fetch_plugin(
             anyhow::Ok(response.into_inner().wasm)
         };
         match attempt.await {
-            Ok(wasm) if Sha256::digest(&wasm).as_slice() == sha256 => return Ok(wasm),
+            Ok(wasm) if PluginId(*sha256).matches(&wasm) => return Ok(wasm),
             Ok(_) => last_error = anyhow::anyhow!("{addr} sent bytes that do not match the hash"),
             Err(error) => last_error = error.context(format!("from {addr}")),
         }

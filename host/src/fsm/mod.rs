@@ -40,6 +40,7 @@ use crate::envelope::{self, HostEntry, Payload};
 use crate::epochs::Epochs;
 use crate::health::ApplyHealth;
 use crate::metrics::Metrics;
+use crate::plugin_id::PluginId;
 use crate::readiness::{PluginReadiness, Preparer};
 use crate::sandbox::{CallError, Instance, Limits, LoadError, Plugin, Sandbox};
 use crate::sessions::{Decision, Sessions};
@@ -404,8 +405,7 @@ impl<S: LogStore> Fsm<S> {
                 let addrs: Vec<String> = self.members.values().cloned().collect();
                 tracing::info!(plugin = %hex::encode(sha256), "fetching a plugin this node lacks from the members");
                 let wasm = (self.fetch)(sha256, &addrs).ok_or_else(|| FsmError::MissingPlugin(hex::encode(sha256)))?;
-                use sha2::Digest as _;
-                if sha2::Sha256::digest(&wasm).as_slice() != sha256 {
+                if !PluginId(*sha256).matches(&wasm) {
                     return Err(FsmError::MissingPlugin(format!(
                         "{} (a member sent other bytes)",
                         hex::encode(sha256)

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use super::epoch::{Handover, handover};
 use super::{Fsm, FsmError};
+use crate::plugin_id::PluginId;
 use crate::readiness::Readiness;
 use crate::sandbox::{CallError, Plugin};
 use crate::storage::LogStore;
@@ -17,7 +18,6 @@ impl<S: LogStore> Fsm<S> {
     /// member. Content-addressing makes all three the same bytes; a node
     /// that can obtain them nowhere stops rather than diverge.
     pub(super) fn component_for_swap(&mut self, index: u64, sha256: &[u8; 32], len: u64) -> Result<Vec<u8>, FsmError> {
-        use sha2::Digest as _;
         if let Some(wasm) = self.prepared_wasm.remove(sha256) {
             return Ok(Arc::unwrap_or_clone(wasm));
         }
@@ -29,7 +29,7 @@ impl<S: LogStore> Fsm<S> {
             }
             wasm.extend_from_slice(&bytes);
         }
-        if wasm.len() as u64 == len && sha2::Sha256::digest(&wasm).as_slice() == sha256 {
+        if wasm.len() as u64 == len && PluginId(*sha256).matches(&wasm) {
             return Ok(wasm);
         }
         if let Some(stored) = self.store.plugin_blob(sha256)? {
@@ -37,7 +37,7 @@ impl<S: LogStore> Fsm<S> {
         }
         let addrs: Vec<String> = self.members.values().cloned().collect();
         match (self.fetch)(sha256, &addrs) {
-            Some(fetched) if sha2::Sha256::digest(&fetched).as_slice() == sha256 => Ok(fetched),
+            Some(fetched) if PluginId(*sha256).matches(&fetched) => Ok(fetched),
             // Every replica has the same chunks before this entry; if they do
             // not add up here they did not anywhere, and the swap is refused
             // alike (apply_swap checks the hash).
@@ -69,8 +69,7 @@ impl<S: LogStore> Fsm<S> {
             }
             Err(error) => return Err(error),
         };
-        use sha2::Digest as _;
-        if wasm.len() as u64 != len || sha2::Sha256::digest(&wasm).as_slice() != sha256 {
+        if wasm.len() as u64 != len || !PluginId(sha256).matches(&wasm) {
             let error = "its chunks do not match its SHA-256 and length".to_string();
             self.readiness.set(sha256, Readiness::Failed(error.clone()));
             return Ok(format!("plugin {hex} cannot be prepared: {error}"));
@@ -102,9 +101,8 @@ impl<S: LogStore> Fsm<S> {
         wasm: &[u8],
         prepared: Option<Plugin>,
     ) -> Result<Result<Vec<u8>, CallError>, FsmError> {
-        use sha2::Digest as _;
         let reject = |reason: String| Ok(Err(CallError::Guest(format!("plugin swap rejected: {reason}"))));
-        if prepared.is_none() && sha2::Sha256::digest(wasm).as_slice() != sha256 {
+        if prepared.is_none() && !PluginId(*sha256).matches(wasm) {
             return reject("the entry's component does not match its SHA-256".into());
         }
         let hex = hex::encode(sha256);

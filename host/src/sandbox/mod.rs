@@ -16,7 +16,6 @@ pub mod wasi;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use sha2::{Digest, Sha256};
 use wasmtime::component::{Linker, ResourceTable};
 use wasmtime::{Engine, ResourceLimiter, Store, Trap};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
@@ -237,7 +236,7 @@ impl Sandbox {
 
     /// Validate and compile `wasm`, checking it fits the plugin world.
     pub fn load(&self, wasm: &[u8]) -> Result<Plugin, LoadError> {
-        let sha256: [u8; 32] = Sha256::digest(wasm).into();
+        let sha256 = crate::plugin_id::PluginId::of(wasm).0;
         let component = match &self.config.cache_dir {
             Some(dir) => cache::load_or_compile(&self.engine, dir, &sha256, wasm)?,
             None => cache::compile(&self.engine, wasm)?,

@@ -733,8 +733,7 @@ impl LogStore for LmdbStore {
             let Some(wasm) = inner.plugins.get(txn, sha256)? else {
                 return Ok(None);
             };
-            use sha2::Digest as _;
-            if sha2::Sha256::digest(wasm).as_slice() != sha256 {
+            if !crate::plugin_id::PluginId(*sha256).matches(wasm) {
                 return Err(StoreError::Corrupt(format!(
                     "stored plugin {} does not match its hash",
                     hex::encode(sha256)
