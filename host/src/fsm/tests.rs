@@ -2,8 +2,9 @@
 
 use super::*;
 use crate::daemon::{EMBEDDED_CHAOS, EMBEDDED_KV};
+use crate::envelope::{self, HostEntry};
 use crate::readiness::Readiness;
-use crate::sandbox::{Sandbox, SandboxConfig};
+use crate::sandbox::{CallError, Sandbox, SandboxConfig};
 use crate::storage::WriteBatch;
 use crate::storage::mem::MemStore;
 use raft::Storage;
