@@ -39,6 +39,18 @@ impl Services {
             .map_err(|e| Status::invalid_argument(format!("cannot encode the command: {e}")))
     }
 
+    /// A proposal or query (`what`) of `len` bytes, encoded, is within
+    /// `max_proposal_bytes`.
+    fn check_size(&self, what: &str, len: usize) -> Result<(), Status> {
+        if len > self.config.max_proposal_bytes {
+            return Err(Status::invalid_argument(format!(
+                "the {what} is {len} bytes; the limit is {} (max_proposal_bytes)",
+                self.config.max_proposal_bytes
+            )));
+        }
+        Ok(())
+    }
+
     /// While any member's space alarm is on, writes that grow the state
     /// are refused, alike on every node (the alarm is in the log).
     pub(super) fn check_space(&self, bytes: u64) -> Result<(), Status> {
@@ -79,13 +91,7 @@ impl Services {
                 ));
             }
         };
-        if entry.len() > self.config.max_proposal_bytes {
-            return Err(Status::invalid_argument(format!(
-                "the proposal is {} bytes; the limit is {} (max_proposal_bytes)",
-                entry.len(),
-                self.config.max_proposal_bytes
-            )));
-        }
+        self.check_size("proposal", entry.len())?;
         if !frees_space {
             self.check_space(entry.len() as u64)?;
         }
@@ -194,13 +200,7 @@ impl Services {
                 ));
             }
         };
-        if bytes.len() > self.config.max_proposal_bytes {
-            return Err(Status::invalid_argument(format!(
-                "the query is {} bytes; the limit is {} (max_proposal_bytes)",
-                bytes.len(),
-                self.config.max_proposal_bytes
-            )));
-        }
+        self.check_size("query", bytes.len())?;
         // One deadline for the whole read: the read index, then applying up to it.
         let deadline = tokio::time::Instant::now() + self.timeout();
         let read_index = match proto::Consistency::try_from(request.consistency) {
