@@ -498,7 +498,9 @@ fn a_replica_whose_state_differs_at_an_epoch_is_reported_as_diverged() {
     let status = cluster.node(leader).status();
     let text = status["epoch"]["divergences"][0].as_str().unwrap().to_string();
     assert!(
-        text.contains(&format!("node {odd}'s plugin state has SHA-256")),
+        text.contains(&format!(
+            "node {odd}'s snapshot (the plugin state and the host's tables) has SHA-256"
+        )),
         "{text}"
     );
     wait_until(scaled(Duration::from_secs(10)), "the odd node to report it too", || {

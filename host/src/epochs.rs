@@ -14,11 +14,12 @@
 //! Epoch entries are proposed by the leader when any member wants a
 //! snapshot (its periodic policy, the `snapshot` command, raft needing one
 //! for a peer): a member's want travels in its peer batches. At each epoch
-//! every replica hashes the plugin's snapshot bytes; the hashes travel in
-//! the batches too, and a replica whose hash differs from another's at the
-//! same index is reported loudly (log, `status`, metrics): the plugin is
-//! not deterministic, or a replica is corrupt. TiKV checks its regions'
-//! replicas the same way.
+//! every replica hashes its snapshot's bytes: the host's replicated tables
+//! in its header (members, alarms, limits, client sessions) and the
+//! plugin's state. The hashes travel in the batches too, and a replica
+//! whose hash differs from another's at the same index is reported loudly
+//! (log, `status`, metrics): the plugin is not deterministic, or a replica
+//! is corrupt. TiKV checks its regions' replicas the same way.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Mutex;
@@ -33,7 +34,8 @@ const KEEP_DIGESTS: usize = 16;
 /// Divergences kept for `status`.
 const KEEP_DIVERGENCES: usize = 8;
 
-/// The SHA-256 of the plugin's snapshot bytes at an epoch's index.
+/// The SHA-256 of the snapshot's bytes (header and plugin state) at an
+/// epoch's index.
 pub type Digest = (u64, [u8; 32]);
 
 /// Two replicas whose snapshots differ at the same epoch.
@@ -49,7 +51,8 @@ impl std::fmt::Display for Divergence {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "at epoch {} node {}'s plugin state has SHA-256 {} and this node's {}",
+            "at epoch {} node {}'s snapshot (the plugin state and the host's tables) has SHA-256 {} and this \
+             node's {}",
             self.index,
             self.member,
             hex::encode(self.theirs),

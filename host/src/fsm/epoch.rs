@@ -28,6 +28,7 @@ use super::{Fsm, FsmError, REPLAY_BATCH_BYTES};
 use crate::envelope::{self, Payload};
 use crate::epochs::Epochs;
 use crate::sandbox::{CallError, Instance};
+use crate::snapshot;
 use crate::storage::LogStore;
 
 /// Restores are fed in pieces of exactly this size (the last may be
@@ -89,23 +90,28 @@ pub(super) enum Handover {
 }
 
 /// Stream `old`'s snapshot at `index` into `new`; returns the state's size
-/// and SHA-256.
-pub(super) fn handover(index: u64, old: &mut Instance, new: &mut Instance) -> Result<(u64, [u8; 32]), Handover> {
+/// and, with the state added to `digest`, its SHA-256.
+pub(super) fn handover(
+    index: u64,
+    old: &mut Instance,
+    new: &mut Instance,
+    mut digest: Sha256,
+) -> Result<(u64, [u8; 32]), Handover> {
     let old_failed = |error: CallError| match error {
         CallError::Trap(message) => Handover::OldTrapped(message),
         CallError::Guest(message) => Handover::OldRefused(message),
     };
     old.snapshot_begin(index).map_err(old_failed)?;
     let mut feed = Feed::begin(index, new).map_err(Handover::NewFailed)?;
-    let (mut bytes, mut hasher) = (0u64, Sha256::new());
+    let mut bytes = 0u64;
     loop {
         let chunk = old.snapshot_next(index, RESTORE_PIECE).map_err(old_failed)?;
         if chunk.is_empty() {
             feed.finish(new).map_err(Handover::NewFailed)?;
-            return Ok((bytes, hasher.finalize().into()));
+            return Ok((bytes, digest.finalize().into()));
         }
         bytes += chunk.len() as u64;
-        hasher.update(&chunk);
+        digest.update(&chunk);
         feed.push(new, &chunk).map_err(Handover::NewFailed)?;
     }
 }
@@ -155,7 +161,8 @@ impl<S: LogStore> Fsm<S> {
     fn epoch_now(&mut self, index: u64) -> Result<(), FsmError> {
         let started = Instant::now();
         let mut fresh = self.instantiate(&self.plugin)?;
-        match handover(index, &mut self.instance, &mut fresh) {
+        let digest = Sha256::new_with_prefix(snapshot::encode_header(&self.snapshot_header()));
+        match handover(index, &mut self.instance, &mut fresh, digest) {
             Ok((state_bytes, sha)) => {
                 self.epochs.record((index, sha));
                 self.instance = fresh;
@@ -212,6 +219,8 @@ struct Restorer<S: LogStore> {
     store: S,
     /// Entries after the epoch whose apply trapped before it began.
     traps: BTreeSet<u64>,
+    /// The epoch's digest so far: the snapshot's header (the state follows).
+    digest: Sha256,
     /// Session commands after the epoch the apply thread answered without
     /// the plugin (retries of applied sequences), as it goes.
     answered: Arc<std::sync::Mutex<BTreeSet<u64>>>,
@@ -226,15 +235,15 @@ impl<S: LogStore> Restorer<S> {
     fn run(mut self, chunks: mpsc::Receiver<Vec<u8>>) -> Result<(Instance, u64), String> {
         let restore_failed = |e: CallError| format!("it cannot restore the epoch's snapshot: {e}");
         let mut feed = Feed::begin(self.index, &mut self.instance).map_err(restore_failed)?;
-        let mut hasher = Sha256::new();
+        let mut digest = self.digest.clone();
         for chunk in chunks {
-            hasher.update(&chunk);
+            digest.update(&chunk);
             feed.push(&mut self.instance, &chunk).map_err(restore_failed)?;
         }
         if self.stop.load(Ordering::Relaxed) {
             return Err("stopped".into());
         }
-        self.epochs.record((self.index, hasher.finalize().into()));
+        self.epochs.record((self.index, digest.finalize().into()));
         feed.finish(&mut self.instance).map_err(restore_failed)?;
         let mut done = self.index;
         loop {
@@ -317,6 +326,11 @@ impl<S: LogStore> Fsm<S> {
             instance,
             store: self.store.clone(),
             traps: self.traps.range(index + 1..).map(|(i, _)| *i).collect(),
+            digest: self
+                .taking
+                .as_ref()
+                .map(|taking| taking.digest.clone())
+                .unwrap_or_default(),
             answered: {
                 self.answered = Arc::default();
                 self.answered.clone()

@@ -59,6 +59,9 @@ pub(super) struct Taking {
     /// What the full queue could not take yet.
     held: Option<ToWriter>,
     writer: std::thread::JoinHandle<Result<bool, StoreError>>,
+    /// The header's bytes hashed: the epoch's digest begins so (the
+    /// successor adds the state as it restores it).
+    pub(super) digest: sha2::Sha256,
 }
 
 enum ToWriter {
@@ -161,12 +164,24 @@ struct Restoring {
     instance: Option<(Plugin, Instance)>,
     feed: Option<Feed>,
     state_bytes: u64,
-    /// Of the state, for the epoch's digest.
+    /// Of the snapshot's bytes, header and state: the epoch's digest.
     hasher: sha2::Sha256,
     error: Option<FsmError>,
 }
 
 impl<S: LogStore> Fsm<S> {
+    /// What a snapshot at the applied index holds besides the plugin's
+    /// state: the host's replicated tables.
+    pub(super) fn snapshot_header(&self) -> SnapshotHeader {
+        SnapshotHeader {
+            plugin_sha256: self.plugin.sha256(),
+            members: self.members.iter().map(|(id, addr)| (*id, addr.clone())).collect(),
+            alarms: self.alarms.iter().copied().collect(),
+            limits: self.cluster_limits,
+            sessions: self.sessions.clone(),
+        }
+    }
+
     /// Whether a periodic snapshot is due: `every_entries` applied since
     /// the last, holding at least `log_percent` of its size.
     pub(super) fn snapshot_due(&self) -> bool {
@@ -199,13 +214,7 @@ impl<S: LogStore> Fsm<S> {
                 return Ok(());
             }
         }
-        let header = SnapshotHeader {
-            plugin_sha256: self.plugin.sha256(),
-            members: self.members.iter().map(|(id, addr)| (*id, addr.clone())).collect(),
-            alarms: self.alarms.iter().copied().collect(),
-            limits: self.cluster_limits,
-            sessions: self.sessions.clone(),
-        };
+        let header = snapshot::encode_header(&self.snapshot_header());
         let mut metadata = SnapshotMetadata {
             index,
             term: self.store.term(index)?,
@@ -241,7 +250,8 @@ impl<S: LogStore> Fsm<S> {
             plugin_time: started.elapsed(),
             state_bytes: 0,
             queue: Some(queue),
-            held: Some(ToWriter::Piece(snapshot::encode_header(&header))),
+            digest: sha2::Digest::new_with_prefix(&header),
+            held: Some(ToWriter::Piece(header)),
             writer,
         });
         Ok(())
@@ -543,6 +553,7 @@ impl<S: LogStore> Fsm<S> {
     fn restore_piece(&mut self, restoring: &mut Restoring, piece: &[u8]) -> Result<(), FsmError> {
         let index = restoring.index;
         let failed = |reason: String| FsmError::Restore { index, reason };
+        sha2::Digest::update(&mut restoring.hasher, piece);
         let state = match restoring.reader.push(piece).map_err(|e| failed(e.to_string()))? {
             Step::More => return Ok(()),
             Step::Header(header, rest) => {
@@ -572,7 +583,6 @@ impl<S: LogStore> Fsm<S> {
         }
         let (_, instance) = restoring.instance.as_mut().expect("the header comes first");
         let feed = restoring.feed.as_mut().expect("the header comes first");
-        sha2::Digest::update(&mut restoring.hasher, &state);
         feed.push(instance, &state)
             .map_err(|e| failed(format!("the plugin's restore() failed: {e}")))?;
         restoring.state_bytes += state.len() as u64;

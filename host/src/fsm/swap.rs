@@ -123,7 +123,7 @@ impl<S: LogStore> Fsm<S> {
         // chunk at a time.
         self.complete_epoch()?;
         self.abandon_snapshot()?;
-        let state_bytes = match handover(index, &mut self.instance, &mut fresh) {
+        let state_bytes = match handover(index, &mut self.instance, &mut fresh, Default::default()) {
             Ok((state_bytes, _)) => state_bytes,
             Err(Handover::OldTrapped(message)) => {
                 self.rebuild(index - 1)?;

@@ -679,6 +679,7 @@ fn after_an_epoch_every_replica_runs_the_same_instance_however_it_got_there() {
 
     let mut restored = fsm_logged(&live_store, EMBEDDED_CHAOS);
     assert_eq!(restored.applied(), 4);
+    let restored_digest = restored.epochs.latest_digest();
     apply_all(&mut restored, log[4..6].to_vec());
     assert_eq!(get(&mut restored, "after"), after, "restored from the epoch's snapshot");
 
@@ -700,6 +701,41 @@ fn after_an_epoch_every_replica_runs_the_same_instance_however_it_got_there() {
         "the same state at the epoch"
     );
     assert_eq!(replayed.epochs.latest_digest(), Some(digest));
+    assert_eq!(restored_digest, Some(digest), "restored from the epoch's snapshot");
+    let stored = live_store.stored_snapshot().unwrap().expect("the epoch's snapshot");
+    assert_eq!(
+        digest.1,
+        <[u8; 32]>::from(<sha2::Sha256 as sha2::Digest>::digest(&stored.data)),
+        "the digest is the SHA-256 of the snapshot as stored"
+    );
+}
+
+/// Issue 16: the session table is replicated state, so the epoch's digest
+/// covers it. Two replicas whose plugins hold the same state but whose
+/// session tables differ (a host bug, a corrupt restore) are told apart.
+#[test]
+fn an_epoch_digest_covers_the_session_table_not_only_the_plugin_state() {
+    let digest_after = |first: Entry| {
+        let log = vec![first, command(2, "set a 1"), epoch_entry(3)];
+        let store = store_with(&log);
+        let mut fsm = fsm_logged(&store, EMBEDDED_KV);
+        apply_all(&mut fsm, log);
+        fsm.wait_for_snapshot().unwrap();
+        assert_eq!(get(&mut fsm, "a"), "1");
+        fsm.epochs.latest_digest().expect("a digest at the epoch")
+    };
+    let with_session = digest_after(session_entry(1, &HostEntry::OpenSession));
+    let without = digest_after(Entry {
+        index: 1,
+        term: 1,
+        ..Default::default()
+    });
+    assert_eq!(with_session.0, 3);
+    assert_eq!(without.0, 3);
+    assert_ne!(
+        with_session.1, without.1,
+        "the same plugin state, different session tables"
+    );
 }
 
 /// An epoch whose snapshot traps is recorded like a trapped entry: the
