@@ -37,11 +37,34 @@ pub fn scaled(deadline: Duration) -> Duration {
     deadline.mul_f64(scale)
 }
 
-/// A free port on 127.0.0.1 (bound and released; the kernel does not hand it
-/// out again right away).
+/// A free port on 127.0.0.1, taken from below the kernel's ephemeral range.
+/// A port from that range (`bind :0`, then released) can be handed to a
+/// client's outgoing connection (every CLI call makes one) before the node
+/// binds it, and the node then fails to start: one such collision left a
+/// cluster without a leader in CI. Below the range only listeners take
+/// ports; each is handed out once per test binary, from an offset set by
+/// the PID so that two binaries at once rarely try the same ones.
 pub fn free_addr() -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    listener.local_addr().unwrap().to_string()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const LOWEST: u32 = 20_000;
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    if ephemeral_low < LOWEST + 1_000 {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+        return listener.local_addr().unwrap().to_string();
+    }
+    let span = ephemeral_low - LOWEST;
+    let start = std::process::id().wrapping_mul(7_919) % span;
+    for _ in 0..span {
+        let port = LOWEST + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+        if let Ok(listener) = TcpListener::bind(("127.0.0.1", port as u16)) {
+            return listener.local_addr().unwrap().to_string();
+        }
+    }
+    panic!("no free port on 127.0.0.1 between {LOWEST} and {ephemeral_low}");
 }
 
 /// Compile a plugin into the shared compile cache before nodes need it. A large component (the Python kv is 18 MB) takes about a
@@ -267,6 +290,27 @@ impl Node {
         }
     }
 
+    /// Whether the process is still running (not exited, not a zombie).
+    pub fn is_running(&self) -> bool {
+        std::fs::read_to_string(format!("/proc/{}/stat", self.pid()))
+            .ok()
+            .and_then(|stat| Some(stat.rsplit_once(')')?.1.trim_start().chars().next()? != 'Z'))
+            .unwrap_or(false)
+    }
+
+    /// For a failed wait's message: whether the node runs, and its log's tail.
+    pub fn describe(&self) -> String {
+        let text = self.log_text();
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+        let state = if self.is_running() { "running" } else { "NOT RUNNING" };
+        format!(
+            "--- node at {} (pid {}, {state}), last lines of its log:\n{tail}",
+            self.addr,
+            self.pid()
+        )
+    }
+
     pub fn log_text(&self) -> String {
         if !self.log.is_file() {
             return format!("(the log went to {}, not a file)", self.log.display());
@@ -429,25 +473,25 @@ impl Cluster {
     }
 
     /// Wait until every running node reports the same leader; return it.
+    /// On timeout the panic shows what each node said and its log's tail.
     pub fn leader(&self) -> u64 {
-        let mut agreed = 0;
-        wait_until(START_DEADLINE, "the nodes to agree on a leader", || {
-            let leaders: Vec<u64> = self
-                .nodes
-                .values()
-                .map(|node| {
-                    let out = node.cli(&["status", "-o", "json", "--addr", &node.addr, "--timeout-ms", "2000"]);
-                    if !out.status.success() {
-                        return 0;
-                    }
-                    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-                    json["leader_id"].as_u64().unwrap_or(0)
-                })
-                .collect();
-            agreed = leaders[0];
-            agreed != 0 && leaders.iter().all(|l| *l == agreed) && self.nodes.contains_key(&agreed)
-        });
-        agreed
+        let within = scaled(START_DEADLINE);
+        let deadline = Instant::now() + within;
+        loop {
+            let leaders: Vec<u64> = self.nodes.values().map(|node| node.status_u64("leader_id")).collect();
+            let agreed = leaders[0];
+            if agreed != 0 && leaders.iter().all(|l| *l == agreed) && self.nodes.contains_key(&agreed) {
+                return agreed;
+            }
+            if Instant::now() >= deadline {
+                let nodes: Vec<String> = self.nodes.values().map(Node::describe).collect();
+                panic!(
+                    "timed out after {within:?} waiting for the nodes to agree on a leader (they said {leaders:?})\n{}",
+                    nodes.join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     pub fn followers(&self) -> Vec<u64> {
