@@ -369,3 +369,53 @@ fn json_logs_are_one_object_per_line_with_their_fields() {
     let recorded = recorded.expect("the limits line");
     assert!(recorded["index"].as_u64().is_some_and(|i| i > 0), "{recorded}");
 }
+
+/// Issue 16: `Client::propose_text` is exactly-once by default. The client
+/// opens a session on its first proposal and keeps it; a clone starts
+/// without one (two clients never share sequence numbers). When the
+/// cluster forgets the session (here a full table drops it, as the least
+/// recently used), a command answered "unknown session" at its first
+/// attempt was not applied, so the client opens a new session and sends
+/// it again: it applies once.
+#[test]
+fn a_clients_default_session_is_kept_and_opened_again_when_the_cluster_forgets_it() {
+    use raftify_host::client::Client;
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(&dir.path().join("n1"), &free_addr(), &[]);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let mut client = Client::connect(&node.addr, Duration::from_secs(10)).await.unwrap();
+        assert!(client.session().is_none(), "opened on first use");
+        assert_eq!(client.propose_text("append l a").await.unwrap().rendered(), "OK");
+        let first = client.session().expect("a session").id();
+        assert_eq!(client.propose_text("append l b").await.unwrap().rendered(), "OK");
+        assert_eq!(client.session().unwrap().id(), first, "kept");
+        assert!(client.clone().session().is_none(), "a clone has its own");
+
+        // 1,024 sessions opened by others: the table is full, and this
+        // client's, the least recently used, is dropped.
+        let opens: Vec<_> = (0..8)
+            .map(|_| {
+                let mut raw = client.raw();
+                tokio::spawn(async move {
+                    for _ in 0..128 {
+                        raw.open_session(raftify_host::proto::OpenSessionRequest {})
+                            .await
+                            .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for open in opens {
+            open.await.unwrap();
+        }
+        assert_eq!(client.propose_text("append l c").await.unwrap().rendered(), "OK");
+        assert_ne!(client.session().unwrap().id(), first, "a new session");
+
+        let mut plain = client.clone().without_sessions();
+        assert_eq!(plain.propose_text("append l d").await.unwrap().rendered(), "OK");
+        assert!(plain.session().is_none());
+    });
+    assert_eq!(node.query("get l").unwrap(), "a b c d", "each applied once");
+    assert_eq!(node.status()["sessions"], 1024);
+}

@@ -162,7 +162,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<i32> {
     let progress = tokio::spawn(report_progress(done.clone(), args.requests, started));
     let mut tasks = Vec::with_capacity(args.clients);
     for c in 0..args.clients {
-        let mut client = clients.get(c % clients.len().max(1)).cloned();
+        // Each task opens its own session, or proposes outside any.
+        let mut client = clients
+            .get(c % clients.len().max(1))
+            .cloned()
+            .map(Client::without_sessions);
         let mut etcd = etcd.clone();
         let (next, done) = (next.clone(), done.clone());
         let (template, value) = (template.clone(), value.clone());

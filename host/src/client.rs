@@ -82,6 +82,12 @@ fn worth_retrying_in_session(error: &ClientError) -> bool {
     }
 }
 
+/// Whether `response` says the cluster does not know session `id`.
+fn is_forgotten_session(response: &ProposeResponse, id: u64) -> bool {
+    matches!(&response.outcome, Some(crate::proto::propose_response::Outcome::PluginError(message))
+        if crate::sessions::is_forgotten(message, id))
+}
+
 /// A client session (see [`Client::open_session`]): its id and the next
 /// sequence number.
 #[derive(Debug, Clone)]
@@ -111,13 +117,42 @@ impl Session {
 /// The generated gRPC client, with the token interceptor.
 pub type RawClient = ClientClient<InterceptedService<Channel, TokenInterceptor>>;
 
-#[derive(Clone)]
+/// A client of one cluster, through one node (it follows the leader).
+///
+/// [`Client::propose_text`] and [`Client::propose_freeing`] propose
+/// exactly once by default: in a session of this client's, opened on first
+/// use, retrying an unknown outcome with the same sequence number (see
+/// [`Client::propose_in`]) for up to [`Client::retry_for`] (the client's
+/// timeout unless set). [`Client::without_sessions`] makes each a single
+/// attempt, as [`Client::propose`] always is. A clone starts without a
+/// session: two clients never share sequence numbers.
 pub struct Client {
     addr: String,
     inner: RawClient,
     timeout: Duration,
     max_message_bytes: usize,
     dialer: Dialer,
+    /// Whether `propose_text` runs in `session`.
+    in_sessions: bool,
+    retry_for: Duration,
+    /// The session `propose_text` proposes in: opened on first use, and
+    /// again if the cluster forgot it.
+    session: Option<Session>,
+}
+
+impl Clone for Client {
+    fn clone(&self) -> Client {
+        Client {
+            addr: self.addr.clone(),
+            inner: self.inner.clone(),
+            timeout: self.timeout,
+            max_message_bytes: self.max_message_bytes,
+            dialer: self.dialer.clone(),
+            in_sessions: self.in_sessions,
+            retry_for: self.retry_for,
+            session: None,
+        }
+    }
 }
 
 impl Client {
@@ -137,12 +172,40 @@ impl Client {
             timeout,
             max_message_bytes,
             dialer: dialer.clone(),
+            in_sessions: true,
+            retry_for: timeout,
+            session: None,
         })
     }
 
-    /// Another client like this one, for `addr`.
+    /// Another client like this one (without its session), for `addr`.
     pub async fn connect_to(&self, addr: &str) -> Result<Client, ClientError> {
-        Client::connect_with(addr, self.timeout, &self.dialer).await
+        let mut other = Client::connect_with(addr, self.timeout, &self.dialer).await?;
+        other.in_sessions = self.in_sessions;
+        other.retry_for = self.retry_for;
+        Ok(other)
+    }
+
+    /// This client with `propose_text` and `propose_freeing` made single
+    /// attempts outside any session: an answer that leaves the outcome
+    /// unknown is the caller's to resolve.
+    pub fn without_sessions(mut self) -> Client {
+        self.in_sessions = false;
+        self.session = None;
+        self
+    }
+
+    /// How long `propose_text` and `propose_freeing` go on retrying an
+    /// unknown outcome in the client's session (each attempt bounded by
+    /// the client's timeout).
+    pub fn retry_for(mut self, retry_for: Duration) -> Client {
+        self.retry_for = retry_for;
+        self
+    }
+
+    /// The session `propose_text` proposes in, once it opened one.
+    pub fn session(&self) -> Option<&Session> {
+        self.session.as_ref()
     }
 
     pub fn addr(&self) -> &str {
@@ -182,12 +245,37 @@ impl Client {
     }
 
     async fn propose_text_as(&mut self, text: &str, frees_space: bool) -> Result<ProposeResponse, ClientError> {
-        self.propose(ProposeRequest {
-            command: Some(propose_request::Command::Text(text.to_string())),
-            frees_space,
-            ..Default::default()
-        })
-        .await
+        if !self.in_sessions {
+            return self
+                .propose(ProposeRequest {
+                    command: Some(propose_request::Command::Text(text.to_string())),
+                    frees_space,
+                    ..Default::default()
+                })
+                .await;
+        }
+        let mut reopened = false;
+        loop {
+            let mut session = match self.session.take() {
+                Some(session) => session,
+                None => self.open_session().await?,
+            };
+            let retries = session.retries;
+            let response = self.propose_in(&mut session, text, frees_space, self.retry_for).await;
+            let forgotten = matches!(&response, Ok(r) if is_forgotten_session(r, session.id));
+            if !forgotten {
+                self.session = Some(session);
+                return response;
+            }
+            // The cluster forgot the session (it expired, or a full table
+            // dropped it). Answered so at the first attempt, the command
+            // was not applied: it goes again in a new session. After a
+            // retry it may have been, and the caller is told so.
+            if reopened || session.retries != retries {
+                return response;
+            }
+            reopened = true;
+        }
     }
 
     /// Open a session for exactly-once proposals (on the leader); it
@@ -253,8 +341,9 @@ impl Client {
             if !session.members.is_empty() {
                 let addr = session.members[next_member % session.members.len()].clone();
                 next_member += 1;
-                if let Ok(other) = self.connect_to(&addr).await {
-                    *self = other;
+                if let Ok(inner) = connect(&self.dialer, &addr, self.timeout, self.max_message_bytes).await {
+                    self.inner = inner;
+                    self.addr = addr;
                 }
             }
         }

@@ -68,6 +68,20 @@ impl Kept {
     }
 }
 
+/// How the refusals of a session the table does not hold begin.
+fn session_named(id: u64) -> String {
+    format!("session {id}")
+}
+
+/// Whether a plugin-error `message` is the table's refusal of session `id`
+/// as one it does not hold (unknown, expired or dropped): the client opens
+/// a new one.
+pub fn is_forgotten(message: &str, id: u64) -> bool {
+    message
+        .strip_prefix(&session_named(id))
+        .is_some_and(|rest| rest.starts_with(" is unknown or has expired") || rest.starts_with(" expired: "))
+}
+
 /// What to do with a sequenced proposal.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
@@ -113,7 +127,8 @@ impl Sessions {
         let expired = match self.sessions.get(&id) {
             None => {
                 return refuse(format!(
-                    "session {id} is unknown or has expired (it may have applied this command): open a new session"
+                    "{} is unknown or has expired (it may have applied this command): open a new session",
+                    session_named(id)
                 ));
             }
             Some(session) => index.saturating_sub(session.last_used) > EXPIRY_ENTRIES,
@@ -121,8 +136,9 @@ impl Sessions {
         if expired {
             self.sessions.remove(&id);
             return refuse(format!(
-                "session {id} expired: unused for more than {EXPIRY_ENTRIES} log entries (it may have applied \
-                 this command): open a new session"
+                "{} expired: unused for more than {EXPIRY_ENTRIES} log entries (it may have applied this \
+                 command): open a new session",
+                session_named(id)
             ));
         }
         let session = self.sessions.get_mut(&id).expect("present");
@@ -244,15 +260,19 @@ mod tests {
             Decision::Answer(Err(CallError::Guest(message))) => message,
             other => panic!("{other:?}"),
         };
-        assert!(refused(sessions.decide(5, 99, 1)).contains("unknown"));
+        // The client recognises "forgotten" (and opens a new session) for
+        // its own session only, and never mistakes another refusal for it.
+        let unknown = refused(sessions.decide(5, 99, 1));
+        assert!(unknown.contains("unknown") && is_forgotten(&unknown, 99) && !is_forgotten(&unknown, 9));
         let id = sessions.open(5);
-        assert!(refused(sessions.decide(6, id, 0)).contains("start at 1"));
+        assert!(!is_forgotten(&refused(sessions.decide(6, id, 0)), id));
         assert_eq!(sessions.decide(7, id, 1), Decision::Apply);
         sessions.record(7, id, 1, &ok("x"));
         let late = 7 + EXPIRY_ENTRIES + 1;
-        assert!(refused(sessions.decide(late, id, 2)).contains("expired"));
+        let expired = refused(sessions.decide(late, id, 2));
+        assert!(expired.contains("expired") && is_forgotten(&expired, id));
         // And stays gone.
-        assert!(refused(sessions.decide(late + 1, id, 1)).contains("unknown"));
+        assert!(is_forgotten(&refused(sessions.decide(late + 1, id, 1)), id));
         assert_eq!(sessions.usage(), (0, 0));
     }
 

@@ -18,6 +18,7 @@ pub(super) async fn propose(args: ProposeArgs) -> anyhow::Result<i32> {
     let Some(file) = &args.file else {
         let text = args.text.as_deref().unwrap_or_default();
         let response = if args.no_session {
+            let mut client = client.without_sessions();
             if args.frees_space {
                 client.propose_freeing(text).await?
             } else {
