@@ -51,6 +51,25 @@ impl Node {
     /// several to port 0 first to learn the addresses of a new cluster's
     /// `peers`).
     pub async fn start_on(config: NodeConfig, listener: tokio::net::TcpListener) -> anyhow::Result<Node> {
+        Node::start_with(config, listener, crate::daemon::PeerNetwork::Grpc).await
+    }
+
+    /// [`Node::start_on`], reaching its peers through `router` (in-process
+    /// test clusters; clients still reach it on `listener`).
+    #[cfg(test)]
+    pub(crate) async fn start_routed(
+        config: NodeConfig,
+        listener: tokio::net::TcpListener,
+        router: std::sync::Arc<crate::transport::router::Router>,
+    ) -> anyhow::Result<Node> {
+        Node::start_with(config, listener, crate::daemon::PeerNetwork::Routed(router)).await
+    }
+
+    async fn start_with(
+        config: NodeConfig,
+        listener: tokio::net::TcpListener,
+        network: crate::daemon::PeerNetwork,
+    ) -> anyhow::Result<Node> {
         config.validate()?;
         let addr = config.listen.clone();
         let (started_tx, started_rx) = oneshot::channel();
@@ -59,7 +78,13 @@ impl Node {
             // A dropped `Node` stops the node as well.
             let _ = stop_rx.await;
         };
-        let mut task = tokio::spawn(crate::daemon::serve(config, listener, shutdown, Some(started_tx)));
+        let mut task = tokio::spawn(crate::daemon::serve(
+            config,
+            listener,
+            shutdown,
+            Some(started_tx),
+            network,
+        ));
         let services = tokio::select! {
             started = started_rx => started.ok(),
             finished = &mut task => {

@@ -27,6 +27,7 @@ use crate::server::Services;
 use crate::space::{SpaceConfig, SpaceWatch};
 use crate::storage::lmdb::LmdbStore;
 use crate::storage::{LogStore, NodeIdentity, WriteBatch, initial_conf_state};
+use crate::transport::grpc::GrpcTransport;
 use crate::transport::{Link, Transport};
 
 /// The kv plugin, built from plugins/kv by build.rs and embedded in the binary.
@@ -56,7 +57,18 @@ const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// Run a node on an already-bound listener until `shutdown` resolves.
 pub async fn run(config: NodeConfig, listener: TcpListener, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    serve(config, listener, shutdown, None).await
+    serve(config, listener, shutdown, None, PeerNetwork::Grpc).await
+}
+
+/// How a node reaches its peers.
+#[derive(Clone)]
+pub(crate) enum PeerNetwork {
+    /// Over gRPC, to each peer's address: every node but a test's.
+    Grpc,
+    /// Through an in-process router, which may drop, delay and cut
+    /// messages (the in-process test clusters).
+    #[cfg(test)]
+    Routed(Arc<crate::transport::router::Router>),
 }
 
 /// [`run`], handing the node's services to `started` once it serves (the
@@ -66,6 +78,7 @@ pub(crate) async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
     started: Option<tokio::sync::oneshot::Sender<Services>>,
+    network: PeerNetwork,
 ) -> anyhow::Result<()> {
     // Credentials first: a bad certificate or auth file fails the start
     // before anything is written.
@@ -201,10 +214,20 @@ pub(crate) async fn serve(
     );
     let (node_tx, node_rx) = mpsc::channel(NODE_QUEUE);
     let refusals = Arc::new(Refusals::default());
-    let transport = Transport::new(link.clone(), config.transport.clone());
     let (snapshots_sent, snapshots_sent_rx) = mpsc::channel(SNAPSHOT_REPORTS);
-    transport.report_to(snapshots_sent);
-    transport.serve_snapshots_from(Arc::new(store.clone()));
+    let (transport_config, stored) = (config.transport.clone(), Arc::new(store.clone()));
+    let transport: Arc<dyn Transport> = match &network {
+        PeerNetwork::Grpc => Arc::new(GrpcTransport::new(
+            link.clone(),
+            transport_config,
+            snapshots_sent,
+            stored,
+        )),
+        #[cfg(test)]
+        PeerNetwork::Routed(router) => {
+            Arc::new(router.transport(link.clone(), transport_config, snapshots_sent, stored))
+        }
+    };
     for (peer, addr) in &identity.members {
         transport.set_peer(*peer, addr.clone());
     }
@@ -213,6 +236,7 @@ pub(crate) async fn serve(
         store.clone(),
         config.raft.clone(),
         transport,
+        &link,
         fsm_tx.clone(),
         applied_rx,
         refusals.clone(),
@@ -262,6 +286,13 @@ pub(crate) async fn serve(
     // Received snapshots a previous run did not install: raft asks again.
     crate::snapshot::remove_ready_files(&config.data_dir.join("incoming"), u64::MAX);
     let services_for_api = services.clone();
+    // What the router delivers goes to these services, as a peer's gRPC
+    // calls would; from when the node stops serving, nothing does.
+    #[cfg(test)]
+    let routed = match &network {
+        PeerNetwork::Routed(router) => Some(router.register(id, services.clone())),
+        PeerNetwork::Grpc => None,
+    };
     if let Some(addr) = &config.metrics_listen {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -327,6 +358,8 @@ pub(crate) async fn serve(
         }
     };
     drop(server);
+    #[cfg(test)]
+    drop(routed);
     let node_result = match outcome? {
         Some(finished) => finished,
         None => {

@@ -44,6 +44,8 @@ pub(crate) mod backup;
 pub(crate) mod bench;
 pub mod cli;
 pub mod client;
+#[cfg(test)]
+mod cluster_tests;
 pub(crate) mod codec;
 pub mod config;
 pub mod daemon;

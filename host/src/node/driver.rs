@@ -39,7 +39,7 @@ use crate::outcome::ApplyWaiter;
 use crate::space::SpaceWatch;
 use crate::storage::persister::{Completion, Persister};
 use crate::storage::{LogStore, NodeIdentity, StoreError};
-use crate::transport::{SnapshotSent, Transport};
+use crate::transport::{Link, SnapshotSent, Transport};
 
 /// Who waits on a read index.
 pub(crate) type ReadWaiter = oneshot::Sender<super::core::ReadIndexed>;
@@ -62,7 +62,7 @@ pub struct Node<S: LogStore> {
     persister: Persister,
     persisted: std_mpsc::Receiver<Completion>,
     persisted_wake: Arc<Notify>,
-    transport: Transport,
+    transport: Arc<dyn Transport>,
     fsm: std_mpsc::Sender<FsmRequest>,
     applied: watch::Receiver<u64>,
     /// Space readings, and the leader's alarm proposals.
@@ -72,6 +72,7 @@ pub struct Node<S: LogStore> {
     /// When the latest heartbeat to each peer left, until it is answered
     /// (the round-trip metric; heartbeats go only to members).
     heartbeats_out: HashMap<u64, Instant>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl<S: LogStore> Node<S> {
@@ -80,7 +81,8 @@ impl<S: LogStore> Node<S> {
         identity: NodeIdentity,
         store: S,
         config: RaftConfig,
-        transport: Transport,
+        transport: Arc<dyn Transport>,
+        link: &Link,
         fsm: std_mpsc::Sender<FsmRequest>,
         applied: watch::Receiver<u64>,
         refusals: Arc<Refusals>,
@@ -90,7 +92,6 @@ impl<S: LogStore> Node<S> {
         logger: slog::Logger,
     ) -> Result<Node<S>, NodeError> {
         let tick_interval = Duration::from_millis(config.tick_interval_ms);
-        let link = transport.link();
         let core = Core::new(CoreParts {
             identity,
             store: store.clone(),
@@ -142,6 +143,7 @@ impl<S: LogStore> Node<S> {
             space,
             limits,
             heartbeats_out: HashMap::new(),
+            metrics: link.metrics.clone(),
         })
     }
 
@@ -250,9 +252,7 @@ impl<S: LogStore> Node<S> {
             && kind == MessageType::MsgHeartbeatResponse
             && let Some(sent) = self.heartbeats_out.remove(&from)
         {
-            self.transport
-                .link()
-                .metrics
+            self.metrics
                 .peer_round_trip
                 .with_label_values(&[from.to_string().as_str()])
                 .observe(sent.elapsed().as_secs_f64());

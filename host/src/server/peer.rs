@@ -94,31 +94,7 @@ impl proto::peer_server::Peer for Services {
                 _ = stopping.wait_for(|stopping| *stopping) => None,
             };
             let Some(batch) = batch else { break };
-            self.peer.same_cluster(batch.cluster_id)?;
-            // Only a member's word counts (the leader reads it for members).
-            self.peer.link.space.report(batch.from, batch.no_space);
-            self.peer.link.plugins.report(batch.from, &batch.plugins);
-            self.peer.link.health.report(batch.from, batch.cannot_apply);
-            let digest = batch
-                .epoch_digest
-                .and_then(|d| Some((d.index, <[u8; 32]>::try_from(d.sha256.as_slice()).ok()?)));
-            self.peer.link.epochs.report(batch.from, batch.epoch_want, digest);
-            let bytes: usize = batch.messages.iter().map(Vec::len).sum();
-            self.peer.link.metrics.received(batch.from, bytes as u64);
-            for bytes in batch.messages {
-                let message = Message::parse_from_bytes(&bytes)
-                    .map_err(|e| Status::invalid_argument(format!("malformed raft message: {e}")))?;
-                received += 1;
-                // A batch speaks for one sender, except for read requests a
-                // follower relays to its leader (raft keeps their origin).
-                if message.from != batch.from && message.get_msg_type() != raft::prelude::MessageType::MsgReadIndex {
-                    self.peer.refusals.record(Refusal::Addressing, &message);
-                    continue;
-                }
-                if self.node.send(NodeRequest::Raft(Box::new(message))).await.is_err() {
-                    return Err(Status::from(ProposeError::Shutdown));
-                }
-            }
+            received += self.receive_batch(batch).await?;
         }
         Ok(Response::new(StreamSummary { received }))
     }
@@ -143,29 +119,72 @@ impl proto::peer_server::Peer for Services {
         }
     }
 
-    /// Receive a snapshot: one at a time, only from a sender the firewall
-    /// would take it from, written to a file as it arrives (while it
-    /// arrives, memory holds one chunk, whatever size the sender
-    /// announces; once complete it is read back whole, as raft steps it),
-    /// then checked (layout, members, plugin) before raft sees it. A sender
-    /// that goes quiet for `SNAPSHOT_CHUNK_WAIT` loses the slot. Anything
-    /// wrong is an error to the sender, which raft retries later; nothing
-    /// here stops the node.
     async fn install_snapshot(
         &self,
         request: Request<Streaming<proto::SnapshotChunk>>,
     ) -> Result<Response<proto::SnapshotAck>, Status> {
         self.peer.admit(&request, None)?;
+        self.receive_snapshot(request.into_inner()).await.map(Response::new)
+    }
+}
+
+impl Services {
+    /// One batch from a peer (over a gRPC stream or the test router):
+    /// its sender's reports, then its messages, each to the raft loop (whose
+    /// firewall checks it again). Returns how many messages went in.
+    pub(crate) async fn receive_batch(&self, batch: RaftBatch) -> Result<u64, Status> {
+        self.peer.same_cluster(batch.cluster_id)?;
+        // Only a member's word counts (the leader reads it for members).
+        self.peer.link.space.report(batch.from, batch.no_space);
+        self.peer.link.plugins.report(batch.from, &batch.plugins);
+        self.peer.link.health.report(batch.from, batch.cannot_apply);
+        let digest = batch
+            .epoch_digest
+            .and_then(|d| Some((d.index, <[u8; 32]>::try_from(d.sha256.as_slice()).ok()?)));
+        self.peer.link.epochs.report(batch.from, batch.epoch_want, digest);
+        let bytes: usize = batch.messages.iter().map(Vec::len).sum();
+        self.peer.link.metrics.received(batch.from, bytes as u64);
+        let mut received = 0;
+        for bytes in batch.messages {
+            let message = Message::parse_from_bytes(&bytes)
+                .map_err(|e| Status::invalid_argument(format!("malformed raft message: {e}")))?;
+            received += 1;
+            // A batch speaks for one sender, except for read requests a
+            // follower relays to its leader (raft keeps their origin).
+            if message.from != batch.from && message.get_msg_type() != raft::prelude::MessageType::MsgReadIndex {
+                self.peer.refusals.record(Refusal::Addressing, &message);
+                continue;
+            }
+            if self.node.send(NodeRequest::Raft(Box::new(message))).await.is_err() {
+                return Err(Status::from(ProposeError::Shutdown));
+            }
+        }
+        Ok(received)
+    }
+
+    /// Receive a snapshot (over gRPC or the test router): one at a time,
+    /// only from a sender the firewall would take it from, written to a
+    /// file as it arrives (while it arrives, memory holds one chunk,
+    /// whatever size the sender announces; once complete it is read back
+    /// whole, as raft steps it), then checked (layout, members, plugin) before raft sees it. A sender
+    /// that goes quiet for `SNAPSHOT_CHUNK_WAIT` loses the slot. Anything
+    /// wrong is an error to the sender, which raft retries later; nothing
+    /// here stops the node.
+    pub(crate) async fn receive_snapshot(
+        &self,
+        mut chunks: impl futures::Stream<Item = Result<proto::SnapshotChunk, Status>> + Send + Unpin,
+    ) -> Result<proto::SnapshotAck, Status> {
+        use futures::StreamExt as _;
         let _slot = self
             .peer
             .snapshot_slot
             .clone()
             .try_acquire_owned()
             .map_err(|_| Status::resource_exhausted("another snapshot is being received; retry later"))?;
-        let mut chunks = request.into_inner();
         let first = chunks
-            .message()
-            .await?
+            .next()
+            .await
+            .transpose()?
             .ok_or_else(|| self.peer.bad_snapshot("empty snapshot stream".into()))?;
         self.peer.same_cluster(first.cluster_id)?;
         let mut message = Message::parse_from_bytes(&first.message)
@@ -208,8 +227,8 @@ impl proto::peer_server::Peer for Services {
         loop {
             let data = match pending.take() {
                 Some(data) => data,
-                None => match tokio::time::timeout(SNAPSHOT_CHUNK_WAIT, chunks.message()).await {
-                    Ok(chunk) => match chunk? {
+                None => match tokio::time::timeout(SNAPSHOT_CHUNK_WAIT, chunks.next()).await {
+                    Ok(chunk) => match chunk.transpose()? {
                         Some(chunk) => chunk.data,
                         None => break,
                     },
@@ -271,11 +290,9 @@ impl proto::peer_server::Peer for Services {
             .send(NodeRequest::Snapshot(Box::new(message)))
             .await
             .map_err(|_| Status::from(ProposeError::Shutdown))?;
-        Ok(Response::new(proto::SnapshotAck { received_bytes: total }))
+        Ok(proto::SnapshotAck { received_bytes: total })
     }
-}
 
-impl Services {
     /// The snapshot's layout must decode and its plugin must be at hand
     /// (stored, or fetched now from the members it names), so installing
     /// it cannot fail for either reason later.

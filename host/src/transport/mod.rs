@@ -1,0 +1,255 @@
+//! The peer transport: how the raft loop's messages reach other nodes.
+//!
+//! The raft loop sees only [`Transport`]: it names peers by id and address,
+//! hands over each `Ready`'s messages without waiting, and hears back which
+//! peers could not take them (for `report_unreachable`). Snapshot messages
+//! are sent as a stream of chunks, and their outcome comes back as a
+//! [`SnapshotSent`] on the channel the transport was built with.
+//!
+//! Two implementations: [`grpc`], the one every node runs (long-lived
+//! streams per peer over tonic), and, for tests, [`router`], which hands
+//! batches to nodes in the same process and can drop, delay and cut them.
+//! Both send the same `RaftBatch` and snapshot chunks, and both deliver
+//! them to the receiving node's Peer service code (`server/peer.rs`), so
+//! what a peer sends is checked the same way whichever carried it.
+
+use std::sync::Arc;
+
+use futures::StreamExt as _;
+use protobuf::Message as _;
+use raft::prelude::{Message, MessageType};
+
+use crate::proto::{RaftBatch, SnapshotChunk};
+use crate::snapshot::DataRef;
+use crate::storage::{SnapshotPiece, SnapshotPieces};
+
+pub(crate) mod grpc;
+#[cfg(test)]
+pub(crate) mod router;
+
+pub use grpc::fetch_plugin;
+
+/// Where the raft loop's messages go. Calls never block: a message that
+/// cannot be queued is dropped, which raft tolerates.
+pub(crate) trait Transport: Send + Sync + 'static {
+    /// Add a peer, or move it to a new address. Called within a tokio
+    /// runtime (an implementation may start tasks).
+    fn set_peer(&self, id: u64, addr: String);
+
+    fn remove_peer(&self, id: u64);
+
+    /// Queue messages for their peers. Returns the peers whose queue was
+    /// full or unknown, for `report_unreachable`.
+    fn send(&self, messages: Vec<Message>) -> Vec<u64>;
+}
+
+/// A snapshot transfer finished (or failed): raft hears of it through
+/// `report_snapshot`, and sends again after a failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnapshotSent {
+    pub to: u64,
+    pub ok: bool,
+}
+
+/// Transport limits.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TransportConfig {
+    /// Batches queued for one peer before new ones are dropped.
+    pub peer_queue_batches: usize,
+    /// Largest gRPC message sent or accepted, in bytes.
+    pub max_message_bytes: usize,
+    /// First reconnect delay; doubles up to `max_backoff_ms`.
+    pub min_backoff_ms: u64,
+    pub max_backoff_ms: u64,
+    /// Size of one chunk of snapshot data.
+    pub snapshot_chunk_bytes: usize,
+}
+
+impl Default for TransportConfig {
+    fn default() -> Self {
+        TransportConfig {
+            peer_queue_batches: 1024,
+            max_message_bytes: 64 << 20,
+            min_backoff_ms: 50,
+            max_backoff_ms: 2_000,
+            snapshot_chunk_bytes: 1 << 20,
+        }
+    }
+}
+
+/// What every peer RPC this node makes shares: how to dial, and who is
+/// calling (peers refuse batches from another cluster or another sender).
+#[derive(Clone, Debug)]
+pub struct Link {
+    pub dialer: crate::dial::Dialer,
+    pub cluster_id: u64,
+    pub self_id: u64,
+    /// This node's space (its batches tell the leader when it is out), and
+    /// what peers' batches said of theirs.
+    pub space: Arc<crate::space::SpaceState>,
+    /// The components this node prepares for a swap, and what peers' batches
+    /// said of theirs (see `readiness`).
+    pub plugins: Arc<crate::readiness::PluginReadiness>,
+    /// Whether this node can apply, and what peers' batches said of theirs.
+    pub health: Arc<crate::health::ApplyHealth>,
+    /// This node's snapshot want and epoch digests, and peers' (see
+    /// `epochs`).
+    pub epochs: Arc<crate::epochs::Epochs>,
+    /// What this node measures as it happens, for `/metrics`.
+    pub metrics: Arc<crate::metrics::Metrics>,
+}
+
+impl Link {
+    /// One batch of messages for peer `to`, with what this node reports of
+    /// itself in every batch; counted in the metrics.
+    pub(crate) fn batch(&self, to: u64, messages: &[Message]) -> RaftBatch {
+        let messages: Vec<Vec<u8>> = messages.iter().filter_map(|m| m.write_to_bytes().ok()).collect();
+        let bytes: usize = messages.iter().map(Vec::len).sum();
+        self.metrics
+            .peer_sent_bytes
+            .with_label_values(&[to.to_string().as_str()])
+            .inc_by(bytes as u64);
+        RaftBatch {
+            messages,
+            cluster_id: self.cluster_id,
+            from: self.self_id,
+            no_space: self.space.over(),
+            plugins: self.plugins.to_proto(),
+            cannot_apply: self.health.stalled(),
+            epoch_want: self.epochs.want(),
+            epoch_digest: self
+                .epochs
+                .latest_digest()
+                .map(|(index, sha256)| crate::proto::EpochDigest {
+                    index,
+                    sha256: sha256.to_vec(),
+                }),
+        }
+    }
+}
+
+/// Log replication goes on the data lane; the rest is small and urgent.
+pub(crate) fn is_data(message: &Message) -> bool {
+    matches!(
+        message.get_msg_type(),
+        MessageType::MsgAppend | MessageType::MsgAppendResponse
+    )
+}
+
+/// The chunks of one snapshot message, as `Peer.InstallSnapshot` takes
+/// them: first the raft message (its data taken out) with the total size,
+/// then the data. Data that refers to the stored snapshot is read from
+/// `store` a piece at a time as the stream is polled, so memory stays at
+/// about a chunk; if a newer snapshot replaces it meanwhile, the stream
+/// ends short, the receiver refuses it, and raft retries with the newer one.
+pub(crate) fn snapshot_chunks(
+    mut message: Message,
+    chunk_bytes: usize,
+    cluster_id: u64,
+    store: Option<Arc<dyn SnapshotPieces>>,
+) -> Result<futures::stream::BoxStream<'static, SnapshotChunk>, String> {
+    let index = message.get_snapshot().get_metadata().index;
+    let data = std::mem::take(&mut message.mut_snapshot().data);
+    let chunk = chunk_bytes.max(1);
+    let (total, pieces) = match DataRef::parse(&data) {
+        Some(DataRef::Stored { len }) => match store {
+            Some(store) => (len, stored_pieces(store, index, chunk)),
+            None => return Err("no store to read the snapshot from".to_string()),
+        },
+        Some(DataRef::File { .. }) => return Err("a received snapshot cannot be sent on".to_string()),
+        None => (data.len() as u64, memory_pieces(data, chunk)),
+    };
+    let header = message.write_to_bytes().map_err(|e| e.to_string())?;
+    let first = SnapshotChunk {
+        message: header,
+        total_bytes: total,
+        data: Vec::new(),
+        cluster_id,
+    };
+    Ok(futures::stream::iter(std::iter::once(first)).chain(pieces).boxed())
+}
+
+/// Log a finished snapshot transfer and report it to the raft loop.
+pub(crate) async fn report_snapshot(
+    reports: &tokio::sync::mpsc::Sender<SnapshotSent>,
+    to: u64,
+    index: u64,
+    started: std::time::Instant,
+    result: Result<(), String>,
+) {
+    let ok = result.is_ok();
+    match result {
+        Ok(()) => tracing::info!(
+            peer = to,
+            index,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "sent a snapshot"
+        ),
+        Err(error) => tracing::warn!(peer = to, index, %error, "sending a snapshot failed; raft will retry"),
+    }
+    let _ = reports.send(SnapshotSent { to, ok }).await;
+}
+
+/// Snapshot data held in memory, a chunk copied out at a time as the stream
+/// is polled.
+fn memory_pieces(data: bytes::Bytes, chunk: usize) -> futures::stream::BoxStream<'static, SnapshotChunk> {
+    let total = data.len();
+    let pieces = (0..total)
+        .step_by(chunk)
+        .map(move |at| chunk_of(data.slice(at..(at + chunk).min(total)).to_vec()));
+    futures::stream::iter(pieces).boxed()
+}
+
+fn chunk_of(data: Vec<u8>) -> SnapshotChunk {
+    SnapshotChunk {
+        message: Vec::new(),
+        total_bytes: 0,
+        data,
+        cluster_id: 0,
+    }
+}
+
+/// The stored snapshot at `index`, read a piece at a time (off the async
+/// threads) and cut into pieces of at most `chunk` bytes. Ends early if
+/// the snapshot is superseded or cannot be read.
+fn stored_pieces(
+    store: Arc<dyn SnapshotPieces>,
+    index: u64,
+    chunk: usize,
+) -> futures::stream::BoxStream<'static, SnapshotChunk> {
+    let start = (Some(0u32), std::collections::VecDeque::<Vec<u8>>::new());
+    futures::stream::unfold(start, move |(mut next, mut parts)| {
+        let store = store.clone();
+        async move {
+            loop {
+                if let Some(part) = parts.pop_front() {
+                    return Some((chunk_of(part), (next, parts)));
+                }
+                let piece = next?;
+                let reader = store.clone();
+                let read = tokio::task::spawn_blocking(move || reader.piece(index, piece)).await;
+                match read {
+                    Ok(Ok(SnapshotPiece::Data(data))) => {
+                        next = piece.checked_add(1);
+                        if data.len() <= chunk {
+                            parts.push_back(data);
+                        } else {
+                            parts.extend(data.chunks(chunk).map(<[u8]>::to_vec));
+                        }
+                    }
+                    Ok(Ok(SnapshotPiece::End)) => return None,
+                    Ok(Ok(SnapshotPiece::Superseded)) => {
+                        tracing::info!(index, "a newer snapshot replaced the one being sent");
+                        return None;
+                    }
+                    Ok(Err(error)) => {
+                        tracing::warn!(index, %error, "cannot read the snapshot being sent");
+                        return None;
+                    }
+                    Err(_) => return None,
+                }
+            }
+        }
+    })
+    .boxed()
+}
