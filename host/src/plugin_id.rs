@@ -37,6 +37,22 @@ impl std::fmt::Debug for PluginId {
     }
 }
 
+/// Where a component this node lacks comes from, by id: the members at
+/// `addrs` (over `Peer.FetchPlugin`, `transport::grpc::PeerPlugins`), or a
+/// test's stand-in. Whatever a source returns is checked against the id by
+/// the caller.
+pub(crate) trait PluginSource: Send {
+    fn fetch(&self, id: PluginId, addrs: &[String]) -> anyhow::Result<Vec<u8>>;
+}
+
+/// A test's source: a function of the id (`None`: nobody has it).
+#[cfg(test)]
+impl<F: Fn(PluginId) -> Option<Vec<u8>> + Send> PluginSource for F {
+    fn fetch(&self, id: PluginId, _addrs: &[String]) -> anyhow::Result<Vec<u8>> {
+        self(id).ok_or_else(|| anyhow::anyhow!("no member has {id}"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

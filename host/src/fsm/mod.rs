@@ -72,9 +72,9 @@ pub enum FsmRequest {
     Shutdown,
 }
 
-/// Fetches a plugin component this node lacks from other members (given
-/// their addresses); `None` if none had it.
-pub type PluginFetcher = Box<dyn Fn(&[u8; 32], &[String]) -> Option<Vec<u8>> + Send>;
+/// Where the worker fetches a component this node lacks (see
+/// `Fsm::fetch_plugin`).
+pub(crate) type Plugins = Box<dyn crate::plugin_id::PluginSource>;
 
 /// How far a batch of replay reads from the store at once.
 const REPLAY_BATCH_BYTES: u64 = 4 << 20;
@@ -88,7 +88,8 @@ pub struct Fsm<S: LogStore> {
     plugin: Plugin,
     /// Tells the codec and status which plugin is active.
     active_tx: watch::Sender<Plugin>,
-    fetch: PluginFetcher,
+    /// Components this node lacks, from the members.
+    plugins: Plugins,
     instance: Instance,
     applied: u64,
     /// Entries whose apply trapped, with the message the proposer got.
@@ -214,7 +215,7 @@ impl<S: LogStore> Fsm<S> {
         config: SnapshotConfig,
         applied_tx: watch::Sender<u64>,
         active_tx: watch::Sender<Plugin>,
-        fetch: PluginFetcher,
+        plugins: Plugins,
     ) -> Result<Fsm<S>, FsmError> {
         let instance = first_plugin.instantiate()?;
         let traps: BTreeMap<u64, String> = store.traps(0, u64::MAX)?.into_iter().collect();
@@ -226,7 +227,7 @@ impl<S: LogStore> Fsm<S> {
             plugin: first_plugin.clone(),
             first_plugin,
             active_tx,
-            fetch,
+            plugins,
             instance,
             applied: 0,
             traps,
@@ -401,20 +402,32 @@ impl<S: LogStore> Fsm<S> {
         let wasm = match self.store.plugin_blob(sha256)? {
             Some(wasm) => wasm,
             None => {
-                let addrs: Vec<String> = self.members.values().cloned().collect();
                 tracing::info!(plugin = %hex::encode(sha256), "fetching a plugin this node lacks from the members");
-                let wasm = (self.fetch)(sha256, &addrs).ok_or_else(|| FsmError::MissingPlugin(hex::encode(sha256)))?;
-                if !PluginId(*sha256).matches(&wasm) {
-                    return Err(FsmError::MissingPlugin(format!(
-                        "{} (a member sent other bytes)",
-                        hex::encode(sha256)
-                    )));
-                }
+                let wasm = self
+                    .fetch_plugin(PluginId(*sha256))
+                    .ok_or_else(|| FsmError::MissingPlugin(hex::encode(sha256)))?;
                 self.store.put_plugin_blob(sha256, &wasm)?;
                 wasm
             }
         };
         Ok(self.sandbox.load(&wasm)?)
+    }
+
+    /// Component `id` from one of the members, checked against the id;
+    /// `None` (and why, logged) if none sent it.
+    fn fetch_plugin(&self, id: PluginId) -> Option<Vec<u8>> {
+        let addrs: Vec<String> = self.members.values().cloned().collect();
+        match self.plugins.fetch(id, &addrs) {
+            Ok(wasm) if id.matches(&wasm) => Some(wasm),
+            Ok(_) => {
+                tracing::warn!(plugin = %id, "a member sent bytes that are not this plugin");
+                None
+            }
+            Err(error) => {
+                tracing::warn!(plugin = %id, error = format!("{error:#}"), "cannot fetch plugin");
+                None
+            }
+        }
     }
 
     /// Serve requests until the channel closes or a fatal error. While a

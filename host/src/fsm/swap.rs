@@ -35,9 +35,8 @@ impl<S: LogStore> Fsm<S> {
         if let Some(stored) = self.store.plugin_blob(sha256)? {
             return Ok(stored);
         }
-        let addrs: Vec<String> = self.members.values().cloned().collect();
-        match (self.fetch)(sha256, &addrs) {
-            Some(fetched) if PluginId(*sha256).matches(&fetched) => Ok(fetched),
+        match self.fetch_plugin(PluginId(*sha256)) {
+            Some(fetched) => Ok(fetched),
             // Every replica has the same chunks before this entry; if they do
             // not add up here they did not anywhere, and the swap is refused
             // alike (apply_swap checks the hash).

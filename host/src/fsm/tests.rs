@@ -19,16 +19,21 @@ fn sandbox() -> Sandbox {
 }
 
 fn fsm_over(store: &MemStore, first: &[u8], config: SnapshotConfig) -> Fsm<MemStore> {
-    fsm_fetching(store, first, config, Box::new(|_, _| None)).with_local_epochs()
+    fsm_fetching(store, first, config, nobody()).with_local_epochs()
 }
 
 /// A worker whose epochs come from `Epoch` entries in the log, as a node's.
 fn fsm_logged(store: &MemStore, first: &[u8]) -> Fsm<MemStore> {
-    fsm_fetching(store, first, SnapshotConfig::default(), Box::new(|_, _| None))
+    fsm_fetching(store, first, SnapshotConfig::default(), nobody())
 }
 
-/// A worker whose plugin fetches from the members go through `fetch`.
-fn fsm_fetching(store: &MemStore, first: &[u8], config: SnapshotConfig, fetch: PluginFetcher) -> Fsm<MemStore> {
+/// No member has any plugin.
+fn nobody() -> Plugins {
+    Box::new(|_: PluginId| -> Option<Vec<u8>> { None })
+}
+
+/// A worker whose plugin fetches from the members go through `plugins`.
+fn fsm_fetching(store: &MemStore, first: &[u8], config: SnapshotConfig, plugins: Plugins) -> Fsm<MemStore> {
     let sandbox = sandbox();
     let plugin = sandbox.load(first).unwrap();
     store.activate_plugin(0, &plugin.sha256(), first).unwrap();
@@ -39,7 +44,7 @@ fn fsm_fetching(store: &MemStore, first: &[u8], config: SnapshotConfig, fetch: P
         config,
         watch::channel(0).0,
         watch::channel(plugin).0,
-        fetch,
+        plugins,
     )
     .unwrap()
 }
@@ -416,8 +421,8 @@ fn a_swap_straddling_a_snapshot_fetches_its_component_or_stalls_rather_than_dive
     let wanted: [u8; 32] = sha2::Sha256::digest(EMBEDDED_KV_V2).into();
     let available = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let now_available = available.clone();
-    let fetch: PluginFetcher = Box::new(move |sha, _| {
-        (*sha == wanted && now_available.load(Ordering::Relaxed)).then(|| EMBEDDED_KV_V2.to_vec())
+    let fetch: Plugins = Box::new(move |id: PluginId| {
+        (id.0 == wanted && now_available.load(Ordering::Relaxed)).then(|| EMBEDDED_KV_V2.to_vec())
     });
     let mut recovering = fsm_fetching(&later, EMBEDDED_KV, SnapshotConfig::default(), fetch);
     let (waiters, rest) = (HashMap::new(), entries[2..].to_vec());
@@ -435,7 +440,7 @@ fn a_swap_straddling_a_snapshot_fetches_its_component_or_stalls_rather_than_dive
     // A member has it: the same switch, at the same index.
     let store = snapshotted_mid_swap();
     let wanted: [u8; 32] = sha2::Sha256::digest(EMBEDDED_KV_V2).into();
-    let fetch: PluginFetcher = Box::new(move |sha, _| (*sha == wanted).then(|| EMBEDDED_KV_V2.to_vec()));
+    let fetch: Plugins = Box::new(move |id: PluginId| (id.0 == wanted).then(|| EMBEDDED_KV_V2.to_vec()));
     let mut restored = fsm_fetching(&store, EMBEDDED_KV, SnapshotConfig::default(), fetch);
     let outcomes = apply_all(&mut restored, entries[2..].to_vec());
     assert!(outcomes.iter().all(Result::is_ok), "{outcomes:?}");

@@ -266,7 +266,7 @@ impl<S: LogStore, W: Reply<Proposed>, R: Reply<ReadIndexed>> Core<S, W, R> {
     pub(crate) fn tick(&mut self, now: Instant) {
         self.raw.tick();
         self.promote_caught_up_learners();
-        if self.store.take_snapshot_request() {
+        if self.raw.store().take_snapshot_want() {
             self.push(Action::WantSnapshot);
         }
         self.retry_reads(now);

@@ -71,8 +71,6 @@ struct Inner {
     plugins: Database<Bytes, Bytes>,
     plugin_history: Database<Index, Bytes>,
     snapshot_chunks: Database<ChunkKey, Bytes>,
-    /// Set when raft asked for a snapshot newer than the stored one.
-    snapshot_wanted: std::sync::atomic::AtomicBool,
     /// One snapshot save or install at a time (each spans transactions).
     snapshot_lock: Mutex<()>,
     /// The next save number: above every one in `snapshot_chunks`.
@@ -220,7 +218,6 @@ impl LmdbStore {
                 plugins,
                 plugin_history,
                 snapshot_chunks,
-                snapshot_wanted: Default::default(),
                 snapshot_lock: Mutex::new(()),
                 next_save: AtomicU64::new(next_save),
                 write_turns: WriteTurns::default(),
@@ -613,14 +610,10 @@ impl Storage for LmdbStore {
             .map_err(to_raft)?;
         match stored {
             Some(snapshot) if super::snapshot_serves(&snapshot, request_index, to) => Ok(snapshot),
-            // Too old, or made before `to` joined: ask the apply worker for a
-            // fresh one; raft asks again later.
-            _ => {
-                self.inner
-                    .snapshot_wanted
-                    .store(true, std::sync::atomic::Ordering::Relaxed);
-                Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable))
-            }
+            // Too old, or made before `to` joined: `Staged` (raft's view of
+            // the store) turns this into a want, the core into a request to
+            // the apply worker; raft asks again later.
+            _ => Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable)),
         }
     }
 }
@@ -776,12 +769,6 @@ impl LogStore for LmdbStore {
             fs_free_bytes,
             fs_total_bytes,
         })
-    }
-
-    fn take_snapshot_request(&self) -> bool {
-        self.inner
-            .snapshot_wanted
-            .swap(false, std::sync::atomic::Ordering::Relaxed)
     }
 
     fn snapshot_metadata(&self) -> Result<SnapshotMetadata, StoreError> {

@@ -13,7 +13,6 @@ use super::{LogStore, NodeIdentity, SnapshotPiece, SnapshotSave, StoreError, Wri
 #[derive(Clone, Default)]
 pub struct MemStore {
     inner: Arc<RwLock<Inner>>,
-    snapshot_wanted: Arc<std::sync::atomic::AtomicBool>,
 }
 
 #[derive(Default)]
@@ -123,10 +122,7 @@ impl Storage for MemStore {
     fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
         match self.stored_snapshot() {
             Ok(Some(snapshot)) if super::snapshot_serves(&snapshot, request_index, to) => Ok(snapshot),
-            _ => {
-                self.snapshot_wanted.store(true, std::sync::atomic::Ordering::Relaxed);
-                Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable))
-            }
+            _ => Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable)),
         }
     }
 }
@@ -216,10 +212,6 @@ impl LogStore for MemStore {
 
     fn plugin_history(&self) -> Result<Vec<(u64, [u8; 32])>, StoreError> {
         Ok(self.rl().plugin_history.iter().map(|(i, s)| (*i, *s)).collect())
-    }
-
-    fn take_snapshot_request(&self) -> bool {
-        self.snapshot_wanted.swap(false, std::sync::atomic::Ordering::Relaxed)
     }
 
     fn snapshot_metadata(&self) -> Result<SnapshotMetadata, StoreError> {

@@ -271,10 +271,6 @@ pub trait LogStore: Storage + Clone + Send + Sync + 'static {
         Ok(Some((sha, wasm)))
     }
 
-    /// Whether raft asked for a snapshot the store does not have (one that
-    /// includes a newly added member); clears the request.
-    fn take_snapshot_request(&self) -> bool;
-
     /// The latest stored snapshot's metadata (index 0: none), without its data.
     fn snapshot_metadata(&self) -> Result<SnapshotMetadata, StoreError>;
 

@@ -17,6 +17,7 @@
 //! [`Persister`]: super::persister::Persister
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use protobuf::Message as _;
@@ -32,6 +33,10 @@ pub const DURABLE_CACHE_BYTES: usize = 4 << 20;
 pub struct Staged<S> {
     inner: S,
     tail: Arc<Mutex<Tail>>,
+    /// Raft asked for a snapshot the store does not have (older than it
+    /// needs, or made before the member it is for joined); the core turns
+    /// it into `Action::WantSnapshot`.
+    snapshot_wanted: Arc<AtomicBool>,
 }
 
 #[derive(Default)]
@@ -82,7 +87,14 @@ impl<S: Storage> Staged<S> {
         Staged {
             inner,
             tail: Arc::default(),
+            snapshot_wanted: Arc::default(),
         }
+    }
+
+    /// Whether raft asked for a snapshot the store could not give since the
+    /// last call; clears the want.
+    pub fn take_snapshot_want(&self) -> bool {
+        self.snapshot_wanted.swap(false, Ordering::Relaxed)
     }
 
     fn tail(&self) -> MutexGuard<'_, Tail> {
@@ -194,7 +206,11 @@ impl<S: Storage> Storage for Staged<S> {
     }
 
     fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
-        self.inner.snapshot(request_index, to)
+        let snapshot = self.inner.snapshot(request_index, to);
+        if let Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable)) = snapshot {
+            self.snapshot_wanted.store(true, Ordering::Relaxed);
+        }
+        snapshot
     }
 }
 
@@ -306,6 +322,20 @@ mod tests {
         let tail = staged.tail();
         assert!(tail.bytes <= DURABLE_CACHE_BYTES, "{} bytes cached", tail.bytes);
         assert_eq!(tail.last_index(), Some(8), "the newest stay");
+    }
+
+    #[test]
+    fn a_snapshot_the_store_cannot_serve_is_wanted_once() {
+        let staged = Staged::new(MemStore::new());
+        assert!(!staged.take_snapshot_want());
+        // No snapshot stored: raft's request becomes a want, taken once.
+        assert!(staged.snapshot(1, 2).is_err());
+        assert!(staged.take_snapshot_want());
+        assert!(!staged.take_snapshot_want(), "the want is cleared once taken");
+        // Clones (raft's and the core's) share it.
+        let clone = staged.clone();
+        assert!(clone.snapshot(1, 2).is_err());
+        assert!(staged.take_snapshot_want());
     }
 
     #[test]

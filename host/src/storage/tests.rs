@@ -224,19 +224,16 @@ fn a_saved_snapshot_compacts_the_log_it_covers<S: LogStore>(store: S) {
     assert!(is_store_error(store.term(4), StorageError::Compacted));
     assert_eq!(store.stored_snapshot().unwrap().unwrap().data.as_ref(), b"state@8");
     assert_eq!(store.snapshot(8, 1).unwrap().get_metadata().index, 8);
-    assert!(!store.take_snapshot_request());
+    // Too old for raft, or made before the member it is for joined: not
+    // served (raft's view of the store, `Staged`, then wants a new one).
     assert!(is_store_error(
         store.snapshot(9, 1),
         StorageError::SnapshotTemporarilyUnavailable
     ));
-    assert!(store.take_snapshot_request(), "a newer snapshot was not requested");
-    // A member that joined after the snapshot cannot use it.
     assert!(is_store_error(
         store.snapshot(8, 4),
         StorageError::SnapshotTemporarilyUnavailable
     ));
-    assert!(store.take_snapshot_request());
-    assert!(!store.take_snapshot_request(), "the request is cleared once taken");
 
     // A batch queued before the snapshot, with the commit index it knew
     // then, lands after it: the commit index stays where the snapshot put it.

@@ -270,6 +270,23 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// The apply worker's source of components this node lacks:
+/// `Peer.FetchPlugin` on the members. The worker runs on a thread of its
+/// own, never on the runtime, so it waits for the fetch on the runtime's
+/// handle.
+pub(crate) struct PeerPlugins {
+    pub runtime: tokio::runtime::Handle,
+    pub link: Link,
+    pub max_message_bytes: usize,
+}
+
+impl crate::plugin_id::PluginSource for PeerPlugins {
+    fn fetch(&self, id: PluginId, addrs: &[String]) -> anyhow::Result<Vec<u8>> {
+        self.runtime
+            .block_on(fetch_plugin(&self.link, &id.0, addrs.to_vec(), self.max_message_bytes))
+    }
+}
+
 /// Fetch a plugin component by hash from the first member at `addrs` that
 /// has it, checking the bytes against the hash.
 pub async fn fetch_plugin(
