@@ -47,6 +47,7 @@ pub mod client;
 #[cfg(test)]
 mod cluster_tests;
 pub(crate) mod codec;
+pub(crate) mod conf_change;
 pub mod config;
 pub mod daemon;
 pub(crate) mod debug;

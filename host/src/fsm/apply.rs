@@ -178,34 +178,17 @@ impl<S: LogStore> Fsm<S> {
             reason: format!("bad conf change: {e}"),
         })?;
         let id = change.node_id;
-        let conf = &mut self.conf_state;
-        match change.get_change_type() {
-            ConfChangeType::AddNode => {
-                conf.learners.retain(|l| *l != id);
-                if !conf.voters.contains(&id) {
-                    conf.voters.push(id);
-                }
-            }
-            ConfChangeType::AddLearnerNode => {
-                if !conf.voters.contains(&id) && !conf.learners.contains(&id) {
-                    conf.learners.push(id);
-                }
-            }
-            ConfChangeType::RemoveNode => {
-                conf.voters.retain(|v| *v != id);
-                conf.learners.retain(|l| *l != id);
-                self.members.remove(&id);
-                if self.alarms.remove(&id) {
-                    self.alarms_tx.send_replace(self.alarms.clone());
-                }
-            }
+        if let Err(error) = crate::conf_change::apply(&mut self.conf_state, &change) {
+            // Raft refused it as well, and kept its configuration.
+            tracing::error!(index, %error, "a committed membership change was refused; the configuration stays as it was");
+            return Ok(());
         }
-        conf.voters.sort_unstable();
-        conf.learners.sort_unstable();
-        if change.get_change_type() != ConfChangeType::RemoveNode
-            && let Ok(addr) = String::from_utf8(change.context.to_vec())
-            && !addr.is_empty()
-        {
+        if change.get_change_type() == ConfChangeType::RemoveNode {
+            self.members.remove(&id);
+            if self.alarms.remove(&id) {
+                self.alarms_tx.send_replace(self.alarms.clone());
+            }
+        } else if let Some(addr) = crate::conf_change::address(&change) {
             self.members.insert(id, addr);
         }
         Ok(())

@@ -205,9 +205,7 @@ impl<S: LogStore, W: Reply<Proposed>, R: Reply<ReadIndexed>> Core<S, W, R> {
         match change.get_change_type() {
             ConfChangeType::AddNode | ConfChangeType::AddLearnerNode => {
                 self.identity.max_id = self.identity.max_id.max(id);
-                if let Ok(addr) = String::from_utf8(change.context.to_vec())
-                    && !addr.is_empty()
-                {
+                if let Some(addr) = crate::conf_change::address(change) {
                     self.identity.members.retain(|(member, _)| *member != id);
                     self.identity.members.push((id, addr.clone()));
                     self.identity.members.sort();

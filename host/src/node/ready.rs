@@ -242,13 +242,22 @@ impl<S: LogStore, W: Reply<Proposed>, R: Reply<ReadIndexed>> Core<S, W, R> {
         let mut waiters = HashMap::new();
         for entry in &entries {
             let proposal = self.take_proposal(entry);
+            let mut refused = None;
             let conf_change = match entry.get_entry_type() {
                 EntryType::EntryNormal => None,
                 EntryType::EntryConfChange => {
                     let change = ConfChange::parse_from_bytes(&entry.data).map_err(raft::Error::CodecError)?;
                     if entry.index > self.conf_index {
-                        let conf_state = self.raw.apply_conf_change(&change)?;
-                        self.on_conf_changed(&change, conf_state, entry.index);
+                        match self.raw.apply_conf_change(&change) {
+                            Ok(conf_state) => self.on_conf_changed(&change, conf_state, entry.index),
+                            // Every replica refuses it alike (the apply side
+                            // too, see conf_change::apply) and goes on with
+                            // the configuration it had; none stops.
+                            Err(error) => {
+                                tracing::error!(index = entry.index, ?change, %error, "raft refused a committed membership change; the configuration stays as it was");
+                                refused = Some(error.to_string());
+                            }
+                        }
                     }
                     Some(change)
                 }
@@ -259,6 +268,12 @@ impl<S: LogStore, W: Reply<Proposed>, R: Reply<ReadIndexed>> Core<S, W, R> {
                 }
             };
             let Some(proposal) = proposal else { continue };
+            if let Some(error) = refused {
+                proposal.waiter.send(Err(ProposeError::Invalid(format!(
+                    "raft refused the membership change: {error}"
+                ))));
+                continue;
+            }
             match (conf_change, proposal.conf_change) {
                 (None, false) => {
                     waiters.insert(entry.index, proposal.waiter);

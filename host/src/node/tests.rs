@@ -521,6 +521,29 @@ fn the_last_voter_cannot_be_removed_and_a_leader_moves_away_before_its_removal()
 }
 
 #[test]
+fn a_committed_change_raft_refuses_is_answered_and_stops_no_node() {
+    // The rules never propose it (see above); were one in the log anyway,
+    // raft refuses it at apply, and the node answers and goes on.
+    let mut lone = Cluster::new(1);
+    lone.elect(1);
+    let change = raft::prelude::ConfChange {
+        change_type: raft::prelude::ConfChangeType::RemoveNode,
+        node_id: 1,
+        ..Default::default()
+    };
+    let (reply, refused) = oneshot::channel();
+    lone.node(1).core.propose_conf_change(change, Some(reply));
+    lone.settle();
+    assert!(
+        matches!(answer(refused), Err(ProposeError::Invalid(m)) if m.contains("raft refused")),
+        "the proposer is told"
+    );
+    assert_eq!(lone.node(1).core.voters(), [1], "the configuration stays as it was");
+    let applied = answer(lone.propose(1, b"after")).unwrap();
+    assert_eq!(lone.node(1).applied[&applied.index], b"after".to_vec());
+}
+
+#[test]
 fn a_caught_up_learner_is_promoted_but_one_that_cannot_apply_is_not() {
     let mut cluster = Cluster::new(3);
     cluster.elect(1);
