@@ -266,6 +266,12 @@ fn local<T>(message: T) -> Request<T> {
 }
 
 impl NodeHandle {
+    /// The services behind the handle (tests that call the peer side).
+    #[cfg(test)]
+    pub(crate) fn services(&self) -> &Services {
+        &self.services
+    }
+
     /// Replicate a command, given as text for the plugin's codec (for the
     /// kv plugin: `set k v`), and wait until it is applied here.
     pub async fn propose(&self, text: &str) -> Result<Applied, Error> {

@@ -218,3 +218,70 @@ async fn a_follower_cut_off_past_a_compaction_catches_up_by_a_streamed_snapshot(
     assert_eq!(cluster.stale(follower, "len").await, "100");
     cluster.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_on_a_cut_off_node_fails_at_its_deadline_saying_nothing_was_written() {
+    let cluster = Cluster::start(3, 5, |config| config.client.request_timeout_ms = 300).await;
+    let leader = cluster.leader(&[1, 2, 3]).await;
+    let follower = if leader == 1 { 2 } else { 1 };
+    cluster.router.cut_off(follower);
+    let error = cluster
+        .handle(follower)
+        .query("get x", Consistency::Linearizable)
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Unavailable, "{error}");
+    assert!(error.to_string().contains("wrote nothing"), "{error}");
+    cluster.router.heal();
+    cluster.leader(&[1, 2, 3]).await;
+    let read = cluster.handle(follower).query("get x", Consistency::Linearizable).await;
+    assert_eq!(read.unwrap().text, "(nil)", "served again once healed");
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_peer_batch_says_is_checked_before_raft_sees_it() {
+    use protobuf::Message as _;
+    let cluster = Cluster::start(3, 9, |_| {}).await;
+    let leader = cluster.leader(&[1, 2, 3]).await;
+    let target = if leader == 1 { 2 } else { 1 };
+    let status = cluster.status(target).await;
+    let peer = cluster.handle(target);
+    let heartbeat = |from: u64| {
+        let mut message = raft::prelude::Message::default();
+        message.set_msg_type(raft::prelude::MessageType::MsgHeartbeat);
+        (message.from, message.to, message.term) = (from, target, status.term + 1);
+        message.write_to_bytes().unwrap()
+    };
+    let batch = |from: u64, cluster_id: u64, messages: Vec<Vec<u8>>| crate::proto::RaftBatch {
+        messages,
+        cluster_id,
+        from,
+        ..Default::default()
+    };
+    let sender = 6 - leader - target;
+
+    // A message in another sender's name is dropped and counted; raft
+    // never sees it (the node's term does not move).
+    let forged = batch(sender, status.cluster_id, vec![heartbeat(leader)]);
+    assert_eq!(peer.services().receive_batch(forged).await.unwrap(), 1);
+    // Another cluster's batch and undecodable bytes are refused outright.
+    let stranger = batch(sender, status.cluster_id ^ 1, vec![heartbeat(sender)]);
+    let refused = peer.services().receive_batch(stranger).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused}");
+    let garbage = batch(sender, status.cluster_id, vec![vec![0xff; 7]]);
+    let refused = peer.services().receive_batch(garbage).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused}");
+
+    let after = cluster.status(target).await;
+    let count = |reason: &str| after.refused.iter().find(|r| r.reason == reason).map_or(0, |r| r.count);
+    assert_eq!(count("addressing"), 1, "{:?}", after.refused);
+    assert_eq!(count("other_cluster"), 1, "{:?}", after.refused);
+    assert_eq!(after.term, status.term, "a refused message moved the term");
+    assert_eq!(
+        cluster.leader(&[1, 2, 3]).await,
+        leader,
+        "and the cluster is undisturbed"
+    );
+    cluster.stop().await;
+}
