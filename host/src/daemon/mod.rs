@@ -28,7 +28,7 @@ use crate::space::{SpaceConfig, SpaceWatch};
 use crate::storage::LogStore;
 use crate::storage::lmdb::LmdbStore;
 use crate::transport::grpc::GrpcTransport;
-use crate::transport::{Link, Transport};
+use crate::transport::{Link, Sending, Transport};
 
 mod identity;
 #[cfg(test)]
@@ -220,18 +220,16 @@ pub(crate) async fn serve(
     let (node_tx, node_rx) = mpsc::channel(NODE_QUEUE);
     let refusals = Arc::new(Refusals::default());
     let (snapshots_sent, snapshots_sent_rx) = mpsc::channel(SNAPSHOT_REPORTS);
-    let (transport_config, stored) = (config.transport.clone(), Arc::new(store.clone()));
+    let sending = Sending {
+        link: link.clone(),
+        config: config.transport.clone(),
+        reports: snapshots_sent,
+        snapshots: Arc::new(store.clone()),
+    };
     let transport: Arc<dyn Transport> = match &network {
-        PeerNetwork::Grpc => Arc::new(GrpcTransport::new(
-            link.clone(),
-            transport_config,
-            snapshots_sent,
-            stored,
-        )),
+        PeerNetwork::Grpc => Arc::new(GrpcTransport::new(sending)),
         #[cfg(test)]
-        PeerNetwork::Routed(router) => {
-            Arc::new(router.transport(link.clone(), transport_config, snapshots_sent, stored))
-        }
+        PeerNetwork::Routed(router) => Arc::new(router.transport(sending)),
     };
     for (peer, addr) in &identity.members {
         transport.set_peer(*peer, addr.clone());

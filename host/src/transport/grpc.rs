@@ -21,25 +21,19 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use raft::prelude::{Message, MessageType};
+use raft::prelude::Message;
 use tokio::sync::mpsc;
 
-use super::{Link, SnapshotSent, Transport, TransportConfig};
+use super::{Lanes, Link, Sending, Transport, TransportConfig};
 use crate::plugin_id::PluginId;
 use crate::proto::RaftBatch;
 use crate::proto::peer_client::PeerClient;
-use crate::storage::SnapshotPieces;
 
 /// The gRPC transport. Cheap to clone.
 #[derive(Clone)]
 pub(crate) struct GrpcTransport {
     inner: Arc<Mutex<Inner>>,
-    config: TransportConfig,
-    link: Link,
-    /// Where snapshot outcomes are reported (the raft loop).
-    reports: mpsc::Sender<SnapshotSent>,
-    /// Where snapshots that raft sends by reference are read from.
-    snapshots: Arc<dyn SnapshotPieces>,
+    sending: Sending,
 }
 
 struct Inner {
@@ -49,28 +43,17 @@ struct Inner {
 
 struct Peer {
     addr: String,
-    data: mpsc::Sender<Vec<Message>>,
-    control: mpsc::Sender<Vec<Message>>,
+    lanes: Lanes,
 }
 
 impl GrpcTransport {
-    /// Snapshot outcomes go to `reports`; snapshots that raft sends by
-    /// reference are read from `snapshots`.
-    pub(crate) fn new(
-        link: Link,
-        config: TransportConfig,
-        reports: mpsc::Sender<SnapshotSent>,
-        snapshots: Arc<dyn SnapshotPieces>,
-    ) -> GrpcTransport {
+    pub(crate) fn new(sending: Sending) -> GrpcTransport {
         GrpcTransport {
             inner: Arc::new(Mutex::new(Inner {
-                self_id: link.self_id,
+                self_id: sending.link.self_id,
                 peers: HashMap::new(),
             })),
-            config,
-            link,
-            reports,
-            snapshots,
+            sending,
         }
     }
 
@@ -85,24 +68,24 @@ impl Transport for GrpcTransport {
         if id == inner.self_id || inner.peers.get(&id).is_some_and(|p| p.addr == addr) {
             return;
         }
-        let (data, data_batches) = mpsc::channel(self.config.peer_queue_batches);
-        let (control, control_batches) = mpsc::channel(self.config.peer_queue_batches);
-        tokio::spawn(peer_task(
-            id,
-            addr.clone(),
-            data_batches,
-            self.config.clone(),
-            self.link.clone(),
-        ));
-        tokio::spawn(peer_task(
-            id,
-            addr.clone(),
-            control_batches,
-            self.config.clone(),
-            self.link.clone(),
-        ));
+        // A lane: a queue and the task that streams it to the peer.
+        let lane = || {
+            let (lane, batches) = mpsc::channel(self.sending.config.peer_queue_batches);
+            tokio::spawn(peer_task(
+                id,
+                addr.clone(),
+                batches,
+                self.sending.config.clone(),
+                self.sending.link.clone(),
+            ));
+            lane
+        };
+        let lanes = Lanes {
+            data: lane(),
+            control: lane(),
+        };
         // Replacing the entry drops the old queues, which ends the old tasks.
-        inner.peers.insert(id, Peer { addr, data, control });
+        inner.peers.insert(id, Peer { addr, lanes });
     }
 
     fn remove_peer(&self, id: u64) {
@@ -110,44 +93,17 @@ impl Transport for GrpcTransport {
     }
 
     fn send(&self, messages: Vec<Message>) -> Vec<u64> {
-        if messages.is_empty() {
-            return Vec::new();
-        }
-        let mut by_peer: HashMap<(u64, bool), Vec<Message>> = HashMap::new();
         let inner = self.lock();
-        let mut unreachable = Vec::new();
-        for message in messages {
-            if message.get_msg_type() == MessageType::MsgSnapshot {
-                match inner.peers.get(&message.to) {
-                    Some(peer) => {
-                        tokio::spawn(send_snapshot(
-                            peer.addr.clone(),
-                            message,
-                            self.config.clone(),
-                            self.link.clone(),
-                            self.reports.clone(),
-                            self.snapshots.clone(),
-                        ));
-                    }
-                    None => unreachable.push(message.to),
-                }
-                continue;
-            }
-            by_peer
-                .entry((message.to, super::is_data(&message)))
-                .or_default()
-                .push(message);
-        }
-        for ((to, data), batch) in by_peer {
-            let queued = inner.peers.get(&to).is_some_and(|peer| {
-                let lane = if data { &peer.data } else { &peer.control };
-                lane.try_send(batch).is_ok()
-            });
-            if !queued && !unreachable.contains(&to) {
-                unreachable.push(to);
-            }
-        }
-        unreachable
+        super::dispatch(
+            messages,
+            |to| inner.peers.get(&to).map(|peer| &peer.lanes),
+            |message| {
+                let (addr, sending) = (inner.peers[&message.to].addr.clone(), self.sending.clone());
+                tokio::spawn(async move {
+                    super::send_snapshot(&sending, message, |_, chunks| install_snapshot(&addr, &sending, chunks)).await
+                });
+            },
+        )
     }
 }
 
@@ -218,47 +174,36 @@ async fn sleep_or_closed(batches: &mut mpsc::Receiver<Vec<Message>>, delay: Dura
     }
 }
 
-/// Stream one snapshot to a peer over `Peer.InstallSnapshot` and report the
-/// outcome to the raft loop.
-async fn send_snapshot(
-    addr: String,
-    message: Message,
-    config: TransportConfig,
-    link: Link,
-    reports: mpsc::Sender<SnapshotSent>,
-    store: Arc<dyn SnapshotPieces>,
-) {
-    let to = message.to;
-    let index = message.get_snapshot().get_metadata().index;
-    let started = std::time::Instant::now();
-    let chunks = super::snapshot_chunks(message, config.snapshot_chunk_bytes, link.cluster_id, Some(store));
-    let result = async move {
-        let mut chunks = chunks?;
-        let channel = link.dialer.connect(&addr, Duration::from_secs(2)).await?;
-        let mut client = PeerClient::new(channel)
-            .max_encoding_message_size(config.max_message_bytes)
-            .max_decoding_message_size(config.max_message_bytes);
-        // A producer task feeds the request through a short channel (a
-        // concrete stream type, and at most two chunks in flight).
-        let (feed, stream) = mpsc::channel(2);
-        let producer = tokio::spawn(async move {
-            use futures::StreamExt as _;
-            while let Some(chunk) = chunks.next().await {
-                if feed.send(chunk).await.is_err() {
-                    break;
-                }
+/// Stream one snapshot's chunks to the peer at `addr` over
+/// `Peer.InstallSnapshot`.
+async fn install_snapshot(
+    addr: &str,
+    sending: &Sending,
+    mut chunks: futures::stream::BoxStream<'static, crate::proto::SnapshotChunk>,
+) -> Result<(), String> {
+    let channel = sending.link.dialer.connect(addr, Duration::from_secs(2)).await?;
+    let max = sending.config.max_message_bytes;
+    let mut client = PeerClient::new(channel)
+        .max_encoding_message_size(max)
+        .max_decoding_message_size(max);
+    // A producer task feeds the request through a short channel (a
+    // concrete stream type, and at most two chunks in flight).
+    let (feed, stream) = mpsc::channel(2);
+    let producer = tokio::spawn(async move {
+        use futures::StreamExt as _;
+        while let Some(chunk) = chunks.next().await {
+            if feed.send(chunk).await.is_err() {
+                break;
             }
-        });
-        let stream = tokio_stream::wrappers::ReceiverStream::new(stream);
-        let _producer = AbortOnDrop(producer);
-        client
-            .install_snapshot(stream)
-            .await
-            .map(|_| ())
-            .map_err(|status| status.message().to_string())
-    }
-    .await;
-    super::report_snapshot(&reports, to, index, started, result).await;
+        }
+    });
+    let stream = tokio_stream::wrappers::ReceiverStream::new(stream);
+    let _producer = AbortOnDrop(producer);
+    client
+        .install_snapshot(stream)
+        .await
+        .map(|_| ())
+        .map_err(|status| status.message().to_string())
 }
 
 /// Aborts a task when dropped (a transfer that ended stops its producer).

@@ -128,12 +128,66 @@ impl Link {
     }
 }
 
+/// What a transport needs of the node it sends for.
+#[derive(Clone)]
+pub(crate) struct Sending {
+    pub link: Link,
+    pub config: TransportConfig,
+    /// Where snapshot outcomes are reported (the raft loop).
+    pub reports: tokio::sync::mpsc::Sender<SnapshotSent>,
+    /// Where snapshots that raft sends by reference are read from.
+    pub snapshots: Arc<dyn SnapshotPieces>,
+}
+
 /// Log replication goes on the data lane; the rest is small and urgent.
-pub(crate) fn is_data(message: &Message) -> bool {
+fn is_data(message: &Message) -> bool {
     matches!(
         message.get_msg_type(),
         MessageType::MsgAppend | MessageType::MsgAppendResponse
     )
+}
+
+/// A peer's two queues, each drained in order by a task of its own: log
+/// replication on `data`, everything else on `control`, so a large append
+/// never holds a heartbeat back.
+pub(crate) struct Lanes {
+    pub data: tokio::sync::mpsc::Sender<Vec<Message>>,
+    pub control: tokio::sync::mpsc::Sender<Vec<Message>>,
+}
+
+/// Hand one `Ready`'s messages to their peers without waiting: one batch
+/// per peer and lane into `lanes_of(peer)`, each snapshot to
+/// `send_snapshot`. Returns the peers that took nothing (unknown, or a
+/// full queue), for `report_unreachable`.
+pub(crate) fn dispatch<'a>(
+    messages: Vec<Message>,
+    lanes_of: impl Fn(u64) -> Option<&'a Lanes>,
+    mut send_snapshot: impl FnMut(Message),
+) -> Vec<u64> {
+    let mut batches: std::collections::HashMap<(u64, bool), Vec<Message>> = Default::default();
+    let mut unreachable = Vec::new();
+    for message in messages {
+        if lanes_of(message.to).is_none() {
+            if !unreachable.contains(&message.to) {
+                unreachable.push(message.to);
+            }
+        } else if message.get_msg_type() == MessageType::MsgSnapshot {
+            send_snapshot(message);
+        } else {
+            batches
+                .entry((message.to, is_data(&message)))
+                .or_default()
+                .push(message);
+        }
+    }
+    for ((to, data), batch) in batches {
+        let lanes = lanes_of(to).expect("known above");
+        let lane = if data { &lanes.data } else { &lanes.control };
+        if lane.try_send(batch).is_err() && !unreachable.contains(&to) {
+            unreachable.push(to);
+        }
+    }
+    unreachable
 }
 
 /// The chunks of one snapshot message, as `Peer.InstallSnapshot` takes
@@ -169,16 +223,28 @@ pub(crate) fn snapshot_chunks(
     Ok(futures::stream::iter(std::iter::once(first)).chain(pieces).boxed())
 }
 
-/// Log a finished snapshot transfer and report it to the raft loop.
-pub(crate) async fn report_snapshot(
-    reports: &tokio::sync::mpsc::Sender<SnapshotSent>,
-    to: u64,
-    index: u64,
-    started: std::time::Instant,
-    result: Result<(), String>,
-) {
-    let ok = result.is_ok();
-    match result {
+/// Send one snapshot message: `deliver` gets its chunks (see
+/// [`snapshot_chunks`]) and carries them to peer `to`; the outcome is
+/// logged and reported to the raft loop, which retries a failure.
+pub(crate) async fn send_snapshot<F, D>(sending: &Sending, message: Message, deliver: D)
+where
+    D: FnOnce(u64, futures::stream::BoxStream<'static, SnapshotChunk>) -> F,
+    F: std::future::Future<Output = Result<(), String>>,
+{
+    let to = message.to;
+    let index = message.get_snapshot().get_metadata().index;
+    let started = std::time::Instant::now();
+    let chunks = snapshot_chunks(
+        message,
+        sending.config.snapshot_chunk_bytes,
+        sending.link.cluster_id,
+        Some(sending.snapshots.clone()),
+    );
+    let result = match chunks {
+        Ok(chunks) => deliver(to, chunks).await,
+        Err(error) => Err(error),
+    };
+    match &result {
         Ok(()) => tracing::info!(
             peer = to,
             index,
@@ -187,7 +253,8 @@ pub(crate) async fn report_snapshot(
         ),
         Err(error) => tracing::warn!(peer = to, index, %error, "sending a snapshot failed; raft will retry"),
     }
-    let _ = reports.send(SnapshotSent { to, ok }).await;
+    let ok = result.is_ok();
+    let _ = sending.reports.send(SnapshotSent { to, ok }).await;
 }
 
 /// Snapshot data held in memory, a chunk copied out at a time as the stream

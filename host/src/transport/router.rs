@@ -12,12 +12,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt as _;
-use raft::prelude::{Message, MessageType};
+use raft::prelude::Message;
 use tokio::sync::mpsc;
 
-use super::{Link, SnapshotSent, Transport, TransportConfig};
+use super::{Lanes, Link, Sending, Transport};
 use crate::server::Services;
-use crate::storage::SnapshotPieces;
 
 /// The network between the nodes registered with it.
 pub(crate) struct Router {
@@ -114,20 +113,11 @@ impl Router {
         self.lock().snapshots
     }
 
-    /// The transport for the node `link` describes.
-    pub(crate) fn transport(
-        self: &Arc<Self>,
-        link: Link,
-        config: TransportConfig,
-        reports: mpsc::Sender<SnapshotSent>,
-        snapshots: Arc<dyn SnapshotPieces>,
-    ) -> RoutedTransport {
+    /// The transport for the node `sending` describes.
+    pub(crate) fn transport(self: &Arc<Self>, sending: Sending) -> RoutedTransport {
         RoutedTransport {
             router: self.clone(),
-            link,
-            config,
-            reports,
-            snapshots,
+            sending,
             lanes: Mutex::new(HashMap::new()),
         }
     }
@@ -163,16 +153,8 @@ impl Router {
 /// streams do.
 pub(crate) struct RoutedTransport {
     router: Arc<Router>,
-    link: Link,
-    config: TransportConfig,
-    reports: mpsc::Sender<SnapshotSent>,
-    snapshots: Arc<dyn SnapshotPieces>,
+    sending: Sending,
     lanes: Mutex<HashMap<u64, Lanes>>,
-}
-
-struct Lanes {
-    data: mpsc::Sender<Vec<Message>>,
-    control: mpsc::Sender<Vec<Message>>,
 }
 
 impl RoutedTransport {
@@ -181,15 +163,15 @@ impl RoutedTransport {
     }
 
     fn lane(&self, to: u64) -> mpsc::Sender<Vec<Message>> {
-        let (lane, batches) = mpsc::channel(self.config.peer_queue_batches);
-        tokio::spawn(deliver(self.router.clone(), self.link.clone(), to, batches));
+        let (lane, batches) = mpsc::channel(self.sending.config.peer_queue_batches);
+        tokio::spawn(deliver(self.router.clone(), self.sending.link.clone(), to, batches));
         lane
     }
 }
 
 impl Transport for RoutedTransport {
     fn set_peer(&self, id: u64, _addr: String) {
-        if id == self.link.self_id || self.lanes().contains_key(&id) {
+        if id == self.sending.link.self_id || self.lanes().contains_key(&id) {
             return;
         }
         let lanes = Lanes {
@@ -204,40 +186,21 @@ impl Transport for RoutedTransport {
     }
 
     fn send(&self, messages: Vec<Message>) -> Vec<u64> {
-        let mut by_lane: HashMap<(u64, bool), Vec<Message>> = HashMap::new();
-        let mut unreachable = Vec::new();
         let lanes = self.lanes();
-        for message in messages {
-            if !lanes.contains_key(&message.to) {
-                if !unreachable.contains(&message.to) {
-                    unreachable.push(message.to);
-                }
-                continue;
-            }
-            if message.get_msg_type() == MessageType::MsgSnapshot {
-                tokio::spawn(send_snapshot(
-                    self.router.clone(),
-                    self.link.clone(),
-                    self.config.snapshot_chunk_bytes,
-                    self.reports.clone(),
-                    self.snapshots.clone(),
-                    message,
-                ));
-                continue;
-            }
-            by_lane
-                .entry((message.to, super::is_data(&message)))
-                .or_default()
-                .push(message);
-        }
-        for ((to, data), batch) in by_lane {
-            let lane = &lanes[&to];
-            let lane = if data { &lane.data } else { &lane.control };
-            if lane.try_send(batch).is_err() && !unreachable.contains(&to) {
-                unreachable.push(to);
-            }
-        }
-        unreachable
+        super::dispatch(
+            messages,
+            |to| lanes.get(&to),
+            |message| {
+                let (router, sending) = (self.router.clone(), self.sending.clone());
+                tokio::spawn(async move {
+                    let from = sending.link.self_id;
+                    super::send_snapshot(&sending, message, |to, chunks| {
+                        install_snapshot(&router, from, to, chunks)
+                    })
+                    .await
+                });
+            },
+        )
     }
 }
 
@@ -257,32 +220,21 @@ async fn deliver(router: Arc<Router>, link: Link, to: u64, mut batches: mpsc::Re
     }
 }
 
-/// One snapshot, its chunks streamed into the receiver's snapshot
-/// reception, and the outcome reported to the raft loop.
-async fn send_snapshot(
-    router: Arc<Router>,
-    link: Link,
-    chunk_bytes: usize,
-    reports: mpsc::Sender<SnapshotSent>,
-    store: Arc<dyn SnapshotPieces>,
-    message: Message,
-) {
-    let to = message.to;
-    let index = message.get_snapshot().get_metadata().index;
-    let started = std::time::Instant::now();
-    let result = async {
-        let chunks = super::snapshot_chunks(message, chunk_bytes, link.cluster_id, Some(store))?;
-        let (receiver, delay) = router
-            .route(link.self_id, to)
-            .ok_or_else(|| "the network did not deliver it".to_string())?;
-        tokio::time::sleep(delay).await;
-        receiver
-            .receive_snapshot(chunks.map(Ok))
-            .await
-            .map_err(|status| status.message().to_string())?;
-        router.lock().snapshots += 1;
-        Ok(())
-    }
-    .await;
-    super::report_snapshot(&reports, to, index, started, result).await;
+/// One snapshot's chunks streamed into the receiver's snapshot reception.
+async fn install_snapshot(
+    router: &Router,
+    from: u64,
+    to: u64,
+    chunks: futures::stream::BoxStream<'static, crate::proto::SnapshotChunk>,
+) -> Result<(), String> {
+    let (receiver, delay) = router
+        .route(from, to)
+        .ok_or_else(|| "the network did not deliver it".to_string())?;
+    tokio::time::sleep(delay).await;
+    receiver
+        .receive_snapshot(chunks.map(Ok))
+        .await
+        .map_err(|status| status.message().to_string())?;
+    router.lock().snapshots += 1;
+    Ok(())
 }
