@@ -24,6 +24,7 @@
 mod apply;
 mod epoch;
 mod recovery;
+mod restore;
 mod snapshots;
 mod stall;
 mod swap;
