@@ -188,7 +188,6 @@ async fn a_follower_cut_off_past_a_compaction_catches_up_by_a_streamed_snapshot(
         config.snapshot.keep_entries = 0;
         config.snapshot.log_percent = 0;
         config.snapshot.chunk_bytes = 1024;
-        config.transport.snapshot_chunk_bytes = 1024;
     })
     .await;
     let leader = cluster.leader(&[1, 2, 3]).await;

@@ -18,35 +18,55 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::time::{Instant, Sleep};
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
-/// Connection limits; see `config.rs` for their flags.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// Connection limits: `run`'s flags of that heading, the same names in a
+/// `--config` file, and `RAFTIFY_*` variables.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args, serde::Serialize, serde::Deserialize)]
+#[command(next_help_heading = "Connections")]
+#[serde(default)]
 pub struct ConnectionConfig {
     /// Connections served at once; more are closed on accept.
+    #[arg(long, env = "RAFTIFY_MAX_CONNECTIONS", default_value_t = ConnectionConfig::DEFAULT.max_connections)]
     pub max_connections: usize,
-    /// A new connection must send its first bytes (the 24-byte HTTP/2
-    /// preface, or the TLS handshake) within this time, however slowly
+    /// A new connection must send its first bytes (the HTTP/2 preface, or
+    /// the TLS handshake) within this many milliseconds, however slowly
     /// they trickle in.
+    #[arg(long, env = "RAFTIFY_HANDSHAKE_TIMEOUT_MS", default_value_t = ConnectionConfig::DEFAULT.handshake_timeout_ms)]
     pub handshake_timeout_ms: u64,
-    /// A connection that sends nothing for this long is closed. The server
-    /// pings every `keepalive_interval_ms`, so a live client always answers
-    /// well within it.
-    pub idle_timeout_ms: u64,
-    /// HTTP/2 keepalive ping interval; a ping unanswered for twice this
-    /// long closes the connection.
+    /// Seconds a connection may stay silent before it is closed (the server
+    /// pings live ones every keepalive interval, so they always answer
+    /// well within it).
+    #[arg(long, env = "RAFTIFY_IDLE_TIMEOUT_SECS", default_value_t = ConnectionConfig::DEFAULT.idle_timeout_secs)]
+    pub idle_timeout_secs: u64,
+    /// HTTP/2 keepalive ping interval in milliseconds; a ping unanswered for
+    /// twice this long closes the connection.
+    #[arg(
+        long,
+        env = "RAFTIFY_KEEPALIVE_INTERVAL_MS",
+        default_value_t = ConnectionConfig::DEFAULT.keepalive_interval_ms
+    )]
     pub keepalive_interval_ms: u64,
     /// Concurrent HTTP/2 streams (requests) per connection.
+    #[arg(
+        long,
+        env = "RAFTIFY_MAX_STREAMS_PER_CONNECTION",
+        default_value_t = ConnectionConfig::DEFAULT.max_streams_per_connection
+    )]
     pub max_streams_per_connection: u32,
+}
+
+impl ConnectionConfig {
+    pub const DEFAULT: ConnectionConfig = ConnectionConfig {
+        max_connections: 512,
+        handshake_timeout_ms: 10_000,
+        idle_timeout_secs: 60,
+        keepalive_interval_ms: 10_000,
+        max_streams_per_connection: 1_024,
+    };
 }
 
 impl Default for ConnectionConfig {
     fn default() -> Self {
-        ConnectionConfig {
-            max_connections: 512,
-            handshake_timeout_ms: 10_000,
-            idle_timeout_ms: 60_000,
-            keepalive_interval_ms: 10_000,
-            max_streams_per_connection: 1_024,
-        }
+        ConnectionConfig::DEFAULT
     }
 }
 
@@ -94,7 +114,7 @@ async fn accept_loop(listener: TcpListener, config: ConnectionConfig, tx: mpsc::
             stream,
             _permit: permit,
             preface_left: PREFACE_BYTES,
-            idle: Duration::from_millis(config.idle_timeout_ms),
+            idle: Duration::from_secs(config.idle_timeout_secs),
             deadline: Box::pin(tokio::time::sleep(Duration::from_millis(config.handshake_timeout_ms))),
         };
         if tx.send(Ok(conn)).await.is_err() {
@@ -195,7 +215,7 @@ mod tests {
         ConnectionConfig {
             max_connections,
             handshake_timeout_ms: 200,
-            idle_timeout_ms: 400,
+            idle_timeout_secs: 1,
             ..Default::default()
         }
     }

@@ -33,7 +33,7 @@ fn fail(error: anyhow::Error) -> ExitCode {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    logging::init(logging::DEFAULT_FILTER, args.log_format);
+    logging::init(logging::DEFAULT_FILTER, args.settings.log_format);
     let mut config = args.resolve()?;
     let listener = tokio::net::TcpListener::bind(&config.listen)
         .await

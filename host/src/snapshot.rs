@@ -24,39 +24,84 @@ const MAGIC_V2: &[u8; 4] = b"RSN2";
 /// Snapshots written before space alarms were replicated: read, never written.
 const MAGIC_V1: &[u8; 4] = b"RSN1";
 
-/// Snapshot configuration. Every node takes its own snapshots.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// When a node snapshots and how snapshots travel: `run`'s flags of that
+/// heading, the same names in a `--config` file, and `RAFTIFY_*`
+/// variables. Every node takes its own snapshots.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args, Serialize, Deserialize)]
+#[command(next_help_heading = "Snapshots")]
+#[serde(default)]
 pub struct SnapshotConfig {
     /// Take a snapshot once this many entries were applied since the last.
+    #[arg(
+        long = "snapshot-every-entries",
+        id = "snapshot_every_entries",
+        env = "RAFTIFY_SNAPSHOT_EVERY_ENTRIES",
+        default_value_t = SnapshotConfig::DEFAULT.every_entries
+    )]
+    #[serde(rename = "snapshot_every_entries")]
     pub every_entries: u64,
-    /// Entries kept in the log behind a snapshot, so a follower that lags a
-    /// little catches up from the log rather than a whole snapshot.
+    /// Log entries kept behind a snapshot, so a follower that lags a little
+    /// catches up from the log rather than a whole snapshot.
+    #[arg(
+        long = "snapshot-keep-entries",
+        id = "snapshot_keep_entries",
+        env = "RAFTIFY_SNAPSHOT_KEEP_ENTRIES",
+        default_value_t = SnapshotConfig::DEFAULT.keep_entries
+    )]
+    #[serde(rename = "snapshot_keep_entries")]
     pub keep_entries: u64,
-    /// And only once the entries applied since the last snapshot hold this
-    /// percentage of its size (0: no such wait). A snapshot costs in
-    /// proportion to the state; this keeps that cost in proportion to what
-    /// was written, and the log behind a snapshot short next to the state.
+    /// Before a periodic snapshot, also wait until the entries applied since
+    /// the last one hold this percentage of its size, so a large state is
+    /// not rewritten every few seconds; 0: count entries only.
+    #[arg(
+        long = "snapshot-log-percent",
+        id = "snapshot_log_percent",
+        env = "RAFTIFY_SNAPSHOT_LOG_PERCENT",
+        default_value_t = SnapshotConfig::DEFAULT.log_percent
+    )]
+    #[serde(rename = "snapshot_log_percent")]
     pub log_percent: u64,
-    /// Size of one chunk of a snapshot sent to a follower.
+    /// Size of one chunk of a snapshot, as it is read from the plugin and
+    /// sent to a follower.
+    #[arg(
+        long = "snapshot-chunk-bytes",
+        id = "snapshot_chunk_bytes",
+        env = "RAFTIFY_SNAPSHOT_CHUNK_BYTES",
+        default_value_t = SnapshotConfig::DEFAULT.chunk_bytes
+    )]
+    #[serde(rename = "snapshot_chunk_bytes")]
     pub chunk_bytes: usize,
-    /// The largest snapshot a node accepts from a leader.
+    /// The largest snapshot this node accepts from a leader.
+    #[arg(
+        long = "max-snapshot-bytes",
+        id = "max_snapshot_bytes",
+        env = "RAFTIFY_MAX_SNAPSHOT_BYTES",
+        default_value_t = SnapshotConfig::DEFAULT.max_bytes
+    )]
+    #[serde(rename = "max_snapshot_bytes")]
     pub max_bytes: u64,
     /// Free disk a snapshot being stored leaves alone (the space reserve,
-    /// `min_free_bytes`): the log needs it to go on, and a snapshot that
-    /// would eat into it fails instead (0: no check).
+    /// `min_free_bytes`, set when the node starts): the log needs it to go
+    /// on, and a snapshot that would eat into it fails instead (0: no check).
+    #[arg(skip)]
+    #[serde(skip)]
     pub reserve_bytes: u64,
+}
+
+impl SnapshotConfig {
+    pub const DEFAULT: SnapshotConfig = SnapshotConfig {
+        every_entries: 100_000,
+        keep_entries: 1_000,
+        log_percent: 25,
+        chunk_bytes: 1 << 20,
+        max_bytes: 8 << 30,
+        reserve_bytes: 0,
+    };
 }
 
 impl Default for SnapshotConfig {
     fn default() -> Self {
-        SnapshotConfig {
-            every_entries: 100_000,
-            keep_entries: 1_000,
-            log_percent: 25,
-            chunk_bytes: 1 << 20,
-            max_bytes: 8 << 30,
-            reserve_bytes: 0,
-        }
+        SnapshotConfig::DEFAULT
     }
 }
 

@@ -15,6 +15,37 @@ use tokio::sync::watch;
 use crate::envelope::HostEntry;
 use crate::storage::LogStore;
 
+/// The space limits as set: `run`'s flags of the "Storage" heading, the
+/// same names in a `--config` file, and `RAFTIFY_*` variables. Their
+/// defaults depend on the LMDB map and the filesystem, so they are
+/// resolved into a [`SpaceConfig`] when the node starts.
+#[derive(Debug, Clone, Default, PartialEq, Eq, clap::Args, serde::Serialize, serde::Deserialize)]
+#[command(next_help_heading = "Storage")]
+#[serde(default)]
+pub struct SpaceSettings {
+    /// The most bytes this node's store may hold before it raises the
+    /// cluster's space alarm, which refuses writes [default: 8 GiB, or 80%
+    /// of the LMDB map if less].
+    #[arg(long, env = "RAFTIFY_QUOTA_BYTES")]
+    pub quota_bytes: Option<u64>,
+    /// Raise the space alarm when the data dir's filesystem has less free
+    /// space than this [default: 256 MiB, or a tenth of a smaller filesystem].
+    #[arg(long, env = "RAFTIFY_MIN_FREE_BYTES")]
+    pub min_free_bytes: Option<u64>,
+}
+
+impl SpaceSettings {
+    /// The limits for a store of `map_size_bytes` in `data_dir`.
+    pub fn resolve(&self, map_size_bytes: u64, data_dir: &std::path::Path) -> SpaceConfig {
+        SpaceConfig {
+            quota_bytes: self.quota_bytes.unwrap_or_else(|| default_quota(map_size_bytes)),
+            min_free_bytes: self
+                .min_free_bytes
+                .unwrap_or_else(|| default_min_free(filesystem(data_dir).map_or(0, |(_, total)| total))),
+        }
+    }
+}
+
 /// The limits, resolved when the node starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SpaceConfig {

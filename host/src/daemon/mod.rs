@@ -223,6 +223,7 @@ pub(crate) async fn serve(
     let sending = Sending {
         link: link.clone(),
         config: config.transport.clone(),
+        snapshot_chunk_bytes: config.snapshot.chunk_bytes,
         reports: snapshots_sent,
         snapshots: Arc::new(store.clone()),
     };
@@ -435,13 +436,7 @@ fn is_loopback(addr: &str) -> bool {
 
 /// The space limits: as given, or the defaults for this map and filesystem.
 fn space_config(config: &NodeConfig) -> SpaceConfig {
-    let filesystem_bytes = crate::space::filesystem(&config.data_dir).map_or(0, |(_, total)| total);
-    SpaceConfig {
-        quota_bytes: config
-            .quota_bytes
-            .unwrap_or_else(|| crate::space::default_quota(config.lmdb.map_size_bytes as u64)),
-        min_free_bytes: config
-            .min_free_bytes
-            .unwrap_or_else(|| crate::space::default_min_free(filesystem_bytes)),
-    }
+    config
+        .space
+        .resolve(config.lmdb.map_size_bytes as u64, &config.data_dir)
 }

@@ -28,38 +28,55 @@ use crate::outcome::ApplyWaiter;
 pub use crate::outcome::ProposeError;
 use crate::storage::StoreError;
 
-/// Raft timing and flow-control settings. All are named limits with
-/// defaults; see `config.rs` for the flags that set them.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// Raft timing and flow control: `run`'s flags of that heading, the same
+/// names in a `--config` file, and `RAFTIFY_*` variables.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args, serde::Serialize, serde::Deserialize)]
+#[command(next_help_heading = "Raft")]
+#[serde(default)]
 pub struct RaftConfig {
-    /// How often the raft clock ticks.
+    /// Raft clock period in milliseconds.
+    #[arg(long, env = "RAFTIFY_TICK_INTERVAL_MS", default_value_t = RaftConfig::DEFAULT.tick_interval_ms)]
     pub tick_interval_ms: u64,
     /// Ticks without a leader before a follower campaigns.
+    #[arg(long, env = "RAFTIFY_ELECTION_TICKS", default_value_t = RaftConfig::DEFAULT.election_ticks)]
     pub election_ticks: usize,
     /// Ticks between a leader's heartbeats.
+    #[arg(long, env = "RAFTIFY_HEARTBEAT_TICKS", default_value_t = RaftConfig::DEFAULT.heartbeat_ticks)]
     pub heartbeat_ticks: usize,
     /// Append messages in flight to one follower before waiting for acks.
+    #[arg(long, env = "RAFTIFY_MAX_INFLIGHT_MESSAGES", default_value_t = RaftConfig::DEFAULT.max_inflight_messages)]
     pub max_inflight_messages: usize,
     /// Bytes of entries in one append message.
+    #[arg(
+        long,
+        env = "RAFTIFY_MAX_ENTRIES_BYTES_PER_MESSAGE",
+        default_value_t = RaftConfig::DEFAULT.max_entries_bytes_per_message
+    )]
     pub max_entries_bytes_per_message: u64,
-    /// Proposals this node is waiting on before it answers "busy".
+    /// Proposals this node waits on before it answers "busy".
+    #[arg(long, env = "RAFTIFY_MAX_PENDING_PROPOSALS", default_value_t = RaftConfig::DEFAULT.max_pending_proposals)]
     pub max_pending_proposals: usize,
     /// A learner is promoted to voter once it is within this many entries
     /// of the leader's log.
+    #[arg(long, env = "RAFTIFY_PROMOTE_LAG_ENTRIES", default_value_t = RaftConfig::DEFAULT.promote_lag_entries)]
     pub promote_lag_entries: u64,
+}
+
+impl RaftConfig {
+    pub const DEFAULT: RaftConfig = RaftConfig {
+        tick_interval_ms: 100,
+        election_ticks: 10,
+        heartbeat_ticks: 2,
+        max_inflight_messages: 256,
+        max_entries_bytes_per_message: 1 << 20,
+        max_pending_proposals: 100_000,
+        promote_lag_entries: 64,
+    };
 }
 
 impl Default for RaftConfig {
     fn default() -> Self {
-        RaftConfig {
-            tick_interval_ms: 100,
-            election_ticks: 10,
-            heartbeat_ticks: 2,
-            max_inflight_messages: 256,
-            max_entries_bytes_per_message: 1 << 20,
-            max_pending_proposals: 100_000,
-            promote_lag_entries: 64,
-        }
+        RaftConfig::DEFAULT
     }
 }
 

@@ -69,49 +69,71 @@ enum Bindings {
     V2(bindings::v2::Plugin),
 }
 
-/// Limits on what a plugin may use. These must be identical on every replica
-/// of a cluster: a smaller budget on one node would make it trap where others
-/// do not, and the replicas would diverge.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// Limits on what a plugin may use: `run`'s flags of that heading, the
+/// same names in a `--config` file, and `RAFTIFY_*` variables. The fuel,
+/// memory and result limits must be identical on every replica of a
+/// cluster: a smaller budget on one node would make it trap where others
+/// do not, and the replicas would diverge (so the cluster records them, see
+/// [`Limits`]).
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args, serde::Serialize, serde::Deserialize)]
+#[command(next_help_heading = "Sandbox")]
+#[serde(default)]
 pub struct SandboxConfig {
-    /// Fuel for one `apply`, `query` or codec call (about one unit per Wasm
-    /// instruction). Stops runaway loops deterministically.
+    /// Fuel for one `apply` or `query` call (about one unit per Wasm
+    /// instruction): stops runaway loops deterministically.
+    #[arg(long, env = "RAFTIFY_FUEL_PER_CALL", default_value_t = SandboxConfig::DEFAULT.fuel_per_call)]
     pub fuel_per_call: u64,
-    /// Fuel for one codec call (`encode`, `decode`, `render`), plus
-    /// `CODEC_FUEL_PER_BYTE` per input byte: these run on request handlers,
-    /// so the budget keeps them short (about a second for a 1 MiB proposal).
+    /// Fuel for one codec call (`encode`, `decode`, `render`), plus 2000 per
+    /// input byte: these run on request handlers, so the budget keeps them
+    /// short (about a second for a 1 MiB proposal).
+    #[arg(long, env = "RAFTIFY_FUEL_PER_CODEC_CALL", default_value_t = SandboxConfig::DEFAULT.fuel_per_codec_call)]
     pub fuel_per_codec_call: u64,
     /// Fuel for one `snapshot` or `restore`, which touch the whole state.
+    #[arg(long, env = "RAFTIFY_FUEL_PER_SNAPSHOT", default_value_t = SandboxConfig::DEFAULT.fuel_per_snapshot)]
     pub fuel_per_snapshot: u64,
-    /// The most linear memory one instance may have, in bytes.
+    /// The most linear memory one plugin instance may have, in bytes.
+    #[arg(long, env = "RAFTIFY_MAX_MEMORY_BYTES", default_value_t = SandboxConfig::DEFAULT.max_memory_bytes)]
     pub max_memory_bytes: usize,
-    /// The most bytes one call may hand back to the host (a result, an
-    /// error message, a snapshot chunk), enforced as the guest's data is
-    /// copied out: an oversized result traps alike on every replica.
-    #[serde(default = "default_max_result_bytes")]
+    /// The most bytes one plugin call may hand back (a result, an error
+    /// message, a snapshot chunk): an oversized result traps alike on every
+    /// replica.
+    #[arg(long, env = "RAFTIFY_MAX_RESULT_BYTES", default_value_t = SandboxConfig::DEFAULT.max_result_bytes)]
     pub max_result_bytes: usize,
-    /// The most stdout/stderr bytes kept from one call for the node's log.
+    /// The most stdout/stderr bytes kept from one plugin call for the log.
+    #[arg(
+        long,
+        env = "RAFTIFY_MAX_OUTPUT_BYTES_PER_CALL",
+        default_value_t = SandboxConfig::DEFAULT.max_output_bytes_per_call
+    )]
     pub max_output_bytes_per_call: usize,
-    /// Where compiled components are cached; `None` compiles every time.
+    /// Where compiled plugins are cached [default: DATA_DIR/compiled]. Nodes
+    /// on one machine may share it; only trusted users may write it, since
+    /// compiled code is loaded as is (each file is checksummed).
+    #[arg(
+        long = "compile-cache-dir",
+        id = "compile_cache_dir",
+        env = "RAFTIFY_COMPILE_CACHE_DIR"
+    )]
+    #[serde(rename = "compile_cache_dir")]
     pub cache_dir: Option<PathBuf>,
+}
+
+impl SandboxConfig {
+    pub const DEFAULT: SandboxConfig = SandboxConfig {
+        fuel_per_call: 1_000_000_000,
+        fuel_per_codec_call: 10_000_000,
+        fuel_per_snapshot: 50_000_000_000,
+        max_memory_bytes: 1 << 30,
+        max_result_bytes: 16 << 20,
+        max_output_bytes_per_call: 16 * 1024,
+        cache_dir: None,
+    };
 }
 
 impl Default for SandboxConfig {
     fn default() -> Self {
-        SandboxConfig {
-            fuel_per_call: 1_000_000_000,
-            fuel_per_codec_call: 10_000_000,
-            fuel_per_snapshot: 50_000_000_000,
-            max_memory_bytes: 1 << 30,
-            max_result_bytes: default_max_result_bytes(),
-            max_output_bytes_per_call: 16 * 1024,
-            cache_dir: None,
-        }
+        SandboxConfig::DEFAULT
     }
-}
-
-fn default_max_result_bytes() -> usize {
-    16 << 20
 }
 
 /// The limits every replica must share, since they decide what a call

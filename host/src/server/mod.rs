@@ -29,36 +29,44 @@ pub use peer::PeerGuard;
 use propose::host_error;
 use status::limits_proto;
 
-/// Client-facing limits.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// What clients may ask and how long they may wait: `run`'s flags of that
+/// heading, the same names in a `--config` file, and `RAFTIFY_*` variables.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args, serde::Serialize, serde::Deserialize)]
+#[command(next_help_heading = "Clients")]
+#[serde(default)]
 pub struct ClientConfig {
     /// Largest entry a client may propose, in bytes (after encoding).
+    #[arg(long, env = "RAFTIFY_MAX_PROPOSAL_BYTES", default_value_t = ClientConfig::DEFAULT.max_proposal_bytes)]
     pub max_proposal_bytes: usize,
-    /// How long a proposal or query may wait for its result.
+    /// How long a proposal or query may wait for its result, in milliseconds.
+    #[arg(long, env = "RAFTIFY_REQUEST_TIMEOUT_MS", default_value_t = ClientConfig::DEFAULT.request_timeout_ms)]
     pub request_timeout_ms: u64,
     /// Proposals one `ProposeStream` keeps in flight before reading more.
+    #[arg(long, env = "RAFTIFY_STREAM_WINDOW", default_value_t = ClientConfig::DEFAULT.stream_window)]
     pub stream_window: usize,
     /// The largest plugin component `plugin swap` accepts, in bytes.
+    #[arg(long, env = "RAFTIFY_MAX_PLUGIN_BYTES", default_value_t = ClientConfig::DEFAULT.max_plugin_bytes)]
     pub max_plugin_bytes: usize,
-    /// How long a swap waits for a voter that says nothing of the new
-    /// component (voters still compiling it are waited for).
-    #[serde(default = "default_swap_ready_timeout_ms")]
+    /// How long a plugin swap waits for a voter that says nothing of the
+    /// new component before it fails, naming it, in milliseconds (voters
+    /// still compiling it are waited for).
+    #[arg(long, env = "RAFTIFY_SWAP_READY_TIMEOUT_MS", default_value_t = ClientConfig::DEFAULT.swap_ready_timeout_ms)]
     pub swap_ready_timeout_ms: u64,
 }
 
-fn default_swap_ready_timeout_ms() -> u64 {
-    60_000
+impl ClientConfig {
+    pub const DEFAULT: ClientConfig = ClientConfig {
+        max_proposal_bytes: 1 << 20,
+        request_timeout_ms: 10_000,
+        stream_window: 1024,
+        max_plugin_bytes: 48 << 20,
+        swap_ready_timeout_ms: 60_000,
+    };
 }
 
 impl Default for ClientConfig {
     fn default() -> Self {
-        ClientConfig {
-            max_proposal_bytes: 1 << 20,
-            request_timeout_ms: 10_000,
-            stream_window: 1024,
-            max_plugin_bytes: 48 << 20,
-            swap_ready_timeout_ms: default_swap_ready_timeout_ms(),
-        }
+        ClientConfig::DEFAULT
     }
 }
 

@@ -51,29 +51,39 @@ pub struct SnapshotSent {
     pub ok: bool,
 }
 
-/// Transport limits.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// How peers are reached: `run`'s flags of that heading, the same names in
+/// a `--config` file, and `RAFTIFY_*` variables.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args, serde::Serialize, serde::Deserialize)]
+#[command(next_help_heading = "Peers")]
+#[serde(default)]
 pub struct TransportConfig {
     /// Batches queued for one peer before new ones are dropped.
+    #[arg(long, env = "RAFTIFY_PEER_QUEUE_BATCHES", default_value_t = TransportConfig::DEFAULT.peer_queue_batches)]
     pub peer_queue_batches: usize,
     /// Largest gRPC message sent or accepted, in bytes.
+    #[arg(long, env = "RAFTIFY_MAX_MESSAGE_BYTES", default_value_t = TransportConfig::DEFAULT.max_message_bytes)]
     pub max_message_bytes: usize,
-    /// First reconnect delay; doubles up to `max_backoff_ms`.
+    /// First delay before dialling a peer again, in milliseconds; it
+    /// doubles on each failure up to --max-backoff-ms.
+    #[arg(long, env = "RAFTIFY_MIN_BACKOFF_MS", default_value_t = TransportConfig::DEFAULT.min_backoff_ms)]
     pub min_backoff_ms: u64,
+    /// Longest delay before dialling a peer again, in milliseconds.
+    #[arg(long, env = "RAFTIFY_MAX_BACKOFF_MS", default_value_t = TransportConfig::DEFAULT.max_backoff_ms)]
     pub max_backoff_ms: u64,
-    /// Size of one chunk of snapshot data.
-    pub snapshot_chunk_bytes: usize,
+}
+
+impl TransportConfig {
+    pub const DEFAULT: TransportConfig = TransportConfig {
+        peer_queue_batches: 1024,
+        max_message_bytes: 64 << 20,
+        min_backoff_ms: 50,
+        max_backoff_ms: 2_000,
+    };
 }
 
 impl Default for TransportConfig {
     fn default() -> Self {
-        TransportConfig {
-            peer_queue_batches: 1024,
-            max_message_bytes: 64 << 20,
-            min_backoff_ms: 50,
-            max_backoff_ms: 2_000,
-            snapshot_chunk_bytes: 1 << 20,
-        }
+        TransportConfig::DEFAULT
     }
 }
 
@@ -133,6 +143,8 @@ impl Link {
 pub(crate) struct Sending {
     pub link: Link,
     pub config: TransportConfig,
+    /// Bytes of snapshot data in one chunk (`SnapshotConfig::chunk_bytes`).
+    pub snapshot_chunk_bytes: usize,
     /// Where snapshot outcomes are reported (the raft loop).
     pub reports: tokio::sync::mpsc::Sender<SnapshotSent>,
     /// Where snapshots that raft sends by reference are read from.
@@ -236,7 +248,7 @@ where
     let started = std::time::Instant::now();
     let chunks = snapshot_chunks(
         message,
-        sending.config.snapshot_chunk_bytes,
+        sending.snapshot_chunk_bytes,
         sending.link.cluster_id,
         Some(sending.snapshots.clone()),
     );
