@@ -35,8 +35,12 @@ use raft::{GetEntriesContext, RaftState, Storage, StorageError};
 
 use super::{LogStore, NodeIdentity, SnapshotPiece, SnapshotSave, StoreError, WriteBatch, check_contiguous};
 
+mod options;
 mod snapshots;
+mod turns;
+pub use options::LmdbOptions;
 use snapshots::{ChunkedData, chunk_key, chunks_of};
+use turns::{WriteTurn, WriteTurns};
 
 type Index = U64<BigEndian>;
 type ChunkKey = U128<BigEndian>;
@@ -79,78 +83,6 @@ struct Inner {
     /// The next save number: above every one in `snapshot_chunks`.
     next_save: AtomicU64,
     write_turns: WriteTurns,
-}
-
-/// A first-come, first-served turn at LMDB's write lock. LMDB's own writer
-/// mutex is not fair: a snapshot written chunk after chunk could take it
-/// back each time and keep the log's writes (the persister) waiting for its
-/// whole length. The log's writes and the snapshot's transactions queue
-/// here instead, each for one transaction.
-#[derive(Default)]
-struct WriteTurns {
-    /// (next ticket to hand out, ticket being served)
-    tickets: Mutex<(u64, u64)>,
-    served: std::sync::Condvar,
-}
-
-struct WriteTurn<'a>(&'a WriteTurns);
-
-impl WriteTurns {
-    fn wait(&self) -> WriteTurn<'_> {
-        let mut tickets = self.tickets.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let ticket = tickets.0;
-        tickets.0 += 1;
-        while tickets.1 != ticket {
-            tickets = self
-                .served
-                .wait(tickets)
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-        }
-        WriteTurn(self)
-    }
-}
-
-impl Drop for WriteTurn<'_> {
-    fn drop(&mut self) {
-        let mut tickets = self.0.tickets.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        tickets.1 += 1;
-        self.0.served.notify_all();
-    }
-}
-
-/// How the store is opened: `run`'s flags of that heading, the same names
-/// in a `--config` file, and `RAFTIFY_*` variables.
-#[derive(Debug, Clone, PartialEq, Eq, clap::Args, serde::Serialize, serde::Deserialize)]
-#[command(next_help_heading = "Storage")]
-#[serde(default)]
-pub struct LmdbOptions {
-    /// The largest the LMDB file may grow, in bytes. LMDB maps it into the
-    /// address space but only uses disk for what is written.
-    #[arg(
-        long = "lmdb-map-size-bytes",
-        id = "lmdb_map_size_bytes",
-        env = "RAFTIFY_LMDB_MAP_SIZE_BYTES",
-        default_value_t = LmdbOptions::DEFAULT.map_size_bytes
-    )]
-    #[serde(rename = "lmdb_map_size_bytes")]
-    pub map_size_bytes: usize,
-    /// Do not fsync LMDB commits. UNSAFE: a power loss or kernel crash loses
-    /// writes that were acknowledged. For tests and benchmarks only.
-    #[arg(long, env = "RAFTIFY_UNSAFE_NO_FSYNC")]
-    pub unsafe_no_fsync: bool,
-}
-
-impl LmdbOptions {
-    pub const DEFAULT: LmdbOptions = LmdbOptions {
-        map_size_bytes: 16 << 30,
-        unsafe_no_fsync: false,
-    };
-}
-
-impl Default for LmdbOptions {
-    fn default() -> Self {
-        LmdbOptions::DEFAULT
-    }
 }
 
 impl LmdbStore {
