@@ -138,6 +138,60 @@ async fn three_nodes_in_one_process_propose_read_and_change_their_membership() {
     }
 }
 
+/// The handle's watches say what changed without a request: a follower's
+/// applied index reaches a write, and its leadership watch names the new
+/// leader after the old one stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watches_tell_of_an_applied_write_and_of_a_new_leader() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = cluster(dir.path(), 3).await;
+    let leader_id = nodes[0].handle().wait_for_leader(DEADLINE).await.unwrap();
+    let old = nodes.remove(leader_id as usize - 1);
+    let watcher = nodes[0].handle();
+    assert!(old.handle().leadership().get().is_leader());
+    assert_eq!(watcher.wait_for_leader(DEADLINE).await.unwrap(), leader_id);
+    assert!(!watcher.leadership().get().is_leader());
+
+    let written = old.handle().propose("set k v").await.unwrap();
+    let mut applied = watcher.applied_index();
+    let reached = tokio::time::timeout(DEADLINE, applied.wait_for(|&index| index >= written.index))
+        .await
+        .expect("the follower applied the write in time")
+        .unwrap();
+    assert!(reached >= written.index);
+
+    // Held values hold nothing up: the node goes on applying.
+    let mut leadership = watcher.leadership();
+    let before = leadership.get();
+    let more = old.handle().propose("set k w").await.unwrap();
+    tokio::time::timeout(DEADLINE, applied.wait_for(|&index| index >= more.index))
+        .await
+        .expect("the follower applied the second write in time")
+        .unwrap();
+
+    old.stop().await.unwrap();
+    let new = tokio::time::timeout(
+        DEADLINE,
+        leadership.wait_for(|l| l.leader_id != 0 && l.leader_id != leader_id),
+    )
+    .await
+    .expect("a new leader within the deadline")
+    .unwrap();
+    assert!(new.term > before.term, "{new:?} after {before:?}");
+    let leader = nodes
+        .iter()
+        .find(|n| n.handle().leadership().get().id == new.leader_id)
+        .unwrap();
+    let says = tokio::time::timeout(DEADLINE, leader.handle().leadership().wait_for(|l| l.is_leader()))
+        .await
+        .expect("the new leader knows it leads")
+        .unwrap();
+    assert_eq!(says.role, "leader");
+    for node in nodes {
+        node.stop().await.unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_cannot_start_says_why_and_a_dropped_one_stops() {
     let dir = tempfile::tempdir().unwrap();

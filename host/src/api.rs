@@ -15,7 +15,7 @@
 
 use std::time::Duration;
 
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tonic::Request;
 
 use crate::config::NodeConfig;
@@ -24,6 +24,7 @@ use crate::proto::client_server::Client as _;
 use crate::proto::{self, propose_request, propose_response, query_request, query_response};
 use crate::server::Services;
 
+pub use crate::node::Leadership;
 pub use crate::proto::StatusResponse as NodeStatus;
 
 /// A node running in this process. Dropping it stops the node (without
@@ -409,23 +410,61 @@ impl NodeHandle {
         Ok(self.services.status(local(proto::StatusRequest {})).await?.into_inner())
     }
 
+    /// Who leads, as this node sees it: a watch that changes with the role,
+    /// the term or the leader (elections, not writes), with no request to
+    /// the node.
+    pub fn leadership(&self) -> Watch<Leadership> {
+        Watch(self.services.leadership.clone())
+    }
+
+    /// The highest log index this node has applied, as it grows: wait on it
+    /// (`wait_for(|&i| i >= index)`) instead of polling `status`.
+    pub fn applied_index(&self) -> Watch<u64> {
+        Watch(self.services.applied.clone())
+    }
+
     /// Wait until this node knows a leader (or `within` passes); returns
     /// the leader's id.
     pub async fn wait_for_leader(&self, within: Duration) -> Result<u64, Error> {
-        let deadline = tokio::time::Instant::now() + within;
-        loop {
-            let status = self.status().await?;
-            if status.leader_id != 0 {
-                return Ok(status.leader_id);
+        let mut leadership = self.leadership();
+        match tokio::time::timeout(within, leadership.wait_for(|l| l.leader_id != 0)).await {
+            Ok(known) => Ok(known?.leader_id),
+            Err(_) => {
+                Err(tonic::Status::unavailable(format!("no leader known within {} ms", within.as_millis())).into())
             }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(
-                    tonic::Status::unavailable(format!("no leader known within {} ms", within.as_millis())).into(),
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+}
+
+/// A value the node publishes as it changes. It hands out copies, never a
+/// borrow of the value (as a bare `tokio::sync::watch::Receiver` would), so
+/// no caller can hold up the raft loop or the apply worker that publishes.
+#[derive(Debug, Clone)]
+pub struct Watch<T>(watch::Receiver<T>);
+
+impl<T: Clone> Watch<T> {
+    /// The latest value.
+    pub fn get(&self) -> T {
+        self.0.borrow().clone()
+    }
+
+    /// Wait for a value newer than the last one this watch returned.
+    pub async fn changed(&mut self) -> Result<T, Error> {
+        self.0.changed().await.map_err(|_| stopped())?;
+        Ok(self.0.borrow_and_update().clone())
+    }
+
+    /// Wait until the value satisfies `ok` (at once if it already does).
+    pub async fn wait_for(&mut self, ok: impl FnMut(&T) -> bool) -> Result<T, Error> {
+        match self.0.wait_for(ok).await {
+            Ok(value) => Ok(value.clone()),
+            Err(_) => Err(stopped()),
+        }
+    }
+}
+
+fn stopped() -> Error {
+    tonic::Status::from(crate::node::ProposeError::Shutdown).into()
 }
 
 impl Applied {

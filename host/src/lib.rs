@@ -30,6 +30,10 @@
 //! let read = second.handle().query("get greeting", Consistency::Linearizable).await?;
 //! assert_eq!(read.text, "hello");
 //!
+//! // Watch instead of polling: the second node's applied index reaches
+//! // the write (and `leadership()` changes with each election).
+//! second.handle().applied_index().wait_for(|&i| i >= applied.index).await?;
+//!
 //! second.stop().await?;
 //! first.stop().await?;
 //! # Ok(())
@@ -75,7 +79,9 @@ pub(crate) mod storage;
 pub mod tls;
 pub(crate) mod transport;
 
-pub use api::{Applied, Consistency, Error, ErrorKind, Node, NodeHandle, NodeStatus, PluginFailure, Session};
+pub use api::{
+    Applied, Consistency, Error, ErrorKind, Leadership, Node, NodeHandle, NodeStatus, PluginFailure, Session, Watch,
+};
 pub use config::NodeConfig;
 
 /// Generated gRPC code (proto/raftify.proto).

@@ -242,13 +242,14 @@ pub(crate) async fn serve(
         transport,
         &link,
         fsm_tx.clone(),
-        applied_rx,
+        applied_rx.clone(),
         refusals.clone(),
         link.health.clone(),
         SpaceWatch::new(space_config, id, link.space.clone(), watches.space_alarms.clone()),
         LimitsWatch::new(Limits::of(sandbox.config()), watches.cluster_limits.clone()),
         logging::raft_logger(),
     )?;
+    let leadership = node.leadership();
     let node_task = tokio::spawn(tracing::Instrument::instrument(
         node.run(node_rx, snapshots_sent_rx),
         span.clone(),
@@ -276,6 +277,8 @@ pub(crate) async fn serve(
         snapshots: Arc::new(store.clone()),
         sessions: watches.sessions,
         stopping: stopping_tx.subscribe(),
+        leadership,
+        applied: applied_rx,
         peer: Arc::new(crate::server::PeerGuard {
             link,
             tls: server_tls.is_some(),

@@ -480,6 +480,16 @@ impl<S: LogStore, W: Reply<Proposed>, R: Reply<ReadIndexed>> Core<S, W, R> {
         }
     }
 
+    pub(crate) fn leadership(&self) -> super::Leadership {
+        let raft = &self.raw.raft;
+        super::Leadership {
+            id: raft.id,
+            role: role_name(raft.state),
+            leader_id: raft.leader_id,
+            term: raft.term,
+        }
+    }
+
     pub(crate) fn status(&self) -> NodeStatus {
         let raft = &self.raw.raft;
         let conf = raft.prs().conf();

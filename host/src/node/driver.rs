@@ -73,6 +73,8 @@ pub struct Node<S: LogStore> {
     /// (the round-trip metric; heartbeats go only to members).
     heartbeats_out: HashMap<u64, Instant>,
     metrics: Arc<crate::metrics::Metrics>,
+    /// Who leads, published after each turn that changed it.
+    leadership: watch::Sender<super::Leadership>,
 }
 
 impl<S: LogStore> Node<S> {
@@ -130,7 +132,9 @@ impl<S: LogStore> Node<S> {
         let persister =
             Persister::start_waiting_for_space(store.clone(), done, move || wake.notify_one(), out_of_space, written)
                 .map_err(|e| NodeError::Store(StoreError::Io(e)))?;
+        let leadership = watch::Sender::new(core.leadership());
         Ok(Node {
+            leadership,
             core,
             store,
             tick_interval,
@@ -145,6 +149,11 @@ impl<S: LogStore> Node<S> {
             heartbeats_out: HashMap::new(),
             metrics: link.metrics.clone(),
         })
+    }
+
+    /// Who leads, as this node sees it, from now on.
+    pub fn leadership(&self) -> watch::Receiver<super::Leadership> {
+        self.leadership.subscribe()
     }
 
     /// Run until a `Shutdown` request, `requests` closing, or a fatal error.
@@ -191,6 +200,12 @@ impl<S: LogStore> Node<S> {
             if self.core.has_ready() {
                 self.on_ready()?;
             }
+            let now = self.core.leadership();
+            self.leadership.send_if_modified(|seen| {
+                let changed = *seen != now;
+                *seen = now;
+                changed
+            });
         }
     }
 

@@ -185,6 +185,26 @@ pub struct ReadCounts {
     pub retried: u64,
 }
 
+/// Who leads, as one node sees it: what [`crate::api::NodeHandle::leadership`]
+/// watches. It changes only with the role, the term or the leader, never
+/// with the commit index, so a watcher wakes for elections, not for writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Leadership {
+    /// This node's id.
+    pub id: u64,
+    /// "leader", "follower", "candidate" or "pre-candidate".
+    pub role: &'static str,
+    /// The leader this node knows of (0: none).
+    pub leader_id: u64,
+    pub term: u64,
+}
+
+impl Leadership {
+    pub fn is_leader(&self) -> bool {
+        self.leader_id != 0 && self.leader_id == self.id
+    }
+}
+
 pub fn role_name(role: StateRole) -> &'static str {
     match role {
         StateRole::Leader => "leader",

@@ -112,6 +112,10 @@ pub struct Services {
     pub sessions: Arc<crate::fsm::SessionUsage>,
     /// Turns true when the node starts shutting down.
     pub stopping: watch::Receiver<bool>,
+    /// Who leads, as the raft loop last published it.
+    pub leadership: watch::Receiver<crate::node::Leadership>,
+    /// The highest index the apply worker applied.
+    pub applied: watch::Receiver<u64>,
     pub peer: Arc<PeerGuard>,
 }
 
