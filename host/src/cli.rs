@@ -11,7 +11,9 @@ use crate::config::RunArgs;
 use crate::proto::{self, Consistency as ProtoConsistency, ProposeResponse, propose_response};
 
 mod backup;
+mod bench;
 pub mod common;
+mod etcd;
 mod plugin;
 mod propose;
 mod status;
@@ -71,7 +73,7 @@ pub enum Command {
     /// swapped in whole, so the files give back the space of freed pages.
     Defrag(DefragArgs),
     /// Measure throughput and latency with concurrent clients.
-    Bench(crate::bench::BenchArgs),
+    Bench(bench::BenchArgs),
     /// Certificates for a test cluster.
     #[command(subcommand)]
     Tls(TlsCommand),
@@ -390,7 +392,7 @@ pub async fn run_client(command: Command) -> anyhow::Result<i32> {
             cluster: true,
             client: args,
         }) => cluster_status(&args).await,
-        Command::Bench(args) => crate::bench::run(args).await,
+        Command::Bench(args) => bench::run(args).await,
         Command::Tls(TlsCommand::Init { dir }) => {
             crate::tls::init(&dir)?;
             println!(

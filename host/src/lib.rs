@@ -45,7 +45,6 @@
 pub mod api;
 pub mod auth;
 pub(crate) mod backup;
-pub(crate) mod bench;
 pub mod cli;
 pub mod client;
 #[cfg(test)]
@@ -58,7 +57,6 @@ pub(crate) mod debug;
 pub mod dial;
 pub mod envelope;
 pub(crate) mod epochs;
-pub(crate) mod etcd;
 pub(crate) mod firewall;
 pub(crate) mod fsm;
 pub(crate) mod health;

@@ -10,7 +10,7 @@ use clap::Args;
 use hdrhistogram::Histogram;
 use serde_json::json;
 
-use crate::cli::common::{Consistency, Output, SecurityArgs};
+use super::common::{Consistency, Output, SecurityArgs};
 use crate::client::Client;
 use crate::config::DEFAULT_ADDR;
 use crate::proto::{
@@ -144,7 +144,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<i32> {
     let timeout = Duration::from_millis(args.timeout_ms);
     let mut clients: Vec<Client> = Vec::new();
     let etcd = match args.etcd {
-        true => Some(crate::etcd::Kv::connect(&args.addr[0], timeout).await?),
+        true => Some(super::etcd::Kv::connect(&args.addr[0], timeout).await?),
         false => None,
     };
     let driven = match args.etcd {
