@@ -295,5 +295,18 @@ mod tests {
             tokio::io::AsyncWriteExt::write_all(&mut talker, b"x").await.unwrap();
             assert_eq!(conn.read(&mut buf).await.unwrap(), 1);
         }
+        // Then silence: the read fails once the idle timeout (1 s) passes
+        // since the last byte, not before.
+        let silent_since = std::time::Instant::now();
+        let error = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf))
+            .await
+            .expect("a silent connection is cut off")
+            .unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::TimedOut);
+        assert!(
+            silent_since.elapsed() >= Duration::from_millis(800),
+            "{:?}",
+            silent_since.elapsed()
+        );
     }
 }

@@ -91,6 +91,21 @@ fn without_a_file_the_defaults_are_the_layers_defaults() {
         config.sandbox.cache_dir,
         Some(Path::new(DEFAULT_DATA_DIR).join("compiled"))
     );
+    // The defaults the README documents.
+    assert_eq!(config.listen, "127.0.0.1:7070");
+    assert_eq!(
+        (
+            config.snapshot.every_entries,
+            config.snapshot.log_percent,
+            config.snapshot.keep_entries
+        ),
+        (100_000, 25, 1_000)
+    );
+    assert_eq!(config.client.max_plugin_bytes, 48 << 20);
+    assert_eq!(config.connections.max_connections, 512);
+    assert_eq!(config.connections.idle_timeout_secs, 60);
+    assert_eq!(config.connections.handshake_timeout_ms, 10_000);
+    assert_eq!((config.raft.tick_interval_ms, config.raft.election_ticks), (100, 10));
 }
 
 /// One name per setting: the flag, the variable and the file's key are
