@@ -83,6 +83,12 @@ struct Inner {
     /// The next save number: above every one in `snapshot_chunks`.
     next_save: AtomicU64,
     write_turns: WriteTurns,
+    /// The first index, as the log and the stored snapshot make it. raft
+    /// asks for it on every term lookup (each append sent, each ack), so
+    /// it is kept here rather than read in a transaction each time; every
+    /// write that can move it recomputes it while it still holds its write
+    /// turn, so writers store it in the order they commit.
+    first_index: AtomicU64,
 }
 
 impl LmdbStore {
@@ -111,7 +117,7 @@ impl LmdbStore {
         let snapshot_chunks: Database<ChunkKey, Bytes> = env.create_database(&mut txn, Some("snapshot_chunks"))?;
         let next_save = snapshot_chunks.last(&txn)?.map_or(1, |(key, _)| (key >> 32) as u64 + 1);
         txn.commit()?;
-        Ok(LmdbStore {
+        LmdbStore {
             inner: Arc::new(Inner {
                 env,
                 dir: dir.to_path_buf(),
@@ -124,8 +130,15 @@ impl LmdbStore {
                 snapshot_lock: Mutex::new(()),
                 next_save: AtomicU64::new(next_save),
                 write_turns: WriteTurns::default(),
+                first_index: AtomicU64::new(0),
             }),
-        })
+        }
+        .with_first_index_known()
+    }
+
+    fn with_first_index_known(self) -> Result<LmdbStore, StoreError> {
+        self.inner.refresh_first_index()?;
+        Ok(self)
     }
 
     fn read<T>(&self, f: impl FnOnce(&Inner, &RoTxn) -> Result<T, StoreError>) -> Result<T, StoreError> {
@@ -157,6 +170,7 @@ impl LmdbStore {
             .unwrap();
         inner.meta.put(&mut txn, SNAPSHOT_DATA, &snapshot.data).unwrap();
         txn.commit().unwrap();
+        inner.refresh_first_index().unwrap();
     }
 
     /// Overwrite the entry at `index` with garbage, as a torn disk would.
@@ -199,6 +213,15 @@ impl Inner {
     fn write_in_turn(&self) -> Result<(WriteTurn<'_>, heed::RwTxn<'_>), StoreError> {
         let turn = self.write_turns.wait();
         Ok((turn, self.env.write_txn()?))
+    }
+
+    /// Recompute [`Inner::first_index`] from what is committed; call with
+    /// the write turn held, after the commit.
+    fn refresh_first_index(&self) -> Result<(), StoreError> {
+        let txn = self.env.read_txn()?;
+        let first = self.first_index(&txn)?;
+        self.first_index.store(first, Ordering::Release);
+        Ok(())
     }
 
     fn first_index(&self, txn: &RoTxn) -> Result<u64, StoreError> {
@@ -316,7 +339,7 @@ impl Storage for LmdbStore {
     }
 
     fn first_index(&self) -> raft::Result<u64> {
-        self.read(|inner, txn| inner.first_index(txn)).map_err(to_raft)
+        Ok(self.inner.first_index.load(Ordering::Acquire))
     }
 
     fn last_index(&self) -> raft::Result<u64> {
@@ -361,6 +384,7 @@ impl LogStore for LmdbStore {
         check_contiguous(&batch.entries)?;
         let inner = &self.inner;
         let (_turn, mut txn) = inner.write_in_turn()?;
+        let mut moves_first = false;
         if let Some(first) = batch.entries.first() {
             let snapshot = inner.snapshot_meta(&txn)?;
             if first.index <= snapshot.index {
@@ -381,6 +405,7 @@ impl LogStore for LmdbStore {
             for entry in &batch.entries {
                 inner.entries.put(&mut txn, &entry.index, &encode(entry)?)?;
             }
+            moves_first = first.index <= inner.first_index.load(Ordering::Acquire);
         }
         if let Some(hard_state) = &batch.hard_state {
             // The commit index never goes back: a snapshot saved meanwhile
@@ -401,6 +426,9 @@ impl LogStore for LmdbStore {
             inner.meta.put(&mut txn, APPLIED_INDEX, &applied.to_be_bytes())?;
         }
         txn.commit()?;
+        if moves_first {
+            inner.refresh_first_index()?;
+        }
         Ok(())
     }
 

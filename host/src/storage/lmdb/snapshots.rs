@@ -112,6 +112,7 @@ impl LmdbStore {
             inner.meta.put(&mut txn, HARD_STATE, &encode(&hard_state)?)?;
         }
         txn.commit()?;
+        inner.refresh_first_index()?;
         drop(turn);
         // Compact in small transactions too: the snapshot is durable, so
         // the entries it covers may go in any order, and a crash midway
@@ -128,6 +129,7 @@ impl LmdbStore {
             let upto = compact_to.min(first.saturating_add(COMPACT_BATCH - 1));
             inner.entries.delete_range(&mut txn, &(first..=upto))?;
             txn.commit()?;
+            inner.refresh_first_index()?;
         }
         Ok(true)
     }
@@ -159,6 +161,7 @@ impl LmdbStore {
         inner.meta.put(&mut txn, CONF_INDEX, &metadata.index.to_be_bytes())?;
         inner.meta.put(&mut txn, HARD_STATE, &encode(hard_state)?)?;
         txn.commit()?;
+        inner.refresh_first_index()?;
         Ok(())
     }
 
