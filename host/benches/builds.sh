@@ -8,6 +8,7 @@
 #
 #   git worktree add /tmp/before REV && cargo build --release --manifest-path /tmp/before/Cargo.toml -p raftify-host
 #   OTHER=/tmp/before/target/release/raftify-host host/benches/builds.sh
+#   EXTRA=--no-session OTHER=...   # an OTHER from before client sessions
 set -euo pipefail
 default_base_port=7701
 # shellcheck source=common.sh
@@ -16,6 +17,8 @@ other="${OTHER:?set OTHER to the other build of raftify-host}"
 clients_list="${CLIENTS:-1 64}"
 rounds="${ROUNDS:-4}"
 requests="${REQUESTS:-20000}"
+# shellcheck disable=SC2206
+extra=(${EXTRA:-})
 for i in 1 2 3; do
   "$bin" run --id "$i" --listen "$(node_addr "$i")" --data-dir "$dir/a$i" --peers "$peers" >"$dir/a$i.log" 2>&1 &
   pids[a$i]=$!
@@ -32,11 +35,11 @@ for clients in $clients_list; do
   # whichever always ran first.
   for r in $(seq 1 "$rounds"); do
     if [ $((r % 2)) = 1 ]; then
-      this+=("$(bench_rate "$(node_addr 1)" "$clients" "$requests")")
-      that+=("$(bench_rate "$(other_addr 1)" "$clients" "$requests")")
+      this+=("$(bench_rate "$(node_addr 1)" "$clients" "$requests" "${extra[@]}")")
+      that+=("$(bench_rate "$(other_addr 1)" "$clients" "$requests" "${extra[@]}")")
     else
-      that+=("$(bench_rate "$(other_addr 1)" "$clients" "$requests")")
-      this+=("$(bench_rate "$(node_addr 1)" "$clients" "$requests")")
+      that+=("$(bench_rate "$(other_addr 1)" "$clients" "$requests" "${extra[@]}")")
+      this+=("$(bench_rate "$(node_addr 1)" "$clients" "$requests" "${extra[@]}")")
     fi
   done
   compare_row "$clients" "$rounds" "" "${this[@]}" "${that[@]}"
