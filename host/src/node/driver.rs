@@ -75,6 +75,7 @@ pub struct Node<S: LogStore> {
     metrics: Arc<crate::metrics::Metrics>,
     /// Who leads, published after each turn that changed it.
     leadership: watch::Sender<super::Leadership>,
+    published: super::Leadership,
 }
 
 impl<S: LogStore> Node<S> {
@@ -132,9 +133,11 @@ impl<S: LogStore> Node<S> {
         let persister =
             Persister::start_waiting_for_space(store.clone(), done, move || wake.notify_one(), out_of_space, written)
                 .map_err(|e| NodeError::Store(StoreError::Io(e)))?;
-        let leadership = watch::Sender::new(core.leadership());
+        let published = core.leadership();
+        let leadership = watch::Sender::new(published);
         Ok(Node {
             leadership,
+            published,
             core,
             store,
             tick_interval,
@@ -200,12 +203,13 @@ impl<S: LogStore> Node<S> {
             if self.core.has_ready() {
                 self.on_ready()?;
             }
+            // Compared here first: the watch's lock is taken only when an
+            // election changed something, not on every turn of the loop.
             let now = self.core.leadership();
-            self.leadership.send_if_modified(|seen| {
-                let changed = *seen != now;
-                *seen = now;
-                changed
-            });
+            if now != self.published {
+                self.published = now;
+                self.leadership.send_replace(now);
+            }
         }
     }
 
