@@ -58,6 +58,7 @@ fn send(addr: &str, cluster_id: u64, from: u64, messages: &[Message]) -> Result<
             cluster_id,
             from,
             no_space: false,
+            no_plugin_memory: false,
             plugins: Vec::new(),
             cannot_apply: false,
             epoch_want: 0,
@@ -284,6 +285,7 @@ fn forged_raft_messages_are_refused_and_no_node_stops() {
             cluster_id: t.cluster_id,
             from,
             no_space: true,
+            no_plugin_memory: true,
             // Readiness for a swap, too: bounded, and never a swap by itself.
             plugins: vec![raftify_host::proto::PluginState {
                 sha256: vec![7; 32],

@@ -4,6 +4,15 @@
 //! filesystem runs below the reserve, reports it; the leader replicates an
 //! alarm through the log (`HostEntry::SpaceAlarm`), and while any member's
 //! alarm is on, every node refuses proposals that would grow the state.
+//!
+//! The plugin's memory is space too. A write that needs more memory than
+//! `max_memory_bytes` traps, and whether it does can differ between
+//! replicas: how much of a wasm memory is free depends on what ran in it
+//! before (queries, which only the serving node runs, and snapshots read
+//! while writes go on). So the alarm goes on earlier, once an instance's
+//! memory passes [`MEMORY_ALARM_PERCENT`] of the cap, and the headroom
+//! above it absorbs the writes already on their way: the cap is met by a
+//! clear refusal on every node, not by a trap on some.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -73,6 +82,24 @@ pub fn default_min_free(filesystem_bytes: u64) -> u64 {
 const CLEAR_BELOW_PERCENT: u64 = 90;
 const CLEAR_ABOVE_RESERVE_PERCENT: u64 = 125;
 
+/// The plugin's memory raises the alarm past this share of the cap, and
+/// clears it once back under [`MEMORY_CLEAR_PERCENT`]. Linear memory never
+/// shrinks, so it comes back down only when an instance is restored from
+/// the state: at an epoch (`snapshot`) or a restart.
+pub const MEMORY_ALARM_PERCENT: u64 = 90;
+pub const MEMORY_CLEAR_PERCENT: u64 = 80;
+
+/// Whether an instance holding `bytes` of memory under a cap of `cap`
+/// bytes is out of memory, given whether it was.
+pub fn memory_over(bytes: u64, cap: u64, was_over: bool) -> bool {
+    let percent = if was_over {
+        MEMORY_CLEAR_PERCENT
+    } else {
+        MEMORY_ALARM_PERCENT
+    };
+    u128::from(bytes) * 100 > u128::from(cap) * u128::from(percent)
+}
+
 pub use crate::storage::{SpaceUsage, filesystem};
 
 impl SpaceUsage {
@@ -113,19 +140,80 @@ impl SpaceUsage {
 /// service (which hears what followers tell) and `status`.
 #[derive(Debug, Default)]
 pub struct SpaceState {
+    /// Out of store or disk space.
     over: AtomicBool,
     /// Bytes proposed through this node since the last reading: the store
     /// grows by about as much before the next one shows it.
     proposed_since: AtomicU64,
     usage: Mutex<SpaceUsage>,
+    /// The plugin instance's memory and its cap, as the apply worker last
+    /// saw them, and whether that is past the memory alarm's mark.
+    memory_bytes: AtomicU64,
+    memory_cap: AtomicU64,
+    memory_over: AtomicBool,
     /// What each member said in its latest batch.
-    reports: Mutex<HashMap<u64, bool>>,
+    reports: Mutex<HashMap<u64, Report>>,
+}
+
+/// What a member's batch says of its space.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Report {
+    /// Out of space, for any reason: its alarm should be on.
+    pub over: bool,
+    /// One of the reasons is its plugin's memory.
+    pub memory: bool,
 }
 
 impl SpaceState {
-    /// Whether this node's own alarm condition holds.
+    /// Whether this node's own alarm condition holds: out of store or disk
+    /// space, or its plugin near its memory cap.
     pub fn over(&self) -> bool {
+        self.over.load(Ordering::Relaxed) || self.memory_over()
+    }
+
+    /// Whether this node's store is past its quota or its disk under the
+    /// reserve.
+    pub fn store_over(&self) -> bool {
         self.over.load(Ordering::Relaxed)
+    }
+
+    /// Whether this node's plugin is past the memory alarm's mark.
+    pub fn memory_over(&self) -> bool {
+        self.memory_over.load(Ordering::Relaxed)
+    }
+
+    /// The plugin's memory and its cap, in bytes.
+    pub fn memory(&self) -> (u64, u64) {
+        (
+            self.memory_bytes.load(Ordering::Relaxed),
+            self.memory_cap.load(Ordering::Relaxed),
+        )
+    }
+
+    /// The apply worker's reading of its instance: `bytes` of memory under
+    /// a cap of `cap`. Called after every batch, so the alarm is asked for
+    /// before the next write the proposer sends.
+    pub fn set_memory(&self, bytes: u64, cap: u64) {
+        self.memory_bytes.store(bytes, Ordering::Relaxed);
+        self.memory_cap.store(cap, Ordering::Relaxed);
+        let was = self.memory_over();
+        let over = memory_over(bytes, cap, was);
+        if over != was {
+            self.memory_over.store(over, Ordering::Relaxed);
+            if over {
+                tracing::warn!(
+                    memory_bytes = bytes,
+                    max_memory_bytes = cap,
+                    "the plugin's memory passed {MEMORY_ALARM_PERCENT}% of its cap: asking for the space alarm"
+                );
+            } else {
+                tracing::info!(
+                    memory_bytes = bytes,
+                    max_memory_bytes = cap,
+                    "the plugin's memory is back under its mark"
+                );
+            }
+        }
     }
 
     pub fn usage(&self) -> SpaceUsage {
@@ -167,20 +255,27 @@ impl SpaceState {
 
     /// A member's batch said this. (Batches name their sender; the map
     /// stays bounded whatever ids a peer claims.)
-    pub fn report(&self, member: u64, over: bool) {
+    pub fn report(&self, member: u64, report: Report) {
         let mut reports = self.reports.lock().unwrap_or_else(|e| e.into_inner());
         if reports.len() < MAX_REPORTS || reports.contains_key(&member) {
-            reports.insert(member, over);
+            reports.insert(member, report);
         }
     }
 
-    fn reported(&self, member: u64) -> bool {
+    /// What `member` said last (this node: what holds now).
+    pub fn reported(&self, member: u64, own_id: u64) -> Report {
+        if member == own_id {
+            return Report {
+                over: self.over(),
+                memory: self.memory_over(),
+            };
+        }
         self.reports
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(&member)
             .copied()
-            .unwrap_or(false)
+            .unwrap_or_default()
     }
 }
 
@@ -239,7 +334,7 @@ impl SpaceWatch {
         self.next_check = now + CHECK_EVERY;
         match store.space() {
             Ok(usage) => {
-                let was = self.state.over();
+                let was = self.state.store_over();
                 let over = usage.over(&self.config, was);
                 if over != was {
                     if over {
@@ -267,11 +362,7 @@ impl SpaceWatch {
             .retain(|member, (on, at)| applied.contains(member) != *on && now.duration_since(*at) < REPROPOSE_AFTER);
         let mut entries = Vec::new();
         for &member in members {
-            let over = if member == self.own_id {
-                self.state.over()
-            } else {
-                self.state.reported(member)
-            };
+            let over = self.state.reported(member, self.own_id).over;
             if over != applied.contains(&member) && !self.proposed.contains_key(&member) {
                 self.proposed.insert(member, (over, now));
                 entries.push(HostEntry::SpaceAlarm { member, on: over });
@@ -332,6 +423,48 @@ mod tests {
         assert!(!usage(900, 5000).over(&CONFIG, true));
         assert!(usage(10, 120).over(&CONFIG, true), "over the reserve, not by enough");
         assert!(!usage(10, 125).over(&CONFIG, true));
+    }
+
+    #[test]
+    fn the_plugin_memory_alarm_goes_on_near_the_cap_and_clears_well_under_it() {
+        let cap = 1000;
+        assert!(!memory_over(900, cap, false));
+        assert!(memory_over(901, cap, false));
+        assert!(memory_over(850, cap, true), "back under the mark, not by enough");
+        assert!(!memory_over(800, cap, true));
+        assert!(memory_over(u64::MAX, u64::MAX, false), "no overflow at the edge");
+        assert!(!memory_over(u64::MAX / 2, u64::MAX, false));
+
+        let state = SpaceState::default();
+        state.set_memory(950, cap);
+        assert!(state.over() && state.memory_over() && !state.store_over());
+        assert_eq!(
+            state.reported(7, 7),
+            Report {
+                over: true,
+                memory: true
+            },
+            "this node says what holds now"
+        );
+        assert_eq!(state.reported(8, 7), Report::default(), "a member that said nothing");
+        state.report(
+            8,
+            Report {
+                over: true,
+                memory: false,
+            },
+        );
+        assert_eq!(
+            state.reported(8, 7),
+            Report {
+                over: true,
+                memory: false
+            }
+        );
+        state.set_memory(850, cap);
+        assert!(state.over(), "still on above the clearing mark");
+        state.set_memory(700, cap);
+        assert!(!state.over());
     }
 
     #[test]

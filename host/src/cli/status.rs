@@ -129,6 +129,9 @@ pub(super) fn print_status(status: &proto::StatusResponse, output: Output) {
             "state": p.state, "recent_active": p.recent_active,
         })).collect::<Vec<_>>(),
     });
+    // Beside the rest: one more field inside `json!` passes its recursion limit.
+    value["plugin_memory_bytes"] = json!(status.plugin_memory_bytes);
+    value["out_of_plugin_memory"] = json!(status.out_of_plugin_memory);
     value["epoch"] = json!({
         "index": status.epoch_index,
         "sha256": status.epoch_sha256,
@@ -169,6 +172,18 @@ pub(super) fn print_status(status: &proto::StatusResponse, output: Output) {
                 status.min_free_bytes,
                 if status.out_of_space { "; OUT OF SPACE" } else { "" }
             );
+            if let Some(limits) = &status.limits {
+                println!(
+                    "plugin memory:   {} bytes of a {} byte cap{}",
+                    status.plugin_memory_bytes,
+                    limits.max_memory_bytes,
+                    if status.out_of_plugin_memory {
+                        "; NEAR THE CAP"
+                    } else {
+                        ""
+                    }
+                );
+            }
             if !status.space_alarms.is_empty() {
                 let members: Vec<String> = status.space_alarms.iter().map(u64::to_string).collect();
                 println!(

@@ -171,6 +171,7 @@ pub(crate) async fn serve(
     let fsm_health = link.health.clone();
     let fsm_epochs = link.epochs.clone();
     let fsm_metrics = link.metrics.clone();
+    let fsm_space = link.space.clone();
     // The worker is built on its own thread too, not here: building it
     // restores the stored snapshot through the plugin, and no plugin call
     // may run on an async runtime thread (wasmtime-wasi's synchronous WASI
@@ -195,6 +196,7 @@ pub(crate) async fn serve(
                         fsm.report_health_to(fsm_health);
                         fsm.report_epochs_to(fsm_epochs);
                         fsm.report_metrics_to(fsm_metrics);
+                        fsm.report_memory_to(fsm_space);
                         let _ = started_tx.send(Ok(fsm.watches()));
                         fsm.run(fsm_rx)
                     }

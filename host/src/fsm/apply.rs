@@ -158,9 +158,27 @@ impl<S: LogStore> Fsm<S> {
             return Ok(Err(CallError::Trap(message.clone())));
         }
         let started = std::time::Instant::now();
-        let result = self.instance.apply(index, command);
+        let mut result = self.instance.apply(index, command);
         self.metrics.apply_duration.observe(started.elapsed().as_secs_f64());
         self.metrics.apply_fuel.observe(self.instance.last_call_fuel() as f64);
+        if result.as_ref().is_err_and(CallError::is_out_of_memory) && !self.replaying {
+            // Whether an instance has room depends on what ran in it
+            // before: queries only this node served, a snapshot read while
+            // writes went on. The outcome must not: try once more on an
+            // instance with the history every replica shares (restored
+            // from the latest snapshot, the log replayed), and only if it
+            // runs out there too is it the entry's outcome.
+            tracing::warn!(
+                index,
+                memory_bytes = self.instance.memory_bytes(),
+                "apply ran out of memory; trying again on a fresh instance with the replicas' shared history"
+            );
+            self.rebuild(index - 1)?;
+            result = self.instance.apply(index, command);
+            if result.is_ok() {
+                tracing::info!(index, "a fresh instance applied what the old one had no memory for");
+            }
+        }
         if let Err(CallError::Trap(message)) = &result {
             self.metrics.trapped(message);
             tracing::warn!(index, plugin = %self.plugin.sha256_hex(), %message, "apply trapped; the entry has no effect");

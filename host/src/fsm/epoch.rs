@@ -443,6 +443,7 @@ impl<S: LogStore> Fsm<S> {
         match caught_up {
             Ok(instance) => {
                 self.instance = instance;
+                self.publish_memory();
                 tracing::info!(
                     index = successor.index,
                     caught_up = self.applied - successor.index,

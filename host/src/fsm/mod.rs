@@ -45,6 +45,7 @@ use crate::readiness::{PluginReadiness, Preparer};
 use crate::sandbox::{Instance, Limits, LoadError, Plugin, Sandbox};
 use crate::sessions::Sessions;
 use crate::snapshot::SnapshotConfig;
+use crate::space::SpaceState;
 use crate::storage::LogStore;
 
 pub use crate::outcome::{Answered, Applied, ApplyWaiter};
@@ -158,6 +159,9 @@ pub struct Fsm<S: LogStore> {
     replaying: bool,
     /// What `/metrics` shows of applying, traps, swaps and snapshots.
     metrics: Arc<Metrics>,
+    /// Where the instance's memory is published after every request: the
+    /// space alarm goes on near the memory cap (see `crate::space`).
+    space: Arc<SpaceState>,
     /// Client sessions as of `applied` (see `sessions`), and their count
     /// and kept bytes for `status`.
     sessions: Sessions,
@@ -262,6 +266,7 @@ impl<S: LogStore> Fsm<S> {
             epochs_from_log: true,
             replaying: false,
             metrics: Arc::default(),
+            space: Arc::default(),
             sessions: Sessions::default(),
             session_usage: Arc::default(),
             answered: Arc::default(),
@@ -330,6 +335,18 @@ impl<S: LogStore> Fsm<S> {
     /// Record applies, traps, swaps and snapshots in `metrics`.
     pub fn report_metrics_to(&mut self, metrics: Arc<Metrics>) {
         self.metrics = metrics;
+    }
+
+    /// Publish the instance's memory through `space` (the node's batches
+    /// tell the leader when it nears the cap).
+    pub fn report_memory_to(&mut self, space: Arc<SpaceState>) {
+        self.space = space;
+        self.publish_memory();
+    }
+
+    fn publish_memory(&self) {
+        let cap = self.limits().max_memory_bytes;
+        self.space.set_memory(self.instance.memory_bytes(), cap);
     }
 
     /// Begin epochs wherever a snapshot is wanted, without the log's
@@ -480,6 +497,7 @@ impl<S: LogStore> Fsm<S> {
     pub fn handle(&mut self, request: FsmRequest) -> Result<(), FsmError> {
         self.handle_request(request)?;
         self.publish_active_plugin();
+        self.publish_memory();
         Ok(())
     }
 

@@ -119,6 +119,53 @@ fn a_trap_fails_only_its_entry_and_the_state_is_rebuilt_without_it() {
     assert_eq!(store.traps(0, 100).unwrap().len(), 3);
 }
 
+/// Issue 21: whether a write fits under the memory cap (64 MiB here) must
+/// not depend on what only one replica ran. A query held 50 MiB in this
+/// instance; a 16 MiB write then has no room in it, but has in an instance
+/// with the history every replica shares, so it applies there and is no
+/// trap. A write no instance has room for traps, and is recorded, as on
+/// every replica.
+#[test]
+fn a_write_out_of_memory_only_in_this_instance_applies_on_a_fresh_one() {
+    let (store, entries) = log(&[
+        "set a 1",
+        &format!("fill big {}", 16 << 20),
+        &format!("fill huge {}", 70 << 20),
+    ]);
+    let mut fsm = chaos_fsm(&store);
+    apply_all(&mut fsm, entries[..1].to_vec());
+    assert_eq!(query(&mut fsm, "hoard 50"), Ok(b"hoarded".to_vec()));
+    let held = fsm.instance.memory_bytes();
+    assert!(held > 50 << 20, "the query's memory is held: {held} bytes");
+
+    let outcomes = apply_all(&mut fsm, entries[1..2].to_vec());
+    assert_eq!(outcomes[0], Ok(b"OK".to_vec()), "applied on a fresh instance");
+    assert!(store.traps(0, 100).unwrap().is_empty(), "no trap recorded");
+    assert_eq!(query(&mut fsm, "len"), Ok(b"2".to_vec()), "a and big");
+    assert!(
+        fsm.instance.memory_bytes() < held,
+        "the hoard is gone with the old instance"
+    );
+
+    let outcomes = apply_all(&mut fsm, entries[2..].to_vec());
+    assert!(
+        outcomes[0].as_ref().is_err_and(CallError::is_out_of_memory),
+        "{:?}",
+        outcomes[0]
+    );
+    assert_eq!(
+        store.traps(0, 100).unwrap().len(),
+        1,
+        "a real out of memory is recorded"
+    );
+    assert_eq!(
+        query(&mut fsm, "len"),
+        Ok(b"2".to_vec()),
+        "and the state before it kept"
+    );
+    assert_eq!(get(&mut fsm, "a"), "1");
+}
+
 #[test]
 fn a_restarted_worker_replays_to_the_same_state_and_skips_recorded_traps() {
     let (store, entries) = log(&["set a 1", "panic", "set b 2"]);

@@ -7,7 +7,7 @@ use wasmtime::{ResourceLimiter, Store, Trap};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::wasi::Determinism;
-use super::{Bindings, CODEC_FUEL_PER_BYTE, CallError, Limits, LoadError, Plugin, Pre, ResultLimit};
+use super::{Bindings, CODEC_FUEL_PER_BYTE, CallError, Limits, LoadError, OUT_OF_MEMORY, Plugin, Pre, ResultLimit};
 
 pub(super) struct GuestState {
     wasi: WasiCtx,
@@ -31,6 +31,9 @@ impl WasiView for GuestState {
 struct MemoryCap {
     max_bytes: usize,
     hit: bool,
+    /// The largest memory's size: wasmtime asks here when a memory is
+    /// created and each time it grows, and linear memory never shrinks.
+    largest: usize,
 }
 
 impl ResourceLimiter for MemoryCap {
@@ -39,6 +42,7 @@ impl ResourceLimiter for MemoryCap {
             self.hit = true;
             wasmtime::bail!("memory cap reached");
         }
+        self.largest = self.largest.max(desired);
         Ok(true)
     }
 
@@ -113,6 +117,7 @@ impl Instance {
             limiter: MemoryCap {
                 max_bytes: limits.memory_bytes(),
                 hit: false,
+                largest: 0,
             },
         };
         let mut store = Store::new(&plugin.inner.sandbox.engine, state);
@@ -157,6 +162,12 @@ impl Instance {
 
     pub fn limits(&self) -> Limits {
         self.limits
+    }
+
+    /// The bytes of linear memory the instance holds (its largest memory):
+    /// what the memory cap is measured against.
+    pub fn memory_bytes(&self) -> u64 {
+        self.store.data().limiter.largest as u64
     }
 
     /// A call's results: at most `max_result_bytes`.
@@ -382,7 +393,7 @@ impl Instance {
     fn describe_trap(&self, error: &wasmtime::Error, fuel: u64, limit: ResultLimit, memory_cap_hit: bool) -> String {
         if memory_cap_hit {
             return format!(
-                "out of memory: the plugin tried to grow its memory past the cap of {} bytes (max_memory_bytes)",
+                "{OUT_OF_MEMORY}the plugin tried to grow its memory past the cap of {} bytes (max_memory_bytes)",
                 self.limits.max_memory_bytes
             );
         }

@@ -230,6 +230,17 @@ pub enum CallError {
     Trap(String),
 }
 
+/// How the trap of a plugin that reached its memory cap begins.
+pub(crate) const OUT_OF_MEMORY: &str = "out of memory: ";
+
+impl CallError {
+    /// A trap at the memory cap: unlike a panic, its outcome can depend on
+    /// how the instance's memory was laid out by calls before it.
+    pub fn is_out_of_memory(&self) -> bool {
+        matches!(self, CallError::Trap(message) if message.starts_with(OUT_OF_MEMORY))
+    }
+}
+
 /// The engine and linker shared by every plugin on a node.
 #[derive(Clone)]
 pub struct Sandbox {

@@ -135,7 +135,11 @@ impl Services {
     pub(crate) async fn receive_batch(&self, batch: RaftBatch) -> Result<u64, Status> {
         self.peer.same_cluster(batch.cluster_id)?;
         // Only a member's word counts (the leader reads it for members).
-        self.peer.link.space.report(batch.from, batch.no_space);
+        let space = crate::space::Report {
+            over: batch.no_space,
+            memory: batch.no_plugin_memory,
+        };
+        self.peer.link.space.report(batch.from, space);
         self.peer.link.plugins.report(batch.from, &batch.plugins);
         self.peer.link.health.report(batch.from, batch.cannot_apply);
         let digest = batch

@@ -54,24 +54,46 @@ impl Services {
     /// While any member's space alarm is on, writes that grow the state
     /// are refused, alike on every node (the alarm is in the log).
     pub(super) fn check_space(&self, bytes: u64) -> Result<(), Status> {
+        let space = &self.peer.link.space;
+        let own = self.peer.link.self_id;
         // Read in place: this runs on every proposal.
-        let alarmed: Vec<String> = self.space_alarms.borrow().iter().map(u64::to_string).collect();
-        let members: Vec<String> = if !alarmed.is_empty() {
+        let alarmed: Vec<u64> = self.space_alarms.borrow().iter().copied().collect();
+        let members = if !alarmed.is_empty() {
             alarmed
-        } else if !self.peer.link.space.admit(bytes, &self.space_config) {
-            // Not yet in the log: this write would take this node past its
-            // quota, and its alarm is on the way.
-            vec![self.peer.link.self_id.to_string()]
+        } else if space.memory_over() || !space.admit(bytes, &self.space_config) {
+            // Not yet in the log: this node's plugin is near its memory
+            // cap, or this write would take its store past its quota; its
+            // alarm is on the way.
+            vec![own]
         } else {
             return Ok(());
         };
+        let list = |ids: &[u64]| ids.iter().map(u64::to_string).collect::<Vec<_>>().join(", ");
+        let short_of_memory: Vec<u64> = members
+            .iter()
+            .copied()
+            .filter(|&member| space.reported(member, own).memory)
+            .collect();
+        if !short_of_memory.is_empty() {
+            let (_, cap) = space.memory();
+            return Err(Status::resource_exhausted(format!(
+                "no space: the plugin's memory on node {} is past {}% of its cap of {cap} bytes \
+                 (max_memory_bytes); writes that grow the state are refused, reads are served. To free \
+                 memory: delete data (`propose --frees-space`), then take a snapshot (`snapshot`), which \
+                 restores every replica's plugin from its state; or raise max_memory_bytes. The alarm \
+                 clears by itself once the plugin's memory is back under {}% of the cap (or `alarm disarm`)",
+                list(&short_of_memory),
+                crate::space::MEMORY_ALARM_PERCENT,
+                crate::space::MEMORY_CLEAR_PERCENT,
+            )));
+        }
         Err(Status::resource_exhausted(format!(
             "no space: the space alarm is on for node {} (this node's quota is {} bytes, quota_bytes, with {} bytes \
              kept free on its disk, min_free_bytes); writes that grow the state are refused, reads are served. \
              To free space: delete data (`propose --frees-space`), take a snapshot on each node (`snapshot`, \
              which compacts the log), defragment each node while it is stopped (`defrag --data-dir`), or raise \
              --quota-bytes; the alarm clears by itself once usage is back under the limits (or `alarm disarm`)",
-            members.join(", "),
+            list(&members),
             self.space_config.quota_bytes,
             self.space_config.min_free_bytes
         )))

@@ -124,6 +124,7 @@ impl Link {
             cluster_id: self.cluster_id,
             from: self.self_id,
             no_space: self.space.over(),
+            no_plugin_memory: self.space.memory_over(),
             plugins: self.plugins.to_proto(),
             cannot_apply: self.health.stalled(),
             epoch_want: self.epochs.want(),

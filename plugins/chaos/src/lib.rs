@@ -33,6 +33,8 @@
 //! | `grow MIB`     | allocates MIB MiB and frees it: linear memory stays grown |
 //! | `probe K`      | stores at K what a plugin sees of its instance beyond its |
 //! |                | state: `memory.size` and a fresh `HashMap`'s key order    |
+//! | query `hoard MIB` | allocates MIB MiB and never frees it: memory only the node |
+//! |                | that served the query holds                               |
 //! | query `taint`  | makes this replica's next snapshots differ (a query that  |
 //! |                | changes state: a divergence the host must report)        |
 //!
@@ -209,6 +211,11 @@ impl Plugin for Chaos {
             ["len"] => Ok(self.map.len().to_string().into_bytes()),
             ["spin"] => spin(),
             ["panic"] => panic!("chaos: asked to panic in a query"),
+            ["hoard", mib] => {
+                let mib: usize = mib.parse().map_err(|_| "chaos: hoard MIB".to_string())?;
+                std::mem::forget(std::hint::black_box(Vec::<u8>::with_capacity(mib << 20)));
+                Ok(b"hoarded".to_vec())
+            }
             ["taint"] => {
                 TAINTED.store(true, std::sync::atomic::Ordering::Relaxed);
                 Ok(b"tainted".to_vec())
