@@ -191,20 +191,23 @@ impl SpaceState {
     }
 
     /// The apply worker's reading of its instance: `bytes` of memory under
-    /// a cap of `cap`. Called after every batch, so the alarm is asked for
-    /// before the next write the proposer sends.
-    pub fn set_memory(&self, bytes: u64, cap: u64) {
+    /// a cap of `cap`, and whether its last snapshot ran out of memory.
+    /// Called after every batch, so the alarm is asked for before the next
+    /// write the proposer sends.
+    pub fn set_memory(&self, bytes: u64, cap: u64, cannot_snapshot: bool) {
         self.memory_bytes.store(bytes, Ordering::Relaxed);
         self.memory_cap.store(cap, Ordering::Relaxed);
         let was = self.memory_over();
-        let over = memory_over(bytes, cap, was);
+        let over = cannot_snapshot || memory_over(bytes, cap, was);
         if over != was {
             self.memory_over.store(over, Ordering::Relaxed);
             if over {
                 tracing::warn!(
                     memory_bytes = bytes,
                     max_memory_bytes = cap,
-                    "the plugin's memory passed {MEMORY_ALARM_PERCENT}% of its cap: asking for the space alarm"
+                    cannot_snapshot,
+                    "the plugin's memory passed {MEMORY_ALARM_PERCENT}% of its cap, or is too full to take a \
+                     snapshot: asking for the space alarm"
                 );
             } else {
                 tracing::info!(
@@ -436,7 +439,7 @@ mod tests {
         assert!(!memory_over(u64::MAX / 2, u64::MAX, false));
 
         let state = SpaceState::default();
-        state.set_memory(950, cap);
+        state.set_memory(950, cap, false);
         assert!(state.over() && state.memory_over() && !state.store_over());
         assert_eq!(
             state.reported(7, 7),
@@ -461,10 +464,15 @@ mod tests {
                 memory: false
             }
         );
-        state.set_memory(850, cap);
+        state.set_memory(850, cap, false);
         assert!(state.over(), "still on above the clearing mark");
-        state.set_memory(700, cap);
+        state.set_memory(700, cap, false);
         assert!(!state.over());
+        state.set_memory(100, cap, true);
+        assert!(
+            state.memory_over(),
+            "a plugin that cannot snapshot is full, whatever its size"
+        );
     }
 
     #[test]

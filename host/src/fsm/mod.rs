@@ -117,6 +117,10 @@ pub struct Fsm<S: LogStore> {
     snapshot_attempts: u64,
     /// Why the last snapshot failed, while it keeps failing (for `status`).
     snapshot_error: Arc<std::sync::Mutex<String>>,
+    /// The last snapshot ran out of memory (a plugin whose SDK copies its
+    /// whole state to snapshot it cannot at half its cap): the space alarm
+    /// stays on until one succeeds.
+    snapshot_short_of_memory: bool,
     /// The configuration and addresses as of `applied`, for snapshots.
     conf_state: ConfState,
     members: BTreeMap<u64, String>,
@@ -246,6 +250,7 @@ impl<S: LogStore> Fsm<S> {
             snapshot_retry_at: 0,
             snapshot_attempts: 0,
             snapshot_error: Arc::default(),
+            snapshot_short_of_memory: false,
             conf_state: ConfState::default(),
             members: BTreeMap::new(),
             staged: HashMap::new(),
@@ -346,7 +351,8 @@ impl<S: LogStore> Fsm<S> {
 
     fn publish_memory(&self) {
         let cap = self.limits().max_memory_bytes;
-        self.space.set_memory(self.instance.memory_bytes(), cap);
+        self.space
+            .set_memory(self.instance.memory_bytes(), cap, self.snapshot_short_of_memory);
     }
 
     /// Begin epochs wherever a snapshot is wanted, without the log's

@@ -193,6 +193,7 @@ impl<S: LogStore> Fsm<S> {
                     self.record_trap(index, message.clone())?;
                 }
                 self.rebuild(index)?;
+                self.snapshot_short_of_memory = crate::sandbox::is_out_of_memory(&message);
                 self.snapshot_failed(format!("the plugin trapped in snapshot(): {message}"));
                 return Ok(());
             }
@@ -313,6 +314,7 @@ impl<S: LogStore> Fsm<S> {
                         self.record_trap(epoch, message.clone())?;
                     }
                     self.rebuild(self.applied)?;
+                    self.snapshot_short_of_memory = crate::sandbox::is_out_of_memory(&message);
                     self.snapshot_failed(format!("the plugin trapped in snapshot(): {message}"));
                 }
             }
@@ -437,6 +439,7 @@ impl<S: LogStore> Fsm<S> {
             Ok(()) => {
                 self.snapshot_failures = 0;
                 self.snapshot_retry_at = 0;
+                self.snapshot_short_of_memory = false;
                 error.clear();
             }
             Err(message) => {

@@ -166,6 +166,38 @@ fn a_write_out_of_memory_only_in_this_instance_applies_on_a_fresh_one() {
     assert_eq!(get(&mut fsm, "a"), "1");
 }
 
+/// A plugin whose snapshot copies its whole state (the SDK's default, the
+/// TS, Python and C bindings) needs twice the state's memory to take one:
+/// at 40 of 64 MiB it is under the alarm's mark and still cannot. Its
+/// snapshot runs out of memory, and the alarm goes on until one succeeds.
+#[test]
+fn a_snapshot_that_runs_out_of_memory_raises_the_memory_alarm() {
+    let sixteen_mib = 16 << 20;
+    let (store, entries) = log(&[
+        &format!("fill a {sixteen_mib}"),
+        &format!("fill b {sixteen_mib}"),
+        &format!("fill c {}", 8 << 20),
+    ]);
+    let mut fsm = chaos_fsm(&store);
+    let space = Arc::new(crate::space::SpaceState::default());
+    fsm.report_memory_to(space.clone());
+    assert!(apply_all(&mut fsm, entries).iter().all(Result::is_ok));
+    assert!(!space.over(), "40 of 64 MiB is under the mark: {:?}", space.memory());
+    let (tx, mut rx) = oneshot::channel();
+    fsm.handle(FsmRequest::Snapshot { reply: tx }).unwrap();
+    fsm.wait_for_snapshot().unwrap();
+    let answer = rx.try_recv().unwrap();
+    assert!(
+        answer.as_ref().is_err_and(|m| m.contains("out of memory")),
+        "{answer:?}"
+    );
+    assert!(
+        space.memory_over(),
+        "a plugin that cannot snapshot at this size is full"
+    );
+    assert_eq!(query(&mut fsm, "len"), Ok(b"3".to_vec()), "the state is kept");
+}
+
 #[test]
 fn a_restarted_worker_replays_to_the_same_state_and_skips_recorded_traps() {
     let (store, entries) = log(&["set a 1", "panic", "set b 2"]);

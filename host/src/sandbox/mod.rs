@@ -237,8 +237,13 @@ impl CallError {
     /// A trap at the memory cap: unlike a panic, its outcome can depend on
     /// how the instance's memory was laid out by calls before it.
     pub fn is_out_of_memory(&self) -> bool {
-        matches!(self, CallError::Trap(message) if message.starts_with(OUT_OF_MEMORY))
+        matches!(self, CallError::Trap(message) if is_out_of_memory(message))
     }
+}
+
+/// Whether a trap's message says the plugin reached its memory cap.
+pub fn is_out_of_memory(trap: &str) -> bool {
+    trap.starts_with(OUT_OF_MEMORY)
 }
 
 /// The engine and linker shared by every plugin on a node.

@@ -78,7 +78,8 @@ impl Services {
             let (_, cap) = space.memory();
             return Err(Status::resource_exhausted(format!(
                 "no space: the plugin's memory on node {} is past {}% of its cap of {cap} bytes \
-                 (max_memory_bytes); writes that grow the state are refused, reads are served. To free \
+                 (max_memory_bytes), or too full to take a snapshot; writes that grow the state are refused, \
+                 reads are served. To free \
                  memory: delete data (`propose --frees-space`), then take a snapshot (`snapshot`), which \
                  restores every replica's plugin from its state; or raise max_memory_bytes. The alarm \
                  clears by itself once the plugin's memory is back under {}% of the cap (or `alarm disarm`)",
