@@ -1009,3 +1009,60 @@ fn a_file_of_appends_survives_its_leader_dying_mid_stream_exactly_once() {
     assert_eq!(values.len(), 3000, "{} values, {} distinct", values.len(), unique.len());
     assert_eq!(unique.len(), 3000);
 }
+
+/// `--retry-for-ms` bounds how long a file goes without progress, not how
+/// long it takes to stream: the leader moves once the file has streamed
+/// for longer than that, and every line is still answered (a fill of
+/// millions of keys lost the rest of its file to a late leader change).
+#[test]
+fn a_file_streaming_past_its_retry_budget_outlasts_a_late_leader_change() {
+    let cluster = Cluster::start(3, &[]);
+    let leader = cluster.leader();
+    let lines = 200_000;
+    let commands: String = (0..lines).map(|i| format!("set k{i} v{i}\n")).collect();
+    let file = cluster.dir.path().join("writes.txt");
+    std::fs::write(&file, commands).unwrap();
+    let addr = cluster.node(leader).addr.clone();
+    let started = std::time::Instant::now();
+    let writer = {
+        let file = file.clone();
+        std::thread::spawn(move || {
+            cli(&[
+                "propose",
+                "--file",
+                file.to_str().unwrap(),
+                "--addr",
+                &addr,
+                "--retry-for-ms",
+                "2000",
+            ])
+        })
+    };
+    let node = cluster.node(leader);
+    wait_until(
+        Duration::from_secs(60),
+        "the file to stream past its retry budget",
+        || started.elapsed() > Duration::from_secs(3),
+    );
+    let applied = node.status_u64("applied_index");
+    assert!(
+        applied < lines,
+        "the file was in before the leader moved ({applied} applied)"
+    );
+    let to = cluster.followers()[0];
+    let moved = cli(&["leader", "transfer", &to.to_string(), "--addr", &node.addr]);
+    assert!(moved.status.success(), "{}", stderr(&moved));
+    let out = writer.join().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let answers = stdout(&out);
+    assert_eq!(
+        answers.lines().filter(|a| *a == "OK").count() as u64,
+        lines,
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        cluster.stale(to, &format!("get k{}", lines - 1)),
+        format!("v{}", lines - 1)
+    );
+}

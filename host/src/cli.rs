@@ -257,7 +257,8 @@ pub struct ProposeArgs {
     #[arg(long)]
     pub no_session: bool,
     /// How long a proposal in a session is retried, in milliseconds (each
-    /// attempt waits up to --timeout-ms).
+    /// attempt waits up to --timeout-ms); for --file, how long the file may
+    /// go without a line answered.
     #[arg(long, default_value_t = 30_000)]
     pub retry_for_ms: u64,
     #[command(flatten)]

@@ -92,7 +92,11 @@ async fn propose_lines_in_session(mut client: Client, lines: Vec<String>, args: 
         .open_session()
         .await
         .context("cannot open a session (nothing was proposed)")?;
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(args.retry_for_ms);
+    // `--retry-for-ms` bounds how long the file goes without progress, not
+    // how long it takes: a file that takes minutes to stream must still
+    // outlast a leader change near its end.
+    let retry_for = Duration::from_millis(args.retry_for_ms);
+    let mut deadline = tokio::time::Instant::now() + retry_for;
     let mut answered = vec![false; lines.len()];
     let mut held: std::collections::BTreeMap<usize, ProposeResponse> = Default::default();
     let (mut next_print, mut failures, mut rounds) = (0usize, 0usize, 0u32);
@@ -188,10 +192,14 @@ async fn propose_lines_in_session(mut client: Client, lines: Vec<String>, args: 
         if answered.iter().all(|a| *a) {
             break;
         }
+        if answered.iter().filter(|a| !**a).count() < pending.len() {
+            deadline = tokio::time::Instant::now() + retry_for;
+            backoff = Duration::from_millis(50);
+        }
         if tokio::time::Instant::now() + backoff >= deadline {
             std::io::stdout().lock().flush()?;
             bail!(
-                "{} of {} commands had no definite answer within --retry-for-ms ({} ms; last: {last_error}); \
+                "{} of {} commands had no definite answer for --retry-for-ms ({} ms; last: {last_error}); \
                  sending them again in session {} cannot apply any twice",
                 answered.iter().filter(|a| !**a).count(),
                 lines.len(),
