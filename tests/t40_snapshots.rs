@@ -484,3 +484,43 @@ fn a_backup_of_a_running_cluster_restores_into_a_new_one() {
         })
     });
 }
+
+/// The `snapshot` command waits for its epoch within the request timeout,
+/// then for the snapshot itself as long as it takes: a large state takes
+/// longer to write than any one request may (at 600 MB, tens of seconds).
+#[test]
+fn a_snapshot_slower_than_the_request_timeout_is_still_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut flags = SNAPSHOTS.to_vec();
+    // Proposals that outlast it are sent again in their session.
+    flags.extend(["--request-timeout-ms", "100"]);
+    let node = Node::start(&dir.path().join("n1"), &free_addr(), &flags);
+    let value = "z".repeat(1_000_000);
+    let file = write_file(
+        dir.path(),
+        "big.txt",
+        (0..60).map(|i| format!("set big{i:02} {i}{value}")),
+    );
+    propose_file(&node, &file);
+    let out = cli(&["snapshot", "-o", "json", "--timeout-ms", "120000", "--addr", &node.addr]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let log = node.log_text();
+    let took = log
+        .lines()
+        .rfind(|line| line.contains("took a snapshot"))
+        .unwrap_or_else(|| panic!("no snapshot was taken:\n{log}"));
+    let plain: String = took
+        .split('\x1b')
+        .map(|part| part.split_once('m').map_or(part, |(_, rest)| rest))
+        .collect();
+    let elapsed_ms: u64 = plain
+        .split("elapsed_ms=")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|digits| digits.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        elapsed_ms > 100,
+        "the snapshot was quicker than the request timeout: {plain}"
+    );
+}

@@ -127,13 +127,26 @@ impl Services {
     }
 
     /// Take a snapshot on this node now (at the next epoch entry the
-    /// leader logs), returning its index.
+    /// leader logs), returning its index. The epoch must reach this node
+    /// within the request timeout; once it has, the snapshot is being made,
+    /// and a large state takes as long as it takes (the caller's own
+    /// deadline bounds the wait, up to [`SNAPSHOT_WAIT`]).
     async fn take_snapshot(&self) -> Result<u64, Status> {
-        let (reply, answer) = oneshot::channel();
+        let asked_at = *self.applied.borrow();
+        let (reply, mut answer) = oneshot::channel();
         self.fsm
             .send(FsmRequest::Snapshot { reply })
             .map_err(|_| Status::from(ProposeError::Shutdown))?;
-        let index = match tokio::time::timeout(self.timeout(), answer).await {
+        let answered = match tokio::time::timeout(self.timeout(), &mut answer).await {
+            Ok(answered) => answered,
+            Err(_) if self.peer.link.epochs.latest() >= asked_at.max(1) => {
+                tokio::time::timeout(SNAPSHOT_WAIT, answer).await.map_err(|_| {
+                    Status::deadline_exceeded(format!(
+                        "the snapshot began at an epoch and was not stored within {} s",
+                        SNAPSHOT_WAIT.as_secs()
+                    ))
+                })?
+            }
             Err(_) => {
                 // Snapshots are taken at an epoch the leader logs: none
                 // reached this node in time.
@@ -148,12 +161,16 @@ impl Services {
                     }
                 )));
             }
-            Ok(Err(_)) => return Err(Status::from(ProposeError::Shutdown)),
-            Ok(Ok(result)) => result.map_err(Status::failed_precondition)?,
         };
-        Ok(index)
+        match answered {
+            Err(_) => Err(Status::from(ProposeError::Shutdown)),
+            Ok(result) => result.map_err(Status::failed_precondition),
+        }
     }
 }
+
+/// The longest a snapshot already begun is waited for.
+const SNAPSHOT_WAIT: Duration = Duration::from_secs(3600);
 
 impl Services {
     /// Send a request to the raft loop and wait (bounded) for its answer.
