@@ -44,6 +44,7 @@
 
 pub mod api;
 pub mod auth;
+pub(crate) mod background;
 pub(crate) mod backup;
 pub mod cli;
 pub mod client;

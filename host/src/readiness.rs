@@ -189,6 +189,7 @@ impl Preparer {
             .name("prepare-plugin".into())
             .spawn(move || {
                 let _enter = span.enter();
+                crate::background::lower_priority();
                 let outcome = store(&wasm).and_then(|()| sandbox.load(&wasm).map_err(|e| e.to_string()));
                 let (slot, state) = match outcome {
                     Ok(plugin) => {

@@ -344,6 +344,7 @@ impl<S: LogStore> Fsm<S> {
             .name("epoch".into())
             .spawn(move || {
                 let _entered = span.enter();
+                crate::background::lower_priority();
                 let _ = report.send(restorer.run(receiver));
             })
             .map_err(crate::storage::StoreError::Io)?;
