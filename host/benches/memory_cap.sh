@@ -101,7 +101,7 @@ done
 
 t0=$(now)
 "$bin" snapshot --addr "$leader" --timeout-ms 600000 >/dev/null
-echo "snapshot at the cap: $(since "$t0") s" >&2
+echo "snapshot at this size: $(since "$t0") s" >&2
 commit=$(status_field "$leader" commit_index)
 for id in $(nodes); do wait_applied "$(node_addr "$id")" "$commit" >/dev/null; done
 sleep 2 # the digests travel in the next batches
@@ -110,10 +110,10 @@ for id in $(nodes); do echo "node $id epoch (index sha256 divergences): $(epoch_
 kill -9 "${pids[$follower]}"
 wait "${pids[$follower]}" 2>/dev/null || true
 start_node "$follower"
-echo "restart of node $follower at the cap: $(wait_applied "$(node_addr "$follower")" "$commit") s" >&2
+echo "restart of node $follower at this size: $(wait_applied "$(node_addr "$follower")" "$commit") s" >&2
 
 start_node 4 --join "$leader"
-echo "new node 4 caught up at the cap: $(wait_applied "$(node_addr 4)" "$commit") s" >&2
+echo "new node 4 caught up at this size: $(wait_applied "$(node_addr 4)" "$commit") s" >&2
 for id in $(nodes); do
   addr=$(node_addr "$id")
   echo "node $id: plugin memory $(memory_mb "$addr") MB, trapped entries $(status_field "$addr" trapped_entries)" >&2
