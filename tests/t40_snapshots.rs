@@ -278,6 +278,33 @@ fn debug_persisted_shows_every_entry_decoded_by_the_plugin() {
 /// Issue 21: past 128 MiB (wasmtime's default for one host-guest copy) a
 /// kv state still snapshots, survives a restart from its snapshot, and
 /// reaches a new node, because the snapshot streams a chunk at a time.
+/// A number `field` of the node's latest "took a snapshot" log line, and
+/// the line (its colours taken out).
+fn last_snapshot(node: &Node, field: &str) -> (u64, String) {
+    let log = node.log_text();
+    let took = log
+        .lines()
+        .rfind(|line| line.contains("took a snapshot"))
+        .unwrap_or_else(|| panic!("no snapshot was taken:\n{log}"));
+    let mut plain = String::new();
+    let mut in_escape = false;
+    for c in took.chars() {
+        match (in_escape, c) {
+            (false, '\x1b') => in_escape = true,
+            (true, 'm') => in_escape = false,
+            (false, c) => plain.push(c),
+            (true, _) => {}
+        }
+    }
+    let value = plain
+        .split(&format!("{field}="))
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|digits| digits.parse().ok())
+        .unwrap_or(0);
+    (value, plain)
+}
+
 #[test]
 fn a_state_past_128_mib_snapshots_restarts_and_reaches_a_new_node() {
     let dir = tempfile::tempdir().unwrap();
@@ -295,28 +322,7 @@ fn a_state_past_128_mib_snapshots_restarts_and_reaches_a_new_node() {
     drop(std::fs::remove_file(&file));
     let out = cli(&["snapshot", "-o", "json", "--timeout-ms", "120000", "--addr", &seed.addr]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let log = seed.log_text();
-    let took = log
-        .lines()
-        .rfind(|line| line.contains("took a snapshot"))
-        .unwrap_or_else(|| panic!("no snapshot was taken:\n{log}"));
-    // The log may be coloured: drop the escape sequences first.
-    let mut plain = String::new();
-    let mut in_escape = false;
-    for c in took.chars() {
-        match (in_escape, c) {
-            (false, '\x1b') => in_escape = true,
-            (true, 'm') => in_escape = false,
-            (false, c) => plain.push(c),
-            (true, _) => {}
-        }
-    }
-    let bytes: u64 = plain
-        .split("state_bytes=")
-        .nth(1)
-        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
-        .and_then(|digits| digits.parse().ok())
-        .unwrap_or(0);
+    let (bytes, took) = last_snapshot(&seed, "state_bytes");
     assert!(bytes > 128 << 20, "the snapshot holds {bytes} bytes: {took}");
 
     // A restart starts from that snapshot.
@@ -504,23 +510,9 @@ fn a_snapshot_slower_than_the_request_timeout_is_still_answered() {
     propose_file(&node, &file);
     let out = cli(&["snapshot", "-o", "json", "--timeout-ms", "120000", "--addr", &node.addr]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let log = node.log_text();
-    let took = log
-        .lines()
-        .rfind(|line| line.contains("took a snapshot"))
-        .unwrap_or_else(|| panic!("no snapshot was taken:\n{log}"));
-    let plain: String = took
-        .split('\x1b')
-        .map(|part| part.split_once('m').map_or(part, |(_, rest)| rest))
-        .collect();
-    let elapsed_ms: u64 = plain
-        .split("elapsed_ms=")
-        .nth(1)
-        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
-        .and_then(|digits| digits.parse().ok())
-        .unwrap_or(0);
+    let (elapsed_ms, took) = last_snapshot(&node, "elapsed_ms");
     assert!(
         elapsed_ms > 100,
-        "the snapshot was quicker than the request timeout: {plain}"
+        "the snapshot was quicker than the request timeout: {took}"
     );
 }

@@ -42,6 +42,23 @@ fn fill(addr: &str, most: usize) -> (Vec<usize>, String) {
     })
 }
 
+/// Delete `key{i}` for each of `keys` through `addr`, marked as freeing
+/// space (admitted while the alarm is on).
+fn delete_during_the_alarm(cluster: &Cluster, addr: &str, keys: &[usize]) {
+    let deletes: String = keys.iter().map(|i| format!("del key{i}\n")).collect();
+    let file = cluster.dir.path().join("deletes.txt");
+    std::fs::write(&file, deletes).unwrap();
+    let out = cli(&[
+        "propose",
+        "--frees-space",
+        "--file",
+        file.to_str().unwrap(),
+        "--addr",
+        addr,
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
 fn alarms(node: &Node) -> Vec<u64> {
     node.try_status()
         .and_then(|s| s["space_alarms"].as_array().cloned())
@@ -121,18 +138,7 @@ fn a_cluster_past_its_quota_refuses_writes_serves_reads_and_resumes_once_space_i
 
     // Space is freed: deletes (admitted during the alarm), then a snapshot
     // on each node, which compacts the whole log while the alarm is on.
-    let deletes: String = acknowledged.iter().map(|i| format!("del key{i}\n")).collect();
-    let file = cluster.dir.path().join("deletes.txt");
-    std::fs::write(&file, deletes).unwrap();
-    let out = cli(&[
-        "propose",
-        "--frees-space",
-        "--file",
-        file.to_str().unwrap(),
-        "--addr",
-        &leader_addr,
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    delete_during_the_alarm(&cluster, &leader_addr, &acknowledged);
     for node in cluster.nodes.values() {
         let out = cli(&["snapshot", "--addr", &node.addr]);
         assert!(out.status.success(), "{}", stderr(&out));
@@ -206,14 +212,18 @@ fn a_plugin_near_its_memory_cap_is_met_by_the_alarm_and_still_snapshots_restarts
     // size, the same digest everywhere, the last write on each.
     let out = cli(&["snapshot", "--addr", &leader_addr]);
     assert!(out.status.success(), "{}", stderr(&out));
+    // An epoch's digest is known once its fresh instance has read the
+    // whole snapshot, which may be after the snapshot is stored.
     let digest = |node: &Node| {
-        let status = node.status();
-        (
-            status["epoch"]["index"].as_u64().unwrap(),
-            status["epoch"]["sha256"].to_string(),
-        )
+        let status = node.try_status()?;
+        let sha = status["epoch"]["sha256"].as_str()?.to_string();
+        (!sha.is_empty()).then(|| (status["epoch"]["index"].as_u64().unwrap_or(0), sha))
     };
-    let epoch = digest(cluster.node(leader));
+    let mut epoch = None;
+    wait_until(Duration::from_secs(30), "the leader to hash its epoch", || {
+        epoch = digest(cluster.node(leader));
+        epoch.is_some()
+    });
     for node in cluster.nodes.values() {
         wait_until(Duration::from_secs(30), "every replica at the leader's epoch", || {
             digest(node) == epoch
@@ -245,18 +255,7 @@ fn a_plugin_near_its_memory_cap_is_met_by_the_alarm_and_still_snapshots_restarts
 
     // Deletes go through the alarm; a snapshot then restores every
     // replica's plugin from the smaller state, and the alarm clears.
-    let deletes: String = acknowledged.iter().map(|i| format!("del key{i}\n")).collect();
-    let file = cluster.dir.path().join("deletes.txt");
-    std::fs::write(&file, deletes).unwrap();
-    let out = cli(&[
-        "propose",
-        "--frees-space",
-        "--file",
-        file.to_str().unwrap(),
-        "--addr",
-        &leader_addr,
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    delete_during_the_alarm(&cluster, &leader_addr, &acknowledged);
     let out = cli(&["snapshot", "--addr", &leader_addr]);
     assert!(out.status.success(), "{}", stderr(&out));
     for node in cluster.nodes.values() {

@@ -16,9 +16,6 @@ default_base_port=7601
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 state_mb="${STATE_MB:-100}"
 
-now() { date +%s.%N; }
-since() { echo "$(now) - $1" | bc; }
-
 for i in 1 2 3; do
   "$bin" run --id "$i" --listen "$(node_addr "$i")" --data-dir "$dir/n$i" --peers "$peers" >>"$dir/n$i.log" 2>&1 &
   pids[$i]=$!

@@ -29,6 +29,34 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# Start node `id` of the cluster on node_addr(id), its data in $dir/n$id and
+# its log in $dir/n$id.log, with NODE_FLAGS and `extra` flags.
+start_node() { # id, extra flags...
+  local id="$1"
+  shift
+  # shellcheck disable=SC2086
+  "$bin" run --id "$id" --listen "$(node_addr "$id")" --data-dir "$dir/n$id" ${NODE_FLAGS:-} "$@" \
+    >>"$dir/n$id.log" 2>&1 &
+  pids[$id]=$!
+}
+# Seconds since the epoch, and since a time taken with now.
+now() { date +%s.%N; }
+since() { echo "$(now) - $1" | bc; }
+# Wait (up to 10 min) until the node at `addr` applied `index`: prints the seconds.
+wait_applied() { # addr, index: seconds waited
+  local t0 applied
+  t0=$(now)
+  for _ in $(seq 1 6000); do
+    applied=$(status_field "$1" applied_index)
+    if [ -n "$applied" ] && [ "$applied" -ge "$2" ]; then
+      since "$t0"
+      return
+    fi
+    sleep 0.1
+  done
+  echo "node at $1 did not reach $2" >&2
+  exit 1
+}
 
 # A number from `status -o json` of the node at `addr`.
 status_field() { # addr, field, extra client flags...

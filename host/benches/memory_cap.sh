@@ -34,30 +34,6 @@ keep_logs() {
 trap keep_logs EXIT
 max_keys="${MAX_KEYS:-0}"
 
-start_node() { # id, extra flags...
-  local id="$1"
-  shift
-  # shellcheck disable=SC2086
-  "$bin" run --id "$id" --listen "$(node_addr "$id")" --data-dir "$dir/n$id" ${NODE_FLAGS:-} "$@" \
-    >>"$dir/n$id.log" 2>&1 &
-  pids[$id]=$!
-}
-now() { date +%s.%N; }
-since() { echo "$(now) - $1" | bc; }
-wait_applied() { # addr, index: seconds waited
-  local t0 applied
-  t0=$(now)
-  for _ in $(seq 1 6000); do
-    applied=$(status_field "$1" applied_index)
-    if [ -n "$applied" ] && [ "$applied" -ge "$2" ]; then
-      since "$t0"
-      return
-    fi
-    sleep 0.1
-  done
-  echo "node at $1 did not reach $2" >&2
-  exit 1
-}
 memory_mb() { echo $(($(status_field "$1" plugin_memory_bytes) / 1000000)); }
 epoch_of() { "$bin" status -o json --addr "$1" | python3 -c 'import json,sys; e=json.load(sys.stdin)["epoch"]; print(e["index"], e["sha256"], e["divergences_total"])'; }
 alarms_of() { "$bin" status -o json --addr "$1" | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["space_alarms"]))'; }

@@ -25,30 +25,6 @@ step_mb="${STEP_MB:-100}"
 max_mb="${MAX_MB:-600}"
 out="${OUT:-$root/target/state-curve.csv}"
 
-start_node() { # id, extra flags...
-  local id="$1"
-  shift
-  # shellcheck disable=SC2086
-  "$bin" run --id "$id" --listen "$(node_addr "$id")" --data-dir "$dir/n$id" ${NODE_FLAGS:-} "$@" \
-    >>"$dir/n$id.log" 2>&1 &
-  pids[$id]=$!
-}
-now() { date +%s.%N; }
-since() { echo "$(now) - $1" | bc; }
-wait_applied() { # addr, index: seconds waited
-  local t0 applied
-  t0=$(now)
-  for _ in $(seq 1 6000); do
-    applied=$(status_field "$1" applied_index)
-    if [ -n "$applied" ] && [ "$applied" -ge "$2" ]; then
-      since "$t0"
-      return
-    fi
-    sleep 0.1
-  done
-  echo "node at $1 did not reach $2" >&2
-  exit 1
-}
 # Private (anonymous) resident memory: the plugin's linear memory, buffers,
 # heaps; not LMDB's file-backed map, which the kernel reclaims at will.
 rss_mb() { echo $(($(sed -n 's/^RssAnon:[[:space:]]*\([0-9]*\) kB/\1/p' "/proc/$1/status") / 1024)); }
