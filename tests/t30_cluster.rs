@@ -752,6 +752,8 @@ fn metrics_and_health_probes_follow_the_node() {
     assert!(value(&text, "raftify_disk_backend_commit_duration_seconds_count") >= 1.0);
     assert!(value(&text, "raftify_plugin_apply_duration_seconds_count") >= 2.0);
     assert!(value(&text, "raftify_plugin_apply_fuel_count") >= 2.0);
+    assert!(value(&text, "raftify_plugin_memory_bytes") > 0.0);
+    assert_eq!(value(&text, "raftify_plugin_memory_cap_bytes"), (1u64 << 30) as f64);
     assert!(value(&text, "raftify_server_proposals_committed_total") >= value(&text, "raftify_epoch_latest_index"));
     assert_eq!(value(&text, "raftify_server_proposals_pending"), 0.0);
     // Peer traffic both ways, and the leader's heartbeat round trips, per

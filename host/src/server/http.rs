@@ -260,6 +260,17 @@ fn metrics(services: &Services, status: Option<&NodeStatus>) -> Result<String, p
         "Members whose space alarm is on.",
         as_i64(services.space_alarms.borrow().len() as u64),
     )?;
+    let (memory_bytes, memory_cap) = services.peer.link.space.memory();
+    gauge(
+        "plugin_memory_bytes",
+        "The plugin instance's linear memory (past 90% of the cap, the space alarm goes on).",
+        as_i64(memory_bytes),
+    )?;
+    gauge(
+        "plugin_memory_cap_bytes",
+        "The plugin's memory cap (max_memory_bytes, the cluster's).",
+        as_i64(memory_cap),
+    )?;
     let refused = prometheus::IntCounterVec::new(
         Opts::new("network_peer_messages_refused_total", "Peer input refused, by reason."),
         &["reason"],
