@@ -121,7 +121,18 @@ async fn three_nodes_in_one_process_propose_read_and_change_their_membership() {
         s.members.iter().filter(|m| m.voter).count() == 4
     })
     .await;
-    leader.handle().remove_member(fourth_id).await.unwrap();
+    // The promotion shows in `status` once applied; raft takes the next
+    // change once it has heard so, a moment later: "retry shortly".
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match leader.handle().remove_member(fourth_id).await {
+            Ok(()) => break,
+            Err(e) if e.kind() == ErrorKind::Unavailable && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("removing the fourth node: {e}"),
+        }
+    }
     wait_until(&leader.handle(), "three members", |s| s.members.len() == 3).await;
     fourth.stop().await.unwrap();
 
