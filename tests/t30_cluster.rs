@@ -959,6 +959,25 @@ fn appends_retried_in_sessions_apply_exactly_once_across_a_leader_kill_and_a_pau
     }
 }
 
+/// `propose --file` of `lines` (written to `name` in the cluster's dir)
+/// through `addr` with `extra` flags, on a thread of its own.
+fn propose_file_in_background(
+    cluster: &Cluster,
+    name: &str,
+    lines: String,
+    addr: &str,
+    extra: &[&str],
+) -> std::thread::JoinHandle<std::process::Output> {
+    let file = cluster.dir.path().join(name);
+    std::fs::write(&file, lines).unwrap();
+    let mut args: Vec<String> = ["propose", "--file", file.to_str().unwrap(), "--addr", addr]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+    args.extend(extra.iter().map(|a| a.to_string()));
+    std::thread::spawn(move || cli(&args.iter().map(String::as_str).collect::<Vec<_>>()))
+}
+
 /// Issue 16: `propose --file` proposes in a session too. The leader dies
 /// while the file streams in; the CLI sends what had no answer again to
 /// the next leader, and every line is applied exactly once, in the
@@ -968,23 +987,8 @@ fn a_file_of_appends_survives_its_leader_dying_mid_stream_exactly_once() {
     let mut cluster = Cluster::start(3, &[]);
     let leader = cluster.leader();
     let lines: String = (0..3000).map(|i| format!("append log v{i}\n")).collect();
-    let file = cluster.dir.path().join("appends.txt");
-    std::fs::write(&file, lines).unwrap();
     let via = cluster.node(cluster.followers()[0]).addr.clone();
-    let writer = {
-        let file = file.clone();
-        std::thread::spawn(move || {
-            cli(&[
-                "propose",
-                "--file",
-                file.to_str().unwrap(),
-                "--addr",
-                &via,
-                "--timeout-ms",
-                "3000",
-            ])
-        })
-    };
+    let writer = propose_file_in_background(&cluster, "appends.txt", lines, &via, &["--timeout-ms", "3000"]);
     let node = cluster.node(leader);
     wait_until(Duration::from_secs(30), "some appends to be applied", || {
         node.status_u64("applied_index") > 300
@@ -1022,24 +1026,9 @@ fn a_file_streaming_past_its_retry_budget_outlasts_a_late_leader_change() {
     let leader = cluster.leader();
     let lines = 200_000;
     let commands: String = (0..lines).map(|i| format!("set k{i} v{i}\n")).collect();
-    let file = cluster.dir.path().join("writes.txt");
-    std::fs::write(&file, commands).unwrap();
     let addr = cluster.node(leader).addr.clone();
     let started = std::time::Instant::now();
-    let writer = {
-        let file = file.clone();
-        std::thread::spawn(move || {
-            cli(&[
-                "propose",
-                "--file",
-                file.to_str().unwrap(),
-                "--addr",
-                &addr,
-                "--retry-for-ms",
-                "2000",
-            ])
-        })
-    };
+    let writer = propose_file_in_background(&cluster, "writes.txt", commands, &addr, &["--retry-for-ms", "2000"]);
     let node = cluster.node(leader);
     wait_until(
         Duration::from_secs(60),
