@@ -68,6 +68,13 @@ fn alarms(node: &Node) -> Vec<u64> {
         .collect()
 }
 
+fn snapshot_every_node(cluster: &Cluster) {
+    for node in cluster.nodes.values() {
+        let out = cli(&["snapshot", "--addr", &node.addr]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+}
+
 #[test]
 fn a_cluster_past_its_quota_refuses_writes_serves_reads_and_resumes_once_space_is_freed() {
     let mut cluster = Cluster::start(
@@ -136,13 +143,14 @@ fn a_cluster_past_its_quota_refuses_writes_serves_reads_and_resumes_once_space_i
         !alarms(cluster.node(leader)).is_empty()
     });
 
+    // A snapshot of the full state moves what the log held into LMDB
+    // (and compacts the whole log, as any snapshot during the alarm).
+    snapshot_every_node(&cluster);
+
     // Space is freed: deletes (admitted during the alarm), then a snapshot
-    // on each node, which compacts the whole log while the alarm is on.
+    // on each node, whose small state replaces the full one.
     delete_during_the_alarm(&cluster, &leader_addr, &acknowledged);
-    for node in cluster.nodes.values() {
-        let out = cli(&["snapshot", "--addr", &node.addr]);
-        assert!(out.status.success(), "{}", stderr(&out));
-    }
+    snapshot_every_node(&cluster);
     for node in cluster.nodes.values() {
         wait_until(Duration::from_secs(30), "the alarm to clear by itself", || {
             alarms(node).is_empty()
@@ -150,7 +158,8 @@ fn a_cluster_past_its_quota_refuses_writes_serves_reads_and_resumes_once_space_i
     }
     assert_eq!(cluster.node(leader).propose("set after 1").unwrap(), "OK");
 
-    // `defrag` gives the file's free pages back (a stopped node only).
+    // `defrag` gives the file's free pages back (the full snapshot's, here;
+    // a stopped node only).
     let follower = cluster.followers()[0];
     let data = cluster.data_dir(follower);
     let refused = outcome(cli(&["defrag", "--data-dir", data.to_str().unwrap()])).unwrap_err();

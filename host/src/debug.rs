@@ -28,7 +28,10 @@ pub fn persisted(data_dir: &Path) -> anyhow::Result<Value> {
         map_size_bytes: LmdbOptions::default().map_size_bytes,
         unsafe_no_fsync: false,
     };
-    let store = LmdbStore::open(&lmdb, &options).context("cannot open the node's LMDB")?;
+    // Opening repairs a torn log tail and moves an old log out of LMDB:
+    // never under a running node.
+    let _lock = crate::storage::data_dir::lock_data_dir(data_dir)?;
+    let store = LmdbStore::open(&lmdb, &options).context("cannot open the node's store")?;
     // Each entry is decoded by the plugin active at its index.
     let sandbox = Sandbox::new(SandboxConfig {
         cache_dir: Some(data_dir.join("compiled")),

@@ -1,11 +1,17 @@
-//! The LMDB store (heed): one environment per node.
+//! The node's store: the raft log and hard state in a write-ahead log
+//! (`wal.rs`, in `wal/` beside LMDB's files), everything else in one LMDB
+//! environment (heed).
 //!
 //! Databases:
-//! - `entries`: log index (u64, big-endian so LMDB orders it) -> raft `Entry`
-//!   (raft-rs protobuf encoding);
-//! - `meta`: `hard_state`, `conf_state`, `snapshot_meta`, `snapshot_chunks`
-//!   (which save holds the stored snapshot's data, and how much), `applied_index`,
-//!   `identity`;
+//! - `entries`: empty. Data dirs from before the write-ahead log kept the
+//!   log here (index, big-endian -> raft `Entry`); opening moves it into a
+//!   new log, then clears it;
+//! - `meta`: `hard_state` (as an installed or saved snapshot left it; the
+//!   log's records carry the rest), `conf_state`, `snapshot_meta`,
+//!   `snapshot_chunks` (which save holds the stored snapshot's data, and
+//!   how much), `applied_index` (before the log), `identity`,
+//!   `log_compacted_to` (entries at and before it are gone, even where a
+//!   log segment still holds them);
 //! - `snapshot_chunks`: (save number << 32 | chunk number) -> up to
 //!   [`SNAPSHOT_CHUNK_BYTES`] of a snapshot's data. A snapshot is written a
 //!   chunk per transaction, then switched to in one small transaction, so a
@@ -15,16 +21,20 @@
 //! - `plugins`: SHA-256 -> plugin component bytes;
 //! - `plugin_history`: log index -> SHA-256 of the plugin active from there.
 //!
-//! Durability: every [`LogStore::write`] is one LMDB write transaction,
-//! committed with LMDB's default fsync, so when `write` returns the batch is
-//! on disk and a crash keeps it whole or not at all. A crash in the middle of
-//! saving a snapshot leaves chunks no metadata points to; the next save
-//! deletes them. Data dirs from before chunking keep their snapshot in
-//! `meta.snapshot_data` until the next save replaces it.
+//! Durability: [`LogStore::write`] appends one record to the log and syncs
+//! it (plus an LMDB transaction, fsynced, for a conf state or identity), so
+//! when `write` returns the batch is on disk; a crash keeps a record whole
+//! or not at all. An installed snapshot is committed in LMDB first, then
+//! the log is reset; a crash between leaves the old log, which opening
+//! drops because it does not hold the snapshot's entry (see
+//! [`LmdbStore::open`]). A crash in the middle of saving a snapshot leaves
+//! chunks no metadata points to; the next save deletes them. Data dirs from
+//! before chunking keep their snapshot in `meta.snapshot_data` until the
+//! next save replaces it.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use heed::byteorder::BigEndian;
 use heed::types::{Bytes, Str, U64, U128};
@@ -38,6 +48,7 @@ use super::{LogStore, NodeIdentity, SnapshotPiece, SnapshotSave, StoreError, Wri
 mod options;
 mod snapshots;
 mod turns;
+mod wal;
 pub use options::LmdbOptions;
 use snapshots::{ChunkedData, chunk_key, chunks_of};
 use turns::{WriteTurn, WriteTurns};
@@ -48,8 +59,9 @@ type ChunkKey = U128<BigEndian>;
 /// A snapshot's data is stored in pieces of at most this size, one write
 /// transaction each.
 pub const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
-/// Log entries deleted per transaction when compacting behind a snapshot.
-const COMPACT_BATCH: u64 = 10_000;
+/// Entries moved per record from a data dir's LMDB log into a new
+/// write-ahead log.
+const MIGRATE_BATCH: usize = 10_000;
 
 const HARD_STATE: &str = "hard_state";
 const CONF_STATE: &str = "conf_state";
@@ -60,6 +72,9 @@ const SNAPSHOT_DATA: &str = "snapshot_data";
 const SNAPSHOT_CHUNKS: &str = "snapshot_chunks";
 const APPLIED_INDEX: &str = "applied_index";
 const CONF_INDEX: &str = "conf_index";
+/// The index the log was last compacted to (u64), so entries a segment
+/// still holds below it are not brought back by a restart.
+const LOG_COMPACTED: &str = "log_compacted_to";
 const IDENTITY: &str = "identity";
 
 /// The LMDB-backed [`LogStore`]. Cheap to clone: clones share the environment.
@@ -72,6 +87,8 @@ struct Inner {
     env: Env,
     /// The environment's directory (for its filesystem's free space).
     dir: std::path::PathBuf,
+    /// LMDB's old copy of the log (empty once moved), for tests to fill.
+    #[cfg(test)]
     entries: Database<Index, Bytes>,
     meta: Database<Str, Bytes>,
     traps: Database<Index, Str>,
@@ -83,12 +100,17 @@ struct Inner {
     /// The next save number: above every one in `snapshot_chunks`.
     next_save: AtomicU64,
     write_turns: WriteTurns,
-    /// The first index, as the log and the stored snapshot make it. raft
-    /// asks for it on every term lookup (each append sent, each ack), so
-    /// it is kept here rather than read in a transaction each time; every
-    /// write that can move it recomputes it while it still holds its write
-    /// turn, so writers store it in the order they commit.
-    first_index: AtomicU64,
+    /// Held by whatever changes the log or checks a write against it (a
+    /// write, a snapshot's switch and compaction, an install), taken before
+    /// a write turn. LMDB's turns are not needed for the log, so a write
+    /// never waits behind a snapshot's chunks.
+    log_lock: Mutex<()>,
+    /// The raft log, hard state and applied index.
+    wal: wal::Wal,
+    /// The stored snapshot's index and term, as LMDB has them: raft asks
+    /// for them on every term lookup, so they are kept here rather than
+    /// read in a transaction each time. Changed only with the write turn.
+    snapshot_at: RwLock<(u64, u64)>,
 }
 
 impl LmdbStore {
@@ -117,28 +139,26 @@ impl LmdbStore {
         let snapshot_chunks: Database<ChunkKey, Bytes> = env.create_database(&mut txn, Some("snapshot_chunks"))?;
         let next_save = snapshot_chunks.last(&txn)?.map_or(1, |(key, _)| (key >> 32) as u64 + 1);
         txn.commit()?;
-        LmdbStore {
-            inner: Arc::new(Inner {
-                env,
-                dir: dir.to_path_buf(),
-                entries,
-                meta,
-                traps,
-                plugins,
-                plugin_history,
-                snapshot_chunks,
-                snapshot_lock: Mutex::new(()),
-                next_save: AtomicU64::new(next_save),
-                write_turns: WriteTurns::default(),
-                first_index: AtomicU64::new(0),
-            }),
-        }
-        .with_first_index_known()
-    }
-
-    fn with_first_index_known(self) -> Result<LmdbStore, StoreError> {
-        self.inner.refresh_first_index()?;
-        Ok(self)
+        let wal = open_wal(&env, dir, entries, meta, options)?;
+        let inner = Inner {
+            env,
+            dir: dir.to_path_buf(),
+            #[cfg(test)]
+            entries,
+            meta,
+            traps,
+            plugins,
+            plugin_history,
+            snapshot_chunks,
+            snapshot_lock: Mutex::new(()),
+            next_save: AtomicU64::new(next_save),
+            write_turns: WriteTurns::default(),
+            log_lock: Mutex::new(()),
+            wal,
+            snapshot_at: RwLock::new((0, 0)),
+        };
+        inner.reconcile()?;
+        Ok(LmdbStore { inner: Arc::new(inner) })
     }
 
     fn read<T>(&self, f: impl FnOnce(&Inner, &RoTxn) -> Result<T, StoreError>) -> Result<T, StoreError> {
@@ -170,38 +190,206 @@ impl LmdbStore {
             .unwrap();
         inner.meta.put(&mut txn, SNAPSHOT_DATA, &snapshot.data).unwrap();
         txn.commit().unwrap();
-        inner.refresh_first_index().unwrap();
+        let metadata = snapshot.get_metadata();
+        inner.set_snapshot_at(metadata.index, metadata.term);
     }
 
-    /// Overwrite the entry at `index` with garbage, as a torn disk would.
+    /// Overwrite the entry at `index` with garbage, as a bad disk would.
     #[cfg(test)]
     pub(crate) fn corrupt_entry_for_test(&self, index: u64) {
-        let mut txn = self.inner.env.write_txn().unwrap();
-        self.inner.entries.put(&mut txn, &index, &[0xff, 0xff, 0xff]).unwrap();
+        self.inner.wal.corrupt_entry_for_test(index);
+    }
+
+    /// Put a log where data dirs from before the write-ahead log kept it.
+    #[cfg(test)]
+    pub(crate) fn put_lmdb_log_for_test(&self, log: &[Entry], hard_state: &HardState, applied: u64) {
+        let inner = &self.inner;
+        let mut txn = inner.env.write_txn().unwrap();
+        for entry in log {
+            inner
+                .entries
+                .put(&mut txn, &entry.index, &encode(entry).unwrap())
+                .unwrap();
+        }
+        inner
+            .meta
+            .put(&mut txn, HARD_STATE, &encode(hard_state).unwrap())
+            .unwrap();
+        inner.meta.put(&mut txn, APPLIED_INDEX, &applied.to_be_bytes()).unwrap();
         txn.commit().unwrap();
+    }
+
+    /// How many entries LMDB's own copy of the log holds.
+    #[cfg(test)]
+    pub(crate) fn lmdb_log_len_for_test(&self) -> u64 {
+        let txn = self.inner.env.read_txn().unwrap();
+        self.inner.entries.len(&txn).unwrap()
+    }
+}
+
+/// Open the store's write-ahead log, making it first if the data dir has
+/// none: empty for a new store, or holding the log a data dir from before
+/// it kept in LMDB. The new log is made under another name and renamed into
+/// place once whole and durable; only then is the LMDB copy cleared, so a
+/// crash anywhere leaves one whole copy.
+fn open_wal(
+    env: &Env,
+    dir: &Path,
+    entries: Database<Index, Bytes>,
+    meta: Database<Str, Bytes>,
+    options: &LmdbOptions,
+) -> Result<wal::Wal, StoreError> {
+    let sync = !options.unsafe_no_fsync;
+    let wal_dir = dir.join("wal");
+    if !wal_dir.exists() {
+        let building = dir.join("wal.new");
+        match std::fs::remove_dir_all(&building) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+            _ => {}
+        }
+        let txn = env.read_txn()?;
+        let hard_state: HardState = read_message(meta, &txn, HARD_STATE)?.unwrap_or_default();
+        let applied = read_u64(meta, &txn, APPLIED_INDEX)?;
+        let log = wal::Wal::create(&building, sync, &hard_state, applied)?;
+        let mut batch = Vec::new();
+        for item in entries.iter(&txn)? {
+            let (index, bytes) = item?;
+            batch.push(decode_entry(index, bytes)?);
+            if batch.len() == MIGRATE_BATCH {
+                log.append(&wal::Record {
+                    entries: std::mem::take(&mut batch),
+                    ..Default::default()
+                })?;
+            }
+        }
+        if !batch.is_empty() {
+            log.append(&wal::Record {
+                entries: batch,
+                ..Default::default()
+            })?;
+        }
+        drop(log);
+        drop(txn);
+        std::fs::rename(&building, &wal_dir)?;
+        if sync {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+    }
+    let opened = wal::Wal::open(&wal_dir, sync)?;
+    if opened.torn_bytes > 0 {
+        tracing::warn!(
+            bytes = opened.torn_bytes,
+            "the write-ahead log ended in a write the last crash cut short; it was never acknowledged, and is dropped"
+        );
+    }
+    let mut txn = env.write_txn()?;
+    if !entries.is_empty(&txn)? {
+        // Moved into the log above (or by an open that crashed after).
+        entries.clear(&mut txn)?;
+        txn.commit()?;
+    }
+    Ok(opened.wal)
+}
+
+fn read_message<M: protobuf::Message>(
+    meta: Database<Str, Bytes>,
+    txn: &RoTxn,
+    key: &str,
+) -> Result<Option<M>, StoreError> {
+    match meta.get(txn, key)? {
+        None => Ok(None),
+        Some(bytes) => M::parse_from_bytes(bytes)
+            .map(Some)
+            .map_err(|e| StoreError::Corrupt(format!("{key}: {e}"))),
+    }
+}
+
+fn read_u64(meta: Database<Str, Bytes>, txn: &RoTxn, key: &str) -> Result<u64, StoreError> {
+    match meta.get(txn, key)? {
+        None => Ok(0),
+        Some(bytes) => {
+            let bytes: [u8; 8] = bytes
+                .try_into()
+                .map_err(|_| StoreError::Corrupt(format!("{key} is not 8 bytes")))?;
+            Ok(u64::from_be_bytes(bytes))
+        }
     }
 }
 
 impl Inner {
     fn meta_message<M: protobuf::Message>(&self, txn: &RoTxn, key: &str) -> Result<Option<M>, StoreError> {
-        match self.meta.get(txn, key)? {
-            None => Ok(None),
-            Some(bytes) => M::parse_from_bytes(bytes)
-                .map(Some)
-                .map_err(|e| StoreError::Corrupt(format!("{key}: {e}"))),
-        }
+        read_message(self.meta, txn, key)
     }
 
     fn meta_u64(&self, txn: &RoTxn, key: &str) -> Result<u64, StoreError> {
-        match self.meta.get(txn, key)? {
-            None => Ok(0),
-            Some(bytes) => {
-                let bytes: [u8; 8] = bytes
-                    .try_into()
-                    .map_err(|_| StoreError::Corrupt(format!("{key} is not 8 bytes")))?;
-                Ok(u64::from_be_bytes(bytes))
+        read_u64(self.meta, txn, key)
+    }
+
+    /// Make the log agree with the stored snapshot, after opening:
+    /// - the log must reach back to the snapshot, or there is a hole;
+    /// - a log that does not hold the snapshot's entry (same index, same
+    ///   term) was replaced by it: an install whose reset of the log a
+    ///   crash cut off (raft installs a snapshot only where the log does
+    ///   not match it), or a log the snapshot covers wholly; it is dropped;
+    /// - the hard state is the later of the log's and LMDB's (an install
+    ///   writes LMDB's), its commit the higher of the two, and never past
+    ///   the last index (raft-rs panics on that).
+    fn reconcile(&self) -> Result<(), StoreError> {
+        let txn = self.env.read_txn()?;
+        let snapshot = self.snapshot_meta(&txn)?;
+        let stored: HardState = self.meta_message(&txn, HARD_STATE)?.unwrap_or_default();
+        let compacted = self.meta_u64(&txn, LOG_COMPACTED)?.min(snapshot.index);
+        drop(txn);
+        self.set_snapshot_at(snapshot.index, snapshot.term);
+        if let Some((first, last)) = self.wal.bounds() {
+            if first > snapshot.index + 1 {
+                return Err(StoreError::Corrupt(format!(
+                    "the log starts at {first}, after the snapshot at {}: entries {}..{first} are missing",
+                    snapshot.index,
+                    snapshot.index + 1
+                )));
+            }
+            let holds_snapshot = first == snapshot.index + 1
+                || (snapshot.index >= first
+                    && snapshot.index <= last
+                    && self.wal.term(snapshot.index) == Some(snapshot.term));
+            if last <= snapshot.index || !holds_snapshot {
+                if last > snapshot.index {
+                    tracing::warn!(
+                        snapshot = snapshot.index,
+                        first,
+                        last,
+                        "the log does not hold the installed snapshot's entry (a crash came before it was reset); dropping it"
+                    );
+                }
+                self.wal.forget_entries(snapshot.index);
             }
         }
+        self.wal.compact(compacted)?;
+        let logged = self.wal.hard_state();
+        let mut hard_state = if stored.term > logged.term || (stored.term == logged.term && logged.vote == 0) {
+            stored.clone()
+        } else {
+            logged.clone()
+        };
+        hard_state.commit = stored.commit.max(logged.commit).min(self.last_index());
+        self.wal.set_hard_state(hard_state);
+        Ok(())
+    }
+
+    fn lock_log(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.log_lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn set_snapshot_at(&self, index: u64, term: u64) {
+        *self
+            .snapshot_at
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = (index, term);
+    }
+
+    fn snapshot_at(&self) -> (u64, u64) {
+        *self.snapshot_at.read().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn snapshot_meta(&self, txn: &RoTxn) -> Result<SnapshotMetadata, StoreError> {
@@ -215,33 +403,19 @@ impl Inner {
         Ok((turn, self.env.write_txn()?))
     }
 
-    /// Recompute [`Inner::first_index`] from what is committed; call with
-    /// the write turn held, after the commit.
-    fn refresh_first_index(&self) -> Result<(), StoreError> {
-        let txn = self.env.read_txn()?;
-        let first = self.first_index(&txn)?;
-        self.first_index.store(first, Ordering::Release);
-        Ok(())
-    }
-
-    fn first_index(&self, txn: &RoTxn) -> Result<u64, StoreError> {
-        match self.entries.first(txn)? {
-            Some((index, _)) => Ok(index),
-            None => Ok(self.snapshot_meta(txn)?.index + 1),
+    /// The first entry's index, or the one after the snapshot.
+    fn first_index(&self) -> u64 {
+        match self.wal.bounds() {
+            Some((first, _)) => first,
+            None => self.snapshot_at().0 + 1,
         }
     }
 
-    fn last_index(&self, txn: &RoTxn) -> Result<u64, StoreError> {
-        match self.entries.last(txn)? {
-            Some((index, _)) => Ok(index),
-            None => Ok(self.snapshot_meta(txn)?.index),
-        }
-    }
-
-    fn entry(&self, txn: &RoTxn, index: u64) -> Result<Option<Entry>, StoreError> {
-        match self.entries.get(txn, &index)? {
-            None => Ok(None),
-            Some(bytes) => decode_entry(index, bytes).map(Some),
+    /// The last entry's index, or the snapshot's.
+    fn last_index(&self) -> u64 {
+        match self.wal.bounds() {
+            Some((_, last)) => last,
+            None => self.snapshot_at().0,
         }
     }
 }
@@ -274,9 +448,8 @@ fn to_raft(error: StoreError) -> raft::Error {
 impl Storage for LmdbStore {
     fn initial_state(&self) -> raft::Result<RaftState> {
         self.read(|inner, txn| {
-            let hard_state: HardState = inner.meta_message(txn, HARD_STATE)?.unwrap_or_default();
             let conf_state: ConfState = inner.meta_message(txn, CONF_STATE)?.unwrap_or_default();
-            Ok(RaftState::new(hard_state, conf_state))
+            Ok(RaftState::new(inner.wal.hard_state(), conf_state))
         })
         .map_err(to_raft)
     }
@@ -288,62 +461,40 @@ impl Storage for LmdbStore {
         max_size: impl Into<Option<u64>>,
         _context: GetEntriesContext,
     ) -> raft::Result<Vec<Entry>> {
-        let max_size = max_size.into();
-        let result = self.read(|inner, txn| {
-            if low < inner.first_index(txn)? {
-                return Ok(Err(StorageError::Compacted));
-            }
-            if high > inner.last_index(txn)? + 1 {
-                return Ok(Err(StorageError::Unavailable));
-            }
-            let mut out = Vec::with_capacity((high - low) as usize);
-            let mut size = 0u64;
-            for item in inner.entries.range(txn, &(low..high))? {
-                let (index, bytes) = item?;
-                size += bytes.len() as u64;
-                // raft-rs semantics: always return at least one entry.
-                if !out.is_empty() && max_size.is_some_and(|max| size > max) {
-                    break;
-                }
-                out.push(decode_entry(index, bytes)?);
-            }
-            if out.first().is_some_and(|e: &Entry| e.index != low) {
-                return Err(StoreError::Corrupt(format!("log has a hole at {low}")));
-            }
-            Ok(Ok(out))
-        });
-        match result {
-            Ok(Ok(entries)) => Ok(entries),
-            Ok(Err(e)) => Err(raft::Error::Store(e)),
-            Err(e) => Err(to_raft(e)),
+        let inner = &self.inner;
+        if low < inner.first_index() {
+            return Err(raft::Error::Store(StorageError::Compacted));
         }
+        if high > inner.last_index() + 1 {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        if low >= high {
+            return Ok(Vec::new());
+        }
+        // raft-rs semantics: always at least one entry, then at most
+        // `max_size` bytes.
+        inner.wal.entries(low, high, max_size.into()).map_err(to_raft)
     }
 
     fn term(&self, index: u64) -> raft::Result<u64> {
-        let result = self.read(|inner, txn| {
-            let snapshot = inner.snapshot_meta(txn)?;
-            if index == snapshot.index {
-                return Ok(Ok(snapshot.term));
-            }
-            match inner.entry(txn, index)? {
-                Some(entry) => Ok(Ok(entry.term)),
-                None if index < inner.first_index(txn)? => Ok(Err(StorageError::Compacted)),
-                None => Ok(Err(StorageError::Unavailable)),
-            }
-        });
-        match result {
-            Ok(Ok(term)) => Ok(term),
-            Ok(Err(e)) => Err(raft::Error::Store(e)),
-            Err(e) => Err(to_raft(e)),
+        let inner = &self.inner;
+        let (snapshot_index, snapshot_term) = inner.snapshot_at();
+        if index == snapshot_index {
+            return Ok(snapshot_term);
+        }
+        match inner.wal.term(index) {
+            Some(term) => Ok(term),
+            None if index < inner.first_index() => Err(raft::Error::Store(StorageError::Compacted)),
+            None => Err(raft::Error::Store(StorageError::Unavailable)),
         }
     }
 
     fn first_index(&self) -> raft::Result<u64> {
-        Ok(self.inner.first_index.load(Ordering::Acquire))
+        Ok(self.inner.first_index())
     }
 
     fn last_index(&self) -> raft::Result<u64> {
-        self.read(|inner, txn| inner.last_index(txn)).map_err(to_raft)
+        Ok(self.inner.last_index())
     }
 
     /// The stored snapshot for raft to send, with a reference for data:
@@ -383,57 +534,57 @@ impl LogStore for LmdbStore {
         }
         check_contiguous(&batch.entries)?;
         let inner = &self.inner;
-        let (_turn, mut txn) = inner.write_in_turn()?;
-        let mut moves_first = false;
+        let _log = inner.lock_log();
         if let Some(first) = batch.entries.first() {
-            let snapshot = inner.snapshot_meta(&txn)?;
-            if first.index <= snapshot.index {
+            let (snapshot_index, _) = inner.snapshot_at();
+            if first.index <= snapshot_index {
                 return Err(StoreError::Invalid(format!(
-                    "entry {} is at or before the snapshot at {}",
-                    first.index, snapshot.index
+                    "entry {} is at or before the snapshot at {snapshot_index}",
+                    first.index
                 )));
             }
-            let last = inner.last_index(&txn)?;
+            let last = inner.last_index();
             if first.index > last + 1 {
                 return Err(StoreError::Invalid(format!(
                     "entry {} would leave a hole after the last index {last}",
                     first.index
                 )));
             }
-            // A new leader may replace an uncommitted suffix of our log.
-            inner.entries.delete_range(&mut txn, &(first.index..))?;
-            for entry in &batch.entries {
-                inner.entries.put(&mut txn, &entry.index, &encode(entry)?)?;
-            }
-            moves_first = first.index <= inner.first_index.load(Ordering::Acquire);
         }
-        if let Some(hard_state) = &batch.hard_state {
+        let hard_state = batch.hard_state.map(|mut hard_state| {
             // The commit index never goes back: a snapshot saved meanwhile
             // may have raised it past a batch queued before.
-            let stored: HardState = inner.meta_message(&txn, HARD_STATE)?.unwrap_or_default();
-            let mut hard_state = hard_state.clone();
-            hard_state.commit = hard_state.commit.max(stored.commit);
-            inner.meta.put(&mut txn, HARD_STATE, &encode(&hard_state)?)?;
+            hard_state.commit = hard_state.commit.max(inner.wal.hard_state().commit);
+            hard_state
+        });
+        let record = wal::Record {
+            reset: None,
+            entries: batch.entries,
+            hard_state,
+            applied: batch.applied_index,
+        };
+        if !record.entries.is_empty() || record.hard_state.is_some() || record.applied.is_some() {
+            // A new leader's entries replace an uncommitted suffix of ours.
+            inner.wal.append(&record)?;
         }
-        if let Some((conf_state, conf_index)) = &batch.conf_state {
-            inner.meta.put(&mut txn, CONF_STATE, &encode(conf_state)?)?;
-            inner.meta.put(&mut txn, CONF_INDEX, &conf_index.to_be_bytes())?;
-        }
-        if let Some(identity) = &batch.identity {
-            inner.meta.put(&mut txn, IDENTITY, &encode_identity(identity)?)?;
-        }
-        if let Some(applied) = batch.applied_index {
-            inner.meta.put(&mut txn, APPLIED_INDEX, &applied.to_be_bytes())?;
-        }
-        txn.commit()?;
-        if moves_first {
-            inner.refresh_first_index()?;
+        if batch.conf_state.is_some() || batch.identity.is_some() {
+            // After the log: a conf state names an entry already in it.
+            let (_turn, mut txn) = inner.write_in_turn()?;
+            if let Some((conf_state, conf_index)) = &batch.conf_state {
+                inner.meta.put(&mut txn, CONF_STATE, &encode(conf_state)?)?;
+                inner.meta.put(&mut txn, CONF_INDEX, &conf_index.to_be_bytes())?;
+            }
+            if let Some(identity) = &batch.identity {
+                inner.meta.put(&mut txn, IDENTITY, &encode_identity(identity)?)?;
+            }
+            txn.commit()?;
         }
         Ok(())
     }
 
     fn applied_index(&self) -> Result<u64, StoreError> {
-        self.read(|inner, txn| inner.meta_u64(txn, APPLIED_INDEX))
+        let before_the_log = self.read(|inner, txn| inner.meta_u64(txn, APPLIED_INDEX))?;
+        Ok(self.inner.wal.applied().max(before_the_log))
     }
 
     fn conf_index(&self) -> Result<u64, StoreError> {
@@ -526,9 +677,10 @@ impl LogStore for LmdbStore {
     fn space(&self) -> Result<super::SpaceUsage, StoreError> {
         let env = &self.inner.env;
         let (fs_free_bytes, fs_total_bytes) = super::filesystem(&self.inner.dir).unwrap_or((0, 0));
+        let (log_file_bytes, log_live_bytes) = self.inner.wal.space();
         Ok(super::SpaceUsage {
-            file_bytes: env.real_disk_size()?,
-            live_bytes: env.non_free_pages_size()?,
+            file_bytes: env.real_disk_size()? + log_file_bytes,
+            live_bytes: env.non_free_pages_size()? + log_live_bytes,
             fs_free_bytes,
             fs_total_bytes,
         })

@@ -3,8 +3,8 @@
 //!
 //! [`LogStore`] extends raft-rs's read-only [`Storage`] with the write the
 //! node loop makes per `Ready`: a [`WriteBatch`], committed atomically and
-//! durably (LMDB: one write transaction, fsynced) before anything that depends
-//! on it is sent or acknowledged. The [`persister::Persister`] thread makes
+//! durably (the real store: one write-ahead log record, fdatasynced) before
+//! anything that depends on it is sent or acknowledged. The [`persister::Persister`] thread makes
 //! those writes, merging the batches that queue up during an fsync into one;
 //! [`staged::Staged`] lets raft read the entries still on their way. [`lmdb::LmdbStore`] is the real store;
 //! [`mem::MemStore`] is the in-memory twin for tests. Both pass the same

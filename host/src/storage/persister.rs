@@ -2,9 +2,9 @@
 //!
 //! The loop submits a [`WriteBatch`] per `Ready` (plus the odd metadata
 //! write) with a sequence number and goes on working. The thread takes
-//! everything queued, merges it into one batch — group commit: one LMDB
-//! transaction and one fsync for however many `Ready`s arrived during the
-//! previous fsync — writes it, and reports the highest sequence number now
+//! everything queued, merges it into one batch — group commit: one log
+//! record and one sync for however many `Ready`s arrived during the
+//! previous sync — writes it, and reports the highest sequence number now
 //! durable. Writes land in submission order, so a report for `n` covers
 //! every batch up to `n`.
 
@@ -46,8 +46,10 @@ impl Persister {
     }
 
     /// As `start`, but a write that fails for lack of space (`out_of_space`
-    /// says which errors are that) is not final: nothing of it was written
-    /// (an LMDB transaction is all or nothing), so the thread tries it again
+    /// says which errors are that) is not final: nothing of it counts (a
+    /// log record is allocated for before it is written, and counts only
+    /// once synced; an LMDB transaction is all or nothing), so the thread
+    /// tries it again
     /// every `SPACE_RETRY` until space comes back. Meanwhile nothing more
     /// becomes durable, so raft acknowledges nothing more, and the node
     /// stays up serving what it has. Only a shutdown ends the wait (with

@@ -467,7 +467,110 @@ fn lmdb_reports_a_corrupt_entry_instead_of_panicking() {
     append(&store, entries(1..=2, 1));
     store.corrupt_entry_for_test(2);
     assert!(read(&store, 1, 3, None).is_err());
-    assert!(store.term(2).is_err());
+    // Terms are kept in memory, as written: they stay right.
+    assert_eq!(store.term(2).unwrap(), 1);
+    // Opening checks every record: the damage is named, not replayed.
+    let dir = _dir.path().to_path_buf();
+    drop(store);
+    let error = LmdbStore::open(&dir, &small())
+        .err()
+        .expect("a corrupt log must not open")
+        .to_string();
+    assert!(error.contains("checksum"), "{error}");
+}
+
+#[test]
+fn lmdb_drops_the_old_log_when_a_crash_cut_off_an_installs_reset() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = dir.path().join("wal");
+    let kept = dir.path().join("wal-before-install");
+    {
+        let store = LmdbStore::open(dir.path(), &small()).unwrap();
+        append(&store, entries(1..=30, 1));
+        // What the log held before the install, as the disk would have it
+        // had the crash come between LMDB's commit and the log's reset.
+        copy_dir(&wal, &kept);
+        let hard_state = HardState {
+            term: 4,
+            commit: 20,
+            ..Default::default()
+        };
+        store
+            .install_snapshot(&snapshot_at(20, 3, vec![1], b"state@20"), &hard_state)
+            .unwrap();
+    }
+    std::fs::remove_dir_all(&wal).unwrap();
+    std::fs::rename(&kept, &wal).unwrap();
+    let store = LmdbStore::open(dir.path(), &small()).unwrap();
+    // The old log's entry 20 has term 1, not the snapshot's 3: replaced.
+    assert_eq!(store.first_index().unwrap(), 21);
+    assert_eq!(store.last_index().unwrap(), 20);
+    assert_eq!(store.term(20).unwrap(), 3);
+    let state = store.initial_state().unwrap().hard_state;
+    assert_eq!((state.term, state.commit), (4, 20));
+    append(&store, entries(21..=22, 4));
+    assert_eq!(read(&store, 21, 23, None).unwrap(), entries(21..=22, 4));
+}
+
+#[test]
+fn lmdb_keeps_a_log_that_holds_the_snapshots_entry_and_never_commits_past_it() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = LmdbStore::open(dir.path(), &small()).unwrap();
+        store
+            .write(WriteBatch {
+                entries: entries(1..=10, 2),
+                hard_state: Some(HardState {
+                    term: 2,
+                    commit: 8,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .unwrap();
+        store.save_snapshot(&snapshot_at(6, 2, vec![1], b"state@6"), 4).unwrap();
+    }
+    let store = LmdbStore::open(dir.path(), &small()).unwrap();
+    assert_eq!((store.first_index().unwrap(), store.last_index().unwrap()), (5, 10));
+    assert_eq!(store.initial_state().unwrap().hard_state.commit, 8);
+    assert_eq!(read(&store, 5, 11, None).unwrap(), entries(5..=10, 2));
+}
+
+#[test]
+fn lmdb_moves_a_log_kept_in_lmdb_into_the_write_ahead_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let hard_state = HardState {
+        term: 3,
+        vote: 2,
+        commit: 7,
+        ..Default::default()
+    };
+    {
+        let store = LmdbStore::open(dir.path(), &small()).unwrap();
+        store.put_lmdb_log_for_test(&entries(1..=9, 3), &hard_state, 6);
+    }
+    // A data dir from before the log, and an earlier move a crash cut short.
+    std::fs::remove_dir_all(dir.path().join("wal")).unwrap();
+    std::fs::create_dir(dir.path().join("wal.new")).unwrap();
+    std::fs::write(dir.path().join("wal.new").join("0000000000000001.wal"), b"half").unwrap();
+    let store = LmdbStore::open(dir.path(), &small()).unwrap();
+    assert_eq!(read(&store, 1, 10, None).unwrap(), entries(1..=9, 3));
+    assert_eq!(store.initial_state().unwrap().hard_state, hard_state);
+    assert_eq!(store.applied_index().unwrap(), 6);
+    assert!(!dir.path().join("wal.new").exists());
+    assert_eq!(store.lmdb_log_len_for_test(), 0, "the LMDB copy is cleared");
+    append(&store, entries(10..=10, 3));
+    drop(store);
+    let store = LmdbStore::open(dir.path(), &small()).unwrap();
+    assert_eq!(store.last_index().unwrap(), 10);
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir(to).unwrap();
+    for item in std::fs::read_dir(from).unwrap() {
+        let item = item.unwrap();
+        std::fs::copy(item.path(), to.join(item.file_name())).unwrap();
+    }
 }
 
 /// Data of `len` bytes that differs chunk to chunk, so a misordered or

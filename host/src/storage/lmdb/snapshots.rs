@@ -9,7 +9,7 @@ use heed::RoTxn;
 use raft::prelude::{HardState, SnapshotMetadata};
 
 use super::{
-    COMPACT_BATCH, CONF_INDEX, CONF_STATE, HARD_STATE, Inner, LmdbStore, SNAPSHOT_CHUNK_BYTES, SNAPSHOT_CHUNKS,
+    CONF_INDEX, CONF_STATE, HARD_STATE, Inner, LOG_COMPACTED, LmdbStore, SNAPSHOT_CHUNK_BYTES, SNAPSHOT_CHUNKS,
     SNAPSHOT_DATA, SNAPSHOT_META, encode,
 };
 use crate::storage::{LogStore as _, SnapshotPiece, SnapshotSave, StoreError};
@@ -80,6 +80,7 @@ impl LmdbStore {
         compact_to: u64,
     ) -> Result<bool, StoreError> {
         let inner = &self.inner;
+        let _log = inner.lock_log();
         let (turn, mut txn) = inner.write_in_turn()?;
         let own = chunks_of(location.save);
         let whole = location.chunks == 0
@@ -93,8 +94,8 @@ impl LmdbStore {
             txn.commit()?;
             return Ok(false);
         }
-        if metadata.index > inner.last_index(&txn)? {
-            let last = inner.last_index(&txn)?;
+        if metadata.index > inner.last_index() {
+            let last = inner.last_index();
             inner.snapshot_chunks.delete_range(&mut txn, &own)?;
             txn.commit()?;
             return Err(StoreError::Invalid(format!(
@@ -106,31 +107,23 @@ impl LmdbStore {
         // A snapshot covers applied, so committed, entries; the persisted
         // commit index may lag (it is written lazily), and raft refuses to
         // start with a snapshot past it.
-        let mut hard_state: HardState = inner.meta_message(&txn, HARD_STATE)?.unwrap_or_default();
+        let compact_to = compact_to.min(metadata.index);
+        inner.meta.put(&mut txn, LOG_COMPACTED, &compact_to.to_be_bytes())?;
+        // (LMDB's copy of the hard state; opening takes the higher commit
+        // of it and the log's.)
+        let mut hard_state = inner.wal.hard_state();
         if hard_state.commit < metadata.index {
             hard_state.commit = metadata.index;
             inner.meta.put(&mut txn, HARD_STATE, &encode(&hard_state)?)?;
         }
         txn.commit()?;
-        inner.refresh_first_index()?;
         drop(turn);
-        // Compact in small transactions too: the snapshot is durable, so
-        // the entries it covers may go in any order, and a crash midway
-        // leaves some for the next snapshot to drop.
-        let compact_to = compact_to.min(metadata.index);
-        loop {
-            let (_turn, mut txn) = inner.write_in_turn()?;
-            let Some((first, _)) = inner.entries.first(&txn)? else {
-                break;
-            };
-            if first > compact_to {
-                break;
-            }
-            let upto = compact_to.min(first.saturating_add(COMPACT_BATCH - 1));
-            inner.entries.delete_range(&mut txn, &(first..=upto))?;
-            txn.commit()?;
-            inner.refresh_first_index()?;
-        }
+        inner.set_snapshot_at(metadata.index, metadata.term);
+        inner.wal.raise_commit(metadata.index);
+        // The snapshot is durable, so the entries it covers may go; a
+        // crash before their segments are deleted leaves them for the next
+        // snapshot to drop.
+        inner.wal.compact(compact_to)?;
         Ok(true)
     }
 
@@ -152,17 +145,23 @@ impl LmdbStore {
         hard_state: &HardState,
     ) -> Result<(), StoreError> {
         let inner = &self.inner;
-        let (_turn, mut txn) = inner.write_in_turn()?;
-        inner.entries.clear(&mut txn)?;
-        inner.switch_snapshot(&mut txn, metadata, location)?;
+        let _log = inner.lock_log();
+        let (turn, mut txn) = inner.write_in_turn()?;
+        inner.switch_snapshot_replacing_log(&mut txn, metadata, location)?;
         inner
             .meta
             .put(&mut txn, CONF_STATE, &encode(metadata.get_conf_state())?)?;
         inner.meta.put(&mut txn, CONF_INDEX, &metadata.index.to_be_bytes())?;
         inner.meta.put(&mut txn, HARD_STATE, &encode(hard_state)?)?;
+        inner.meta.put(&mut txn, LOG_COMPACTED, &metadata.index.to_be_bytes())?;
         txn.commit()?;
-        inner.refresh_first_index()?;
-        Ok(())
+        drop(turn);
+        // Then the log: emptied in memory at once (what opening would make
+        // of it, should the reset below not land), then on disk.
+        inner.set_snapshot_at(metadata.index, metadata.term);
+        inner.wal.forget_entries(metadata.index);
+        inner.wal.set_hard_state(hard_state.clone());
+        inner.wal.reset(metadata.index, hard_state)
     }
 
     /// The stored snapshot's size, without reading it.
@@ -283,13 +282,34 @@ impl Inner {
         metadata: &SnapshotMetadata,
         location: ChunkedData,
     ) -> Result<(), StoreError> {
+        let covered = metadata.index.min(self.first_index().saturating_sub(1));
+        self.point_at_snapshot(txn, metadata, location, covered)
+    }
+
+    /// As [`Inner::switch_snapshot`], for a snapshot that replaces the
+    /// whole log (an install).
+    fn switch_snapshot_replacing_log(
+        &self,
+        txn: &mut heed::RwTxn,
+        metadata: &SnapshotMetadata,
+        location: ChunkedData,
+    ) -> Result<(), StoreError> {
+        self.point_at_snapshot(txn, metadata, location, metadata.index)
+    }
+
+    fn point_at_snapshot(
+        &self,
+        txn: &mut heed::RwTxn,
+        metadata: &SnapshotMetadata,
+        location: ChunkedData,
+        covered: u64,
+    ) -> Result<(), StoreError> {
         self.meta.put(txn, SNAPSHOT_META, &encode(metadata)?)?;
         self.meta.put(txn, SNAPSHOT_CHUNKS, &location.to_bytes())?;
         self.meta.delete(txn, SNAPSHOT_DATA)?;
         let own = chunks_of(location.save);
         self.snapshot_chunks.delete_range(txn, &(..own.start))?;
         self.snapshot_chunks.delete_range(txn, &(own.end..))?;
-        let covered = metadata.index.min(self.first_index(txn)?.saturating_sub(1));
         self.drop_superseded_plugins(txn, covered)
     }
 
