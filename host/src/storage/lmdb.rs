@@ -291,6 +291,14 @@ fn open_wal(
     Ok(opened.wal)
 }
 
+/// `hard_state` with its commit index no higher than `last` (raft-rs
+/// panics on a commit past the last index).
+fn capped(hard_state: &HardState, last: u64) -> HardState {
+    let mut capped = hard_state.clone();
+    capped.commit = capped.commit.min(last);
+    capped
+}
+
 fn read_message<M: protobuf::Message>(
     meta: Database<Str, Bytes>,
     txn: &RoTxn,
@@ -341,6 +349,13 @@ impl Inner {
         let compacted = self.meta_u64(&txn, LOG_COMPACTED)?.min(snapshot.index);
         drop(txn);
         self.set_snapshot_at(snapshot.index, snapshot.term);
+        let logged = self.wal.hard_state();
+        let mut hard_state = if stored.term > logged.term || (stored.term == logged.term && logged.vote == 0) {
+            stored.clone()
+        } else {
+            logged.clone()
+        };
+        hard_state.commit = stored.commit.max(logged.commit);
         if let Some((first, last)) = self.wal.bounds() {
             if first > snapshot.index + 1 {
                 return Err(StoreError::Corrupt(format!(
@@ -350,30 +365,21 @@ impl Inner {
                 )));
             }
             let holds_snapshot = first == snapshot.index + 1
-                || (snapshot.index >= first
-                    && snapshot.index <= last
-                    && self.wal.term(snapshot.index) == Some(snapshot.term));
-            if last <= snapshot.index || !holds_snapshot {
-                if last > snapshot.index {
-                    tracing::warn!(
-                        snapshot = snapshot.index,
-                        first,
-                        last,
-                        "the log does not hold the installed snapshot's entry (a crash came before it was reset); dropping it"
-                    );
-                }
-                self.wal.forget_entries(snapshot.index);
+                || (snapshot.index <= last && self.wal.term(snapshot.index) == Some(snapshot.term));
+            if !holds_snapshot {
+                tracing::warn!(
+                    snapshot = snapshot.index,
+                    first,
+                    last,
+                    "the log does not hold the snapshot's entry (an install's reset of it was cut off by a crash); dropping it"
+                );
+                // Durably: entries appended after it must not replay onto
+                // the old log.
+                self.wal.reset(snapshot.index, &capped(&hard_state, snapshot.index))?;
             }
         }
         self.wal.compact(compacted)?;
-        let logged = self.wal.hard_state();
-        let mut hard_state = if stored.term > logged.term || (stored.term == logged.term && logged.vote == 0) {
-            stored.clone()
-        } else {
-            logged.clone()
-        };
-        hard_state.commit = stored.commit.max(logged.commit).min(self.last_index());
-        self.wal.set_hard_state(hard_state);
+        self.wal.set_hard_state(capped(&hard_state, self.last_index()));
         Ok(())
     }
 

@@ -510,6 +510,40 @@ fn lmdb_drops_the_old_log_when_a_crash_cut_off_an_installs_reset() {
     assert_eq!((state.term, state.commit), (4, 20));
     append(&store, entries(21..=22, 4));
     assert_eq!(read(&store, 21, 23, None).unwrap(), entries(21..=22, 4));
+    // The old log stays dropped: what came after it replays alone.
+    drop(store);
+    let store = LmdbStore::open(dir.path(), &small()).unwrap();
+    assert_eq!((store.first_index().unwrap(), store.last_index().unwrap()), (21, 22));
+    assert_eq!(read(&store, 21, 23, None).unwrap(), entries(21..=22, 4));
+}
+
+#[test]
+fn lmdb_goes_on_after_a_snapshot_past_its_whole_log_whose_reset_was_cut_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = dir.path().join("wal");
+    let kept = dir.path().join("wal-before-install");
+    {
+        let store = LmdbStore::open(dir.path(), &small()).unwrap();
+        append(&store, entries(1..=10, 1));
+        copy_dir(&wal, &kept);
+        let hard_state = HardState {
+            term: 2,
+            commit: 20,
+            ..Default::default()
+        };
+        store
+            .install_snapshot(&snapshot_at(20, 2, vec![1], b"state@20"), &hard_state)
+            .unwrap();
+    }
+    std::fs::remove_dir_all(&wal).unwrap();
+    std::fs::rename(&kept, &wal).unwrap();
+    let store = LmdbStore::open(dir.path(), &small()).unwrap();
+    assert_eq!((store.first_index().unwrap(), store.last_index().unwrap()), (21, 20));
+    append(&store, entries(21..=21, 2));
+    drop(store);
+    let store = LmdbStore::open(dir.path(), &small()).unwrap();
+    assert_eq!((store.first_index().unwrap(), store.last_index().unwrap()), (21, 21));
+    assert_eq!(store.initial_state().unwrap().hard_state.commit, 20);
 }
 
 #[test]

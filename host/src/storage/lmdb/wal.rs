@@ -753,7 +753,12 @@ fn replay_segment(path: &Path, seq: u64, bytes: &[u8], is_last: bool, log: &mut 
         let len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize;
         let crc = u32::from_le_bytes(header[4..].try_into().expect("4 bytes"));
         if len == 0 && crc == 0 {
-            // The allocation's zeros: the segment's end.
+            // The allocation's zeros: the segment's end. A closed segment
+            // was synced whole before the next began, so data past its end
+            // is damage, not a write a crash cut short.
+            if !is_last && bytes[at..].iter().any(|&b| b != 0) {
+                return Err(corrupt(format!("data after the end of its records, at offset {at}")));
+            }
             return Ok(at as u64);
         }
         let start = at + RECORD_HEADER_BYTES;

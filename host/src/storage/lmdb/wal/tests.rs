@@ -267,3 +267,24 @@ fn a_segment_whose_start_never_became_durable_is_removed() {
     assert_eq!(wal.bounds(), Some((1, 2)));
     assert!(!stray.exists());
 }
+
+#[test]
+fn data_past_the_end_of_a_closed_segment_is_corruption() {
+    let (wal, dir) = new_wal();
+    for index in 1..=70 {
+        append(&wal, vec![entry(index, 1, &vec![7; 1 << 20])]);
+    }
+    let first = wal.segment_paths_for_test()[0].clone();
+    assert!(wal.segment_paths_for_test().len() >= 2);
+    drop(wal);
+    let mut bytes = std::fs::read(&first).unwrap();
+    let end = data_end(&bytes);
+    assert!(end + 100 < bytes.len(), "a closed segment keeps its allocation's zeros");
+    bytes[end + 50] = 1;
+    std::fs::write(&first, &bytes).unwrap();
+    let error = reopen(&dir)
+        .err()
+        .expect("damage in a closed segment must not open")
+        .to_string();
+    assert!(error.contains("after the end of its records"), "{error}");
+}
