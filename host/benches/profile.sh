@@ -42,7 +42,7 @@ if [ "$use_perf" = 1 ]; then
   perf record -F 999 -g -o "$dir/perf.data" -p "${pids[$leader]}" >/dev/null 2>&1 &
   perf_pid=$!
 fi
-"$bin" bench --addr "$(node_addr "$leader")" --clients "$clients" --requests "$requests" 2>&1 | grep -E "throughput|p99" >&2 || true
+"$bin" bench --addr "$(node_addr "$leader")" --clients "$clients" --requests "$requests" 2>&1 | grep -E "clients in|latency" >&2 || true
 if [ "$use_perf" = 1 ]; then
   kill -INT "$perf_pid"
   wait "$perf_pid" 2>/dev/null || true

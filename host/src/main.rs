@@ -8,6 +8,12 @@ use raftify_host::cli::{Cli, Command};
 use raftify_host::config::RunArgs;
 use raftify_host::{daemon, logging};
 
+/// glibc's malloc and free were a tenth of the leader's CPU per write
+/// (`host/benches/profile.sh`); mimalloc's thread-local free lists cost
+/// less for the many small, short-lived buffers of a request.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
