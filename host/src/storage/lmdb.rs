@@ -357,14 +357,14 @@ impl Inner {
         };
         hard_state.commit = stored.commit.max(logged.commit);
         if let Some((first, last)) = self.wal.bounds() {
-            if first > snapshot.index + 1 {
+            let after_snapshot = snapshot.index.saturating_add(1);
+            if first > after_snapshot {
                 return Err(StoreError::Corrupt(format!(
                     "the log starts at {first}, after the snapshot at {}: entries {}..{first} are missing",
-                    snapshot.index,
-                    snapshot.index + 1
+                    snapshot.index, after_snapshot
                 )));
             }
-            let holds_snapshot = first == snapshot.index + 1
+            let holds_snapshot = first == after_snapshot
                 || (snapshot.index <= last && self.wal.term(snapshot.index) == Some(snapshot.term));
             if !holds_snapshot {
                 tracing::warn!(
@@ -413,7 +413,7 @@ impl Inner {
     fn first_index(&self) -> u64 {
         match self.wal.bounds() {
             Some((first, _)) => first,
-            None => self.snapshot_at().0 + 1,
+            None => self.snapshot_at().0.saturating_add(1),
         }
     }
 
@@ -471,7 +471,7 @@ impl Storage for LmdbStore {
         if low < inner.first_index() {
             return Err(raft::Error::Store(StorageError::Compacted));
         }
-        if high > inner.last_index() + 1 {
+        if high > inner.last_index().saturating_add(1) {
             return Err(raft::Error::Store(StorageError::Unavailable));
         }
         if low >= high {
@@ -479,7 +479,11 @@ impl Storage for LmdbStore {
         }
         // raft-rs semantics: always at least one entry, then at most
         // `max_size` bytes.
-        inner.wal.entries(low, high, max_size.into()).map_err(to_raft)
+        match inner.wal.entries(low, high, max_size.into()).map_err(to_raft)? {
+            wal::Read::Entries(entries) => Ok(entries),
+            wal::Read::Compacted => Err(raft::Error::Store(StorageError::Compacted)),
+            wal::Read::Unavailable => Err(raft::Error::Store(StorageError::Unavailable)),
+        }
     }
 
     fn term(&self, index: u64) -> raft::Result<u64> {
@@ -550,7 +554,7 @@ impl LogStore for LmdbStore {
                 )));
             }
             let last = inner.last_index();
-            if first.index > last + 1 {
+            if first.index > last.saturating_add(1) {
                 return Err(StoreError::Invalid(format!(
                     "entry {} would leave a hole after the last index {last}",
                     first.index

@@ -56,6 +56,10 @@ const RECORD_HEADER_BYTES: usize = 8;
 /// The disk's atomic unit, for telling a torn write from corruption.
 const SECTOR: u64 = 512;
 
+/// No index at or past this is accepted from a segment, so index
+/// arithmetic on what the disk holds cannot overflow.
+const MAX_INDEX: u64 = u64::MAX >> 1;
+
 const RESET: u8 = 1;
 const ENTRIES: u8 = 2;
 const HARD_STATE: u8 = 4;
@@ -70,6 +74,17 @@ pub struct Record {
     pub entries: Vec<Entry>,
     pub hard_state: Option<HardState>,
     pub applied: Option<u64>,
+}
+
+/// What [`Wal::entries`] found.
+#[derive(Debug)]
+pub enum Read {
+    Entries(Vec<Entry>),
+    /// `low` was compacted meanwhile.
+    Compacted,
+    /// `high` is past the log's end (a new leader's shorter tail replaced
+    /// it meanwhile).
+    Unavailable,
 }
 
 /// Where a live entry's bytes are.
@@ -369,7 +384,10 @@ impl Wal {
             let log = self.log();
             (log.hard_state.clone(), log.applied)
         };
-        let seq = writer.seq + 1;
+        let seq = writer
+            .seq
+            .checked_add(1)
+            .ok_or_else(|| StoreError::Corrupt("the write-ahead log's segment numbers ran out".into()))?;
         let (file, len, offset) = new_segment(&self.dir, seq, self.sync, &hard_state, applied)?;
         sync_dir(&self.dir, self.sync)?;
         let file = Arc::new(file);
@@ -461,11 +479,21 @@ impl Wal {
         log.entries.get(usize::try_from(at).ok()?).map(|l| l.term)
     }
 
-    /// The live entries in `[low, high)` (which the caller has checked are
-    /// live), at least one and then at most `max_size` bytes of them.
-    pub fn entries(&self, low: u64, high: u64, max_size: Option<u64>) -> Result<Vec<Entry>, StoreError> {
+    /// The live entries in `[low, high)` (`low < high`), at least one and
+    /// then at most `max_size` bytes of them. The bounds are checked here,
+    /// under the lock: the caller's view of them may be stale by now.
+    pub fn entries(&self, low: u64, high: u64, max_size: Option<u64>) -> Result<Read, StoreError> {
         let (wanted, files) = {
             let log = self.log();
+            let Some(last) = log.last() else {
+                return Ok(Read::Compacted);
+            };
+            if low <= log.base {
+                return Ok(Read::Compacted);
+            }
+            if high > last + 1 || low >= high {
+                return Ok(Read::Unavailable);
+            }
             let from = (low - log.base - 1) as usize;
             let to = (high - log.base - 1) as usize;
             let mut size = 0u64;
@@ -511,7 +539,7 @@ impl Wal {
             }
             run = next;
         }
-        Ok(out)
+        Ok(Read::Entries(out))
     }
 
     /// The segments' sizes on disk, and the bytes of the live entries.
@@ -692,7 +720,11 @@ fn decode_payload(payload: &[u8]) -> Option<Result<(Record, Spans), String>> {
     let mut record = Record::default();
     let mut spans = Vec::new();
     if flags & RESET != 0 {
-        record.reset = Some(cursor.u64()?);
+        let base = cursor.u64()?;
+        if base >= MAX_INDEX {
+            return Some(Err(format!("a reset to index {base}")));
+        }
+        record.reset = Some(base);
     }
     if flags & ENTRIES != 0 {
         let count = cursor.u32()?;
@@ -709,8 +741,8 @@ fn decode_payload(payload: &[u8]) -> Option<Result<(Record, Spans), String>> {
             {
                 return Some(Err(format!("entry {} follows {}", entry.index, previous.index)));
             }
-            if entry.index == 0 {
-                return Some(Err("an entry at index 0".into()));
+            if entry.index == 0 || entry.index >= MAX_INDEX {
+                return Some(Err(format!("an entry at index {}", entry.index)));
             }
             spans.push((offset, len));
             record.entries.push(entry);
