@@ -8,6 +8,7 @@
 #   host/benches/profile.sh                         # 64 clients, 100,000 writes
 #   CLIENTS=1 REQUESTS=10000 host/benches/profile.sh
 #   PERF=0 host/benches/profile.sh                  # thread CPU only
+#   PERF_DATA=/tmp/leader.data host/benches/profile.sh   # keep perf's data for `perf report -i`
 set -euo pipefail
 default_base_port=7741
 # shellcheck source=common.sh
@@ -73,6 +74,7 @@ for node in sorted(rows):
 print(f"  all three: {total:.0f}")
 PY
 if [ "$use_perf" = 1 ]; then
+  if [ -n "${PERF_DATA:-}" ]; then cp "$dir/perf.data" "$PERF_DATA"; fi
   echo "== the leader's hottest symbols (self time)"
   perf report -i "$dir/perf.data" --no-children --sort symbol --stdio -g none 2>/dev/null |
     grep -E '^ +[0-9.]+%' | sed -E 's/[[:space:]]+-[[:space:]]+-[[:space:]]*$//' | cut -c1-110 | head -40
