@@ -27,7 +27,7 @@
 //! or not at all. An installed snapshot is committed in LMDB first, then
 //! the log is reset; a crash between leaves the old log, which opening
 //! drops because it does not hold the snapshot's entry (see
-//! [`LmdbStore::open`]). A crash in the middle of saving a snapshot leaves
+//! `Inner::reconcile`). A crash in the middle of saving a snapshot leaves
 //! chunks no metadata points to; the next save deletes them. Data dirs from
 //! before chunking keep their snapshot in `meta.snapshot_data` until the
 //! next save replaces it.
@@ -109,7 +109,7 @@ struct Inner {
     wal: wal::Wal,
     /// The stored snapshot's index and term, as LMDB has them: raft asks
     /// for them on every term lookup, so they are kept here rather than
-    /// read in a transaction each time. Changed only with the write turn.
+    /// read in a transaction each time. Changed only under `log_lock`.
     snapshot_at: RwLock<(u64, u64)>,
 }
 
