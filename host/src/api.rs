@@ -19,7 +19,7 @@ use tokio::sync::{oneshot, watch};
 use tonic::Request;
 
 use crate::config::NodeConfig;
-use crate::dial::{LEADER_ADDR_KEY, NOT_LEADER_KEY};
+use crate::dial::{LEADER_ADDR_KEY, NOT_LEADER_KEY, NOT_PROPOSED_KEY};
 use crate::proto::client_server::Client as _;
 use crate::proto::{self, propose_request, propose_response, query_request, query_response};
 use crate::server::Services;
@@ -358,20 +358,48 @@ impl NodeHandle {
     /// has caught up) and return its id; then start it with
     /// `join = Some(any member)` and that id. `requested_id` 0: the next
     /// unused id.
+    /// Raft takes one membership change at a time: this waits out one
+    /// still in flight (up to the request timeout), as `remove_member` does.
     pub async fn add_member(&self, addr: &str, requested_id: u64) -> Result<u64, Error> {
         let request = proto::JoinRequest {
             addr: addr.to_string(),
             requested_id,
         };
-        Ok(self.services.join(local(request)).await?.into_inner().id)
+        let joined = self
+            .until_proposed(|| self.services.join(local(request.clone())))
+            .await?;
+        Ok(joined.into_inner().id)
     }
 
-    /// Remove a member (the leader too: it hands leadership over first).
+    /// Remove a member (the leader too: it hands leadership over first,
+    /// and this waits for that). A membership change still in flight is
+    /// waited out, up to the request timeout.
     pub async fn remove_member(&self, id: u64) -> Result<(), Error> {
-        self.services
-            .remove_member(local(proto::RemoveMemberRequest { id }))
+        self.until_proposed(|| self.services.remove_member(local(proto::RemoveMemberRequest { id })))
             .await?;
         Ok(())
+    }
+
+    /// Send a membership request again while the node answers that it was
+    /// not proposed (not now: another change in flight, leadership moving),
+    /// until the request timeout. Any other answer, an unknown outcome
+    /// included, is the caller's.
+    async fn until_proposed<T, F, Fut>(&self, call: F) -> Result<T, Error>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+    {
+        let deadline = tokio::time::Instant::now() + self.services.timeout();
+        loop {
+            match call().await {
+                Err(status)
+                    if status.metadata().get(NOT_PROPOSED_KEY).is_some() && tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                answer => return answer.map_err(Error::from),
+            }
+        }
     }
 
     /// Move leadership to voter `id`; returns once it has moved.

@@ -15,6 +15,10 @@ pub const LEADER_ADDR_KEY: &str = "raftify-leader-addr";
 /// The metadata key marking a "not the leader" error: the request was not
 /// proposed, so it is safe to send again (to the leader).
 pub const NOT_LEADER_KEY: &str = "raftify-not-leader";
+/// The metadata key marking a "not now" error whose request was not
+/// proposed (another membership change is in flight): sending it again is
+/// safe.
+pub const NOT_PROPOSED_KEY: &str = "raftify-not-proposed";
 
 /// `HOST:PORT`, where HOST is an IPv4 literal, a bracketed IPv6 literal or
 /// a DNS name (letters, digits, `-` and `.`; labels of 1 to 63 characters),

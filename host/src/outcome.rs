@@ -53,6 +53,11 @@ pub enum ProposeError {
     /// progress, or leadership is moving).
     #[error("{0}")]
     Retry(String),
+    /// Not proposed, and not now: another membership change is in flight,
+    /// raft dropped this one, or leadership is moving off the node to be
+    /// removed. Sending it again is safe.
+    #[error("{0}")]
+    NotProposed(String),
     /// The request can never succeed as asked.
     #[error("{0}")]
     Invalid(String),

@@ -455,7 +455,7 @@ impl<S: LogStore, W: Reply<Proposed>, R: Reply<ReadIndexed>> Core<S, W, R> {
     pub(super) fn propose_conf_change(&mut self, change: ConfChange, reply: Option<W>) {
         if self.raw.raft.has_pending_conf() {
             if let Some(reply) = reply {
-                reply.send(Err(ProposeError::Retry(
+                reply.send(Err(ProposeError::NotProposed(
                     "another membership change is in progress; retry shortly".into(),
                 )));
             }

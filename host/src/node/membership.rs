@@ -140,7 +140,7 @@ impl<S: LogStore, W: Reply<Proposed>, R: Reply<ReadIndexed>> Core<S, W, R> {
             if let Some(target) = self.best_successor() {
                 self.raw.transfer_leader(target);
             }
-            reply.send(Err(ProposeError::Retry(format!(
+            reply.send(Err(ProposeError::NotProposed(format!(
                 "node {id} is the leader; leadership is moving to another voter first; retry shortly"
             ))));
             return;

@@ -287,7 +287,7 @@ impl<S: LogStore, W: Reply<Proposed>, R: Reply<ReadIndexed>> Core<S, W, R> {
                 // raft replaced a conf change it would not accept with an
                 // empty entry.
                 _ => {
-                    proposal.waiter.send(Err(ProposeError::Retry(
+                    proposal.waiter.send(Err(ProposeError::NotProposed(
                         "raft dropped the membership change; retry".into(),
                     )));
                 }

@@ -514,7 +514,7 @@ fn the_last_voter_cannot_be_removed_and_a_leader_moves_away_before_its_removal()
     cluster.elect(1);
     let (reply, retry) = oneshot::channel();
     cluster.node(1).core.remove_member(1, reply);
-    assert!(matches!(answer(retry), Err(ProposeError::Retry(_))));
+    assert!(matches!(answer(retry), Err(ProposeError::NotProposed(_))));
     cluster.tick(5);
     assert!(!cluster.node(1).core.is_leader(), "leadership moved to another voter");
     assert_eq!(cluster.node(1).core.voters(), [1, 2, 3], "nothing was removed yet");

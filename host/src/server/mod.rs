@@ -122,7 +122,7 @@ pub struct Services {
 type Pending = oneshot::Receiver<Result<Applied, ProposeError>>;
 
 impl Services {
-    fn timeout(&self) -> Duration {
+    pub(crate) fn timeout(&self) -> Duration {
         Duration::from_millis(self.config.request_timeout_ms)
     }
 

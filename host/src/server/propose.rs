@@ -6,7 +6,7 @@ use tonic::Status;
 
 use super::{Pending, Services};
 use crate::codec::{Codec, CodecError};
-use crate::dial::{LEADER_ADDR_KEY, NOT_LEADER_KEY};
+use crate::dial::{LEADER_ADDR_KEY, NOT_LEADER_KEY, NOT_PROPOSED_KEY};
 use crate::envelope;
 use crate::fsm::{Answered, FsmRequest};
 use crate::node::{NodeRequest, ProposeError};
@@ -337,6 +337,13 @@ impl From<ProposeError> for Status {
             ProposeError::Timeout(_) => Status::deadline_exceeded(message),
             ProposeError::ReadTimeout(_) => Status::unavailable(message),
             ProposeError::Retry(_) => Status::unavailable(message),
+            ProposeError::NotProposed(_) => {
+                let mut status = Status::unavailable(message);
+                status
+                    .metadata_mut()
+                    .insert(NOT_PROPOSED_KEY, tonic::metadata::MetadataValue::from_static("1"));
+                status
+            }
             ProposeError::Invalid(_) => Status::invalid_argument(message),
         }
     }
