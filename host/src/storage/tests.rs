@@ -479,29 +479,42 @@ fn lmdb_reports_a_corrupt_entry_instead_of_panicking() {
     assert!(error.contains("checksum"), "{error}");
 }
 
-#[test]
-fn lmdb_drops_the_old_log_when_a_crash_cut_off_an_installs_reset() {
-    let dir = tempfile::tempdir().unwrap();
-    let wal = dir.path().join("wal");
-    let kept = dir.path().join("wal-before-install");
+/// A store whose log held `log` when it installed a snapshot at `index`
+/// (of `term`, with hard state `hard_state`), reopened as if the crash came
+/// between LMDB's commit of the install and the log's reset.
+fn installed_with_its_reset_cut_off(
+    dir: &std::path::Path,
+    log: Vec<Entry>,
+    (index, term): (u64, u64),
+    hard_state: &HardState,
+) -> LmdbStore {
+    let wal = dir.join("wal");
+    let kept = dir.join("wal-before-install");
     {
-        let store = LmdbStore::open(dir.path(), &small()).unwrap();
-        append(&store, entries(1..=30, 1));
-        // What the log held before the install, as the disk would have it
-        // had the crash come between LMDB's commit and the log's reset.
+        let store = LmdbStore::open(dir, &small()).unwrap();
+        append(&store, log);
         copy_dir(&wal, &kept);
-        let hard_state = HardState {
-            term: 4,
-            commit: 20,
-            ..Default::default()
-        };
         store
-            .install_snapshot(&snapshot_at(20, 3, vec![1], b"state@20"), &hard_state)
+            .install_snapshot(&snapshot_at(index, term, vec![1], b"state"), hard_state)
             .unwrap();
     }
     std::fs::remove_dir_all(&wal).unwrap();
     std::fs::rename(&kept, &wal).unwrap();
-    let store = LmdbStore::open(dir.path(), &small()).unwrap();
+    LmdbStore::open(dir, &small()).unwrap()
+}
+
+fn hard_state(term: u64, commit: u64) -> HardState {
+    HardState {
+        term,
+        commit,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn lmdb_drops_the_old_log_when_a_crash_cut_off_an_installs_reset() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = installed_with_its_reset_cut_off(dir.path(), entries(1..=30, 1), (20, 3), &hard_state(4, 20));
     // The old log's entry 20 has term 1, not the snapshot's 3: replaced.
     assert_eq!(store.first_index().unwrap(), 21);
     assert_eq!(store.last_index().unwrap(), 20);
@@ -520,24 +533,7 @@ fn lmdb_drops_the_old_log_when_a_crash_cut_off_an_installs_reset() {
 #[test]
 fn lmdb_goes_on_after_a_snapshot_past_its_whole_log_whose_reset_was_cut_off() {
     let dir = tempfile::tempdir().unwrap();
-    let wal = dir.path().join("wal");
-    let kept = dir.path().join("wal-before-install");
-    {
-        let store = LmdbStore::open(dir.path(), &small()).unwrap();
-        append(&store, entries(1..=10, 1));
-        copy_dir(&wal, &kept);
-        let hard_state = HardState {
-            term: 2,
-            commit: 20,
-            ..Default::default()
-        };
-        store
-            .install_snapshot(&snapshot_at(20, 2, vec![1], b"state@20"), &hard_state)
-            .unwrap();
-    }
-    std::fs::remove_dir_all(&wal).unwrap();
-    std::fs::rename(&kept, &wal).unwrap();
-    let store = LmdbStore::open(dir.path(), &small()).unwrap();
+    let store = installed_with_its_reset_cut_off(dir.path(), entries(1..=10, 1), (20, 2), &hard_state(2, 20));
     assert_eq!((store.first_index().unwrap(), store.last_index().unwrap()), (21, 20));
     append(&store, entries(21..=21, 2));
     drop(store);

@@ -104,6 +104,7 @@ struct Segment {
 
 /// The log as the records make it, in memory: where each live entry is,
 /// and the latest hard state and applied index.
+#[derive(Default)]
 struct Log {
     /// The index before the first live entry (meaningful only when there
     /// are entries, or after a reset).
@@ -225,12 +226,10 @@ impl Wal {
             dir: dir.to_path_buf(),
             sync,
             log: RwLock::new(Log {
-                base: 0,
-                entries: VecDeque::new(),
-                live_bytes: 0,
                 hard_state: hard_state.clone(),
                 applied,
                 segments,
+                ..Log::default()
             }),
             writer: Mutex::new(Writer {
                 file,
@@ -265,14 +264,7 @@ impl Wal {
                 dir.display()
             )));
         };
-        let mut log = Log {
-            base: 0,
-            entries: VecDeque::new(),
-            live_bytes: 0,
-            hard_state: HardState::default(),
-            applied: 0,
-            segments: BTreeMap::new(),
-        };
+        let mut log = Log::default();
         let mut torn_bytes = 0;
         let mut end = 0;
         for &seq in &seqs {

@@ -237,14 +237,7 @@ fn a_reset_empties_the_log_and_frees_its_segments() {
 
 #[test]
 fn a_record_that_would_leave_a_hole_is_corruption() {
-    let mut log = Log {
-        base: 0,
-        entries: VecDeque::new(),
-        live_bytes: 0,
-        hard_state: HardState::default(),
-        applied: 0,
-        segments: BTreeMap::new(),
-    };
+    let mut log = Log::default();
     let record = |range| Record {
         entries: entries(range, 1, 1),
         ..Default::default()
