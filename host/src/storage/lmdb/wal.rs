@@ -339,7 +339,7 @@ impl Wal {
         let end = writer.offset + bytes.len() as u64;
         if end > writer.allocated {
             let allocated = end.div_ceil(ALLOCATE_STEP) * ALLOCATE_STEP;
-            writer.file.allocate(allocated)?;
+            preallocate(&writer.file, allocated)?;
             writer.allocated = allocated;
             let seq = writer.seq;
             if let Some(segment) = self.log_mut().segments.get_mut(&seq) {
@@ -569,6 +569,18 @@ fn follows(previous: &Location, next: &Location) -> bool {
     next.seq == previous.seq && next.offset >= previous_end && next.offset <= previous_end + 64
 }
 
+/// Extend `file` to `len` bytes with `fallocate`, so the syncs of writes
+/// into it flush data, not the file's size. A filesystem without
+/// `fallocate` (EOPNOTSUPP) just has its file grow with the writes: slower
+/// syncs, the same durability. A full disk is an error, as for any write.
+fn preallocate(file: &File, len: u64) -> std::io::Result<()> {
+    const EOPNOTSUPP: i32 = 95;
+    match file.allocate(len) {
+        Err(e) if e.raw_os_error() == Some(EOPNOTSUPP) => Ok(()),
+        other => other,
+    }
+}
+
 fn segment_path(dir: &Path, seq: u64) -> PathBuf {
     dir.join(format!("{seq:016x}.wal"))
 }
@@ -606,7 +618,7 @@ fn new_segment(
         start.extend_from_slice(&seq.to_le_bytes());
         start.extend_from_slice(&state);
         let allocated = (start.len() as u64).div_ceil(ALLOCATE_STEP) * ALLOCATE_STEP;
-        file.allocate(allocated)?;
+        preallocate(&file, allocated)?;
         file.write_all_at(&start, 0)?;
         if sync {
             file.sync_all()?;
