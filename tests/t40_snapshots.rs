@@ -508,7 +508,17 @@ fn a_snapshot_slower_than_the_request_timeout_is_still_answered() {
         (0..60).map(|i| format!("set big{i:02} {i}{value}")),
     );
     propose_file(&node, &file);
-    let out = cli(&["snapshot", "-o", "json", "--timeout-ms", "120000", "--addr", &node.addr]);
+    // The epoch itself must be applied within the request timeout, which a
+    // loaded machine (CI runs these tests side by side) can miss: that
+    // answer says so, and the request is made again, a bounded few times.
+    let mut attempts = 0;
+    let out = loop {
+        let out = cli(&["snapshot", "-o", "json", "--timeout-ms", "120000", "--addr", &node.addr]);
+        attempts += 1;
+        if out.status.success() || !stderr(&out).contains("no snapshot within") || attempts == 5 {
+            break out;
+        }
+    };
     assert!(out.status.success(), "{}", stderr(&out));
     let (elapsed_ms, took) = last_snapshot(&node, "elapsed_ms");
     assert!(
